@@ -1,0 +1,285 @@
+//! `gemma bench`: prompt-processing and generation speed, reported like llama.cpp's
+//! `llama-bench` (same flags, same test names, mean ± standard deviation over repetitions).
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use gemma_engine::gemma_models::Logits;
+use gemma_engine::{LoadOptions, LoadedModel};
+
+use crate::CommonArgs;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model file (as llama-bench's -m; same as the global --model)
+    #[arg(short = 'm', value_name = "PATH")]
+    pub model_file: Option<std::path::PathBuf>,
+    /// Prompt lengths to process, comma separated (0 = no prompt test)
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    pub n_prompt: Vec<usize>,
+    /// Tokens to generate one at a time, comma separated (0 = no generation test)
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    pub n_gen: Vec<usize>,
+    /// Tokens already in the context before each test (not timed), comma separated
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub depth: Vec<usize>,
+    /// Threads (as llama-bench's -t; one value per run, like the global --threads)
+    #[arg(short = 't', value_name = "N")]
+    pub bench_threads: Option<usize>,
+    /// Repetitions of each test
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    pub repetitions: usize,
+    /// Prompt tokens per forward pass
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    pub batch_size: usize,
+    /// Print a JSON array instead of the table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One row of the report.
+struct TestResult {
+    name: String,
+    n_prompt: usize,
+    n_gen: usize,
+    depth: usize,
+    samples_ts: Vec<f64>,
+}
+
+impl TestResult {
+    fn mean(&self) -> f64 {
+        self.samples_ts.iter().sum::<f64>() / self.samples_ts.len().max(1) as f64
+    }
+
+    /// Sample standard deviation (n - 1), as llama-bench reports.
+    fn stddev(&self) -> f64 {
+        let n = self.samples_ts.len();
+        if n < 2 {
+            return 0.0;
+        }
+        let mean = self.mean();
+        let var = self
+            .samples_ts
+            .iter()
+            .map(|s| (s - mean).powi(2))
+            .sum::<f64>()
+            / (n - 1) as f64;
+        var.sqrt()
+    }
+}
+
+/// Threads the kernels' pool will use (`GEMMA_THREADS`, set by `main` from `--threads`/`-t`).
+fn configured_threads() -> usize {
+    std::env::var("GEMMA_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runs the benchmark. `-t` is applied by `main` (as `--threads`) before the pool starts.
+pub fn bench(common: &CommonArgs, args: &BenchArgs) -> Result<()> {
+    if args.repetitions == 0 {
+        bail!("-r must be at least 1");
+    }
+    if args.batch_size == 0 {
+        bail!("-b must be at least 1");
+    }
+    let tests = plan(args);
+    if tests.is_empty() {
+        bail!("nothing to run: every -p and -n value is 0");
+    }
+    let needed = tests.iter().map(|(p, g, d)| p + g + d).max().unwrap_or(0);
+    let ctx_size = needed.max(1);
+    let model_path = args.model_file.as_deref().or(common.model.as_deref());
+    let opts = LoadOptions {
+        ctx_size,
+        verbose: !common.quiet && !args.json,
+    };
+    let loaded = gemma_engine::load(model_path, &opts)?;
+    let threads = configured_threads();
+    let model_name = model_path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "default (gemma-3-270m-q4_k_m.gguf)".into());
+
+    let mut results = Vec::new();
+    for &(n_prompt, n_gen, depth) in &tests {
+        let mut result = TestResult {
+            name: test_name(n_prompt, n_gen, depth),
+            n_prompt,
+            n_gen,
+            depth,
+            samples_ts: Vec::new(),
+        };
+        // One untimed warm-up run, then the measured repetitions.
+        for rep in 0..=args.repetitions {
+            let seconds = run_once(&loaded, ctx_size, n_prompt, n_gen, depth, args.batch_size)?;
+            if rep > 0 {
+                result.samples_ts.push((n_prompt + n_gen) as f64 / seconds);
+            }
+        }
+        if !args.json {
+            if results.is_empty() {
+                println!("| model | threads | test | t/s |");
+                println!("| --- | ---: | ---: | ---: |");
+            }
+            println!(
+                "| {model_name} | {threads} | {} | {:.2} ± {:.2} |",
+                result.name,
+                result.mean(),
+                result.stddev()
+            );
+        }
+        results.push(result);
+    }
+    if args.json {
+        let rows: Vec<serde_json::Value> = results
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "model_filename": model_name,
+                    "test": r.name,
+                    "n_prompt": r.n_prompt,
+                    "n_gen": r.n_gen,
+                    "n_depth": r.depth,
+                    "n_batch": args.batch_size,
+                    "threads": threads,
+                    "repetitions": args.repetitions,
+                    "tokens_per_second": r.mean(),
+                    "avg_ts": r.mean(),
+                    "stddev_ts": r.stddev(),
+                    "samples_ts": r.samples_ts,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    Ok(())
+}
+
+/// (prompt, generation, depth) triples in llama-bench's order: every pp test, then every tg
+/// test, each at every depth.
+fn plan(args: &BenchArgs) -> Vec<(usize, usize, usize)> {
+    let mut tests = Vec::new();
+    for &p in args.n_prompt.iter().filter(|&&p| p > 0) {
+        for &d in &args.depth {
+            tests.push((p, 0, d));
+        }
+    }
+    for &g in args.n_gen.iter().filter(|&&g| g > 0) {
+        for &d in &args.depth {
+            tests.push((0, g, d));
+        }
+    }
+    tests
+}
+
+fn test_name(n_prompt: usize, n_gen: usize, depth: usize) -> String {
+    let base = if n_prompt > 0 {
+        format!("pp{n_prompt}")
+    } else {
+        format!("tg{n_gen}")
+    };
+    if depth > 0 {
+        format!("{base} @ d{depth}")
+    } else {
+        base
+    }
+}
+
+/// Deterministic token ids spread over the vocabulary (llama-bench feeds random tokens).
+fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            // Skip the first ids (special tokens) so the text looks like ordinary tokens.
+            (1000 + s % (vocab.saturating_sub(1000).max(1) as u64)) as u32
+        })
+        .collect()
+}
+
+/// Seconds for one repetition: fill `depth` tokens (untimed), then time `n_prompt` tokens in
+/// batches or `n_gen` single-token steps.
+fn run_once(
+    loaded: &LoadedModel,
+    ctx_size: usize,
+    n_prompt: usize,
+    n_gen: usize,
+    depth: usize,
+    batch: usize,
+) -> Result<f64> {
+    let model = &loaded.model;
+    let vocab = model.vocab_size();
+    let mut cache = model
+        .new_cache(ctx_size)
+        .context("cannot allocate the KV cache")?;
+    for chunk in token_ids(depth, vocab, 1).chunks(batch) {
+        model.forward(chunk, &mut cache, Logits::Last)?;
+    }
+    let start = Instant::now();
+    if n_prompt > 0 {
+        for chunk in token_ids(n_prompt, vocab, 2).chunks(batch) {
+            model.forward(chunk, &mut cache, Logits::Last)?;
+        }
+    } else {
+        let mut next = token_ids(1, vocab, 3)[0];
+        for _ in 0..n_gen {
+            let logits = model.forward(&[next], &mut cache, Logits::Last)?;
+            // Greedy choice keeps the step realistic (the logits are read) and cheap.
+            next = argmax(logits);
+        }
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in logits.iter().enumerate() {
+        if *v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_llama_bench() {
+        assert_eq!(test_name(512, 0, 0), "pp512");
+        assert_eq!(test_name(0, 128, 4096), "tg128 @ d4096");
+    }
+
+    #[test]
+    fn stddev_is_the_sample_deviation() {
+        let r = TestResult {
+            name: String::new(),
+            n_prompt: 1,
+            n_gen: 0,
+            depth: 0,
+            samples_ts: vec![1.0, 2.0, 3.0],
+        };
+        assert_eq!(r.mean(), 2.0);
+        assert!((r.stddev() - 1.0).abs() < 1e-12);
+    }
+}

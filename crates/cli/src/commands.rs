@@ -1,0 +1,297 @@
+//! The text-producing commands: run, chat, tokenize, logits, perplexity.
+
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use gemma_engine::gemma_models::Logits;
+use gemma_engine::gemma_tokenizer::ChatMessage;
+use gemma_engine::{Chat, GenerationStats, LoadOptions, LoadedModel, Session};
+
+use crate::{CommonArgs, SamplingArgs};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The prompt (a user message, unless --raw)
+    pub prompt: String,
+    /// Feed the prompt as is, without the chat template
+    #[arg(long)]
+    pub raw: bool,
+    /// System instructions (merged into the first user turn by Gemma's template)
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    /// System instructions for the whole conversation
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    pub text: String,
+    /// Do not add the BOS token
+    #[arg(long)]
+    pub no_bos: bool,
+    /// Treat special-token text such as `<start_of_turn>` as plain text
+    #[arg(long)]
+    pub no_special: bool,
+}
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    /// Raw prompt (no chat template; BOS is added if the tokenizer asks for it)
+    #[arg(required_unless_present = "ids", conflicts_with = "ids")]
+    pub prompt: Option<String>,
+    /// Token ids instead of a prompt, e.g. 2,17,9 (works without a tokenizer)
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    pub ids: Option<Vec<u32>>,
+    /// How many of the highest logits to print
+    #[arg(long, default_value_t = 10, value_name = "K")]
+    pub top: usize,
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    /// Text file to score
+    pub file: PathBuf,
+    /// Tokens per evaluated chunk (llama-perplexity's -c); the second half of each is scored
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub chunk_size: usize,
+}
+
+fn load(common: &CommonArgs) -> Result<LoadedModel> {
+    let opts = LoadOptions {
+        ctx_size: common.ctx_size,
+        verbose: !common.quiet,
+    };
+    gemma_engine::load(common.model.as_deref(), &opts)
+}
+
+/// `--ctx-size`, capped at what the model was trained for.
+fn context_size(common: &CommonArgs, loaded: &LoadedModel) -> usize {
+    let trained = loaded.model.context_length();
+    if trained > 0 && common.ctx_size > trained {
+        if !common.quiet {
+            eprintln!(
+                "gemma: --ctx-size {} is above the model's trained context; using {trained}",
+                common.ctx_size
+            );
+        }
+        return trained;
+    }
+    common.ctx_size
+}
+
+pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
+    let params = args.sampling.to_params()?;
+    if args.raw && args.system.is_some() {
+        bail!("--system needs the chat template, so it cannot be combined with --raw");
+    }
+    let loaded = load(common)?;
+    let prompt = if args.raw {
+        args.prompt.clone()
+    } else {
+        let user = ChatMessage {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        };
+        loaded.render_chat(args.system.as_deref(), &[user])?
+    };
+    let ids = loaded.encode_prompt(&prompt)?;
+    let mut session = Session::new(&loaded, context_size(common, &loaded))?;
+    let mut out = TextSink::stdout();
+    let stats = session.generate(&ids, &params, &mut |text| out.write(text));
+    out.end_line();
+    let stats = stats?;
+    if !common.quiet {
+        report(&stats);
+    }
+    Ok(())
+}
+
+pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
+    let params = args.sampling.to_params()?;
+    let loaded = load(common)?;
+    let mut chat = Chat::new(&loaded, context_size(common, &loaded), args.system.clone())?;
+    let interactive = io::stdin().is_terminal();
+    if interactive {
+        eprintln!("gemma: chatting; /clear starts over, /exit or Ctrl-D ends");
+    }
+    let mut out = TextSink::stdout();
+    let mut lines = io::stdin().lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/clear" => {
+                chat.clear();
+                eprintln!("gemma: conversation cleared");
+                continue;
+            }
+            _ => {}
+        }
+        let turn = chat.send(line.trim(), &params, &mut |text| out.write(text));
+        out.end_line();
+        match turn {
+            Ok(turn) if !common.quiet => report(&turn.stats),
+            Ok(_) => {}
+            // At a terminal the conversation goes on; in a script the error is the result.
+            Err(e) if interactive => eprintln!("error: {e:#} (/clear starts a new conversation)"),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub fn tokenize(common: &CommonArgs, args: &TokenizeArgs) -> Result<()> {
+    let loaded = load(common)?;
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .context("this model has no tokenizer")?;
+    let add_bos = tokenizer.add_bos_default() && !args.no_bos;
+    let ids = tokenizer.encode(&args.text, add_bos, !args.no_special)?;
+    println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
+}
+
+pub fn logits(common: &CommonArgs, args: &LogitsArgs) -> Result<()> {
+    let loaded = load(common)?;
+    let ids = match (&args.ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(prompt)) => loaded.encode_prompt(prompt)?,
+        (None, None) => bail!("give a prompt or --ids"),
+    };
+    if ids.is_empty() {
+        bail!("there are no tokens to evaluate");
+    }
+    let mut cache = loaded
+        .model
+        .new_cache(context_size(common, &loaded))
+        .context("cannot allocate the KV cache")?;
+    let logits = loaded.model.forward(&ids, &mut cache, Logits::Last)?;
+    let top = top_logits(logits, args.top);
+    let json = serde_json::json!({ "ids": ids, "top": top });
+    println!("{json}");
+    Ok(())
+}
+
+/// The `k` highest logits as (id, logit), highest first; ties list the lower id first.
+fn top_logits(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    let k = k.min(order.len());
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, by_logit);
+    }
+    order.truncate(k);
+    order.sort_unstable_by(by_logit);
+    order
+        .into_iter()
+        .map(|id| (id, logits[id as usize]))
+        .collect()
+}
+
+pub fn perplexity(common: &CommonArgs, args: &PerplexityArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let loaded = load(common)?;
+    let quiet = common.quiet;
+    let result =
+        gemma_engine::perplexity(&loaded, &text, args.chunk_size, &mut |done, total, ppl| {
+            if !quiet {
+                eprintln!("[{done}/{total}] {ppl:.4}");
+            }
+        })?;
+    println!(
+        "PPL = {:.4} +/- {:.5} ({} chunks of {} tokens, {} tokens scored)",
+        result.ppl, result.ppl_std_err, result.chunks, args.chunk_size, result.scored_tokens
+    );
+    Ok(())
+}
+
+fn report(stats: &GenerationStats) {
+    eprintln!(
+        "gemma: prompt {} tokens, {:.1} tok/s; generated {} tokens, {:.1} tok/s; stopped: {}",
+        stats.prompt_tokens,
+        stats.prompt_tokens_per_sec(),
+        stats.generated_tokens,
+        stats.gen_tokens_per_sec(),
+        stats.stop_reason.as_str()
+    );
+}
+
+/// Streams generated text to stdout. A closed pipe (e.g. `| head`) ends generation quietly.
+struct TextSink {
+    out: io::Stdout,
+    at_line_start: bool,
+    broken: bool,
+}
+
+impl TextSink {
+    fn stdout() -> Self {
+        TextSink {
+            out: io::stdout(),
+            at_line_start: true,
+            broken: false,
+        }
+    }
+
+    /// Returns false once stdout is gone, which asks the generator to stop.
+    fn write(&mut self, text: &str) -> bool {
+        if self.broken {
+            return false;
+        }
+        let mut out = self.out.lock();
+        if out
+            .write_all(text.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            self.broken = true;
+            return false;
+        }
+        if !text.is_empty() {
+            self.at_line_start = text.ends_with('\n');
+        }
+        true
+    }
+
+    /// Ends the answer with a newline unless it already has one.
+    fn end_line(&mut self) {
+        if !self.at_line_start {
+            self.write("\n");
+        }
+        self.at_line_start = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_logits_sorts_and_breaks_ties_by_id() {
+        let logits = [0.5f32, 2.0, -1.0, 2.0, 1.0];
+        assert_eq!(top_logits(&logits, 3), vec![(1, 2.0), (3, 2.0), (4, 1.0)]);
+        assert_eq!(top_logits(&logits, 10).len(), 5);
+        assert!(top_logits(&logits, 0).is_empty());
+    }
+}

@@ -1,0 +1,194 @@
+//! `gemma`: run Gemma models locally on the CPU.
+
+mod bench;
+mod commands;
+mod info;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use gemma_engine::SamplingParams;
+
+#[derive(Parser)]
+#[command(name = "gemma", version, about = "Run Gemma models locally on the CPU")]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command understands.
+#[derive(Args, Clone, Debug)]
+pub struct CommonArgs {
+    /// GGUF file or Hugging Face model folder [default: Gemma 3 270M, downloaded on first use]
+    #[arg(long, global = true, env = "GEMMA_MODEL", value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Context size in tokens (KV cache length)
+    #[arg(long, global = true, default_value_t = 4096, value_name = "N")]
+    pub ctx_size: usize,
+    /// Compute threads [default: all cores]
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
+    /// No loading messages on stderr
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one prompt, streaming the text to stdout
+    Run(commands::RunArgs),
+    /// Interactive multi-turn chat on stdin (`/clear` resets, `/exit` or EOF ends)
+    Chat(commands::ChatArgs),
+    /// Print the token ids of TEXT as a JSON array
+    Tokenize(commands::TokenizeArgs),
+    /// Print the top next-token logits after a raw prompt as JSON
+    Logits(commands::LogitsArgs),
+    /// Perplexity of a text file (llama.cpp's definition)
+    Perplexity(commands::PerplexityArgs),
+    /// Architecture, hyper-parameters, tensors and memory needs of a model
+    Info,
+    /// Prompt-processing and generation speed, llama-bench style (-m, -p, -n, -d, -t, -r, --json)
+    Bench(bench::BenchArgs),
+}
+
+/// Sampling and stopping options shared by `run` and `chat`.
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Temperature (0 = greedy)
+    #[arg(long = "temp", default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Top-k cut (0 = off)
+    #[arg(long, default_value_t = 64)]
+    pub top_k: usize,
+    /// Top-p (nucleus) cut (1 = off)
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Min-p cut relative to the most likely token (0 = off)
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Repetition penalty over the last --repeat-last-n tokens (1 = off)
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Window of the penalties
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Subtracted per earlier occurrence
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Subtracted once if the token occurred
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Random seed for reproducible sampling
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Maximum tokens to generate
+    #[arg(short = 'n', long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Stop when the output contains STR (repeatable)
+    #[arg(long, value_name = "STR")]
+    pub stop: Vec<String>,
+    /// Keep the last tokens of a prompt that does not fit the context instead of failing
+    #[arg(long)]
+    pub truncate: bool,
+}
+
+impl SamplingArgs {
+    pub fn to_params(&self) -> anyhow::Result<SamplingParams> {
+        let checks = [
+            (self.temperature >= 0.0, "--temp must be at least 0"),
+            (
+                (0.0..=1.0).contains(&self.top_p),
+                "--top-p must be between 0 and 1",
+            ),
+            (
+                (0.0..=1.0).contains(&self.min_p),
+                "--min-p must be between 0 and 1",
+            ),
+            (
+                self.repeat_penalty > 0.0,
+                "--repeat-penalty must be positive",
+            ),
+        ];
+        if let Some((_, message)) = checks.iter().find(|(ok, _)| !ok) {
+            anyhow::bail!("{message}");
+        }
+        Ok(SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            truncate: self.truncate,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    install_panic_hook();
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` joins the cause chain with ": ", which keeps the message on one line.
+            let message = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
+    if let Command::Bench(args) = &cli.command {
+        cli.common.threads = args.bench_threads.or(cli.common.threads);
+    }
+    if let Some(threads) = cli.common.threads {
+        if threads == 0 {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        // Read by the kernels' thread pool when it starts, which is after this point.
+        std::env::set_var("GEMMA_THREADS", threads.to_string());
+    }
+    if cli.common.ctx_size == 0 {
+        anyhow::bail!("--ctx-size must be at least 1");
+    }
+    let common = &cli.common;
+    match &cli.command {
+        Command::Run(args) => commands::run(common, args),
+        Command::Chat(args) => commands::chat(common, args),
+        Command::Tokenize(args) => commands::tokenize(common, args),
+        Command::Logits(args) => commands::logits(common, args),
+        Command::Perplexity(args) => commands::perplexity(common, args),
+        Command::Info => info::info(common),
+        Command::Bench(args) => bench::bench(common, args),
+    }
+}
+
+/// A bug must still end with one readable line and exit code 1, not a backtrace.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown cause".into());
+        let place = info
+            .location()
+            .map(|l| format!(" ({}:{})", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "error: internal error, please report it: {}{place}",
+            message.replace('\n', " ")
+        );
+        std::process::exit(1);
+    }));
+}

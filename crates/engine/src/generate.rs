@@ -1,0 +1,351 @@
+//! The generation loop: feed the prompt, then sample one token at a time until a stop
+//! condition, streaming text as it becomes printable.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use gemma_models::{KvCache, Logits};
+use gemma_tokenizer::{ChatMessage, StreamDecoder};
+
+use crate::load::LoadedModel;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::stop::StopStringFilter;
+
+/// Prompts are fed in pieces of this many tokens to bound the activation memory.
+const PREFILL_CHUNK: usize = 512;
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced an end-of-sequence or end-of-turn token.
+    EndOfTurn,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The output contained one of the stop strings.
+    StopString,
+    /// The KV cache is full.
+    ContextFull,
+    /// The text callback asked to stop.
+    Cancelled,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::EndOfTurn => "end of turn",
+            StopReason::MaxTokens => "max tokens",
+            StopReason::StopString => "stop string",
+            StopReason::ContextFull => "context full",
+            StopReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationStats {
+    /// Tokens fed before the first sampled one (the new prompt tokens of this call).
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prompt_secs: f64,
+    pub gen_secs: f64,
+    pub stop_reason: StopReason,
+    /// The sampled ids, including a final stop token.
+    pub tokens: Vec<u32>,
+}
+
+impl GenerationStats {
+    pub fn prompt_tokens_per_sec(&self) -> f64 {
+        rate(self.prompt_tokens, self.prompt_secs)
+    }
+
+    pub fn gen_tokens_per_sec(&self) -> f64 {
+        rate(self.generated_tokens, self.gen_secs)
+    }
+}
+
+fn rate(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// One sequence being generated: a KV cache plus every token it has seen. Keeping the session
+/// between calls (multi-turn chat) means only new tokens are fed.
+pub struct Session<'m> {
+    loaded: &'m LoadedModel,
+    cache: KvCache,
+    /// Every token of the sequence. The cache holds the first `cache.len()` of them; the rest
+    /// (at most the last sampled token) are fed at the start of the next call.
+    history: Vec<u32>,
+    stop_ids: Vec<u32>,
+    logits: Vec<f32>,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(loaded: &'m LoadedModel, ctx_size: usize) -> Result<Session<'m>> {
+        let cache = loaded
+            .model
+            .new_cache(ctx_size)
+            .context("cannot allocate the KV cache")?;
+        Ok(Session {
+            loaded,
+            cache,
+            history: Vec::new(),
+            stop_ids: loaded.stop_token_ids(),
+            logits: Vec::new(),
+        })
+    }
+
+    pub fn loaded(&self) -> &'m LoadedModel {
+        self.loaded
+    }
+
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    pub fn ctx_size(&self) -> usize {
+        self.cache.ctx_size()
+    }
+
+    /// Tokens that end generation.
+    pub fn stop_token_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// Forgets the sequence (the cache memory is kept).
+    pub fn reset(&mut self) {
+        self.cache.clear();
+        self.history.clear();
+    }
+
+    /// Appends `new_ids` to the sequence and generates a continuation. `on_text` receives the
+    /// generated text piece by piece and returns `false` to stop early. Without a tokenizer
+    /// no text is produced, but the ids are still in the returned stats.
+    pub fn generate(
+        &mut self,
+        new_ids: &[u32],
+        params: &SamplingParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerationStats> {
+        self.check_vocab(new_ids)?;
+        self.fit_into_context(new_ids, params)?;
+
+        let prompt_start = Instant::now();
+        let fed_before = self.cache.len();
+        let to_feed = self.history[fed_before..].to_vec();
+        if to_feed.is_empty() {
+            bail!("nothing to generate from: the prompt is empty");
+        }
+        for chunk in to_feed.chunks(PREFILL_CHUNK) {
+            self.feed(chunk)?;
+        }
+        let prompt_secs = prompt_start.elapsed().as_secs_f64();
+
+        let gen_start = Instant::now();
+        let mut sampler = Sampler::new(params);
+        let mut decoder = StreamDecoder::new();
+        let mut stops = StopStringFilter::new(&params.stop);
+        let tokenizer = self.loaded.tokenizer.as_ref();
+        let mut generated = Vec::new();
+        let stop_reason = loop {
+            if generated.len() >= params.max_tokens {
+                break StopReason::MaxTokens;
+            }
+            let id = sampler.sample(&self.logits, &self.history);
+            self.history.push(id);
+            generated.push(id);
+            if self.stop_ids.contains(&id) {
+                break StopReason::EndOfTurn;
+            }
+            if let Some(tokenizer) = tokenizer {
+                let piece = decoder.push(tokenizer, id);
+                let filtered = stops.push(&piece);
+                if !filtered.emit.is_empty() && !on_text(&filtered.emit) {
+                    break StopReason::Cancelled;
+                }
+                if filtered.stopped {
+                    break StopReason::StopString;
+                }
+            }
+            if self.cache.len() >= self.cache.ctx_size() {
+                break StopReason::ContextFull;
+            }
+            self.feed(&[id])?;
+        };
+        if matches!(
+            stop_reason,
+            StopReason::EndOfTurn | StopReason::MaxTokens | StopReason::ContextFull
+        ) {
+            let mut tail = decoder.finish();
+            let filtered = stops.push(&tail);
+            tail = filtered.emit;
+            if !filtered.stopped {
+                tail.push_str(&stops.finish());
+            }
+            if !tail.is_empty() {
+                on_text(&tail);
+            }
+        }
+        Ok(GenerationStats {
+            prompt_tokens: to_feed.len(),
+            generated_tokens: generated.len(),
+            prompt_secs,
+            gen_secs: gen_start.elapsed().as_secs_f64(),
+            stop_reason,
+            tokens: generated,
+        })
+    }
+
+    fn check_vocab(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.loaded.model.vocab_size();
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {bad} is outside the vocabulary ({vocab} tokens)");
+        }
+        Ok(())
+    }
+
+    /// Appends `new_ids` to the history, making sure the sequence fits the context: either
+    /// it does, or `params.truncate` keeps BOS and the most recent tokens, or it is an error.
+    fn fit_into_context(&mut self, new_ids: &[u32], params: &SamplingParams) -> Result<()> {
+        let ctx = self.cache.ctx_size();
+        let total = self.history.len() + new_ids.len();
+        if total <= ctx {
+            self.history.extend_from_slice(new_ids);
+            return Ok(());
+        }
+        if !params.truncate {
+            bail!(
+                "prompt has {total} tokens but the context size is {ctx} \
+                 (use a larger --ctx-size, a shorter prompt, or --truncate)"
+            );
+        }
+        let mut all = std::mem::take(&mut self.history);
+        all.extend_from_slice(new_ids);
+        // Leave room to generate: up to max_tokens, but never more than half the context.
+        let room = params.max_tokens.min(ctx / 2).max(1);
+        let keep = ctx.saturating_sub(room).max(1);
+        let bos = self.loaded.bos_id().filter(|&b| all.first() == Some(&b));
+        let tail_len = keep - usize::from(bos.is_some() && keep > 1);
+        self.cache.clear();
+        self.history = bos.filter(|_| keep > 1).into_iter().collect();
+        self.history.extend_from_slice(&all[all.len() - tail_len..]);
+        Ok(())
+    }
+
+    /// Runs the model on `tokens` and keeps the logits of the last one.
+    fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        let logits = self
+            .loaded
+            .model
+            .forward(tokens, &mut self.cache, Logits::Last)?;
+        self.logits.clear();
+        self.logits.extend_from_slice(logits);
+        Ok(())
+    }
+}
+
+/// A multi-turn conversation rendered with the model's chat template. Each turn is fed
+/// incrementally when the new rendering extends the text already in the cache; otherwise the
+/// whole conversation is fed again (always correct, just slower).
+pub struct Chat<'m> {
+    session: Session<'m>,
+    system: Option<String>,
+    messages: Vec<ChatMessage>,
+    /// The exact text the session's tokens stand for, when known.
+    context_text: Option<String>,
+}
+
+/// The result of one chat turn.
+pub struct TurnOutput {
+    pub answer: String,
+    pub stats: GenerationStats,
+}
+
+impl<'m> Chat<'m> {
+    pub fn new(loaded: &'m LoadedModel, ctx_size: usize, system: Option<String>) -> Result<Self> {
+        if loaded.tokenizer.is_none() {
+            bail!("chat needs a tokenizer, and this model has none");
+        }
+        Ok(Chat {
+            session: Session::new(loaded, ctx_size)?,
+            system,
+            messages: Vec::new(),
+            context_text: None,
+        })
+    }
+
+    pub fn session(&self) -> &Session<'m> {
+        &self.session
+    }
+
+    pub fn messages(&self) -> &[ChatMessage] {
+        &self.messages
+    }
+
+    /// Starts a new conversation (the system prompt stays).
+    pub fn clear(&mut self) {
+        self.messages.clear();
+        self.session.reset();
+        self.context_text = None;
+    }
+
+    /// Adds the user's message, generates the answer and records it in the conversation.
+    pub fn send(
+        &mut self,
+        user: &str,
+        params: &SamplingParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<TurnOutput> {
+        let loaded = self.session.loaded();
+        self.messages.push(ChatMessage {
+            role: "user".into(),
+            content: user.into(),
+        });
+        let rendered = loaded.render_chat(self.system.as_deref(), &self.messages)?;
+        let continues = self
+            .context_text
+            .as_deref()
+            .filter(|known| !self.session.history().is_empty() && rendered.starts_with(known));
+        let new_ids = match continues {
+            Some(known) => loaded.encode_continuation(&rendered[known.len()..])?,
+            None => {
+                self.session.reset();
+                loaded.encode_prompt(&rendered)?
+            }
+        };
+        let mut answer = String::new();
+        let result = self.session.generate(&new_ids, params, &mut |text| {
+            answer.push_str(text);
+            on_text(text)
+        });
+        let stats = match result {
+            Ok(stats) => stats,
+            Err(e) => {
+                self.messages.pop();
+                self.context_text = None;
+                return Err(e);
+            }
+        };
+        self.context_text = match stats.stop_reason {
+            StopReason::EndOfTurn => {
+                let stop_piece = stats
+                    .tokens
+                    .last()
+                    .map(|&id| loaded.token_text(id))
+                    .unwrap_or_default();
+                Some(format!("{rendered}{answer}{stop_piece}"))
+            }
+            StopReason::MaxTokens | StopReason::ContextFull => Some(format!("{rendered}{answer}")),
+            // Tokens after a stop string or a cancel are in the history but not in `answer`.
+            StopReason::StopString | StopReason::Cancelled => None,
+        };
+        self.messages.push(ChatMessage {
+            role: "assistant".into(),
+            content: answer.clone(),
+        });
+        Ok(TurnOutput { answer, stats })
+    }
+}

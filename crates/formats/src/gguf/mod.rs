@@ -1,0 +1,264 @@
+//! GGUF: read (zero-copy over a memory map) and write.
+//!
+//! Layout of a GGUF v2/v3 file (all integers little-endian):
+//!
+//! ```text
+//! magic        4 bytes  "GGUF"
+//! version      u32      2 or 3 (v1 used 32-bit counts and is not supported)
+//! tensor_count u64
+//! kv_count     u64
+//! kv_count × metadata entry:
+//!     key      string   (u64 byte length + UTF-8 bytes, no terminator)
+//!     type     u32      value type id (0 u8 … 12 f64; 8 string; 9 array)
+//!     value             scalar, string, or array = element type u32 + count u64 + elements
+//! tensor_count × tensor info:
+//!     name     string
+//!     n_dims   u32      at most 4
+//!     ne       n_dims × u64, innermost dimension first (the reverse of PyTorch order)
+//!     type     u32      ggml type id (see `GgmlType::id`)
+//!     offset   u64      relative to the data section, a multiple of the alignment
+//! padding to `general.alignment` (default 32)
+//! data section: each tensor's bytes at its offset, padded to the alignment
+//! ```
+//!
+//! The reader treats the file as hostile: every count is bounded by the bytes left, every
+//! range is checked against the file size, and failures are [`GgufError`]s naming the field.
+
+mod error;
+mod reader;
+mod value;
+mod writer;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use error::{GgufError, GgufWriteError};
+pub use value::MetaValue;
+pub use writer::GgufWriter;
+
+use crate::{Blob, GgmlType, TensorData, TensorSource};
+
+/// The four bytes every GGUF file starts with.
+pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+/// Alignment of tensor data when `general.alignment` is absent.
+pub const DEFAULT_ALIGNMENT: usize = 32;
+/// Most dimensions a ggml tensor can have (`GGML_MAX_DIMS`).
+pub const MAX_DIMS: usize = 4;
+
+/// Where one tensor lives in a GGUF file. Validated on open: its bytes lie inside the file,
+/// are aligned, and overlap no other tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GgufTensorInfo {
+    pub name: String,
+    pub dtype: GgmlType,
+    /// Outermost dimension first (GGUF's `ne` reversed).
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the data in the file.
+    pub offset: usize,
+    pub n_bytes: usize,
+}
+
+impl GgufTensorInfo {
+    pub fn n_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// An opened, fully validated GGUF file. Tensor data is not copied: it is handed out as
+/// [`Blob`]s that share the underlying mapping.
+pub struct GgufFile {
+    bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    version: u32,
+    alignment: usize,
+    metadata: Vec<(String, MetaValue)>,
+    key_index: HashMap<String, usize>,
+    tensors: Vec<GgufTensorInfo>,
+    tensor_index: HashMap<String, usize>,
+    data_offset: usize,
+}
+
+impl GgufFile {
+    /// Memory-maps and parses `path`.
+    pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
+        let io_error = |source| GgufError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io_error)?;
+        // SAFETY: the mapping is read-only. Like every mmap-based reader, we rely on the
+        // model file not being truncated or rewritten while it is open.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_error)?;
+        GgufFile::from_bytes(Arc::new(map))
+    }
+
+    /// Parses a GGUF image already in memory (or mapped).
+    pub fn from_bytes(bytes: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Result<GgufFile, GgufError> {
+        let header = reader::parse_header((*bytes).as_ref())?;
+        Ok(GgufFile {
+            bytes,
+            version: header.version,
+            alignment: header.alignment,
+            metadata: header.metadata,
+            key_index: header.key_index,
+            tensors: header.tensors,
+            tensor_index: header.tensor_index,
+            data_offset: header.data_offset,
+        })
+    }
+
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    pub fn alignment(&self) -> usize {
+        self.alignment
+    }
+
+    /// Absolute offset of the data section (end of header, rounded up to the alignment).
+    pub fn data_offset(&self) -> usize {
+        self.data_offset
+    }
+
+    pub fn file_size(&self) -> usize {
+        (*self.bytes).as_ref().len()
+    }
+
+    /// All metadata entries in file order.
+    pub fn metadata(&self) -> &[(String, MetaValue)] {
+        &self.metadata
+    }
+
+    pub fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.key_index.get(key).map(|&i| &self.metadata[i].1)
+    }
+
+    /// Looks `key` up and converts it with `convert`; a present value that does not convert
+    /// is a [`GgufError::MetadataType`].
+    fn typed<'a, T>(
+        &'a self,
+        key: &str,
+        expected: &'static str,
+        convert: impl FnOnce(&'a MetaValue) -> Option<T>,
+    ) -> Result<Option<T>, GgufError> {
+        let Some(value) = self.get(key) else {
+            return Ok(None);
+        };
+        match convert(value) {
+            Some(v) => Ok(Some(v)),
+            None => Err(GgufError::MetadataType {
+                key: key.to_owned(),
+                expected,
+                found: describe(value),
+            }),
+        }
+    }
+
+    pub fn get_str(&self, key: &str) -> Result<Option<&str>, GgufError> {
+        self.typed(key, "string", MetaValue::as_str)
+    }
+
+    /// Any integer type holding a non-negative value.
+    pub fn get_u64(&self, key: &str) -> Result<Option<u64>, GgufError> {
+        self.typed(key, "non-negative integer", MetaValue::as_u64)
+    }
+
+    /// `f32`, or `f64` narrowed to `f32`.
+    pub fn get_f32(&self, key: &str) -> Result<Option<f32>, GgufError> {
+        self.typed(key, "float", MetaValue::as_f32)
+    }
+
+    pub fn get_bool(&self, key: &str) -> Result<Option<bool>, GgufError> {
+        self.typed(key, "bool", MetaValue::as_bool)
+    }
+
+    pub fn get_str_array(&self, key: &str) -> Result<Option<Vec<&str>>, GgufError> {
+        self.typed(key, "array of string", |v| {
+            v.as_array()?.iter().map(MetaValue::as_str).collect()
+        })
+    }
+
+    /// Elements of type `f32` or `f64`.
+    pub fn get_f32_array(&self, key: &str) -> Result<Option<Vec<f32>>, GgufError> {
+        self.typed(key, "array of float", |v| {
+            v.as_array()?.iter().map(MetaValue::as_f32).collect()
+        })
+    }
+
+    /// Elements of any integer type whose values fit in `i64`.
+    pub fn get_i64_array(&self, key: &str) -> Result<Option<Vec<i64>>, GgufError> {
+        self.typed(key, "array of integer", |v| {
+            v.as_array()?.iter().map(MetaValue::as_i64).collect()
+        })
+    }
+
+    /// `general.architecture`, e.g. `gemma3`.
+    pub fn architecture(&self) -> Result<&str, GgufError> {
+        self.get_str("general.architecture")?
+            .ok_or_else(|| GgufError::MissingKey {
+                key: "general.architecture".to_owned(),
+            })
+    }
+
+    /// All tensor infos in file order.
+    pub fn tensors(&self) -> &[GgufTensorInfo] {
+        &self.tensors
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&GgufTensorInfo> {
+        self.tensor_index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The bytes of a tensor, without copying.
+    ///
+    /// # Panics
+    /// If `info` does not come from this file and its range lies outside it.
+    #[track_caller]
+    pub fn tensor_data(&self, info: &GgufTensorInfo) -> Blob {
+        Blob::new(self.bytes.clone(), info.offset, info.n_bytes)
+    }
+}
+
+/// Type description for errors; names the offending value for negative or oversized integers.
+fn describe(value: &MetaValue) -> String {
+    match value {
+        MetaValue::I8(_) | MetaValue::I16(_) | MetaValue::I32(_) | MetaValue::I64(_)
+            if value.as_i64().is_some_and(|v| v < 0) =>
+        {
+            format!(
+                "{} with negative value {}",
+                value.type_name(),
+                value.as_i64().unwrap_or(0)
+            )
+        }
+        _ => value.type_name(),
+    }
+}
+
+impl TensorSource for GgufFile {
+    fn tensor(&self, name: &str) -> Option<TensorData> {
+        let info = self.tensor_info(name)?;
+        Some(TensorData {
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            data: self.tensor_data(info),
+        })
+    }
+
+    fn tensor_names(&self) -> Vec<String> {
+        self.tensors.iter().map(|t| t.name.clone()).collect()
+    }
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("version", &self.version)
+            .field("file_size", &self.file_size())
+            .field("alignment", &self.alignment)
+            .field("metadata_entries", &self.metadata.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}

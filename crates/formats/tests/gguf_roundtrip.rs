@@ -1,0 +1,234 @@
+//! Whatever the writer writes, the reader reads back unchanged: metadata of every type
+//! (including nested arrays and NaN floats, compared bit for bit) and tensor bytes.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::parse;
+use gemma_formats::{GgmlType, GgufWriter, MetaValue, TensorSource};
+use proptest::collection::{btree_map, vec};
+use proptest::prelude::*;
+
+fn scalar() -> BoxedStrategy<MetaValue> {
+    prop_oneof![
+        any::<u8>().prop_map(MetaValue::U8),
+        any::<i8>().prop_map(MetaValue::I8),
+        any::<u16>().prop_map(MetaValue::U16),
+        any::<i16>().prop_map(MetaValue::I16),
+        any::<u32>().prop_map(MetaValue::U32),
+        any::<i32>().prop_map(MetaValue::I32),
+        any::<u64>().prop_map(MetaValue::U64),
+        any::<i64>().prop_map(MetaValue::I64),
+        any::<u32>().prop_map(|bits| MetaValue::F32(f32::from_bits(bits))),
+        any::<u64>().prop_map(|bits| MetaValue::F64(f64::from_bits(bits))),
+        any::<bool>().prop_map(MetaValue::Bool),
+        any::<String>().prop_map(MetaValue::String),
+    ]
+    .boxed()
+}
+
+/// An array whose elements all have the kind of `element`'s first draw.
+fn array_of(element: BoxedStrategy<MetaValue>) -> impl Strategy<Value = MetaValue> {
+    // Draw one kind, then elements of that kind only.
+    element.clone().prop_flat_map(move |first| {
+        let kind = std::mem::discriminant(&first);
+        vec(element.clone(), 0..6).prop_map(move |rest| {
+            let mut items = vec![first.clone()];
+            items.extend(
+                rest.into_iter()
+                    .filter(|v| std::mem::discriminant(v) == kind),
+            );
+            MetaValue::Array(items)
+        })
+    })
+}
+
+fn value() -> impl Strategy<Value = MetaValue> {
+    let arrays = array_of(scalar()).prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            vec(inner, 0..4).prop_map(MetaValue::Array),
+            Just(MetaValue::Array(Vec::new())),
+        ]
+    });
+    prop_oneof![scalar(), arrays]
+}
+
+/// Bit-exact equality (so NaN payloads count).
+fn same(a: &MetaValue, b: &MetaValue) -> bool {
+    match (a, b) {
+        (MetaValue::F32(x), MetaValue::F32(y)) => x.to_bits() == y.to_bits(),
+        (MetaValue::F64(x), MetaValue::F64(y)) => x.to_bits() == y.to_bits(),
+        (MetaValue::Array(x), MetaValue::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+        }
+        _ => a == b,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TensorSpec {
+    dtype: GgmlType,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+fn tensor() -> impl Strategy<Value = TensorSpec> {
+    let dtypes = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ];
+    (
+        proptest::sample::select(dtypes.to_vec()),
+        vec(1usize..4, 0..3),
+        1usize..3,
+    )
+        .prop_flat_map(|(dtype, outer, inner_blocks)| {
+            let mut shape = outer;
+            shape.push(inner_blocks * dtype.block_size());
+            let n_bytes = dtype.bytes_for(shape.iter().product()).unwrap();
+            vec(any::<u8>(), n_bytes).prop_map(move |data| TensorSpec {
+                dtype,
+                shape: shape.clone(),
+                data,
+            })
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn write_then_read_round_trips(
+        metadata in btree_map("[a-z_.]{1,12}", value(), 0..8),
+        tensors in vec(tensor(), 0..5),
+        alignment in proptest::sample::select(vec![None, Some(1usize), Some(8), Some(64)]),
+    ) {
+        let metadata: BTreeMap<String, MetaValue> = metadata;
+        let mut writer = GgufWriter::new();
+        for (key, value) in &metadata {
+            writer.add_metadata(key.clone(), value.clone()).unwrap();
+        }
+        if let Some(alignment) = alignment {
+            writer.set_alignment(alignment).unwrap();
+        }
+        for (i, t) in tensors.iter().enumerate() {
+            writer.add_tensor(format!("blk.{i}.weight"), t.dtype, &t.shape, t.data.clone()).unwrap();
+        }
+        let mut bytes = Vec::new();
+        writer.write_to(&mut bytes).unwrap();
+
+        let file = parse(bytes).unwrap();
+        prop_assert_eq!(file.version(), 3);
+        let expected_alignment = alignment.unwrap_or(32);
+        prop_assert_eq!(file.alignment(), expected_alignment);
+
+        let read: Vec<&(String, MetaValue)> = file
+            .metadata()
+            .iter()
+            .filter(|(k, _)| k != "general.alignment")
+            .collect();
+        prop_assert_eq!(read.len(), metadata.len());
+        for ((key, value), (read_key, read_value)) in metadata.iter().zip(read) {
+            prop_assert_eq!(key, read_key);
+            prop_assert!(same(value, read_value), "{key}: wrote {value:?}, read {read_value:?}");
+            prop_assert!(same(value, file.get(key).unwrap()));
+        }
+
+        prop_assert_eq!(file.tensors().len(), tensors.len());
+        for (i, (spec, info)) in tensors.iter().zip(file.tensors()).enumerate() {
+            prop_assert_eq!(&info.name, &format!("blk.{i}.weight"));
+            prop_assert_eq!(info.dtype, spec.dtype);
+            prop_assert_eq!(&info.shape, &spec.shape);
+            prop_assert_eq!(info.n_bytes, spec.data.len());
+            prop_assert_eq!((info.offset - file.data_offset()) % expected_alignment, 0);
+            let data = file.tensor_data(info);
+            prop_assert_eq!(data.bytes(), &spec.data[..]);
+            let via_source = file.tensor(&info.name).unwrap();
+            prop_assert_eq!(&via_source.shape, &spec.shape);
+            prop_assert_eq!(via_source.data.bytes(), &spec.data[..]);
+        }
+        prop_assert_eq!(file.tensor_names().len(), tensors.len());
+    }
+}
+
+#[test]
+fn write_file_then_open_from_disk() {
+    let dir = common::TempDir::new("roundtrip");
+    let path = dir.path().join("tiny.gguf");
+    let mut writer = GgufWriter::new();
+    writer
+        .add_metadata("general.architecture", MetaValue::String("gemma3".into()))
+        .unwrap()
+        .add_tensor(
+            "w",
+            GgmlType::F32,
+            &[2, 2],
+            [1.0f32, 2.0, 3.0, 4.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        )
+        .unwrap();
+    writer.write_file(&path).unwrap();
+    let file = gemma_formats::GgufFile::open(&path).unwrap();
+    assert_eq!(file.architecture().unwrap(), "gemma3");
+    assert_eq!(
+        file.file_size(),
+        std::fs::metadata(&path).unwrap().len() as usize
+    );
+    let w = file.tensor("w").unwrap();
+    assert_eq!(w.shape, vec![2, 2]);
+    assert_eq!(&w.data[4..8], &2.0f32.to_le_bytes());
+}
+
+#[test]
+fn writer_rejects_inconsistent_input() {
+    use gemma_formats::GgufWriteError;
+    let mut w = GgufWriter::new();
+    w.add_metadata("k", MetaValue::U8(1)).unwrap();
+    assert!(matches!(
+        w.add_metadata("k", MetaValue::U8(2)),
+        Err(GgufWriteError::DuplicateKey { .. })
+    ));
+    assert!(matches!(
+        w.add_metadata(
+            "mixed",
+            MetaValue::Array(vec![MetaValue::U8(1), MetaValue::I8(1)])
+        ),
+        Err(GgufWriteError::MixedArray { .. })
+    ));
+    assert!(matches!(
+        w.set_alignment(0),
+        Err(GgufWriteError::BadAlignment { .. })
+    ));
+    assert!(matches!(
+        w.set_alignment(24),
+        Err(GgufWriteError::BadAlignment { .. })
+    ));
+    assert!(matches!(
+        w.add_tensor("t", GgmlType::F32, &[2], vec![0; 7]),
+        Err(GgufWriteError::DataSize {
+            expected: 8,
+            actual: 7,
+            ..
+        })
+    ));
+    assert!(matches!(
+        w.add_tensor("q", GgmlType::Q8_0, &[32, 16], vec![0; 34 * 16]),
+        Err(GgufWriteError::BadShape { .. })
+    ));
+    assert!(matches!(
+        w.add_tensor("d", GgmlType::F32, &[1, 1, 1, 1, 1], vec![0; 4]),
+        Err(GgufWriteError::TooManyDims { .. })
+    ));
+    w.add_tensor("t", GgmlType::F32, &[2], vec![0; 8]).unwrap();
+    assert!(matches!(
+        w.add_tensor("t", GgmlType::F32, &[2], vec![0; 8]),
+        Err(GgufWriteError::DuplicateTensor { .. })
+    ));
+}

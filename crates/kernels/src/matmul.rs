@@ -1,0 +1,202 @@
+//! Matrix multiplication of quantized weights by f32 activations, split across a [`ThreadPool`].
+
+use gemma_formats::GgmlType;
+
+use crate::error::{bytes_for, KernelError};
+use crate::gemm;
+use crate::pool::ThreadPool;
+use crate::quant::{self, selected_kernels, vec_dot_type};
+
+/// A row-major weight matrix `[rows, cols]` stored in its GGML type: each row is
+/// `dtype.bytes_for(cols)` bytes. Build with [`WeightMatrix::new`], which checks the sizes.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightMatrix<'a> {
+    pub dtype: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> WeightMatrix<'a> {
+    pub fn new(
+        dtype: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+    ) -> Result<WeightMatrix<'a>, KernelError> {
+        let w = WeightMatrix {
+            dtype,
+            rows,
+            cols,
+            data,
+        };
+        w.validate()?;
+        Ok(w)
+    }
+
+    /// Checks that `cols` fits whole blocks of the weight and activation types and that `data`
+    /// holds exactly `rows` rows.
+    pub fn validate(&self) -> Result<(), KernelError> {
+        let shape_error = |reason: String| KernelError::WeightShape {
+            dtype: self.dtype,
+            rows: self.rows,
+            cols: self.cols,
+            reason,
+        };
+        let row_bytes = bytes_for(self.dtype, self.cols).map_err(|e| shape_error(e.to_string()))?;
+        bytes_for(vec_dot_type(self.dtype), self.cols).map_err(|e| shape_error(e.to_string()))?;
+        let expected = row_bytes
+            .checked_mul(self.rows)
+            .ok_or_else(|| shape_error("size overflows usize".into()))?;
+        if expected != self.data.len() {
+            return Err(shape_error(format!(
+                "needs {expected} bytes, data has {}",
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.data.len().checked_div(self.rows).unwrap_or(0)
+    }
+
+    /// The bytes of row `r`.
+    #[track_caller]
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        assert!(r < self.rows, "row {r} out of range for {} rows", self.rows);
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+}
+
+/// Dequantizes row `r` of `w` into `dst` (`w.cols` values): an embedding lookup.
+///
+/// # Panics
+/// If `w` is malformed, `r >= w.rows` or `dst.len() != w.cols`.
+#[track_caller]
+pub fn dequantize_row(w: &WeightMatrix, r: usize, dst: &mut [f32]) {
+    if let Err(e) = w.validate() {
+        panic!("dequantize_row: {e}");
+    }
+    assert_eq!(
+        dst.len(),
+        w.cols,
+        "dequantize_row: dst holds {} values, row has {}",
+        dst.len(),
+        w.cols
+    );
+    if let Err(e) = quant::dequantize(w.dtype, w.row(r), dst) {
+        panic!("dequantize_row: {e}");
+    }
+}
+
+/// `y[t * rows + r] = dot(w row r, x[t * cols..(t + 1) * cols])` for every token `t`.
+///
+/// Each activation row is quantized once to the weight type's vec_dot type into `scratch`
+/// (reused across calls); rows are then split into chunks across `pool`, and inside a chunk
+/// every weight row is applied to all tokens while it is in cache.
+///
+/// # Panics
+/// If `w` is malformed or `x`/`y` do not hold `n_tokens` rows of `cols`/`rows` values.
+#[track_caller]
+pub fn matmul(
+    pool: &ThreadPool,
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Vec<u8>,
+) {
+    if let Err(e) = w.validate() {
+        panic!("matmul: {e}");
+    }
+    let (rows, cols) = (w.rows, w.cols);
+    assert_eq!(
+        x.len(),
+        n_tokens * cols,
+        "matmul: x must hold {n_tokens} x {cols} values"
+    );
+    assert_eq!(
+        y.len(),
+        n_tokens * rows,
+        "matmul: y must hold {n_tokens} x {rows} values"
+    );
+    if rows == 0 || n_tokens == 0 {
+        return;
+    }
+    if n_tokens >= gemm_threshold() {
+        gemm::gemm_f32(pool, w, x, n_tokens, y);
+        return;
+    }
+    let act_type = vec_dot_type(w.dtype);
+    let act_row = act_type.bytes_for(cols).expect("validated above");
+    let acts: &[u8] = if act_type == GgmlType::F32 {
+        f32_bytes(x)
+    } else {
+        scratch.clear();
+        scratch.resize(n_tokens * act_row, 0);
+        for (xt, at) in x
+            .chunks_exact(cols.max(1))
+            .zip(scratch.chunks_exact_mut(act_row.max(1)))
+        {
+            quant::quantize(act_type, xt, at).expect("activation types are quantizable");
+        }
+        &scratch[..]
+    };
+
+    let dot = selected_kernels().dot(w.dtype);
+    let row_bytes = w.row_bytes();
+    let chunk = rows_per_task(rows, pool.n_threads());
+    let out = OutPtr(y.as_mut_ptr());
+    pool.run(rows.div_ceil(chunk), &|task| {
+        let first = task * chunk;
+        for r in first..(first + chunk).min(rows) {
+            let w_row = &w.data[r * row_bytes..(r + 1) * row_bytes];
+            for t in 0..n_tokens {
+                let act = &acts[t * act_row..(t + 1) * act_row];
+                // SAFETY: the kernel's CPU features were detected when the table was built, and
+                // the slices hold exactly `cols` values of their types (validated above).
+                let v = unsafe { dot(w_row, act, cols) };
+                // SAFETY: t * rows + r < y.len(), and each (t, r) is written by one task only.
+                unsafe { out.write(t * rows + r, v) };
+            }
+        }
+    });
+}
+
+/// Tokens from which [`matmul`] switches to the dequantize-once f32 GEMM
+/// ([`gemm::MIN_GEMM_TOKENS`], overridable with `GEMMA_GEMM_MIN_TOKENS` for measurements).
+fn gemm_threshold() -> usize {
+    static THRESHOLD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THRESHOLD.get_or_init(|| {
+        std::env::var("GEMMA_GEMM_MIN_TOKENS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(gemm::MIN_GEMM_TOKENS)
+    })
+}
+
+/// Rows per pool task: about four tasks per thread for load balance, at least 16 rows.
+fn rows_per_task(rows: usize, n_threads: usize) -> usize {
+    rows.div_ceil(4 * n_threads).max(16).min(rows.max(1))
+}
+
+/// The output buffer shared by tasks that write disjoint elements.
+struct OutPtr(*mut f32);
+
+// SAFETY: tasks write disjoint indices and `matmul` holds the unique borrow of `y` meanwhile.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    unsafe fn write(&self, i: usize, v: f32) {
+        *self.0.add(i) = v;
+    }
+}
+
+/// Little-endian f32 activations are already in the F32 vec_dot format.
+fn f32_bytes(x: &[f32]) -> &[u8] {
+    // SAFETY: any f32 bit pattern is valid bytes; the length covers exactly the same memory.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}

@@ -1,0 +1,134 @@
+//! Element-wise and normalisation ops on f32 activations, plus attention.
+//!
+//! These are the non-matmul pieces of a transformer forward pass. They are written for
+//! clarity first; each takes its output buffer from the caller so the decode loop does not
+//! allocate.
+
+/// RMSNorm of each `dim`-sized row of `x`, multiplied by `weight` (the *effective* multiplier:
+/// Gemma 3's `1 + w` is folded in at load time, Gemma 3n uses `w` as is), in place.
+/// Computed in f32 like the reference (`x * rsqrt(mean(x²) + eps) * weight`).
+#[track_caller]
+pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
+    assert!(
+        dim > 0 && x.len().is_multiple_of(dim),
+        "rms_norm: {} values do not split into rows of {dim}",
+        x.len()
+    );
+    for row in x.chunks_exact_mut(dim) {
+        let scale = rms_scale(row, eps);
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v = *v * scale * w;
+        }
+    }
+}
+
+/// RMSNorm without a weight (Gemma 3n's value norm), in place.
+pub fn rms_norm_no_weight_inplace(x: &mut [f32], dim: usize, eps: f32) {
+    assert!(dim > 0 && x.len().is_multiple_of(dim));
+    for row in x.chunks_exact_mut(dim) {
+        let scale = rms_scale(row, eps);
+        row.iter_mut().for_each(|v| *v *= scale);
+    }
+}
+
+fn rms_scale(row: &[f32], eps: f32) -> f32 {
+    // Accumulate in f64: rows are short and this keeps the norm independent of summation order.
+    let sum_sq: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let mean = (sum_sq / row.len() as f64) as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
+/// GELU with the tanh approximation (`gelu_pytorch_tanh`).
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// `gate = gelu_tanh(gate) * up`, the gated MLP's activation, in place into `gate`.
+#[track_caller]
+pub fn gelu_tanh_mul_inplace(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gelu_mul: gate and up lengths differ");
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = gelu_tanh(*g) * u;
+    }
+}
+
+/// `y += x`.
+#[track_caller]
+pub fn add_inplace(y: &mut [f32], x: &[f32]) {
+    assert_eq!(y.len(), x.len(), "add: lengths differ");
+    y.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+}
+
+/// `x *= s`.
+pub fn scale_inplace(x: &mut [f32], s: f32) {
+    x.iter_mut().for_each(|v| *v *= s);
+}
+
+/// `cap * tanh(x / cap)` (Gemma's logit soft-capping).
+pub fn softcap_inplace(x: &mut [f32], cap: f32) {
+    x.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+}
+
+/// Rotary position embedding with the "rotate half" (NeoX) layout used by Gemma.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    /// Per-pair inverse frequency, already divided by the linear scaling factor.
+    inv_freq: Vec<f32>,
+    head_dim: usize,
+}
+
+impl Rope {
+    /// `theta` is the base; `linear_factor` divides positions (1.0 for none).
+    pub fn new(head_dim: usize, theta: f32, linear_factor: f32) -> Rope {
+        assert!(
+            head_dim.is_multiple_of(2),
+            "rope needs an even head_dim, got {head_dim}"
+        );
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| {
+                let exponent = (2 * i) as f64 / head_dim as f64;
+                ((1.0 / (theta as f64).powf(exponent)) / linear_factor as f64) as f32
+            })
+            .collect();
+        Rope { inv_freq, head_dim }
+    }
+
+    /// Rotate every head of one token (`x` = `n_heads * head_dim` values) at `pos`.
+    #[track_caller]
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        assert!(
+            x.len().is_multiple_of(self.head_dim),
+            "rope: {} values are not whole heads of {}",
+            x.len(),
+            self.head_dim
+        );
+        let half = self.head_dim / 2;
+        for (i, &f) in self.inv_freq.iter().enumerate() {
+            // The angle is formed in f32 as the reference does; cos/sin are then exact.
+            let angle = (pos as f32 * f) as f64;
+            let (sin, cos) = (angle.sin() as f32, angle.cos() as f32);
+            for head in x.chunks_exact_mut(self.head_dim) {
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos - b * sin;
+                head[i + half] = b * cos + a * sin;
+            }
+        }
+    }
+}
+
+/// In-place softmax over `x`.
+pub fn softmax_inplace(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+pub mod attention;

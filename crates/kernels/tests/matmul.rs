@@ -1,0 +1,208 @@
+//! matmul against a naive per-element reference, determinism across thread counts, and shape
+//! errors.
+
+use gemma_kernels::quant;
+use gemma_kernels::{dequantize_row, matmul, GgmlType, KernelError, ThreadPool, WeightMatrix};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn float(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn floats(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.float()).collect()
+    }
+}
+
+/// Weights made by quantizing random floats where we can, else random bytes with sane scales.
+fn random_matrix(dtype: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+    let bytes = dtype.bytes_for(rows * cols).unwrap();
+    let mut out = vec![0u8; bytes];
+    let x = rng.floats(rows * cols);
+    if quant::quantize(dtype, &x, &mut out).is_ok() {
+        return out;
+    }
+    for b in out.iter_mut() {
+        *b = rng.next_u64() as u8;
+    }
+    let scale_offsets: &[usize] = match dtype {
+        GgmlType::Q2_K => &[80, 82],
+        GgmlType::Q3_K => &[108],
+        GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+        GgmlType::Q6_K => &[208],
+        other => panic!("no random generator for {other}"),
+    };
+    for block in out.chunks_exact_mut(dtype.type_size()) {
+        for &off in scale_offsets {
+            let d = half::f16::from_f32(0.001 + 0.01 * rng.float().abs());
+            block[off..off + 2].copy_from_slice(&d.to_bits().to_le_bytes());
+        }
+    }
+    out
+}
+
+/// y[t][r] = vec_dot(row r, quantize(x[t])) one element at a time.
+fn naive(w: &WeightMatrix, x: &[f32], n_tokens: usize) -> Vec<f32> {
+    let act_type = quant::vec_dot_type(w.dtype);
+    let mut y = vec![0.0; n_tokens * w.rows];
+    for t in 0..n_tokens {
+        let xt = &x[t * w.cols..(t + 1) * w.cols];
+        let mut act = vec![0u8; act_type.bytes_for(w.cols).unwrap()];
+        quant::quantize(act_type, xt, &mut act).unwrap();
+        for r in 0..w.rows {
+            y[t * w.rows + r] = quant::vec_dot(w.dtype, w.row(r), &act, w.cols);
+        }
+    }
+    y
+}
+
+#[test]
+fn matmul_matches_naive_reference_for_every_type() {
+    let pool = ThreadPool::new(3);
+    let mut rng = Rng(0x1234_5678);
+    let mut scratch = Vec::new();
+    for dtype in GgmlType::ALL {
+        let cols = if dtype.block_size() == 256 { 512 } else { 96 };
+        for (rows, n_tokens) in [(37, 1), (70, 3), (1, 2)] {
+            let data = random_matrix(dtype, rows, cols, &mut rng);
+            let w = WeightMatrix::new(dtype, rows, cols, &data).unwrap();
+            let x = rng.floats(n_tokens * cols);
+            let mut y = vec![f32::NAN; n_tokens * rows];
+            matmul(&pool, &w, &x, n_tokens, &mut y, &mut scratch);
+            let expected = naive(&w, &x, n_tokens);
+            for (i, (a, b)) in y.iter().zip(&expected).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{dtype} rows={rows} tokens={n_tokens} element {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_is_deterministic_across_thread_counts_and_reuses_scratch() {
+    let mut rng = Rng(99);
+    let (rows, cols, n_tokens) = (300, 512, 4);
+    let data = random_matrix(GgmlType::Q4_K, rows, cols, &mut rng);
+    let w = WeightMatrix::new(GgmlType::Q4_K, rows, cols, &data).unwrap();
+    let x = rng.floats(n_tokens * cols);
+    let mut first = vec![0.0; n_tokens * rows];
+    let mut scratch = Vec::new();
+    matmul(
+        &ThreadPool::new(1),
+        &w,
+        &x,
+        n_tokens,
+        &mut first,
+        &mut scratch,
+    );
+    let capacity = scratch.capacity();
+    for threads in [2, 4] {
+        let pool = ThreadPool::new(threads);
+        for _ in 0..3 {
+            let mut y = vec![0.0; n_tokens * rows];
+            matmul(&pool, &w, &x, n_tokens, &mut y, &mut scratch);
+            assert!(
+                y.iter()
+                    .zip(&first)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads} threads"
+            );
+            assert_eq!(
+                scratch.capacity(),
+                capacity,
+                "scratch must not grow once warmed"
+            );
+        }
+    }
+    // Also close to the float product of the dequantized weights.
+    let mut row = vec![0.0; cols];
+    for r in [0, 150, 299] {
+        dequantize_row(&w, r, &mut row);
+        let exact: f32 = row.iter().zip(&x[..cols]).map(|(a, b)| a * b).sum();
+        let magnitude: f32 = row.iter().zip(&x[..cols]).map(|(a, b)| (a * b).abs()).sum();
+        assert!(
+            (first[r] - exact).abs() <= 0.02 * magnitude,
+            "row {r}: {} vs {exact}",
+            first[r]
+        );
+    }
+}
+
+#[test]
+fn dequantize_row_matches_whole_matrix_dequantization() {
+    let mut rng = Rng(5);
+    let (rows, cols) = (4, 256);
+    let data = random_matrix(GgmlType::Q6_K, rows, cols, &mut rng);
+    let w = WeightMatrix::new(GgmlType::Q6_K, rows, cols, &data).unwrap();
+    let mut all = vec![0.0; rows * cols];
+    quant::dequantize(GgmlType::Q6_K, &data, &mut all).unwrap();
+    let mut row = vec![0.0; cols];
+    for r in 0..rows {
+        dequantize_row(&w, r, &mut row);
+        assert_eq!(row, all[r * cols..(r + 1) * cols]);
+    }
+}
+
+#[test]
+fn weight_shape_errors_are_typed() {
+    let data = vec![0u8; 144 * 2];
+    assert!(WeightMatrix::new(GgmlType::Q4_K, 2, 256, &data).is_ok());
+    for (rows, cols) in [(3, 256), (2, 128), (1, 512 + 32)] {
+        let err = WeightMatrix::new(GgmlType::Q4_K, rows, cols, &data).unwrap_err();
+        assert!(
+            matches!(err, KernelError::WeightShape { .. }),
+            "{rows}x{cols}: {err}"
+        );
+    }
+    // Q4_0 rows must also fit whole Q8_0 activation blocks; F32 accepts any width.
+    assert!(WeightMatrix::new(GgmlType::Q4_0, 1, 48, &[0u8; 27]).is_err());
+    assert!(WeightMatrix::new(GgmlType::F32, 1, 3, &[0u8; 12]).is_ok());
+    assert!(WeightMatrix::new(GgmlType::F32, usize::MAX, 3, &[0u8; 12]).is_err());
+}
+
+#[test]
+#[should_panic(expected = "matmul: x must hold")]
+fn matmul_rejects_wrong_activation_length() {
+    let data = vec![0u8; 34];
+    let w = WeightMatrix::new(GgmlType::Q8_0, 1, 32, &data).unwrap();
+    let mut y = vec![0.0; 1];
+    matmul(
+        &ThreadPool::new(1),
+        &w,
+        &[0.0; 31],
+        1,
+        &mut y,
+        &mut Vec::new(),
+    );
+}
+
+#[test]
+#[should_panic(expected = "matmul: Q8_0 weight matrix")]
+fn matmul_rejects_hand_built_malformed_matrix() {
+    let data = vec![0u8; 30];
+    let w = WeightMatrix {
+        dtype: GgmlType::Q8_0,
+        rows: 1,
+        cols: 32,
+        data: &data,
+    };
+    let mut y = vec![0.0; 1];
+    matmul(
+        &ThreadPool::new(1),
+        &w,
+        &[0.0; 32],
+        1,
+        &mut y,
+        &mut Vec::new(),
+    );
+}

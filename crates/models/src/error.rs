@@ -1,0 +1,25 @@
+use gemma_formats::GgmlType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unsupported architecture '{0}' (supported: gemma3)")]
+    UnknownArchitecture(String),
+    #[error("model config: {0}")]
+    Config(String),
+    #[error("missing tensor '{0}'")]
+    MissingTensor(String),
+    #[error("tensor '{name}' has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("tensor '{name}' has type {dtype}, which cannot be used here")]
+    TensorType { name: String, dtype: GgmlType },
+    #[error("the input needs {needed} positions but the context size is {ctx_size}")]
+    ContextOverflow { needed: usize, ctx_size: usize },
+    #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("{0}")]
+    Format(#[from] gemma_formats::GgufError),
+}

@@ -1,0 +1,976 @@
+//! Gemma 3n text decoder (E2B, E4B and MatFormer slices of them), read top to bottom in `forward`.
+//!
+//! Quirks, each applied where it happens: RMSNorm multiplies by `w` (not `1 + w`) and some norms
+//! have no weight; AltUp keeps 4 streams per token (predict before a layer, correct after it, a
+//! tanh router choosing the coefficients); LAuReL adds a low-rank residual; every layer gets a
+//! per-layer embedding (PLE) gated into the inactive streams; attention is unscaled with q/k/v
+//! norms; the last `num_kv_shared_layers` layers reuse earlier layers' keys and values; some MLPs
+//! keep only the top of a Gaussian fit of their gate (activation sparsity); MLP widths differ per
+//! layer; final logits are soft-capped.
+
+mod config;
+mod normal;
+
+pub use config::Gemma3nConfig;
+pub use normal::normal_quantile;
+
+use gemma_kernels::matmul;
+use gemma_kernels::ops::attention::{attention, AttentionMask, AttentionParams, KvSegment};
+use gemma_kernels::ops::{self, Rope};
+use gemma_kernels::pool::ThreadPool;
+
+use crate::gemma3::LayerType;
+use crate::kv_cache::{sized, KvCache};
+use crate::weights::{Linear, Loader, WeightLayout};
+use crate::{Logits, ModelError};
+
+/// The AltUp rescaling clamps the mean square of a projected stream at this (transformers' value).
+const ALTUP_MIN_MEAN_SQUARE: f32 = 1e-5;
+
+struct Attention {
+    q_proj: Linear,
+    /// `None` on KV-consumer layers: they read another layer's keys and values.
+    kv: Option<KvProjection>,
+    o_proj: Linear,
+    q_norm: Vec<f32>,
+}
+
+struct KvProjection {
+    k_proj: Linear,
+    v_proj: Linear,
+    k_norm: Vec<f32>,
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    /// `Φ⁻¹(p)` for activation sparsity `p > 0`: gate values below `mean + std · Φ⁻¹(p)` are
+    /// cut, the rest shifted down by that cutoff.
+    sparsity_std_multiplier: Option<f32>,
+}
+
+/// AltUp's per-layer parameters; the small matrices are kept as f32.
+struct AltUp {
+    /// `[streams, hidden]`.
+    modality_router: Vec<f32>,
+    router_norm: Vec<f32>,
+    /// `[streams², streams]`.
+    prediction_coefs: Vec<f32>,
+    /// `[streams, streams]`.
+    correction_coefs: Vec<f32>,
+    correct_output_scale: Vec<f32>,
+}
+
+struct Laurel {
+    linear_left: Linear,
+    linear_right: Linear,
+    post_laurel_norm: Vec<f32>,
+}
+
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    altup: AltUp,
+    laurel: Laurel,
+    input_layernorm: Vec<f32>,
+    post_attention_layernorm: Vec<f32>,
+    pre_feedforward_layernorm: Vec<f32>,
+    post_feedforward_layernorm: Vec<f32>,
+    per_layer_input_gate: Linear,
+    per_layer_projection: Linear,
+    post_per_layer_input_norm: Vec<f32>,
+}
+
+pub struct Gemma3n {
+    config: Gemma3nConfig,
+    embed_tokens: Linear,
+    embed_scale: f32,
+    /// `[vocab_size_per_layer_input, layers · P]`, looked up one row per token, never expanded.
+    embed_tokens_per_layer: Linear,
+    per_layer_embed_scale: f32,
+    per_layer_model_projection: Linear,
+    per_layer_projection_norm: Vec<f32>,
+    altup_projections: Vec<Linear>,
+    altup_unembed_projections: Vec<Linear>,
+    layers: Vec<DecoderLayer>,
+    norm: Vec<f32>,
+    lm_head: Option<Linear>,
+    rope_local: Rope,
+    rope_global: Rope,
+}
+
+/// Tensor names of one checkpoint layout; callers speak transformers' names.
+struct Names {
+    layout: WeightLayout,
+}
+
+impl Names {
+    /// A model-level tensor, by its transformers module name (`embed_tokens`, `norm`, ...).
+    fn top(&self, hf: &str) -> String {
+        match self.layout {
+            WeightLayout::HuggingFace { prefix } => format!("{prefix}{hf}.weight"),
+            WeightLayout::Gguf => {
+                let gguf = match hf {
+                    "embed_tokens" => "token_embd",
+                    "embed_tokens_per_layer" => "per_layer_token_embd",
+                    "per_layer_model_projection" => "per_layer_model_proj",
+                    "per_layer_projection_norm" => "per_layer_proj_norm",
+                    "norm" => "output_norm",
+                    "altup_projections" => "altup_proj",
+                    "altup_unembed_projections" => "altup_unembd_proj",
+                    other => unreachable!("no GGUF name for {other}"),
+                };
+                format!("{gguf}.weight")
+            }
+        }
+    }
+
+    /// A tensor of layer `i`, by its transformers module path inside the layer.
+    fn layer(&self, i: usize, hf: &str) -> String {
+        match self.layout {
+            // A bare parameter, not a module's weight.
+            WeightLayout::HuggingFace { prefix } if hf == "altup.correct_output_scale" => {
+                format!("{prefix}layers.{i}.{hf}")
+            }
+            WeightLayout::HuggingFace { prefix } => format!("{prefix}layers.{i}.{hf}.weight"),
+            WeightLayout::Gguf => {
+                let gguf = match hf {
+                    "self_attn.q_proj" => "attn_q",
+                    "self_attn.k_proj" => "attn_k",
+                    "self_attn.v_proj" => "attn_v",
+                    "self_attn.o_proj" => "attn_output",
+                    "self_attn.q_norm" => "attn_q_norm",
+                    "self_attn.k_norm" => "attn_k_norm",
+                    "input_layernorm" => "attn_norm",
+                    "post_attention_layernorm" => "post_attention_norm",
+                    "pre_feedforward_layernorm" => "ffn_norm",
+                    "post_feedforward_layernorm" => "post_ffw_norm",
+                    "mlp.gate_proj" => "ffn_gate",
+                    "mlp.up_proj" => "ffn_up",
+                    "mlp.down_proj" => "ffn_down",
+                    "per_layer_input_gate" => "inp_gate",
+                    "per_layer_projection" => "proj",
+                    "post_per_layer_input_norm" => "post_norm",
+                    "altup.correction_coefs" => "altup_correct_coef",
+                    "altup.correct_output_scale" => "altup_correct_scale",
+                    "altup.prediction_coefs" => "altup_predict_coef",
+                    "altup.modality_router" => "altup_router",
+                    "altup.router_norm" => "altup_router_norm",
+                    "laurel.linear_left" => "laurel_l",
+                    "laurel.linear_right" => "laurel_r",
+                    "laurel.post_laurel_norm" => "laurel_post_norm",
+                    other => unreachable!("no GGUF name for {other}"),
+                };
+                format!("blk.{i}.{gguf}.weight")
+            }
+        }
+    }
+
+    /// The `count` AltUp stream projections: one tensor each in transformers checkpoints,
+    /// stacked into one `[count, H, H]` tensor by llama.cpp.
+    fn stream_projections(
+        &self,
+        loader: &Loader<'_>,
+        hf: &str,
+        count: usize,
+        h: usize,
+    ) -> Result<Vec<Linear>, ModelError> {
+        match self.layout {
+            WeightLayout::HuggingFace { prefix } => (0..count)
+                .map(|i| loader.linear(&format!("{prefix}{hf}.{i}.weight"), h, h))
+                .collect(),
+            WeightLayout::Gguf => loader.stacked_linears(&self.top(hf), count, h, h),
+        }
+    }
+}
+
+/// A small matrix dequantized to f32, row-major.
+fn dense(w: &Linear) -> Vec<f32> {
+    let m = w.matrix();
+    let mut out = vec![0.0; w.rows * w.cols];
+    for (r, row) in out.chunks_exact_mut(w.cols).enumerate() {
+        matmul::dequantize_row(&m, r, row);
+    }
+    out
+}
+
+/// `sqrt(n)` as transformers multiplies embeddings by it: cast to the table's dtype.
+fn embedding_scale(n: usize, dtype: gemma_formats::GgmlType) -> f32 {
+    let s = (n as f32).sqrt();
+    match dtype {
+        gemma_formats::GgmlType::BF16 => half::bf16::from_f32(s).to_f32(),
+        gemma_formats::GgmlType::F16 => half::f16::from_f32(s).to_f32(),
+        _ => s,
+    }
+}
+
+impl Gemma3n {
+    pub fn load(config: Gemma3nConfig, loader: &Loader<'_>) -> Result<Gemma3n, ModelError> {
+        config.validate()?;
+        // Gemma 3n norms hold `w` itself in both layouts (llama.cpp adds no 1 for this model).
+        let n = Names {
+            layout: loader.layout,
+        };
+        let c = &config;
+        let (h, hd, p) = (c.hidden_size, c.head_dim, c.hidden_size_per_layer_input);
+        let n_layers = c.num_hidden_layers;
+        let k_streams = c.altup_num_inputs;
+        let q_dim = c.num_attention_heads * hd;
+        let kv_dim = c.num_key_value_heads * hd;
+        let first_shared = c.first_kv_shared_layer();
+
+        let layers = (0..n_layers)
+            .map(|i| -> Result<DecoderLayer, ModelError> {
+                let lin = |name: &str, rows, cols| loader.linear(&n.layer(i, name), rows, cols);
+                let norm = |name: &str, len| loader.vector(&n.layer(i, name), len);
+                let ffn = c.intermediate_size[i];
+                let [gate_proj, up_proj, down_proj] = if c.slice_ffn {
+                    // MatFormer: cut the stored (wider) MLP down to this layer's width.
+                    let gate = n.layer(i, "mlp.gate_proj");
+                    let stored = loader
+                        .source
+                        .tensor(&gate)
+                        .ok_or_else(|| ModelError::MissingTensor(gate.clone()))?
+                        .shape
+                        .first()
+                        .copied()
+                        .unwrap_or(0);
+                    let name = |m: &str| n.layer(i, &format!("mlp.{m}"));
+                    [
+                        loader.linear(&gate, stored, h)?.first_rows(&gate, ffn)?,
+                        loader
+                            .linear(&name("up_proj"), stored, h)?
+                            .first_rows(&name("up_proj"), ffn)?,
+                        loader
+                            .linear(&name("down_proj"), h, stored)?
+                            .first_cols(&name("down_proj"), ffn)?,
+                    ]
+                } else {
+                    [
+                        lin("mlp.gate_proj", ffn, h)?,
+                        lin("mlp.up_proj", ffn, h)?,
+                        lin("mlp.down_proj", h, ffn)?,
+                    ]
+                };
+                // Consumers' k/v weights may be present (published checkpoints keep them); they
+                // are never read.
+                let kv = if i < first_shared {
+                    Some(KvProjection {
+                        k_proj: lin("self_attn.k_proj", kv_dim, h)?,
+                        v_proj: lin("self_attn.v_proj", kv_dim, h)?,
+                        k_norm: norm("self_attn.k_norm", hd)?,
+                    })
+                } else {
+                    None
+                };
+                Ok(DecoderLayer {
+                    self_attn: Attention {
+                        q_proj: lin("self_attn.q_proj", q_dim, h)?,
+                        kv,
+                        o_proj: lin("self_attn.o_proj", h, q_dim)?,
+                        q_norm: norm("self_attn.q_norm", hd)?,
+                    },
+                    mlp: Mlp {
+                        gate_proj,
+                        up_proj,
+                        down_proj,
+                        sparsity_std_multiplier: c.activation_sparsity[i],
+                    },
+                    altup: AltUp {
+                        modality_router: dense(&lin("altup.modality_router", k_streams, h)?),
+                        router_norm: norm("altup.router_norm", h)?,
+                        prediction_coefs: dense(&lin(
+                            "altup.prediction_coefs",
+                            k_streams * k_streams,
+                            k_streams,
+                        )?),
+                        correction_coefs: dense(&lin(
+                            "altup.correction_coefs",
+                            k_streams,
+                            k_streams,
+                        )?),
+                        correct_output_scale: loader
+                            .vector(&n.layer(i, "altup.correct_output_scale"), h)?,
+                    },
+                    laurel: Laurel {
+                        linear_left: lin("laurel.linear_left", c.laurel_rank, h)?,
+                        linear_right: lin("laurel.linear_right", h, c.laurel_rank)?,
+                        post_laurel_norm: norm("laurel.post_laurel_norm", h)?,
+                    },
+                    input_layernorm: norm("input_layernorm", h)?,
+                    post_attention_layernorm: norm("post_attention_layernorm", h)?,
+                    pre_feedforward_layernorm: norm("pre_feedforward_layernorm", h)?,
+                    post_feedforward_layernorm: norm("post_feedforward_layernorm", h)?,
+                    per_layer_input_gate: lin("per_layer_input_gate", p, h)?,
+                    per_layer_projection: lin("per_layer_projection", h, p)?,
+                    post_per_layer_input_norm: norm("post_per_layer_input_norm", h)?,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let embed_tokens = loader.linear(&n.top("embed_tokens"), c.vocab_size, h)?;
+        let embed_tokens_per_layer = loader.linear(
+            &n.top("embed_tokens_per_layer"),
+            c.vocab_size_per_layer_input,
+            n_layers * p,
+        )?;
+        let streams = |name: &str| n.stream_projections(loader, name, k_streams - 1, h);
+        let lm_head_name = match loader.layout {
+            WeightLayout::HuggingFace { .. } => "lm_head.weight",
+            WeightLayout::Gguf => "output.weight",
+        };
+        let lm_head = match loader.source.tensor(lm_head_name) {
+            Some(_) => Some(loader.linear(lm_head_name, c.vocab_size, h)?),
+            None => None,
+        };
+        Ok(Gemma3n {
+            embed_scale: embedding_scale(h, embed_tokens.dtype),
+            per_layer_embed_scale: embedding_scale(p, embed_tokens_per_layer.dtype),
+            per_layer_model_projection: loader.linear(
+                &n.top("per_layer_model_projection"),
+                n_layers * p,
+                h,
+            )?,
+            per_layer_projection_norm: loader.vector(&n.top("per_layer_projection_norm"), p)?,
+            altup_projections: streams("altup_projections")?,
+            altup_unembed_projections: streams("altup_unembed_projections")?,
+            norm: loader.vector(&n.top("norm"), h)?,
+            rope_local: Rope::new(hd, c.rope_local.theta, c.rope_local.linear_factor),
+            rope_global: Rope::new(hd, c.rope_global.theta, c.rope_global.linear_factor),
+            embed_tokens,
+            embed_tokens_per_layer,
+            layers,
+            lm_head,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &Gemma3nConfig {
+        &self.config
+    }
+
+    /// Cache rows per KV-producing layer (consumers hold none).
+    fn kv_capacities(&self, ctx_size: usize) -> Vec<usize> {
+        let c = &self.config;
+        c.layer_types[..c.first_kv_shared_layer()]
+            .iter()
+            .map(|t| match t {
+                LayerType::Sliding => c.sliding_window.min(ctx_size),
+                LayerType::Full => ctx_size,
+            })
+            .collect()
+    }
+
+    fn kv_row(&self) -> usize {
+        self.config.num_key_value_heads * self.config.head_dim
+    }
+
+    pub fn new_cache(&self, ctx_size: usize) -> Result<KvCache, ModelError> {
+        if ctx_size == 0 {
+            return Err(ModelError::Config("context size must be at least 1".into()));
+        }
+        Ok(KvCache::new(
+            ctx_size,
+            &self.kv_capacities(ctx_size),
+            self.kv_row(),
+        ))
+    }
+
+    pub fn kv_cache_bytes(&self, ctx_size: usize) -> usize {
+        KvCache::bytes_for(&self.kv_capacities(ctx_size), self.kv_row())
+    }
+
+    /// Bytes of the weights the forward pass reads for every token (the PLE table is read one
+    /// row per token and counted separately by `per_layer_embedding_bytes`).
+    pub fn weight_bytes(&self) -> usize {
+        let layer_bytes = |l: &DecoderLayer| {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            let kv =
+                a.kv.as_ref()
+                    .map_or(0, |kv| kv.k_proj.bytes() + kv.v_proj.bytes());
+            [
+                &a.q_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+                &l.laurel.linear_left,
+                &l.laurel.linear_right,
+                &l.per_layer_input_gate,
+                &l.per_layer_projection,
+            ]
+            .iter()
+            .map(|w| w.bytes())
+            .sum::<usize>()
+                + kv
+        };
+        self.embed_tokens.bytes()
+            + self.lm_head.as_ref().map_or(0, Linear::bytes)
+            + self.per_layer_model_projection.bytes()
+            + self
+                .altup_projections
+                .iter()
+                .chain(&self.altup_unembed_projections)
+                .map(Linear::bytes)
+                .sum::<usize>()
+            + self.layers.iter().map(layer_bytes).sum::<usize>()
+    }
+
+    pub fn per_layer_embedding_bytes(&self) -> usize {
+        self.embed_tokens_per_layer.bytes()
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<(), ModelError> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(ModelError::Config(
+                "forward needs at least one token".into(),
+            ));
+        }
+        // Multimodal ids (image/audio "hard" tokens) need their own embedders: not text.
+        let limit = c
+            .first_multimodal_id
+            .unwrap_or(c.vocab_size)
+            .min(c.vocab_size);
+        match tokens.iter().find(|&&id| id as usize >= limit) {
+            Some(&id) => Err(ModelError::TokenOutOfRange { id, vocab: limit }),
+            None => Ok(()),
+        }
+    }
+
+    /// Per-layer inputs of every token, `[tokens, layers · P]`:
+    /// `(rms_norm(projection(E) / sqrt(H)) + table[id] · sqrt(P)) / sqrt(2)`.
+    fn per_layer_inputs(
+        &self,
+        pool: &ThreadPool,
+        tokens: &[u32],
+        embeds: &[f32],
+        scratch: &mut Vec<u8>,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let width = c.num_hidden_layers * c.hidden_size_per_layer_input;
+        let mut ple = vec![0.0; tokens.len() * width];
+        linear(
+            pool,
+            &self.per_layer_model_projection,
+            embeds,
+            tokens.len(),
+            &mut ple,
+            scratch,
+        );
+        ops::scale_inplace(&mut ple, (c.hidden_size as f32).powf(-0.5));
+        ops::rms_norm_inplace(&mut ple, &self.per_layer_projection_norm, c.rms_norm_eps);
+        let table = self.embed_tokens_per_layer.matrix();
+        let mut row = vec![0.0; width];
+        let out_scale = 0.5f32.sqrt();
+        for (dst, &id) in ple.chunks_exact_mut(width).zip(tokens) {
+            let id = id as usize;
+            // Ids past the table (multimodal) take row 0, as transformers does.
+            let id = if id < c.vocab_size_per_layer_input {
+                id
+            } else {
+                0
+            };
+            matmul::dequantize_row(&table, id, &mut row);
+            for (d, t) in dst.iter_mut().zip(&row) {
+                *d = (*d + t * self.per_layer_embed_scale) * out_scale;
+            }
+        }
+        ple
+    }
+
+    /// Runs `tokens` (positions `cache.len()..`) through the decoder, appends the producing
+    /// layers' keys and values to `cache`, and returns logits for the last token or every token.
+    pub fn forward<'c>(
+        &self,
+        tokens: &[u32],
+        cache: &'c mut KvCache,
+        logits: Logits,
+    ) -> Result<&'c [f32], ModelError> {
+        self.check_tokens(tokens)?;
+        cache.reserve(tokens.len())?;
+        let c = &self.config;
+        let pool = ThreadPool::global();
+        let n_tokens = tokens.len();
+        let pos0 = cache.len();
+        let (h, hd, p) = (c.hidden_size, c.head_dim, c.hidden_size_per_layer_input);
+        let n_streams = c.altup_num_inputs;
+        let q_dim = c.num_attention_heads * hd;
+        let kv_dim = self.kv_row();
+        let first_shared = c.first_kv_shared_layer();
+        let plane = n_tokens * h;
+        let KvCache {
+            layers: kv_layers,
+            scratch,
+            ..
+        } = cache;
+
+        // Embeddings scaled by sqrt(H), and the per-layer inputs derived from them.
+        let mut embeds = vec![0.0; plane];
+        let embed = self.embed_tokens.matrix();
+        for (row, &id) in embeds.chunks_exact_mut(h).zip(tokens) {
+            matmul::dequantize_row(&embed, id as usize, row);
+            ops::scale_inplace(row, self.embed_scale);
+        }
+        let ple = self.per_layer_inputs(pool, tokens, &embeds, &mut scratch.quantized);
+
+        // AltUp streams `[stream, token, hidden]`: the embedding, then projections of it
+        // rescaled to its RMS magnitude.
+        let mut streams = vec![0.0; n_streams * plane];
+        streams[..plane].copy_from_slice(&embeds);
+        for (s, proj) in self.altup_projections.iter().enumerate() {
+            let dst = &mut streams[(s + 1) * plane..(s + 2) * plane];
+            linear(pool, proj, &embeds, n_tokens, dst, &mut scratch.quantized);
+            rescale_to_magnitude(dst, &embeds, h);
+        }
+
+        // Keys and values of the layers consumers read, for this chunk; written to the cache
+        // after the last layer so consumers still see the history the producer saw.
+        let mut shared_kv: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; first_shared];
+        let mut predictions = vec![0.0; n_streams * plane];
+        let mut active = vec![0.0; plane];
+        let mut laurel = vec![0.0; plane];
+        let mut laurel_low = vec![0.0; n_tokens * c.laurel_rank];
+        let mut gate_ple = vec![0.0; n_tokens * p];
+
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv_src = c.kv_source(i).expect("validated at load");
+            let is_source = i < first_shared
+                && (first_shared..c.num_hidden_layers).any(|j| c.kv_source(j) == Some(i));
+            let attn_params = AttentionParams {
+                n_heads: c.num_attention_heads,
+                n_kv_heads: c.num_key_value_heads,
+                head_dim: hd,
+                scale: 1.0,
+                softcap: None,
+                mask: match c.layer_types[i] {
+                    LayerType::Sliding => AttentionMask::SlidingWindow(c.sliding_window),
+                    LayerType::Full => AttentionMask::Causal,
+                },
+            };
+            let rope = match c.layer_types[i] {
+                LayerType::Sliding => &self.rope_local,
+                LayerType::Full => &self.rope_global,
+            };
+
+            // AltUp predict; the active stream's prediction is this layer's input.
+            layer
+                .altup
+                .predict(&streams, &mut predictions, n_tokens, h, c.rms_norm_eps);
+            active.copy_from_slice(&predictions[..plane]);
+            let normed = sized(&mut scratch.normed, plane);
+            normed.copy_from_slice(&active);
+            ops::rms_norm_inplace(normed, &layer.input_layernorm, c.rms_norm_eps);
+
+            // LAuReL: normed + norm(right(left(normed))).
+            let lr = &layer.laurel;
+            linear(
+                pool,
+                &lr.linear_left,
+                normed,
+                n_tokens,
+                &mut laurel_low,
+                &mut scratch.quantized,
+            );
+            linear(
+                pool,
+                &lr.linear_right,
+                &laurel_low,
+                n_tokens,
+                &mut laurel,
+                &mut scratch.quantized,
+            );
+            ops::rms_norm_inplace(&mut laurel, &lr.post_laurel_norm, c.rms_norm_eps);
+            ops::add_inplace(&mut laurel, normed);
+
+            // Attention, unscaled; q/k normalised with weights, v without.
+            let a = &layer.self_attn;
+            let q = sized(&mut scratch.q, n_tokens * q_dim);
+            linear(pool, &a.q_proj, normed, n_tokens, q, &mut scratch.quantized);
+            ops::rms_norm_inplace(q, &a.q_norm, c.rms_norm_eps);
+            for t in 0..n_tokens {
+                rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], pos0 + t);
+            }
+            let k = sized(&mut scratch.k, n_tokens * kv_dim);
+            let v = sized(&mut scratch.v, n_tokens * kv_dim);
+            if let Some(kv) = &a.kv {
+                linear(
+                    pool,
+                    &kv.k_proj,
+                    normed,
+                    n_tokens,
+                    k,
+                    &mut scratch.quantized,
+                );
+                linear(
+                    pool,
+                    &kv.v_proj,
+                    normed,
+                    n_tokens,
+                    v,
+                    &mut scratch.quantized,
+                );
+                ops::rms_norm_inplace(k, &kv.k_norm, c.rms_norm_eps);
+                ops::rms_norm_no_weight_inplace(v, hd, c.rms_norm_eps);
+                for t in 0..n_tokens {
+                    rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], pos0 + t);
+                }
+            }
+            let attn_out = sized(&mut scratch.attn, n_tokens * q_dim);
+            {
+                let (keys, values): (&[f32], &[f32]) = match &shared_kv[kv_src] {
+                    Some((sk, sv)) if kv_src != i => (sk, sv),
+                    _ => (k, v),
+                };
+                let fresh = KvSegment {
+                    keys,
+                    values,
+                    first_pos: pos0,
+                    len: n_tokens,
+                };
+                let mut segments = [fresh; 3];
+                let mut n_segments = 0;
+                for seg in kv_layers[kv_src].segments(pos0) {
+                    segments[n_segments] = seg;
+                    n_segments += 1;
+                }
+                segments[n_segments] = fresh;
+                attention(
+                    pool,
+                    &attn_params,
+                    q,
+                    pos0,
+                    &segments[..=n_segments],
+                    attn_out,
+                );
+            }
+            if is_source {
+                shared_kv[i] = Some((k.to_vec(), v.to_vec()));
+            } else if i < first_shared {
+                kv_layers[i].write(pos0, k, v);
+            }
+            let x = sized(&mut scratch.x, plane);
+            linear(
+                pool,
+                &a.o_proj,
+                attn_out,
+                n_tokens,
+                x,
+                &mut scratch.quantized,
+            );
+            ops::rms_norm_inplace(x, &layer.post_attention_layernorm, c.rms_norm_eps);
+
+            // x = ((active + attn) + laurel) / sqrt(2)
+            for ((xv, av), lv) in x.iter_mut().zip(&active).zip(&laurel) {
+                *xv = ((av + *xv) + lv) / std::f32::consts::SQRT_2;
+            }
+
+            // MLP with optional Gaussian top-k sparsity on the gate.
+            let m = &layer.mlp;
+            let ffn = m.gate_proj.rows;
+            let normed = sized(&mut scratch.normed, plane);
+            normed.copy_from_slice(x);
+            ops::rms_norm_inplace(normed, &layer.pre_feedforward_layernorm, c.rms_norm_eps);
+            let gate = sized(&mut scratch.gate, n_tokens * ffn);
+            let up = sized(&mut scratch.up, n_tokens * ffn);
+            linear(
+                pool,
+                &m.gate_proj,
+                normed,
+                n_tokens,
+                gate,
+                &mut scratch.quantized,
+            );
+            linear(
+                pool,
+                &m.up_proj,
+                normed,
+                n_tokens,
+                up,
+                &mut scratch.quantized,
+            );
+            if let Some(z) = m.sparsity_std_multiplier {
+                gate.chunks_exact_mut(ffn)
+                    .for_each(|row| gaussian_top_k(row, z));
+            }
+            ops::gelu_tanh_mul_inplace(gate, up);
+            let proj = sized(&mut scratch.proj, plane);
+            linear(
+                pool,
+                &m.down_proj,
+                gate,
+                n_tokens,
+                proj,
+                &mut scratch.quantized,
+            );
+            ops::rms_norm_inplace(proj, &layer.post_feedforward_layernorm, c.rms_norm_eps);
+            ops::add_inplace(x, proj);
+
+            // AltUp correct: every stream moves towards the layer output.
+            layer
+                .altup
+                .correct(&predictions, x, &mut streams, n_tokens, h, c.rms_norm_eps);
+
+            // Per-layer input: gate the corrected active stream, multiply by this layer's PLE,
+            // project back and add to the other streams.
+            let first = sized(&mut scratch.normed, plane);
+            first.copy_from_slice(&streams[..plane]);
+            if c.altup_correct_scale {
+                for row in first.chunks_exact_mut(h) {
+                    row.iter_mut()
+                        .zip(&layer.altup.correct_output_scale)
+                        .for_each(|(v, s)| *v *= s);
+                }
+            }
+            linear(
+                pool,
+                &layer.per_layer_input_gate,
+                first,
+                n_tokens,
+                &mut gate_ple,
+                &mut scratch.quantized,
+            );
+            let width = c.num_hidden_layers * p;
+            for (t, row) in gate_ple.chunks_exact_mut(p).enumerate() {
+                let ple_row = &ple[t * width + i * p..][..p];
+                for (g, e) in row.iter_mut().zip(ple_row) {
+                    *g = ops::gelu_tanh(*g) * e;
+                }
+            }
+            let proj = sized(&mut scratch.proj, plane);
+            linear(
+                pool,
+                &layer.per_layer_projection,
+                &gate_ple,
+                n_tokens,
+                proj,
+                &mut scratch.quantized,
+            );
+            ops::rms_norm_inplace(proj, &layer.post_per_layer_input_norm, c.rms_norm_eps);
+            for s in 1..n_streams {
+                ops::add_inplace(&mut streams[s * plane..(s + 1) * plane], proj);
+            }
+        }
+        for (i, kv) in shared_kv.iter().enumerate() {
+            if let Some((k, v)) = kv {
+                kv_layers[i].write(pos0, k, v);
+            }
+        }
+        cache.advance(n_tokens);
+        let KvCache { scratch, .. } = cache;
+
+        // Unembed: project streams 1.. back, rescale to stream 0's magnitude, average, norm.
+        let rows = match logits {
+            Logits::Last => n_tokens - 1..n_tokens,
+            Logits::All => 0..n_tokens,
+        };
+        let n_rows = rows.len();
+        let span = rows.start * h..rows.end * h;
+        let hidden = sized(&mut scratch.x, n_rows * h);
+        hidden.copy_from_slice(&streams[span.clone()]);
+        let mut unembedded = vec![0.0; n_rows * h];
+        for (s, proj) in self.altup_unembed_projections.iter().enumerate() {
+            let src = &streams[(s + 1) * plane..][span.clone()];
+            linear(
+                pool,
+                proj,
+                src,
+                n_rows,
+                &mut unembedded,
+                &mut scratch.quantized,
+            );
+            rescale_to_magnitude(&mut unembedded, &streams[span.clone()], h);
+            ops::add_inplace(hidden, &unembedded);
+        }
+        ops::scale_inplace(hidden, 1.0 / n_streams as f32);
+        ops::rms_norm_inplace(hidden, &self.norm, c.rms_norm_eps);
+        let out = sized(&mut scratch.logits, n_rows * c.vocab_size);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        linear(pool, head, hidden, n_rows, out, &mut scratch.quantized);
+        if let Some(cap) = c.final_logit_softcapping {
+            ops::softcap_inplace(out, cap);
+        }
+        Ok(out)
+    }
+
+    pub fn describe(&self) -> Vec<(String, String)> {
+        let c = &self.config;
+        let n_full = c
+            .layer_types
+            .iter()
+            .filter(|t| **t == LayerType::Full)
+            .count();
+        let sparse: Vec<String> = c
+            .activation_sparsity
+            .iter()
+            .enumerate()
+            .filter_map(|(i, z)| z.map(|z| format!("{i}: mean + {z:.4} std")))
+            .collect();
+        let widths = {
+            let mut w = c.intermediate_size.clone();
+            w.dedup();
+            w.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+        };
+        vec![
+            ("vocab_size".into(), c.vocab_size.to_string()),
+            ("hidden_size".into(), c.hidden_size.to_string()),
+            ("layers".into(), c.num_hidden_layers.to_string()),
+            (
+                "layer pattern".into(),
+                format!(
+                    "{} sliding (window {}), {} full",
+                    c.num_hidden_layers - n_full,
+                    c.sliding_window,
+                    n_full
+                ),
+            ),
+            (
+                "attention heads".into(),
+                format!(
+                    "{} (kv {}), head_dim {}",
+                    c.num_attention_heads, c.num_key_value_heads, c.head_dim
+                ),
+            ),
+            (
+                "kv sharing".into(),
+                format!("last {} layers reuse earlier K/V", c.num_kv_shared_layers),
+            ),
+            ("ffn".into(), widths),
+            ("activation sparsity".into(), sparse.join(" ")),
+            (
+                "altup / laurel / per-layer input".into(),
+                format!(
+                    "{} streams / rank {} / {} per layer",
+                    c.altup_num_inputs, c.laurel_rank, c.hidden_size_per_layer_input
+                ),
+            ),
+            (
+                "per-layer embedding table".into(),
+                format!(
+                    "{} x {} ({} bytes, read per token)",
+                    self.embed_tokens_per_layer.rows,
+                    self.embed_tokens_per_layer.cols,
+                    self.embed_tokens_per_layer.bytes()
+                ),
+            ),
+            (
+                "rope".into(),
+                format!(
+                    "local theta {}, global theta {}",
+                    c.rope_local.theta, c.rope_global.theta
+                ),
+            ),
+            ("rms_norm_eps".into(), c.rms_norm_eps.to_string()),
+            (
+                "context_length".into(),
+                c.max_position_embeddings.to_string(),
+            ),
+        ]
+    }
+}
+
+impl AltUp {
+    /// `tanh(router(router_norm(x) / H))` for one token: the stream mixing weights.
+    fn modalities(&self, x: &[f32], eps: f32, out: &mut [f32]) {
+        let h = x.len();
+        let mut normed = x.to_vec();
+        ops::rms_norm_inplace(&mut normed, &self.router_norm, eps);
+        let inv_h = 1.0 / h as f32;
+        normed.iter_mut().for_each(|v| *v *= inv_h);
+        for (m, w) in out.iter_mut().zip(self.modality_router.chunks_exact(h)) {
+            let dot: f64 = w.iter().zip(&normed).map(|(a, b)| (a * b) as f64).sum();
+            *m = (dot as f32).tanh();
+        }
+    }
+
+    /// `pred_j = S_j + Σ_i c[j][i] · S_i`, with `c = prediction_coefs(modalities(S_0))`.
+    fn predict(&self, streams: &[f32], pred: &mut [f32], n_tokens: usize, h: usize, eps: f32) {
+        let k = self.correction_coefs.len().isqrt();
+        let plane = n_tokens * h;
+        let mut m = vec![0.0; k];
+        let mut coefs = vec![0.0; k * k];
+        for t in 0..n_tokens {
+            self.modalities(&streams[t * h..(t + 1) * h], eps, &mut m);
+            for (c, w) in coefs.iter_mut().zip(self.prediction_coefs.chunks_exact(k)) {
+                *c = w.iter().zip(&m).map(|(a, b)| a * b).sum();
+            }
+            for j in 0..k {
+                let dst = &mut pred[j * plane + t * h..][..h];
+                for (d, idx) in dst.iter_mut().zip(t * h..) {
+                    let mix: f32 = (0..k)
+                        .map(|s| coefs[j * k + s] * streams[s * plane + idx])
+                        .sum();
+                    *d = streams[j * plane + idx] + mix;
+                }
+            }
+        }
+    }
+
+    /// `C_j = pred_j + (correction_coefs(modalities(x))_j + 1) · (x − pred_0)`.
+    fn correct(
+        &self,
+        pred: &[f32],
+        x: &[f32],
+        out: &mut [f32],
+        n_tokens: usize,
+        h: usize,
+        eps: f32,
+    ) {
+        let k = self.correction_coefs.len().isqrt();
+        let plane = n_tokens * h;
+        let mut m = vec![0.0; k];
+        for t in 0..n_tokens {
+            let xt = &x[t * h..(t + 1) * h];
+            self.modalities(xt, eps, &mut m);
+            for j in 0..k {
+                let w = &self.correction_coefs[j * k..(j + 1) * k];
+                let coef: f32 = w.iter().zip(&m).map(|(a, b)| a * b).sum::<f32>() + 1.0;
+                let base = j * plane + t * h;
+                for d in 0..h {
+                    let innovation = xt[d] - pred[t * h + d];
+                    out[base + d] = innovation * coef + pred[base + d];
+                }
+            }
+        }
+    }
+}
+
+/// `sqrt(mean(x²))` of one row, accumulated in f64.
+fn rms_magnitude(row: &[f32]) -> f32 {
+    let sum: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+    (sum / row.len() as f64).sqrt() as f32
+}
+
+/// Rescales every `h`-row of `y` to the RMS magnitude of the matching row of `target`.
+fn rescale_to_magnitude(y: &mut [f32], target: &[f32], h: usize) {
+    for (row, t) in y.chunks_exact_mut(h).zip(target.chunks_exact(h)) {
+        let want = rms_magnitude(t);
+        let sum: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+        let have = ((sum / h as f64) as f32).max(ALTUP_MIN_MEAN_SQUARE).sqrt();
+        row.iter_mut().for_each(|v| *v = *v * want / have);
+    }
+}
+
+/// Activation sparsity: `relu(x − (mean(x) + std(x) · z))` over one token's gate values, with
+/// the population standard deviation.
+fn gaussian_top_k(row: &mut [f32], z: f32) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let cutoff = (mean + var.sqrt() * z as f64) as f32;
+    row.iter_mut().for_each(|v| *v = (*v - cutoff).max(0.0));
+}
+
+/// `y = x · Wᵀ` for `n_tokens` rows of `x`.
+fn linear(
+    pool: &ThreadPool,
+    w: &Linear,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Vec<u8>,
+) {
+    matmul::matmul(pool, &w.matrix(), x, n_tokens, y, scratch);
+}

@@ -1,0 +1,227 @@
+//! Typed access to checkpoint tensors: shape and type checks at the boundary, so the forward
+//! pass can trust what it holds.
+
+use gemma_formats::{Blob, GgmlType, TensorData, TensorSource};
+use gemma_kernels::matmul::WeightMatrix;
+use gemma_kernels::quant;
+
+use crate::ModelError;
+
+/// A `[rows, cols]` weight kept in its stored type, read in place from the file mapping.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub dtype: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    data: Blob,
+}
+
+impl Linear {
+    pub fn matrix(&self) -> WeightMatrix<'_> {
+        WeightMatrix {
+            dtype: self.dtype,
+            rows: self.rows,
+            cols: self.cols,
+            data: self.data.bytes(),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// How tensors are named and stored in a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// llama.cpp names (`blk.N.attn_q.weight`); Gemma norms already hold `1 + w`.
+    Gguf,
+    /// transformers names (`model.layers.N.self_attn.q_proj.weight`) under `prefix`; norms hold `w`.
+    HuggingFace { prefix: &'static str },
+}
+
+/// Fetches and checks tensors from a source.
+pub struct Loader<'a> {
+    pub source: &'a dyn TensorSource,
+    pub layout: WeightLayout,
+}
+
+impl Loader<'_> {
+    fn get(&self, name: &str) -> Result<TensorData, ModelError> {
+        self.source
+            .tensor(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    /// A matrix of shape `[rows, cols]` (outermost first). Any stored type our kernels support.
+    #[track_caller]
+    pub fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<Linear, ModelError> {
+        let t = self.get(name)?;
+        if t.shape != [rows, cols] {
+            return Err(ModelError::TensorShape {
+                name: name.into(),
+                found: t.shape,
+                expected: vec![rows, cols],
+            });
+        }
+        if !cols.is_multiple_of(t.dtype.block_size())
+            || t.dtype.bytes_for(rows * cols) != Some(t.data.len())
+        {
+            return Err(ModelError::TensorType {
+                name: name.into(),
+                dtype: t.dtype,
+            });
+        }
+        Ok(Linear {
+            dtype: t.dtype,
+            rows,
+            cols,
+            data: t.data,
+        })
+    }
+
+    /// A vector of `len` values, converted to f32.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        let t = self.get(name)?;
+        if t.shape != [len] {
+            return Err(ModelError::TensorShape {
+                name: name.into(),
+                found: t.shape,
+                expected: vec![len],
+            });
+        }
+        let mut out = vec![0.0; len];
+        quant::dequantize(t.dtype, &t.data, &mut out).map_err(|_| ModelError::TensorType {
+            name: name.into(),
+            dtype: t.dtype,
+        })?;
+        Ok(out)
+    }
+
+    /// A Gemma RMSNorm weight as the multiplier the kernel applies: `1 + w`. GGUF files from
+    /// llama.cpp store `1 + w` already; transformers checkpoints store `w`.
+    pub fn gemma_norm(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        let mut w = self.vector(name, len)?;
+        if matches!(self.layout, WeightLayout::HuggingFace { .. }) {
+            w.iter_mut().for_each(|v| *v += 1.0);
+        }
+        Ok(w)
+    }
+}
+
+/// A byte range of a blob, as the owner of a zero-copy sub-blob.
+struct BlobRange {
+    blob: Blob,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for BlobRange {
+    fn as_ref(&self) -> &[u8] {
+        &self.blob.bytes()[self.start..self.start + self.len]
+    }
+}
+
+fn sub_blob(blob: &Blob, start: usize, len: usize) -> Blob {
+    let range = BlobRange {
+        blob: blob.clone(),
+        start,
+        len,
+    };
+    Blob::new(std::sync::Arc::new(range), 0, len)
+}
+
+impl Loader<'_> {
+    /// A `[count, rows, cols]` tensor as `count` matrices of `[rows, cols]` (llama.cpp stacks
+    /// some per-stream projections this way), each a view of the stored bytes.
+    pub fn stacked_linears(
+        &self,
+        name: &str,
+        count: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<Linear>, ModelError> {
+        let t = self.get(name)?;
+        if t.shape != [count, rows, cols] {
+            return Err(ModelError::TensorShape {
+                name: name.into(),
+                found: t.shape,
+                expected: vec![count, rows, cols],
+            });
+        }
+        let each = match t.dtype.bytes_for(rows * cols) {
+            Some(b) if cols.is_multiple_of(t.dtype.block_size()) && b * count == t.data.len() => b,
+            _ => {
+                return Err(ModelError::TensorType {
+                    name: name.into(),
+                    dtype: t.dtype,
+                })
+            }
+        };
+        Ok((0..count)
+            .map(|i| Linear {
+                dtype: t.dtype,
+                rows,
+                cols,
+                data: sub_blob(&t.data, i * each, each),
+            })
+            .collect())
+    }
+}
+
+impl Linear {
+    /// The first `rows` rows (MatFormer slicing of gate/up projections): rows are contiguous,
+    /// so this is a view of the same mapped bytes.
+    pub fn first_rows(&self, name: &str, rows: usize) -> Result<Linear, ModelError> {
+        if rows > self.rows {
+            return Err(ModelError::TensorShape {
+                name: name.into(),
+                found: vec![self.rows, self.cols],
+                expected: vec![rows, self.cols],
+            });
+        }
+        let len = self.data.len() / self.rows.max(1) * rows;
+        Ok(Linear {
+            dtype: self.dtype,
+            rows,
+            cols: self.cols,
+            data: sub_blob(&self.data, 0, len),
+        })
+    }
+
+    /// The first `cols` columns of every row (MatFormer slicing of down projections). The
+    /// kernels take contiguous rows, so the kept prefix of each row is copied once into an owned
+    /// buffer, still in the stored type; `cols` must be a whole number of the type's blocks.
+    pub fn first_cols(&self, name: &str, cols: usize) -> Result<Linear, ModelError> {
+        if cols > self.cols {
+            return Err(ModelError::TensorShape {
+                name: name.into(),
+                found: vec![self.rows, self.cols],
+                expected: vec![self.rows, cols],
+            });
+        }
+        let prefix = match self.dtype.bytes_for(cols) {
+            Some(b) if cols.is_multiple_of(self.dtype.block_size()) => b,
+            _ => {
+                return Err(ModelError::TensorType {
+                    name: format!("{name} (cut to {cols} columns)"),
+                    dtype: self.dtype,
+                })
+            }
+        };
+        let row_bytes = self.data.len() / self.rows.max(1);
+        let bytes: Vec<u8> = self
+            .data
+            .bytes()
+            .chunks_exact(row_bytes.max(1))
+            .flat_map(|row| &row[..prefix])
+            .copied()
+            .collect();
+        Ok(Linear {
+            dtype: self.dtype,
+            rows: self.rows,
+            cols,
+            data: Blob::from_vec(bytes),
+        })
+    }
+}

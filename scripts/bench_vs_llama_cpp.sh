@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Side-by-side CPU speed of gemma-rs and llama.cpp on the same GGUF, machine and thread count.
+#
+# Builds llama.cpp's `llama-bench` from the llama-cpp-python source package (which vendors
+# llama.cpp) into $BENCH_DIR (default: target/llama-bench), builds `gemma` in release, then runs
+# every test with both engines alternately (llama.cpp, gemma, llama.cpp, gemma, ...) and prints
+# tokens/s of each and the ratio gemma / llama.cpp.
+#
+# Usage: scripts/bench_vs_llama_cpp.sh [-m MODEL] [-t "1 2"] [-r REPS] [--tests "pp512 tg128 ..."]
+# Tests: ppN (prompt of N tokens), tgN (N generated tokens), tgN@dD / ppN@dD (after D tokens).
+# Environment: LLAMA_CPP_PYTHON_VERSION (default 0.3.16), BENCH_DIR, PYTHON (default python3).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+MODEL="${GEMMA_CACHE_DIR:-$HOME/.cache/gemma-rs}/models/gemma-3-270m-q4_k_m.gguf"
+THREADS="1 2"
+REPS=3
+BUILD_ONLY=
+TESTS="pp512 tg128 tg128@d4096 pp8192"
+BENCH_DIR="${BENCH_DIR:-$ROOT/target/llama-bench}"
+PYTHON="${PYTHON:-python3}"
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.16}"
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -m) MODEL="$2"; shift 2 ;;
+        -t) THREADS="$2"; shift 2 ;;
+        -r) REPS="$2"; shift 2 ;;
+        --tests) TESTS="$2"; shift 2 ;;
+        --build-only) BUILD_ONLY=1; shift ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+build_llama_bench() {
+    local bin="$BENCH_DIR/build/bin/llama-bench"
+    if [[ -x "$bin" ]]; then echo "$bin"; return; fi
+    mkdir -p "$BENCH_DIR"
+    if [[ ! -d "$BENCH_DIR/venv" ]]; then
+        "$PYTHON" -m venv "$BENCH_DIR/venv" >&2
+    fi
+    local py="$BENCH_DIR/venv/bin/python"
+    if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
+        "$py" -m pip install -q cmake ninja >&2
+        export PATH="$BENCH_DIR/venv/bin:$PATH"
+    fi
+    local sdist
+    sdist=$(ls "$BENCH_DIR"/llama_cpp_python-*.tar.gz 2>/dev/null | head -1 || true)
+    if [[ -z "$sdist" ]]; then
+        "$py" -m pip download -q --no-deps --no-binary llama-cpp-python -d "$BENCH_DIR" \
+            "llama-cpp-python==$VERSION" >&2
+        sdist=$(ls "$BENCH_DIR"/llama_cpp_python-*.tar.gz | head -1)
+    fi
+    rm -rf "$BENCH_DIR/src" && mkdir -p "$BENCH_DIR/src"
+    tar -xzf "$sdist" -C "$BENCH_DIR/src" --strip-components=1
+    # Native CPU build, release, no GPU backends: the configuration llama.cpp is fastest with here.
+    cmake -S "$BENCH_DIR/src/vendor/llama.cpp" -B "$BENCH_DIR/build" -G Ninja \
+        -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF \
+        -DGGML_VULKAN=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
+        -DLLAMA_BUILD_SERVER=OFF >&2
+    cmake --build "$BENCH_DIR/build" --target llama-bench -j "$(nproc)" >&2
+    echo "$bin"
+}
+
+if [[ -n "${BUILD_ONLY:-}" ]]; then build_llama_bench; exit 0; fi
+
+LLAMA_BENCH=$(build_llama_bench)
+(cd "$ROOT" && cargo build --release -q --bin gemma)
+GEMMA="$ROOT/target/release/gemma"
+
+# `pp512@d4096` -> "-p 512 -n 0 -d 4096"; `tg128` -> "-p 0 -n 128 -d 0".
+test_flags() {
+    local t="$1" depth=0 kind n
+    if [[ "$t" == *@d* ]]; then depth="${t#*@d}"; t="${t%@d*}"; fi
+    kind="${t:0:2}"; n="${t:2}"
+    if [[ "$kind" == pp ]]; then echo "-p $n -n 0 -d $depth"; else echo "-p 0 -n $n -d $depth"; fi
+}
+
+# Mean tokens/s from a llama-bench-style JSON array (first object).
+
+extract() {
+    "$PYTHON" -c '
+import json, sys
+rows = json.loads(sys.stdin.read())
+r = rows[0]
+print(r.get("avg_ts", r.get("tokens_per_second")))'
+}
+
+printf "model: %s\nmachine: %s, %s cores\ncommit: %s\n\n" "$MODEL" \
+    "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" "$(nproc)" \
+    "$(cd "$ROOT" && git rev-parse HEAD 2>/dev/null || echo unknown)"
+printf "| test | threads | llama.cpp t/s | gemma-rs t/s | ratio |\n|---|---|---|---|---|\n"
+for threads in $THREADS; do
+    for t in $TESTS; do
+        flags=$(test_flags "$t")
+        # shellcheck disable=SC2086
+        llama=$("$LLAMA_BENCH" -m "$MODEL" $flags -t "$threads" -r "$REPS" -o json 2>/dev/null | extract)
+        # shellcheck disable=SC2086
+        gemma=$("$GEMMA" bench -m "$MODEL" $flags -t "$threads" -r "$REPS" --json 2>/dev/null | extract)
+        ratio=$("$PYTHON" -c "print(f'{$gemma / $llama:.2f}')")
+        printf "| %s | %s | %.1f | %.1f | %s |\n" "$t" "$threads" "$llama" "$gemma" "$ratio"
+    done
+done
