@@ -8,6 +8,9 @@
 #
 # Usage: scripts/bench_vs_llama_cpp.sh [-m MODEL] [-t "1 2"] [-r REPS] [--tests "pp512 tg128 ..."]
 # Tests: ppN (prompt of N tokens), tgN (N generated tokens), tgN@dD / ppN@dD (after D tokens).
+# pp32 doubles as time to first token (TTFT = 32 / t/s: the prompt's forward pass yields the
+# first token's logits). A last row per thread count compares peak RSS (GNU time's %M) of one
+# run generating 128 tokens at a 4096-token context (-d 3968 -n 128).
 # Environment: LLAMA_CPP_PYTHON_VERSION (default 0.3.16), BENCH_DIR, PYTHON (default python3).
 set -euo pipefail
 
@@ -16,7 +19,7 @@ MODEL="${GEMMA_CACHE_DIR:-$HOME/.cache/gemma-rs}/models/gemma-3-270m-q4_k_m.gguf
 THREADS="1 2"
 REPS=3
 BUILD_ONLY=
-TESTS="pp512 tg128 tg128@d4096 pp8192"
+TESTS="pp512 tg128 tg128@d4096 pp8192 pp32"
 BENCH_DIR="${BENCH_DIR:-$ROOT/target/llama-bench}"
 PYTHON="${PYTHON:-python3}"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.16}"
@@ -47,6 +50,8 @@ build_llama_bench() {
     local sdist
     sdist=$(ls "$BENCH_DIR"/llama_cpp_python-*.tar.gz 2>/dev/null | head -1 || true)
     if [[ -z "$sdist" ]]; then
+        # `--no-binary llama-cpp-python` rather than `:all:`: the latter also builds pip's build
+        # dependencies (cmake itself) from source just to read the package metadata.
         "$py" -m pip download -q --no-deps --no-binary llama-cpp-python -d "$BENCH_DIR" \
             "llama-cpp-python==$VERSION" >&2
         sdist=$(ls "$BENCH_DIR"/llama_cpp_python-*.tar.gz | head -1)
@@ -101,4 +106,11 @@ for threads in $THREADS; do
         ratio=$("$PYTHON" -c "print(f'{$gemma / $llama:.2f}')")
         printf "| %s | %s | %.1f | %.1f | %s |\n" "$t" "$threads" "$llama" "$gemma" "$ratio"
     done
+    rss_llama=$(/usr/bin/time -f %M "$LLAMA_BENCH" -m "$MODEL" -p 0 -n 128 -d 3968 -t "$threads" \
+        -r 1 -o json 2>&1 >/dev/null | tail -1)
+    rss_gemma=$(/usr/bin/time -f %M "$GEMMA" bench -m "$MODEL" -p 0 -n 128 -d 3968 -t "$threads" \
+        -r 1 --json 2>&1 >/dev/null | tail -1)
+    ratio=$("$PYTHON" -c "print(f'{$rss_gemma / $rss_llama:.2f}')")
+    printf "| peak RSS MiB, tg128 at ctx 4096 | %s | %.1f | %.1f | %s |\n" "$threads" \
+        "$(echo "$rss_llama / 1024" | bc -l)" "$(echo "$rss_gemma / 1024" | bc -l)" "$ratio"
 done

@@ -45,11 +45,11 @@ S, F = "sliding_attention", "full_attention"
 
 def build_config():
     return Gemma3nTextConfig(
-        vocab_size=320,
-        vocab_size_per_layer_input=320,
+        vocab_size=256,
+        vocab_size_per_layer_input=256,
         hidden_size=32,
         hidden_size_per_layer_input=8,
-        intermediate_size=[48, 64, 48, 96, 64, 48, 80, 64],
+        intermediate_size=[32, 48, 32, 64, 48, 32, 56, 48],
         num_hidden_layers=8,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -103,7 +103,7 @@ def consumer_kv_weights(cfg, g):
     return extra
 
 
-MATFORMER_WIDTHS = [32, 48, 48, 64, 32, 16, 40, 64]
+MATFORMER_WIDTHS = [16, 32, 32, 48, 16, 16, 32, 48]
 
 
 def matformer_reference(cfg, model, ids):

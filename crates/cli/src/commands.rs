@@ -21,6 +21,9 @@ pub struct RunArgs {
     /// System instructions (merged into the first user turn by Gemma's template)
     #[arg(long, value_name = "TEXT")]
     pub system: Option<String>,
+    /// Constrain the output to JSON valid under the JSON Schema in FILE
+    #[arg(long, value_name = "FILE")]
+    pub json_schema: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -72,7 +75,7 @@ fn load(common: &CommonArgs) -> Result<LoadedModel> {
         ctx_size: common.ctx_size,
         verbose: !common.quiet,
     };
-    gemma_engine::load(common.model.as_deref(), &opts)
+    gemma_engine::load_with_matformer(common.model.as_deref(), &opts, common.matformer.as_deref())
 }
 
 /// `--ctx-size`, capped at what the model was trained for.
@@ -106,6 +109,10 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
         loaded.render_chat(args.system.as_deref(), &[user])?
     };
     let ids = loaded.encode_prompt(&prompt)?;
+    if let Some(path) = &args.json_schema {
+        let ctx_size = context_size(common, &loaded);
+        return crate::serve::run_json_schema(loaded, &ids, &params, ctx_size, path);
+    }
     let mut session = Session::new(&loaded, context_size(common, &loaded))?;
     let mut out = TextSink::stdout();
     let stats = session.generate(&ids, &params, &mut |text| out.write(text));

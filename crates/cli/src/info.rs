@@ -13,7 +13,11 @@ pub fn info(common: &CommonArgs) -> Result<()> {
         ctx_size: common.ctx_size,
         verbose: false,
     };
-    let loaded = gemma_engine::load(common.model.as_deref(), &opts)?;
+    let loaded = gemma_engine::load_with_matformer(
+        common.model.as_deref(),
+        &opts,
+        common.matformer.as_deref(),
+    )?;
     let model = &loaded.model;
     println!("model: {}", loaded.source.display());
     println!("architecture: {}", model.architecture());
@@ -52,6 +56,21 @@ pub fn info(common: &CommonArgs) -> Result<()> {
     println!();
     println!("memory:");
     println!("  weights: {}", human_bytes(weights));
+    let on_demand = model.on_demand_bytes();
+    if on_demand > 0 {
+        println!(
+            "  per-layer embeddings (memory-mapped, read per token): {}",
+            human_bytes(on_demand)
+        );
+    }
+    let stored: usize = tensor_table(&loaded.file).values().map(|(_, b)| b).sum();
+    let unread = stored.saturating_sub(weights + on_demand);
+    if on_demand > 0 && unread > 0 {
+        println!(
+            "  stored, not resident (towers, shared-layer K/V, cut MLP parts; norms copied): {}",
+            human_bytes(unread)
+        );
+    }
     println!(
         "  KV cache at --ctx-size {}: {}",
         common.ctx_size,

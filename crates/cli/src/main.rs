@@ -2,7 +2,9 @@
 
 mod bench;
 mod commands;
+mod extract;
 mod info;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +36,9 @@ pub struct CommonArgs {
     /// No loading messages on stderr
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Gemma 3n: run the MatFormer sub-model described by this JSON file (see docs/matformer.md)
+    #[arg(long, global = true, value_name = "CONFIG")]
+    pub matformer: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -52,6 +57,10 @@ enum Command {
     Info,
     /// Prompt-processing and generation speed, llama-bench style (-m, -p, -n, -d, -t, -r, --json)
     Bench(bench::BenchArgs),
+    /// OpenAI-compatible HTTP server (chat/completions, completions, models, metrics)
+    Serve(serve::ServeArgs),
+    /// Gemma 3n: write a MatFormer sub-model (and/or a requantized PLE table) as a new GGUF
+    Extract(extract::ExtractArgs),
 }
 
 /// Sampling and stopping options shared by `run` and `chat`.
@@ -157,6 +166,14 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         // Read by the kernels' thread pool when it starts, which is after this point.
         std::env::set_var("GEMMA_THREADS", threads.to_string());
     }
+    if cli.common.matformer.is_some()
+        && matches!(cli.command, Command::Bench(_) | Command::Serve(_))
+    {
+        // Those commands load the model on their own path: refuse rather than ignore it.
+        anyhow::bail!(
+            "--matformer works with run, chat, logits, perplexity, info and extract, not bench or serve yet"
+        );
+    }
     if cli.common.ctx_size == 0 {
         anyhow::bail!("--ctx-size must be at least 1");
     }
@@ -169,6 +186,8 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(args) => commands::perplexity(common, args),
         Command::Info => info::info(common),
         Command::Bench(args) => bench::bench(common, args),
+        Command::Serve(args) => serve::serve(common, args),
+        Command::Extract(args) => extract::extract(common, args),
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod default_model;
 pub mod generate;
 pub mod load;
+pub mod matformer;
 pub mod perplexity;
 pub mod sampling;
 mod stop;
@@ -17,6 +18,7 @@ mod stop;
 pub use default_model::{cache_dir, default_model_path, ensure_default_model};
 pub use generate::{Chat, GenerationStats, Session, StopReason, TurnOutput};
 pub use load::{human_bytes, load, LoadOptions, LoadedModel};
+pub use matformer::{load_with_matformer, MatformerConfig};
 pub use perplexity::{perplexity, PerplexityResult};
 pub use sampling::{Sampler, SamplingParams};
 

@@ -57,10 +57,14 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     let loaded = loaded.with_context(|| format!("cannot load {}", source.display()))?;
     if opts.verbose {
         eprintln!(
-            "gemma: {} ({}): weights {}, KV cache {} at --ctx-size {}",
+            "gemma: {} ({}): weights {}{}, KV cache {} at --ctx-size {}",
             source.display(),
             loaded.model.architecture(),
             human_bytes(loaded.model.weight_bytes()),
+            match loaded.model.on_demand_bytes() {
+                0 => String::new(),
+                n => format!(" resident (+{} memory-mapped PLE)", human_bytes(n)),
+            },
             human_bytes(loaded.model.kv_cache_bytes(opts.ctx_size)),
             opts.ctx_size
         );

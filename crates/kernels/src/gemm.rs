@@ -19,7 +19,7 @@ pub const PANEL_ROWS: usize = 16;
 /// Tokens processed together by the register tile.
 pub const TILE_TOKENS: usize = 6;
 /// Below this many tokens the per-token quantized dot products are cheaper than dequantizing.
-pub const MIN_GEMM_TOKENS: usize = 8;
+pub const MIN_GEMM_TOKENS: usize = 20;
 
 thread_local! {
     /// Per-thread buffers: dequantized rows (row-major) and the k-major panel.

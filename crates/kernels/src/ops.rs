@@ -4,6 +4,8 @@
 //! clarity first; each takes its output buffer from the caller so the decode loop does not
 //! allocate.
 
+use crate::pool::ThreadPool;
+
 /// RMSNorm of each `dim`-sized row of `x`, multiplied by `weight` (the *effective* multiplier:
 /// Gemma 3's `1 + w` is folded in at load time, Gemma 3n uses `w` as is), in place.
 /// Computed in f32 like the reference (`x * rsqrt(mean(x²) + eps) * weight`).
@@ -40,10 +42,15 @@ fn rms_scale(row: &[f32], eps: f32) -> f32 {
 }
 
 /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
+///
+/// Computed as `x · sigmoid(2u)`, which equals `0.5 · x · (1 + tanh(u))` exactly in real
+/// arithmetic and needs one `exp` instead of a (much slower) `tanh`.
 #[inline]
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    // exp overflows to +inf for very negative u, giving x / inf = -0 (the true limit).
+    x / (1.0 + (-2.0 * u).exp())
 }
 
 /// `gate = gelu_tanh(gate) * up`, the gated MLP's activation, in place into `gate`.
@@ -53,6 +60,30 @@ pub fn gelu_tanh_mul_inplace(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
         *g = gelu_tanh(*g) * u;
     }
+}
+
+/// [`gelu_tanh_mul_inplace`] split across `pool` in chunks (prefill has millions of values).
+#[track_caller]
+pub fn gelu_tanh_mul_parallel(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gelu_mul: gate and up lengths differ");
+    const CHUNK: usize = 16 * 1024;
+    if gate.len() <= CHUNK {
+        gelu_tanh_mul_inplace(gate, up);
+        return;
+    }
+    struct GatePtr(*mut f32);
+    // SAFETY: each task writes its own chunk of `gate`.
+    unsafe impl Sync for GatePtr {}
+    let ptr = GatePtr(gate.as_mut_ptr());
+    let ptr = &ptr;
+    let n = gate.len();
+    pool.run(n.div_ceil(CHUNK), &|task| {
+        let start = task * CHUNK;
+        let len = CHUNK.min(n - start);
+        // SAFETY: disjoint chunk of the exclusively borrowed `gate`.
+        let g = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), len) };
+        gelu_tanh_mul_inplace(g, &up[start..start + len]);
+    });
 }
 
 /// `y += x`.
@@ -132,3 +163,42 @@ pub fn softmax_inplace(x: &mut [f32]) {
 }
 
 pub mod attention;
+
+#[cfg(test)]
+mod gelu_tests {
+    use super::*;
+
+    /// The textbook tanh form, in f64.
+    fn gelu_reference(x: f64) -> f64 {
+        let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044_715 * x * x * x);
+        0.5 * x * (1.0 + u.tanh())
+    }
+
+    #[test]
+    fn sigmoid_form_matches_tanh_form() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.01;
+            let got = gelu_tanh(x) as f64;
+            let want = gelu_reference(x as f64);
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{x}: {got} vs {want}"
+            );
+        }
+        assert_eq!(gelu_tanh(-1000.0), 0.0);
+        assert_eq!(gelu_tanh(1000.0), 1000.0);
+    }
+
+    #[test]
+    fn parallel_gelu_mul_matches_serial() {
+        let pool = ThreadPool::new(3);
+        let n = 40_000;
+        let gate: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
+        let up: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut serial = gate.clone();
+        gelu_tanh_mul_inplace(&mut serial, &up);
+        let mut parallel = gate;
+        gelu_tanh_mul_parallel(&pool, &mut parallel, &up);
+        assert_eq!(serial, parallel);
+    }
+}

@@ -206,3 +206,58 @@ fn matmul_rejects_hand_built_malformed_matrix() {
         &mut Vec::new(),
     );
 }
+
+/// Many tokens take the dequantize-once f32 GEMM path: compare with an f64 product of the
+/// dequantized weights and the unquantized activations, on the selected ISA and on scalar.
+#[test]
+fn gemm_path_matches_dequantized_f64_reference() {
+    use gemma_kernels::gemm::{gemm_f32_with, MIN_GEMM_TOKENS, PANEL_ROWS, TILE_TOKENS};
+    use gemma_kernels::quant::available_isas;
+    let pool = ThreadPool::new(3);
+    let mut rng = Rng(0xfeed);
+    let mut scratch = Vec::new();
+    for dtype in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        let cols = if dtype.block_size() == 256 { 512 } else { 96 };
+        // Rows and tokens that are not multiples of the panel and tile sizes.
+        let rows = 2 * PANEL_ROWS + 5;
+        let n_tokens = MIN_GEMM_TOKENS.max(2 * TILE_TOKENS + 1);
+        let data = random_matrix(dtype, rows, cols, &mut rng);
+        let w = WeightMatrix::new(dtype, rows, cols, &data).unwrap();
+        let x = rng.floats(n_tokens * cols);
+        let mut dense = vec![0.0f32; rows * cols];
+        for r in 0..rows {
+            dequantize_row(&w, r, &mut dense[r * cols..(r + 1) * cols]);
+        }
+        let expected: Vec<f64> = (0..n_tokens * rows)
+            .map(|i| {
+                let (t, r) = (i / rows, i % rows);
+                (0..cols)
+                    .map(|k| dense[r * cols + k] as f64 * x[t * cols + k] as f64)
+                    .sum()
+            })
+            .collect();
+        let check = |y: &[f32], what: &str| {
+            for (i, (a, b)) in y.iter().zip(&expected).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "{dtype} {what} element {i}: {a} vs {b}"
+                );
+            }
+        };
+        let mut y = vec![f32::NAN; n_tokens * rows];
+        matmul(&pool, &w, &x, n_tokens, &mut y, &mut scratch);
+        check(&y, "matmul");
+        for isa in available_isas() {
+            let mut y = vec![f32::NAN; n_tokens * rows];
+            gemm_f32_with(&pool, isa, &w, &x, n_tokens, &mut y);
+            check(&y, isa.name());
+        }
+    }
+}

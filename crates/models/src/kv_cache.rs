@@ -10,7 +10,7 @@ use crate::ModelError;
 
 /// Storage of one layer's keys and values: `capacity` rows of `row` floats each; position `p`
 /// lives in row `p % capacity`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct LayerKv {
     keys: Vec<f32>,
     values: Vec<f32>,
@@ -69,7 +69,7 @@ impl LayerKv {
 }
 
 /// Reusable activation buffers for a forward pass (grown on demand, never shrunk).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Scratch {
     pub x: Vec<f32>,
     pub normed: Vec<f32>,
@@ -84,6 +84,12 @@ pub(crate) struct Scratch {
     pub quantized: Vec<u8>,
 }
 
+/// One sequence's share of a batched forward pass: its new tokens and its cache.
+pub struct SeqStep<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
 /// Grows `buf` to `n` values (no shrink, so steady-state decoding reuses the allocation).
 pub(crate) fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if buf.len() < n {
@@ -93,7 +99,8 @@ pub(crate) fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
 }
 
 /// The state of one sequence: KV history for every layer and scratch buffers.
-#[derive(Debug)]
+/// Cloning snapshots it (a prefix cache keeps such snapshots).
+#[derive(Clone, Debug)]
 pub struct KvCache {
     pub(crate) layers: Vec<LayerKv>,
     len: usize,
@@ -139,6 +146,29 @@ impl KvCache {
     /// Forgets the sequence; memory is kept for the next one.
     pub fn clear(&mut self) {
         self.len = 0;
+    }
+
+    /// Drops every position from `len` on, so the sequence continues from there. A ring that
+    /// has already overwritten history the continuation needs makes this an error: a query at
+    /// `len` needs the `capacity - 1` positions before it, which must not have been evicted.
+    pub fn truncate(&mut self, len: usize) -> Result<(), ModelError> {
+        if len > self.len {
+            return Err(ModelError::Config(format!(
+                "cannot truncate a cache of {} positions to {len}",
+                self.len
+            )));
+        }
+        for layer in &self.layers {
+            let first_stored = self.len.saturating_sub(layer.capacity);
+            let first_needed = len.saturating_sub(layer.capacity - 1);
+            if first_stored > first_needed {
+                return Err(ModelError::Config(format!(
+                    "cannot truncate to {len} positions: a sliding-window layer no longer holds position {first_needed}"
+                )));
+            }
+        }
+        self.len = len;
+        Ok(())
     }
 
     /// Bytes held by keys and values.

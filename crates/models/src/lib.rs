@@ -11,7 +11,7 @@ pub mod weights;
 pub use error::ModelError;
 pub use gemma3::{Gemma3, Gemma3Config};
 pub use gemma3n::{Gemma3n, Gemma3nConfig};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, SeqStep};
 pub use weights::{Loader, WeightLayout};
 
 use gemma_formats::{GgufFile, HfFolder, ModelFile, TensorSource};
@@ -166,10 +166,39 @@ impl Model {
         }
     }
 
+    /// Advances several sequences at once and writes each one's last-token logits, in order,
+    /// to `logits_out` (`seqs.len() × vocab_size`). Gemma 3 shares the matmuls across the
+    /// batch; other architectures run the sequences one after another.
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [SeqStep<'_>],
+        logits_out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        match self {
+            Model::Gemma3(m) => m.forward_batch(seqs, logits_out),
+            _ => {
+                logits_out.clear();
+                for s in seqs.iter_mut() {
+                    logits_out.extend_from_slice(self.forward(s.tokens, s.cache, Logits::Last)?);
+                }
+                Ok(())
+            }
+        }
+    }
+
     pub fn describe(&self) -> Vec<(String, String)> {
         match self {
             Model::Gemma3(m) => m.describe(),
             Model::Gemma3n(m) => m.describe(),
+        }
+    }
+
+    /// Bytes of weights that stay memory-mapped and are read a row per token (Gemma 3n's
+    /// per-layer embedding table): not part of the resident set `weight_bytes` counts.
+    pub fn on_demand_bytes(&self) -> usize {
+        match self {
+            Model::Gemma3(_) => 0,
+            Model::Gemma3n(m) => m.per_layer_embedding_bytes(),
         }
     }
 

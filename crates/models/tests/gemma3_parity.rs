@@ -167,3 +167,88 @@ fn sliding_layers_hold_only_the_window() {
     assert_eq!(model.kv_cache_bytes(64), expected);
     assert_eq!(model.new_cache(64).unwrap().bytes(), expected);
 }
+
+#[test]
+fn batched_sequences_match_the_reference() {
+    // Three sequences at different depths advance in one pass each step; every one must see
+    // exactly the logits it would see alone.
+    let model = load(fixture_dir());
+    let r = reference();
+    let splits = [(0usize, 7usize), (0, 3), (0, 16)];
+    let mut caches: Vec<_> = splits
+        .iter()
+        .map(|_| model.new_cache(64).unwrap())
+        .collect();
+    // Prefill each sequence to a different length first, in one batch.
+    let mut logits = Vec::new();
+    {
+        let mut steps: Vec<_> = caches
+            .iter_mut()
+            .zip(&splits)
+            .map(|(cache, &(a, b))| gemma_models::SeqStep {
+                tokens: &r.ids[a..b],
+                cache,
+            })
+            .collect();
+        model.forward_batch(&mut steps, &mut logits).unwrap();
+    }
+    for (s, &(_, b)) in splits.iter().enumerate() {
+        assert_close(
+            "batch prefill",
+            b - 1,
+            &logits[s * r.vocab..(s + 1) * r.vocab],
+            &r.logits[b - 1],
+        );
+    }
+    // Then one token per sequence per step, for the two shorter ones, alongside each other.
+    for step in 0..4 {
+        let mut steps: Vec<_> = caches[..2]
+            .iter_mut()
+            .zip(&splits)
+            .map(|(cache, &(_, b))| gemma_models::SeqStep {
+                tokens: &r.ids[b + step..b + step + 1],
+                cache,
+            })
+            .collect();
+        model.forward_batch(&mut steps, &mut logits).unwrap();
+        for (s, &(_, b)) in splits[..2].iter().enumerate() {
+            assert_close(
+                "batch decode",
+                b + step,
+                &logits[s * r.vocab..(s + 1) * r.vocab],
+                &r.logits[b + step],
+            );
+        }
+    }
+}
+
+#[test]
+fn truncated_cache_continues_like_a_fresh_one() {
+    let model = load(fixture_dir());
+    let r = reference();
+    // Global layers keep everything; the window-5 rings keep 5 positions, so going back one
+    // position is possible and going back further is refused.
+    let mut cache = model.new_cache(64).unwrap();
+    model
+        .forward(&r.ids[..12], &mut cache, Logits::Last)
+        .unwrap();
+    let snapshot = cache.clone();
+    cache.truncate(11).unwrap();
+    let logits = model
+        .forward(&r.ids[11..12], &mut cache, Logits::Last)
+        .unwrap();
+    assert_close("after truncate", 11, logits, &r.logits[11]);
+    let mut far = snapshot.clone();
+    assert!(far.truncate(6).is_err());
+    assert!(far.truncate(13).is_err());
+    // A short sequence whose rings never wrapped can go back anywhere.
+    let mut short = model.new_cache(64).unwrap();
+    model
+        .forward(&r.ids[..4], &mut short, Logits::Last)
+        .unwrap();
+    short.truncate(1).unwrap();
+    let logits = model
+        .forward(&r.ids[1..3], &mut short, Logits::Last)
+        .unwrap();
+    assert_close("short truncate", 2, logits, &r.logits[2]);
+}

@@ -79,7 +79,7 @@ fn sliced_checkpoint_matches_transformers_at_the_narrower_widths() {
 #[test]
 fn widths_wider_than_the_checkpoint_are_rejected() {
     let mut widths = vec![16; 8];
-    widths[3] = 128; // the checkpoint's layer 3 MLP holds 96 units
+    widths[3] = 128; // the checkpoint's layer 3 MLP holds 64 units
     match load_sliced(widths) {
         Err(ModelError::TensorShape { name, .. }) => {
             assert!(name.contains("layers.3.mlp"), "{name}")

@@ -172,7 +172,7 @@ fn context_overflow_and_bad_ids_are_errors() {
         0,
         "a rejected chunk must not advance the cache"
     );
-    let err = model.forward(&[320], &mut cache, Logits::Last).unwrap_err();
+    let err = model.forward(&[256], &mut cache, Logits::Last).unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     let err = model.forward(&[], &mut cache, Logits::Last).unwrap_err();
     assert!(matches!(err, ModelError::Config(_)), "{err}");
@@ -295,7 +295,7 @@ fn inconsistent_per_layer_lists_are_clear_errors() {
     let cases: [(&str, ConfigEdit, &str); 4] = [
         (
             "widths",
-            |c| c["intermediate_size"] = serde_json::json!([48, 64, 48]),
+            |c| c["intermediate_size"] = serde_json::json!([32, 48, 32]),
             "intermediate_size has 3 entries for 8 layers",
         ),
         (
@@ -344,7 +344,7 @@ fn inconsistent_per_layer_lists_are_clear_errors() {
 fn mlp_width_must_match_the_checkpoint() {
     let f = BrokenFixture::new(
         "width-mismatch",
-        |c| c["intermediate_size"][3] = serde_json::json!(64),
+        |c| c["intermediate_size"][3] = serde_json::json!(48),
         None,
     );
     match try_load(&f.dir) {
@@ -387,8 +387,8 @@ fn multimodal_checkpoint_layout_loads_its_text_decoder() {
                 "architectures": ["Gemma3nForConditionalGeneration"],
                 "model_type": "gemma3n",
                 "text_config": text,
-                "vision_config": {"vocab_offset": 300, "vocab_size": 10},
-                "audio_config": {"vocab_offset": 310, "vocab_size": 10},
+                "vision_config": {"vocab_offset": 240, "vocab_size": 8},
+                "audio_config": {"vocab_offset": 248, "vocab_size": 8},
             });
         },
         None,
@@ -404,14 +404,14 @@ fn multimodal_checkpoint_layout_loads_its_text_decoder() {
     // Image/audio "hard" tokens need the multimodal embedders: a clear error, not text.
     let mut cache = model.new_cache(64).unwrap();
     let err = model
-        .forward(&[2, 305], &mut cache, Logits::All)
+        .forward(&[2, 245], &mut cache, Logits::All)
         .unwrap_err();
     assert!(
         matches!(
             err,
             ModelError::TokenOutOfRange {
-                id: 305,
-                vocab: 300
+                id: 245,
+                vocab: 240
             }
         ),
         "{err}"

@@ -14,7 +14,7 @@ use gemma_kernels::ops::attention::{attention, AttentionMask, AttentionParams, K
 use gemma_kernels::ops::{self, Rope};
 use gemma_kernels::pool::ThreadPool;
 
-use crate::kv_cache::{sized, KvCache};
+use crate::kv_cache::{sized, KvCache, Scratch, SeqStep};
 use crate::weights::{Linear, Loader, WeightLayout};
 use crate::{Logits, ModelError};
 
@@ -236,36 +236,79 @@ impl Gemma3 {
         cache: &'c mut KvCache,
         logits: Logits,
     ) -> Result<&'c [f32], ModelError> {
+        let mut scratch = std::mem::take(&mut cache.scratch);
+        let result = self.run(
+            &mut [SeqStep {
+                tokens,
+                cache: &mut *cache,
+            }],
+            &mut scratch,
+            logits,
+        );
+        cache.scratch = scratch;
+        let n_rows = result?;
+        Ok(&cache.scratch.logits[..n_rows * self.config.vocab_size])
+    }
+
+    /// Runs the new tokens of several sequences in one pass (the matmuls are shared, attention
+    /// stays per sequence) and writes each sequence's last-token logits, in order, to
+    /// `logits_out` (`seqs.len() × vocab_size` values).
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [SeqStep<'_>],
+        logits_out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let Some(first) = seqs.first_mut() else {
+            logits_out.clear();
+            return Ok(());
+        };
+        let mut scratch = std::mem::take(&mut first.cache.scratch);
+        let result = self.run(seqs, &mut scratch, Logits::Last);
+        if result.is_ok() {
+            logits_out.clear();
+            logits_out.extend_from_slice(&scratch.logits[..seqs.len() * self.config.vocab_size]);
+        }
+        seqs[0].cache.scratch = scratch;
+        result.map(|_| ())
+    }
+
+    /// The forward pass over a batch of sequences. Tokens of all sequences are stacked row after
+    /// row; only attention and the KV cache are per sequence. Leaves logits in `scratch.logits`
+    /// (per sequence: its last row, or every row for `Logits::All`) and returns how many rows.
+    fn run(
+        &self,
+        seqs: &mut [SeqStep<'_>],
+        scratch: &mut Scratch,
+        logits: Logits,
+    ) -> Result<usize, ModelError> {
         let c = &self.config;
-        if tokens.is_empty() {
-            return Err(ModelError::Config(
-                "forward needs at least one token".into(),
-            ));
+        // Check everything before touching any cache, so a rejected batch changes nothing.
+        for s in seqs.iter() {
+            if s.tokens.is_empty() {
+                return Err(ModelError::Config(
+                    "forward needs at least one token".into(),
+                ));
+            }
+            if let Some(&id) = s.tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+                return Err(ModelError::TokenOutOfRange {
+                    id,
+                    vocab: c.vocab_size,
+                });
+            }
+            s.cache.reserve(s.tokens.len())?;
         }
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
-            return Err(ModelError::TokenOutOfRange {
-                id,
-                vocab: c.vocab_size,
-            });
-        }
-        cache.reserve(tokens.len())?;
         let pool = ThreadPool::global();
-        let n_tokens = tokens.len();
-        let pos0 = cache.len();
+        let n_tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         let (h, hd) = (c.hidden_size, c.head_dim);
         let q_dim = c.num_attention_heads * hd;
         let kv_dim = self.kv_row();
         let ffn = c.intermediate_size;
-        let KvCache {
-            layers: kv_layers,
-            scratch,
-            ..
-        } = cache;
 
         // Embedding lookup, scaled by sqrt(hidden).
         let x = sized(&mut scratch.x, n_tokens * h);
         let embed = self.embed_tokens.matrix();
-        for (row, &id) in x.chunks_exact_mut(h).zip(tokens) {
+        let ids = seqs.iter().flat_map(|s| s.tokens.iter());
+        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
             matmul::dequantize_row(&embed, id as usize, row);
             ops::scale_inplace(row, self.embed_scale);
         }
@@ -301,31 +344,39 @@ impl Gemma3 {
             linear(pool, &a.v_proj, normed, n_tokens, v, &mut scratch.quantized);
             ops::rms_norm_inplace(q, &a.q_norm, c.rms_norm_eps);
             ops::rms_norm_inplace(k, &a.k_norm, c.rms_norm_eps);
-            for t in 0..n_tokens {
-                rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], pos0 + t);
-                rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], pos0 + t);
-            }
             let attn_out = sized(&mut scratch.attn, n_tokens * q_dim);
-            {
-                let kv = &kv_layers[i];
-                let fresh = KvSegment {
-                    keys: k,
-                    values: v,
-                    first_pos: pos0,
-                    len: n_tokens,
-                };
-                // Cached history (at most two ring segments) followed by this chunk's keys.
-                let mut segments = [fresh; 3];
-                let mut n_segments = 0;
-                for seg in kv.segments(pos0) {
-                    segments[n_segments] = seg;
-                    n_segments += 1;
+            let mut row = 0;
+            for s in seqs.iter_mut() {
+                let (n, pos0) = (s.tokens.len(), s.cache.len());
+                let q = &mut q[row * q_dim..(row + n) * q_dim];
+                let k = &mut k[row * kv_dim..(row + n) * kv_dim];
+                let v = &v[row * kv_dim..(row + n) * kv_dim];
+                for t in 0..n {
+                    rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], pos0 + t);
+                    rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], pos0 + t);
                 }
-                segments[n_segments] = fresh;
-                let segments = &segments[..=n_segments];
-                attention(pool, &attn_params, q, pos0, segments, attn_out);
+                let kv = &mut s.cache.layers[i];
+                {
+                    let fresh = KvSegment {
+                        keys: k,
+                        values: v,
+                        first_pos: pos0,
+                        len: n,
+                    };
+                    // Cached history (at most two ring segments) followed by this chunk's keys.
+                    let mut segments = [fresh; 3];
+                    let mut n_segments = 0;
+                    for seg in kv.segments(pos0) {
+                        segments[n_segments] = seg;
+                        n_segments += 1;
+                    }
+                    segments[n_segments] = fresh;
+                    let out = &mut attn_out[row * q_dim..(row + n) * q_dim];
+                    attention(pool, &attn_params, q, pos0, &segments[..=n_segments], out);
+                }
+                kv.write(pos0, k, v);
+                row += n;
             }
-            kv_layers[i].write(pos0, k, v);
             let proj = sized(&mut scratch.proj, n_tokens * h);
             linear(
                 pool,
@@ -360,7 +411,7 @@ impl Gemma3 {
                 up,
                 &mut scratch.quantized,
             );
-            ops::gelu_tanh_mul_inplace(gate, up);
+            ops::gelu_tanh_mul_parallel(pool, gate, up);
             linear(
                 pool,
                 &m.down_proj,
@@ -372,16 +423,26 @@ impl Gemma3 {
             ops::rms_norm_inplace(proj, &layer.post_feedforward_layernorm, c.rms_norm_eps);
             ops::add_inplace(x, proj);
         }
-        cache.advance(n_tokens);
-        let KvCache { scratch, .. } = cache;
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
 
-        // Final norm and LM head, only for the rows whose logits are wanted.
-        let rows = match logits {
-            Logits::Last => n_tokens - 1..n_tokens,
-            Logits::All => 0..n_tokens,
-        };
-        let n_rows = rows.len();
-        let hidden = &mut scratch.x[rows.start * h..rows.end * h];
+        // Gather the rows whose logits are wanted, then final norm and LM head on those only.
+        let mut n_rows = 0;
+        let mut row = 0;
+        for s in seqs.iter() {
+            let n = s.tokens.len();
+            let wanted = match logits {
+                Logits::Last => row + n - 1..row + n,
+                Logits::All => row..row + n,
+            };
+            for r in wanted {
+                scratch.x.copy_within(r * h..(r + 1) * h, n_rows * h);
+                n_rows += 1;
+            }
+            row += n;
+        }
+        let hidden = &mut scratch.x[..n_rows * h];
         ops::rms_norm_inplace(hidden, &self.norm, c.rms_norm_eps);
         let out = sized(&mut scratch.logits, n_rows * c.vocab_size);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
@@ -389,7 +450,7 @@ impl Gemma3 {
         if let Some(cap) = c.final_logit_softcapping {
             ops::softcap_inplace(out, cap);
         }
-        Ok(out)
+        Ok(n_rows)
     }
 
     pub fn describe(&self) -> Vec<(String, String)> {

@@ -9,9 +9,13 @@
 //! layer; final logits are soft-capped.
 
 mod config;
+mod extract;
+mod matformer;
 mod normal;
 
 pub use config::Gemma3nConfig;
+pub use extract::{extract_gguf, ExtractOptions};
+pub use matformer::MatformerConfig;
 pub use normal::normal_quantile;
 
 use gemma_kernels::matmul;
@@ -42,8 +46,15 @@ struct KvProjection {
 }
 
 struct Mlp {
+    /// The widest gate/up this model can run (the checkpoint's, or the load-time slice's):
+    /// `set_matformer` takes row views of these, so switching copies no weights.
+    gate_stored: Linear,
+    up_stored: Linear,
+    /// The active width's rows of `gate_stored` / `up_stored`.
     gate_proj: Linear,
     up_proj: Linear,
+    /// May be wider than the active width: the activation is then zero-padded, which adds
+    /// exactly nothing for the unused columns.
     down_proj: Linear,
     /// `Φ⁻¹(p)` for activation sparsity `p > 0`: gate values below `mean + std · Φ⁻¹(p)` are
     /// cut, the rest shifted down by that cutoff.
@@ -195,12 +206,17 @@ fn dense(w: &Linear) -> Vec<f32> {
     out
 }
 
-/// `sqrt(n)` as transformers multiplies embeddings by it: cast to the table's dtype.
-fn embedding_scale(n: usize, dtype: gemma_formats::GgmlType) -> f32 {
+/// `sqrt(n)` as the checkpoint's reference multiplies embeddings by it: transformers casts it to
+/// the table's dtype (bf16 turns sqrt(2048) into 45.25); llama.cpp uses the f32 value.
+fn embedding_scale(n: usize, table: &Linear, layout: WeightLayout) -> f32 {
     let s = (n as f32).sqrt();
-    match dtype {
-        gemma_formats::GgmlType::BF16 => half::bf16::from_f32(s).to_f32(),
-        gemma_formats::GgmlType::F16 => half::f16::from_f32(s).to_f32(),
+    match (layout, table.dtype) {
+        (WeightLayout::HuggingFace { .. }, gemma_formats::GgmlType::BF16) => {
+            half::bf16::from_f32(s).to_f32()
+        }
+        (WeightLayout::HuggingFace { .. }, gemma_formats::GgmlType::F16) => {
+            half::f16::from_f32(s).to_f32()
+        }
         _ => s,
     }
 }
@@ -272,6 +288,8 @@ impl Gemma3n {
                         q_norm: norm("self_attn.q_norm", hd)?,
                     },
                     mlp: Mlp {
+                        gate_stored: gate_proj.clone(),
+                        up_stored: up_proj.clone(),
                         gate_proj,
                         up_proj,
                         down_proj,
@@ -325,8 +343,8 @@ impl Gemma3n {
             None => None,
         };
         Ok(Gemma3n {
-            embed_scale: embedding_scale(h, embed_tokens.dtype),
-            per_layer_embed_scale: embedding_scale(p, embed_tokens_per_layer.dtype),
+            embed_scale: embedding_scale(h, &embed_tokens, loader.layout),
+            per_layer_embed_scale: embedding_scale(p, &embed_tokens_per_layer, loader.layout),
             per_layer_model_projection: loader.linear(
                 &n.top("per_layer_model_projection"),
                 n_layers * p,
@@ -348,6 +366,26 @@ impl Gemma3n {
 
     pub fn config(&self) -> &Gemma3nConfig {
         &self.config
+    }
+
+    /// The widest MLP each layer can run with the weights held.
+    pub fn stored_ffn_widths(&self) -> Vec<usize> {
+        self.layers.iter().map(|l| l.mlp.gate_stored.rows).collect()
+    }
+
+    /// Switches the active MatFormer sub-model between requests: every layer's MLP becomes a
+    /// row view of the held weights (no copy), so any width up to `stored_ffn_widths` can be
+    /// chosen, and the full model restored, at any time. Caches stay valid only for the
+    /// configuration that filled them: start a new sequence after switching.
+    pub fn set_matformer(&mut self, m: &MatformerConfig) -> Result<(), ModelError> {
+        let widths = m.widths(&self.stored_ffn_widths())?;
+        for (i, (layer, &w)) in self.layers.iter_mut().zip(&widths).enumerate() {
+            let mlp = &mut layer.mlp;
+            mlp.gate_proj = mlp.gate_stored.first_rows(&format!("layer {i} gate"), w)?;
+            mlp.up_proj = mlp.up_stored.first_rows(&format!("layer {i} up"), w)?;
+        }
+        self.config.intermediate_size = widths;
+        Ok(())
     }
 
     /// Cache rows per KV-producing layer (consumers hold none).
@@ -697,10 +735,23 @@ impl Gemma3n {
             }
             ops::gelu_tanh_mul_inplace(gate, up);
             let proj = sized(&mut scratch.proj, plane);
+            let stored = m.down_proj.cols;
+            let padded: Vec<f32>;
+            let activation: &[f32] = if stored > ffn {
+                // A switched sub-model over a wider down projection: zero columns add nothing.
+                let mut p = vec![0.0; n_tokens * stored];
+                for (dst, src) in p.chunks_exact_mut(stored).zip(gate.chunks_exact(ffn)) {
+                    dst[..ffn].copy_from_slice(src);
+                }
+                padded = p;
+                &padded
+            } else {
+                gate
+            };
             linear(
                 pool,
                 &m.down_proj,
-                gate,
+                activation,
                 n_tokens,
                 proj,
                 &mut scratch.quantized,
@@ -808,10 +859,15 @@ impl Gemma3n {
             .enumerate()
             .filter_map(|(i, z)| z.map(|z| format!("{i}: mean + {z:.4} std")))
             .collect();
-        let widths = {
-            let mut w = c.intermediate_size.clone();
-            w.dedup();
-            w.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+        // One number when every layer agrees, else the per-layer list (MatFormer mixes).
+        let widths = match c.intermediate_size.split_first() {
+            Some((first, rest)) if rest.iter().all(|w| w == first) => first.to_string(),
+            _ => c
+                .intermediate_size
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
         };
         vec![
             ("vocab_size".into(), c.vocab_size.to_string()),
@@ -849,9 +905,10 @@ impl Gemma3n {
             (
                 "per-layer embedding table".into(),
                 format!(
-                    "{} x {} ({} bytes, read per token)",
+                    "{} x {} {} ({} bytes, memory-mapped, read per token)",
                     self.embed_tokens_per_layer.rows,
                     self.embed_tokens_per_layer.cols,
+                    self.embed_tokens_per_layer.dtype.name(),
                     self.embed_tokens_per_layer.bytes()
                 ),
             ),
@@ -875,12 +932,17 @@ impl AltUp {
     /// `tanh(router(router_norm(x) / H))` for one token: the stream mixing weights.
     fn modalities(&self, x: &[f32], eps: f32, out: &mut [f32]) {
         let h = x.len();
-        let mut normed = x.to_vec();
-        ops::rms_norm_inplace(&mut normed, &self.router_norm, eps);
+        // RMSNorm folded into the dot products, so routing a token allocates nothing.
+        let sum_sq: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+        let scale = 1.0 / ((sum_sq / h as f64) as f32 + eps).sqrt();
         let inv_h = 1.0 / h as f32;
-        normed.iter_mut().for_each(|v| *v *= inv_h);
         for (m, w) in out.iter_mut().zip(self.modality_router.chunks_exact(h)) {
-            let dot: f64 = w.iter().zip(&normed).map(|(a, b)| (a * b) as f64).sum();
+            let dot: f64 = w
+                .iter()
+                .zip(x)
+                .zip(&self.router_norm)
+                .map(|((w, &v), n)| (w * (v * scale * n * inv_h)) as f64)
+                .sum();
             *m = (dot as f32).tanh();
         }
     }

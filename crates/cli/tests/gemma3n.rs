@@ -1,0 +1,329 @@
+//! The CLI on the tiny Gemma 3n fixture (no tokenizer): `logits --ids` agrees with
+//! transformers for the full model and for a MatFormer sub-model chosen with `--matformer`,
+//! `extract` writes a standalone sub-model with the same logits, `info` reports the memory-mapped
+//! PLE table, and bad inputs end in one clear error line.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{assert_clean_error, gemma, stderr, stdout, TempDir};
+use serde_json::Value;
+
+fn fixture(name: &str) -> String {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma3n_tiny");
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+/// (ids as "a,b,c", the last position's logits, per-layer widths if any).
+fn reference(name: &str) -> (String, Vec<f64>, Option<Vec<u64>>) {
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(fixture(name)).unwrap()).unwrap();
+    let ids: Vec<String> = r["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let last = r["logits"].as_array().unwrap().last().unwrap();
+    let last = last
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let widths = r["intermediate_size"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap()).collect());
+    (ids.join(","), last, widths)
+}
+
+/// `gemma logits --top 5` → [(id, logit)].
+fn top5(extra: &[&str], ids: &str) -> Vec<(usize, f64)> {
+    let mut args = vec!["logits", "-q", "--top", "5", "--ids", ids];
+    args.extend_from_slice(extra);
+    let out = gemma(&args, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    json["top"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap()))
+        .collect()
+}
+
+fn assert_matches(got: &[(usize, f64)], want: &[f64], what: &str) {
+    let mut order: Vec<usize> = (0..want.len()).collect();
+    order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+    let ids: Vec<usize> = got.iter().map(|p| p.0).collect();
+    assert_eq!(ids, order[..5], "{what}");
+    for &(id, v) in got {
+        assert!(
+            (v - want[id]).abs() < 1e-3,
+            "{what}: id {id}: {v} vs {}",
+            want[id]
+        );
+    }
+}
+
+fn matformer_file(dir: &TempDir) -> String {
+    let (_, _, widths) = reference("reference_matformer.json");
+    let json = serde_json::json!({ "ffn_widths": widths.unwrap() }).to_string();
+    dir.file("sub.json", json.as_bytes())
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn logits_by_ids_match_transformers_full_and_matformer() {
+    let (ids, full, _) = reference("reference.json");
+    for model in [fixture("model.gguf"), fixture("")] {
+        assert_matches(&top5(&["--model", &model], &ids), &full, &model);
+    }
+    let dir = TempDir::new("g3n-mf");
+    let config = matformer_file(&dir);
+    let (ids, sliced, _) = reference("reference_matformer.json");
+    for model in [fixture("model.gguf"), fixture("")] {
+        let got = top5(&["--model", &model, "--matformer", &config], &ids);
+        assert_matches(&got, &sliced, &format!("{model} --matformer"));
+    }
+}
+
+#[test]
+fn extract_writes_a_standalone_sub_model_with_the_same_logits() {
+    let dir = TempDir::new("g3n-extract");
+    let config = matformer_file(&dir);
+    let out_path = dir.path().join("sub.gguf").to_string_lossy().into_owned();
+    let out = gemma(
+        &[
+            "extract",
+            "-q",
+            "--matformer",
+            &config,
+            "--ple-type",
+            "q8_0",
+            &fixture("model.gguf"),
+            &out_path,
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let size = |p: &str| std::fs::metadata(p).unwrap().len();
+    assert!(size(&out_path) < size(&fixture("model.gguf")));
+
+    let (ids, sliced, _) = reference("reference_matformer.json");
+    let in_place = top5(
+        &["--model", &fixture("model.gguf"), "--matformer", &config],
+        &ids,
+    );
+    let extracted = top5(&["--model", &out_path], &ids);
+    assert_eq!(
+        in_place.iter().map(|p| p.0).collect::<Vec<_>>(),
+        extracted.iter().map(|p| p.0).collect::<Vec<_>>()
+    );
+    // Only the PLE table was quantized (Q8_0): logits stay within its rounding.
+    for ((_, a), (_, b)) in in_place.iter().zip(&extracted) {
+        assert!((a - b).abs() < 0.05, "{a} vs {b}");
+    }
+    assert!((extracted[0].1 - sliced[extracted[0].0]).abs() < 0.05);
+
+    let info = gemma(&["info", "--model", &out_path], None);
+    assert!(info.status.success(), "{}", stderr(&info));
+    let text = stdout(&info);
+    assert!(text.contains("architecture: gemma3n"), "{text}");
+    assert!(text.contains("ffn: 16,32,32,48,16,16,32,48"), "{text}");
+    assert!(text.contains("Q8_0"), "{text}");
+    assert!(
+        text.contains("per-layer embeddings (memory-mapped, read per token)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn info_and_text_commands_on_the_fixture() {
+    for model in [fixture("model.gguf"), fixture("")] {
+        let out = gemma(&["info", "--model", &model], None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        assert!(text.contains("architecture: gemma3n"), "{text}");
+        assert!(text.contains("layers: 8"), "{text}");
+        assert!(text.contains("per-layer embeddings"), "{text}");
+        let run = gemma(&["run", "-q", "--model", &model, "hello"], None);
+        assert_clean_error(&run, &["no tokenizer"]);
+        let tokenize = gemma(&["tokenize", "-q", "--model", &model, "hello"], None);
+        assert_clean_error(&tokenize, &["no tokenizer"]);
+    }
+}
+
+#[test]
+fn bad_matformer_inputs_are_one_clear_error() {
+    let dir = TempDir::new("g3n-bad");
+    let gguf = fixture("model.gguf");
+    let (ids, _, _) = reference("reference.json");
+    let wide = dir.file("wide.json", br#"{"ffn_widths": 4096}"#);
+    let short = dir.file("short.json", br#"{"ffn_widths": [16, 16]}"#);
+    let skip = dir.file("skip.json", br#"{"ffn_widths": 16, "layers_to_skip": [2]}"#);
+    let cases = [
+        (wide, "4096 units, but the checkpoint stores only 32"),
+        (short, "2 MLP widths for a model of 8 layers"),
+        (skip, "layers_to_skip is not supported"),
+        (dir.path().join("absent.json"), "absent.json"),
+    ];
+    for (config, needle) in &cases {
+        let config = config.to_string_lossy();
+        let out = gemma(
+            &[
+                "logits",
+                "-q",
+                "--model",
+                &gguf,
+                "--matformer",
+                &config,
+                "--ids",
+                &ids,
+            ],
+            None,
+        );
+        assert_clean_error(&out, &[needle]);
+        let target = dir.path().join("x.gguf");
+        let out = gemma(
+            &[
+                "extract",
+                "-q",
+                "--matformer",
+                &config,
+                &gguf,
+                &target.to_string_lossy(),
+            ],
+            None,
+        );
+        assert_clean_error(&out, &[needle]);
+        assert!(!target.exists());
+    }
+    let out = gemma(&["extract", "-q", &gguf, "/tmp/never.gguf"], None);
+    assert_clean_error(&out, &["nothing to extract"]);
+    let out = gemma(
+        &[
+            "extract",
+            "-q",
+            "--ple-type",
+            "q5_9",
+            &gguf,
+            "/tmp/never.gguf",
+        ],
+        None,
+    );
+    assert_clean_error(&out, &["q5_9"]);
+    let gemma3 = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma3_tiny");
+    let config = dir.file("ok.json", br#"{"ffn_widths": 16}"#);
+    let out = gemma(
+        &[
+            "logits",
+            "-q",
+            "--model",
+            &gemma3.to_string_lossy(),
+            "--matformer",
+            &config.to_string_lossy(),
+            "--ids",
+            "2,3",
+        ],
+        None,
+    );
+    assert_clean_error(&out, &["Gemma 3n"]);
+    let out = gemma(
+        &[
+            "bench",
+            "-m",
+            &gguf,
+            "--matformer",
+            &config.to_string_lossy(),
+        ],
+        None,
+    );
+    assert_clean_error(&out, &["--matformer", "bench"]);
+}
+
+/// Token `id` of the synthetic vocabulary: ids 0-3 are pad/eos/bos/unk, every other id one
+/// CJK character, so a string of those characters encodes to exactly those ids.
+fn synthetic_char(id: u32) -> char {
+    char::from_u32(0x4E00 + id).unwrap()
+}
+
+/// The fixture GGUF plus a 256-token SentencePiece vocabulary in its metadata.
+fn fixture_with_tokenizer(dir: &TempDir) -> String {
+    use gemma_formats::{GgufFile, GgufWriter, MetaValue};
+    let src = GgufFile::open(std::path::Path::new(&fixture("model.gguf"))).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in src.metadata() {
+        w.add_metadata(k.clone(), v.clone()).unwrap();
+    }
+    let specials = ["<pad>", "<eos>", "<bos>", "<unk>"];
+    let tokens = (0..256u32)
+        .map(|id| match specials.get(id as usize) {
+            Some(s) => MetaValue::String(s.to_string()),
+            None => MetaValue::String(synthetic_char(id).to_string()),
+        })
+        .collect();
+    let types = (0..256)
+        .map(|id| MetaValue::I32(if id < 4 { 3 } else { 1 }))
+        .collect();
+    let meta = [
+        ("tokenizer.ggml.model", MetaValue::String("llama".into())),
+        ("tokenizer.ggml.tokens", MetaValue::Array(tokens)),
+        ("tokenizer.ggml.token_type", MetaValue::Array(types)),
+        ("tokenizer.ggml.padding_token_id", MetaValue::U32(0)),
+        ("tokenizer.ggml.eos_token_id", MetaValue::U32(1)),
+        ("tokenizer.ggml.bos_token_id", MetaValue::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", MetaValue::U32(3)),
+        ("tokenizer.ggml.add_space_prefix", MetaValue::Bool(false)),
+    ];
+    for (k, v) in meta {
+        w.add_metadata(k, v).unwrap();
+    }
+    for info in src.tensors() {
+        let data = src.tensor_data(info).bytes().to_vec();
+        w.add_tensor(info.name.clone(), info.dtype, &info.shape, data)
+            .unwrap();
+    }
+    let path = dir.path().join("with_tokenizer.gguf");
+    w.write_file(&path).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn tokenize_and_run_with_a_tokenizer_continue_like_transformers() {
+    let dir = TempDir::new("g3n-tok");
+    let model = fixture_with_tokenizer(&dir);
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("reference.json")).unwrap()).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        r[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let input = ids("input_ids");
+    assert_eq!(input[0], 2, "the reference prompt starts with BOS");
+    let prompt: String = input[1..].iter().map(|&id| synthetic_char(id)).collect();
+    let want: String = ids("greedy_continuation")
+        .iter()
+        .map(|&id| synthetic_char(id))
+        .collect();
+
+    let tokenized = gemma(&["tokenize", "-q", "--model", &model, &prompt], None);
+    assert!(tokenized.status.success(), "{}", stderr(&tokenized));
+    let got: Vec<u32> = serde_json::from_str(stdout(&tokenized).trim()).unwrap();
+    assert_eq!(got, input);
+
+    let n = want.chars().count().to_string();
+    let run = gemma(
+        &[
+            "run", "-q", "--model", &model, "--raw", "--temp", "0", "-n", &n, &prompt,
+        ],
+        None,
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(stdout(&run).trim_end(), want);
+}

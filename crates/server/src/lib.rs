@@ -1,0 +1,222 @@
+//! gemma-server: `gemma serve`, an OpenAI-compatible HTTP server.
+//!
+//! - [`routes`]: axum handlers for `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+//!   `/health`, `/metrics`.
+//! - [`scheduler`]: one thread owns the model and `parallel` KV-cache slots; all active
+//!   sequences advance together (continuous batching), with prefix reuse across requests.
+//! - [`constrain`]: llguidance token masks for `response_format` and required tool calls.
+//! - [`tools`]: Gemma 3 function calling (prompt rendering, reply parsing).
+
+pub mod api;
+pub mod constrain;
+pub mod error;
+pub mod metrics;
+mod prepare;
+pub mod routes;
+pub mod scheduler;
+mod stop;
+pub mod tools;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use gemma_engine::LoadedModel;
+use tokio::sync::oneshot;
+
+pub use constrain::GrammarCompiler;
+use metrics::Metrics;
+use prepare::PrepareContext;
+use routes::AppState;
+use scheduler::Scheduler;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub host: String,
+    /// 0 picks a free port (tests).
+    pub port: u16,
+    /// Sequences decoded together.
+    pub parallel: usize,
+    /// KV cache length of each slot.
+    pub ctx_size: usize,
+    /// Requests waiting for a slot before new ones get 429.
+    pub queue_capacity: usize,
+    pub request_timeout: Duration,
+    pub body_limit: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            parallel: 4,
+            ctx_size: 4096,
+            queue_capacity: 64,
+            request_timeout: Duration::from_secs(600),
+            body_limit: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// A server running on its own threads (tests, embedding).
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, finishes in-flight requests and joins the threads.
+    pub fn stop(mut self) -> Result<()> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("the server thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+/// Binds, starts the scheduler and serves on background threads; returns once listening.
+pub fn start(loaded: LoadedModel, config: ServerConfig) -> Result<RunningServer> {
+    let listener = std::net::TcpListener::bind((config.host.as_str(), config.port))
+        .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("gemma-http".into())
+        .spawn(move || {
+            serve_on(loaded, config, listener, async {
+                let _ = rx.await;
+            })
+        })?;
+    Ok(RunningServer {
+        addr,
+        shutdown: Some(tx),
+        thread: Some(thread),
+    })
+}
+
+/// `gemma serve`: loads nothing itself; serves until Ctrl-C or SIGTERM, then drains.
+pub fn run(loaded: LoadedModel, config: ServerConfig) -> Result<()> {
+    let listener = std::net::TcpListener::bind((config.host.as_str(), config.port))
+        .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
+    listener.set_nonblocking(true)?;
+    eprintln!(
+        "gemma: serving {} on http://{} ({} slots, context {})",
+        model_id(&loaded.source),
+        listener.local_addr()?,
+        config.parallel,
+        config.ctx_size
+    );
+    serve_on(loaded, config, listener, shutdown_signal())
+}
+
+fn serve_on(
+    loaded: LoadedModel,
+    config: ServerConfig,
+    listener: std::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    if config.parallel == 0 || config.ctx_size < 2 || config.queue_capacity == 0 {
+        anyhow::bail!("--parallel, the queue capacity and --ctx-size must be positive");
+    }
+    if loaded.tokenizer.is_none() {
+        anyhow::bail!("serving needs a model with a tokenizer");
+    }
+    let model_id = model_id(&loaded.source);
+    let end_token = loaded
+        .tokenizer
+        .as_ref()
+        .and_then(|t| t.token_id("<end_of_turn>").or(t.eos_id()))
+        .unwrap_or(1);
+    let loaded = Arc::new(loaded);
+    let metrics = Arc::new(Metrics::default());
+    let (scheduler, scheduler_thread) = Scheduler::start(
+        loaded.clone(),
+        config.parallel,
+        config.ctx_size,
+        config.queue_capacity,
+        metrics.clone(),
+    )?;
+    let state = Arc::new(AppState {
+        scheduler,
+        prepare: Arc::new(PrepareContext {
+            loaded,
+            ctx_size: config.ctx_size,
+            grammar: std::sync::OnceLock::new(),
+            end_token,
+        }),
+        metrics,
+        model_id,
+        body_limit: config.body_limit,
+        request_timeout: config.request_timeout,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let app = routes::router(state);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("the HTTP server failed")
+    })?;
+    // The router (and with it the last scheduler handle) is gone: the scheduler finishes its
+    // active sequences and exits.
+    drop(runtime);
+    scheduler_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the scheduler thread panicked"))?;
+    Ok(())
+}
+
+/// The name clients see in `model` fields: the file name without extension.
+fn model_id(source: &Path) -> String {
+    source
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "gemma".into())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    eprintln!("gemma: shutting down, finishing in-flight requests");
+}

@@ -1,0 +1,564 @@
+//! The scheduler thread: owns the model and `parallel` slots (a KV cache each) and advances
+//! every active sequence once per iteration, so concurrent requests share the machine.
+//! Prompts are fed in chunks interleaved with other slots' decoding; a request whose client
+//! went away is dropped before the next step; a free slot whose cached tokens share the
+//! longest prefix with a new prompt is picked so that prefix is not recomputed.
+
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::Result;
+use gemma_engine::gemma_models::{KvCache, ModelError, SeqStep};
+use gemma_engine::gemma_tokenizer::StreamDecoder;
+use gemma_engine::{LoadedModel, Sampler, SamplingParams};
+use llguidance::Matcher;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::api::{TokenLogprob, TopLogprob, Usage};
+use crate::constrain::apply_mask;
+use crate::metrics::Metrics;
+use crate::stop::StopFilter;
+
+/// Prompt tokens fed per slot per iteration: long prompts do not stall other slots' decoding.
+const PREFILL_CHUNK: usize = 64;
+
+/// Decode rows per forward pass: below the kernels' switch to the dequantizing GEMM, where
+/// each row's result does not depend on the other rows.
+const DECODE_GROUP: usize = GEMM_MIN_ROWS - 1;
+
+/// Rows from which the kernels switch to the dequantizing f32 GEMM.
+const GEMM_MIN_ROWS: usize = gemma_kernels::gemm::MIN_GEMM_TOKENS;
+
+/// Why a sequence ended, in OpenAI's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What the scheduler sends back for a job.
+#[derive(Debug)]
+pub enum JobEvent {
+    /// New text (possibly empty when held back by stop strings) and, when asked for, the
+    /// log-probabilities of the token(s) behind it.
+    Token {
+        text: String,
+        logprobs: Option<TokenLogprob>,
+    },
+    Done {
+        finish: FinishReason,
+        usage: Usage,
+    },
+    Failed(String),
+}
+
+/// One generation request, already tokenized and validated.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// `Some(n)`: report each token's log-probability and its `n` best alternatives.
+    pub logprobs: Option<usize>,
+    pub grammar: Option<Matcher>,
+    pub events: UnboundedSender<JobEvent>,
+    pub arrived: Instant,
+    pub deadline: Instant,
+}
+
+/// Why a job was not queued.
+pub enum SubmitError {
+    QueueFull,
+    ShuttingDown,
+}
+
+/// The handle request handlers hold: a bounded queue into the scheduler thread.
+#[derive(Clone)]
+pub struct Scheduler {
+    queue: SyncSender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+impl Scheduler {
+    /// Starts the scheduler thread. It ends when every `Scheduler` handle is dropped and the
+    /// last active sequence has finished.
+    pub fn start(
+        loaded: Arc<LoadedModel>,
+        parallel: usize,
+        ctx_size: usize,
+        queue_capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Scheduler, JoinHandle<()>)> {
+        let slots = (0..parallel.max(1))
+            .map(|_| Ok(Slot::new(loaded.model.new_cache(ctx_size)?)))
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let (queue, jobs) = std::sync::mpsc::sync_channel(queue_capacity);
+        let worker = Worker {
+            stop_ids: loaded.stop_token_ids(),
+            loaded,
+            slots,
+            metrics: metrics.clone(),
+            logits: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("gemma-scheduler".into())
+            .spawn(move || worker.run(jobs))?;
+        Ok((Scheduler { queue, metrics }, thread))
+    }
+
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        Metrics::add(&self.metrics.queue_depth, 1);
+        let result = self.queue.try_send(job);
+        if result.is_err() {
+            Metrics::sub(&self.metrics.queue_depth, 1);
+        }
+        match result {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                Metrics::add(&self.metrics.requests_rejected, 1);
+                Err(SubmitError::QueueFull)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(SubmitError::ShuttingDown),
+        }
+    }
+}
+
+struct Slot {
+    cache: KvCache,
+    /// The tokens whose keys and values are in `cache` (for prefix reuse).
+    cached: Vec<u32>,
+    /// Per cached position: the (start, length) of the prompt chunk it was computed in, or
+    /// (position, 1) for a token fed alone. Kernels round slightly differently for different
+    /// row counts, so only positions computed exactly as a fresh run would are reused.
+    spans: Vec<(usize, usize)>,
+    active: Option<Active>,
+}
+
+impl Slot {
+    fn new(cache: KvCache) -> Slot {
+        Slot {
+            cache,
+            cached: Vec::new(),
+            spans: Vec::new(),
+            active: None,
+        }
+    }
+}
+
+/// A sequence in progress.
+struct Active {
+    job: Job,
+    /// Tokens still to run through the model (the prompt's rest, then each sampled token).
+    to_feed: Vec<u32>,
+    /// Prompt and generated tokens (for the penalties).
+    history: Vec<u32>,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stops: StopFilter,
+    generated: usize,
+    first_token_seen: bool,
+}
+
+struct Worker {
+    loaded: Arc<LoadedModel>,
+    stop_ids: Vec<u32>,
+    slots: Vec<Slot>,
+    metrics: Arc<Metrics>,
+    logits: Vec<f32>,
+}
+
+/// What ended a sequence.
+enum Outcome {
+    Finished(FinishReason),
+    Cancelled,
+    Failed(String),
+}
+
+impl Worker {
+    fn run(mut self, jobs: Receiver<Job>) {
+        let mut open = true;
+        loop {
+            let idle = self.slots.iter().all(|s| s.active.is_none());
+            if idle {
+                if !open {
+                    return;
+                }
+                match jobs.recv() {
+                    Ok(job) => self.assign(job),
+                    Err(_) => return,
+                }
+            }
+            while open && self.slots.iter().any(|s| s.active.is_none()) {
+                match jobs.try_recv() {
+                    Ok(job) => self.assign(job),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
+                }
+            }
+            self.drop_abandoned();
+            self.step();
+        }
+    }
+
+    /// Puts `job` into the free slot whose cache shares the longest prefix with its prompt.
+    fn assign(&mut self, job: Job) {
+        Metrics::sub(&self.metrics.queue_depth, 1);
+        if job.events.is_closed() {
+            Metrics::add(&self.metrics.requests_cancelled, 1);
+            return;
+        }
+        let index = (0..self.slots.len())
+            .filter(|&i| self.slots[i].active.is_none())
+            .max_by_key(|&i| {
+                (
+                    reusable_prefix(&self.slots[i], &job.prompt),
+                    std::cmp::Reverse(i),
+                )
+            });
+        let Some(index) = index else {
+            return;
+        };
+        let slot = &mut self.slots[index];
+        let mut reuse = reusable_prefix(slot, &job.prompt);
+        if reuse > 0 && !rewind(&mut slot.cache, reuse) {
+            reuse = 0;
+        }
+        if reuse == 0 {
+            slot.cache.clear();
+        }
+        slot.spans.truncate(reuse);
+        slot.cached.truncate(reuse);
+        if reuse > 0 {
+            Metrics::add(&self.metrics.prefix_cache_hits, 1);
+            Metrics::add(&self.metrics.prefix_cache_hit_tokens, reuse as u64);
+        }
+        Metrics::add(&self.metrics.active_slots, 1);
+        Metrics::add(&self.metrics.prompt_tokens, job.prompt.len() as u64);
+        slot.active = Some(Active {
+            to_feed: job.prompt[reuse..].to_vec(),
+            history: job.prompt.clone(),
+            sampler: Sampler::new(&job.params),
+            decoder: StreamDecoder::new(),
+            stops: StopFilter::new(&job.params.stop),
+            generated: 0,
+            first_token_seen: false,
+            job,
+        });
+    }
+
+    /// Frees the slots of clients that disconnected or ran out of time.
+    fn drop_abandoned(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            let Some(active) = &self.slots[i].active else {
+                continue;
+            };
+            if active.job.events.is_closed() {
+                self.finish(i, Outcome::Cancelled);
+            } else if now >= active.job.deadline {
+                self.finish(i, Outcome::Failed("the request timed out".into()));
+            }
+        }
+    }
+
+    /// One iteration: every active slot feeds its next chunk; slots whose prompt is done
+    /// sample a token.
+    fn step(&mut self) {
+        let mut decoding = Vec::new();
+        let mut prefills = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Some(active) = &mut slot.active else {
+                continue;
+            };
+            // The last pending token always runs on its own (as a decode row): a prompt's
+            // final token then takes the same numeric path whether or not its prefix came
+            // from the cache, so a cache hit never changes the output.
+            match active.to_feed.len() {
+                0 => {}
+                1 => decoding.push((i, std::mem::take(&mut active.to_feed))),
+                pending => {
+                    let n = prefill_chunk(pending - 1);
+                    prefills.push((i, active.to_feed.drain(..n).collect::<Vec<u32>>()));
+                }
+            }
+        }
+        // Decode rows share passes in groups small enough to stay on the per-row kernel path,
+        // and each prefill chunk runs alone: every row then computes exactly what it would
+        // compute if its sequence were the only one, so batching never changes an output.
+        let mut groups: Vec<Vec<(usize, Vec<u32>)>> = Vec::new();
+        let mut decoding = decoding.into_iter().peekable();
+        while decoding.peek().is_some() {
+            groups.push(decoding.by_ref().take(DECODE_GROUP).collect());
+        }
+        groups.extend(prefills.into_iter().map(|p| vec![p]));
+        for group in groups {
+            self.run_group(group);
+        }
+    }
+
+    /// One forward pass over `group` (slot index, tokens to feed), then sampling for every
+    /// slot whose prompt is done.
+    fn run_group(&mut self, group: Vec<(usize, Vec<u32>)>) {
+        let (stepped, feeds): (Vec<usize>, Vec<Vec<u32>>) = group.into_iter().unzip();
+        let started = Instant::now();
+        let result = {
+            let mut seqs: Vec<SeqStep<'_>> = Vec::with_capacity(stepped.len());
+            let mut feeds_iter = feeds.iter();
+            for (i, slot) in self.slots.iter_mut().enumerate() {
+                if stepped.contains(&i) {
+                    let tokens = feeds_iter.next().expect("one feed per stepped slot");
+                    seqs.push(SeqStep {
+                        tokens,
+                        cache: &mut slot.cache,
+                    });
+                }
+            }
+            forward_all(&self.loaded, &mut seqs, &mut self.logits)
+        };
+        Metrics::add(
+            &self.metrics.busy_micros,
+            started.elapsed().as_micros() as u64,
+        );
+        Metrics::add(&self.metrics.forward_steps, 1);
+        if let Err(e) = result {
+            for &i in &stepped {
+                self.slots[i].cache.clear();
+                self.slots[i].cached.clear();
+                self.slots[i].spans.clear();
+                self.finish(i, Outcome::Failed(format!("model error: {e}")));
+            }
+            return;
+        }
+        let vocab = self.loaded.model.vocab_size();
+        let mut row_logits = Vec::new();
+        for (row, (&i, fed)) in stepped.iter().zip(&feeds).enumerate() {
+            let slot = &mut self.slots[i];
+            let start = slot.cached.len();
+            slot.cached.extend_from_slice(fed);
+            if fed.len() == 1 {
+                slot.spans.push((start, 1));
+            } else {
+                slot.spans.resize(slot.cached.len(), (start, fed.len()));
+            }
+            let prompt_pending = self.slots[i]
+                .active
+                .as_ref()
+                .is_some_and(|a| !a.to_feed.is_empty());
+            if prompt_pending {
+                continue;
+            }
+            row_logits.clear();
+            row_logits.extend_from_slice(&self.logits[row * vocab..(row + 1) * vocab]);
+            if let Some(outcome) = self.sample_next(i, &mut row_logits) {
+                self.finish(i, outcome);
+            }
+        }
+    }
+
+    /// Samples the next token of slot `i` from its logits and sends the text it completes.
+    fn sample_next(&mut self, i: usize, logits: &mut [f32]) -> Option<Outcome> {
+        let tokenizer = self.loaded.tokenizer.as_ref();
+        let slot = &mut self.slots[i];
+        let ctx_size = slot.cache.ctx_size();
+        let cache_len = slot.cache.len();
+        let active = slot.active.as_mut().expect("sampling an active slot");
+        let logprob_info = active.job.logprobs.map(|top| (log_softmax(logits), top));
+        if let Some(matcher) = &mut active.job.grammar {
+            if !apply_mask(matcher, logits) {
+                return Some(Outcome::Finished(FinishReason::Stop));
+            }
+        }
+        let id = active.sampler.sample(logits, &active.history);
+        active.history.push(id);
+        active.generated += 1;
+        if !active.first_token_seen {
+            active.first_token_seen = true;
+            let ttft = active.job.arrived.elapsed().as_micros() as u64;
+            Metrics::add(&self.metrics.ttft_micros_sum, ttft);
+            Metrics::add(&self.metrics.ttft_count, 1);
+        }
+        Metrics::add(&self.metrics.completion_tokens, 1);
+        let is_stop_token = self.stop_ids.contains(&id);
+        if let Some(matcher) = &mut active.job.grammar {
+            if !is_stop_token && matcher.consume_token(id).is_err() {
+                return Some(Outcome::Failed(
+                    "the grammar rejected a sampled token".into(),
+                ));
+            }
+        }
+        let logprobs = logprob_info.map(|(lp, top)| describe_logprobs(tokenizer, &lp, id, top));
+        if is_stop_token {
+            if logprobs.is_some() {
+                let _ = active.job.events.send(JobEvent::Token {
+                    text: String::new(),
+                    logprobs,
+                });
+            }
+            return Some(Outcome::Finished(FinishReason::Stop));
+        }
+        let piece = tokenizer
+            .map(|t| active.decoder.push(t, id))
+            .unwrap_or_default();
+        let (text, stopped) = active.stops.push(&piece);
+        if active
+            .job
+            .events
+            .send(JobEvent::Token { text, logprobs })
+            .is_err()
+        {
+            return Some(Outcome::Cancelled);
+        }
+        if stopped {
+            return Some(Outcome::Finished(FinishReason::Stop));
+        }
+        let grammar_done = active.job.grammar.as_ref().is_some_and(Matcher::is_stopped);
+        if grammar_done {
+            return Some(Outcome::Finished(FinishReason::Stop));
+        }
+        if active.generated >= active.job.params.max_tokens || cache_len >= ctx_size {
+            return Some(Outcome::Finished(FinishReason::Length));
+        }
+        active.to_feed.push(id);
+        None
+    }
+
+    /// Ends the sequence in slot `i`, sending the final event; the cache stays for reuse.
+    fn finish(&mut self, i: usize, outcome: Outcome) {
+        let Some(mut active) = self.slots[i].active.take() else {
+            return;
+        };
+        Metrics::sub(&self.metrics.active_slots, 1);
+        let usage = Usage::new(active.job.prompt.len(), active.generated);
+        let event = match outcome {
+            Outcome::Finished(finish) => {
+                let (mut tail, stopped) = active.stops.push(&active.decoder.finish());
+                if !stopped {
+                    tail.push_str(&active.stops.finish());
+                }
+                if !tail.is_empty() {
+                    let _ = active.job.events.send(JobEvent::Token {
+                        text: tail,
+                        logprobs: None,
+                    });
+                }
+                JobEvent::Done { finish, usage }
+            }
+            Outcome::Cancelled => {
+                Metrics::add(&self.metrics.requests_cancelled, 1);
+                return;
+            }
+            Outcome::Failed(message) => {
+                Metrics::add(&self.metrics.requests_failed, 1);
+                JobEvent::Failed(message)
+            }
+        };
+        let _ = active.job.events.send(event);
+    }
+}
+
+/// Runs every sequence's new tokens in one batched pass and leaves each one's last-token
+/// logits in `out` (`seqs.len() × vocab`).
+fn forward_all(
+    loaded: &LoadedModel,
+    seqs: &mut [SeqStep<'_>],
+    out: &mut Vec<f32>,
+) -> Result<(), ModelError> {
+    loaded.model.forward_batch(seqs, out)
+}
+
+/// Shortens the cache to its first `len` positions; `false` when it cannot (a sliding-window
+/// layer already overwrote what the continuation needs), and the caller starts from scratch.
+fn rewind(cache: &mut KvCache, len: usize) -> bool {
+    cache.truncate(len).is_ok()
+}
+
+/// How many leading positions of `slot`'s cache a new `prompt` can keep: whole chunks of the
+/// plan a fresh run of `prompt` would follow, holding the same tokens computed in the same
+/// chunks. The output is then bit-identical to a run without the cache.
+fn reusable_prefix(slot: &Slot, prompt: &[u32]) -> usize {
+    let body = prompt.len() - 1;
+    let mut reuse = 0;
+    let mut start = 0;
+    while start < body {
+        let end = start + prefill_chunk(body - start);
+        let same = slot.cached.get(start..end) == Some(&prompt[start..end])
+            && slot.spans[start..end]
+                .iter()
+                .all(|&span| span == (start, end - start));
+        if !same {
+            break;
+        }
+        reuse = end;
+        start = end;
+    }
+    reuse
+}
+
+/// The next piece of `remaining` prompt tokens (last token excluded): at most
+/// `PREFILL_CHUNK`, never leaving a tail too short for the GEMM path.
+fn prefill_chunk(remaining: usize) -> usize {
+    if remaining <= PREFILL_CHUNK {
+        remaining
+    } else if remaining - PREFILL_CHUNK < GEMM_MIN_ROWS {
+        remaining - GEMM_MIN_ROWS
+    } else {
+        PREFILL_CHUNK
+    }
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_sum = max + sum.ln() as f32;
+    logits.iter().map(|&l| l - log_sum).collect()
+}
+
+fn describe_logprobs(
+    tokenizer: Option<&gemma_engine::gemma_tokenizer::Tokenizer>,
+    logprobs: &[f32],
+    chosen: u32,
+    top: usize,
+) -> TokenLogprob {
+    let bytes_of = |id: u32| {
+        tokenizer
+            .and_then(|t| t.token_bytes(id))
+            .unwrap_or_default()
+    };
+    let mut order: Vec<u32> = (0..logprobs.len() as u32).collect();
+    let top = top.min(order.len());
+    if top > 0 {
+        order.select_nth_unstable_by(top - 1, |&a, &b| {
+            logprobs[b as usize].total_cmp(&logprobs[a as usize])
+        });
+        order.truncate(top);
+        order.sort_by(|&a, &b| logprobs[b as usize].total_cmp(&logprobs[a as usize]));
+    } else {
+        order.clear();
+    }
+    let chosen_bytes = bytes_of(chosen);
+    TokenLogprob {
+        token: String::from_utf8_lossy(&chosen_bytes).into_owned(),
+        logprob: logprobs[chosen as usize],
+        bytes: chosen_bytes,
+        top_logprobs: order
+            .into_iter()
+            .map(|id| {
+                let bytes = bytes_of(id);
+                TopLogprob {
+                    token: String::from_utf8_lossy(&bytes).into_owned(),
+                    logprob: logprobs[id as usize],
+                    bytes,
+                }
+            })
+            .collect(),
+    }
+}

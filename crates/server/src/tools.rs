@@ -1,0 +1,249 @@
+//! Function calling the way Gemma 3's guidance describes it: the function definitions and
+//! the call format go into the prompt, the model answers with
+//! `{"name": ..., "parameters": {...}}`, and tool results come back as a user turn.
+
+use gemma_engine::sampling::SplitMix64;
+use serde_json::{json, Map, Value};
+
+use crate::api::{FunctionCall, Tool, ToolCall, ToolChoice};
+use crate::error::ApiError;
+
+/// What the request allows or demands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolMode {
+    /// No tools offered (or `tool_choice: "none"`).
+    Off,
+    /// The model may call one of the tools or answer in text.
+    Auto,
+    /// The model must call one of these tools; the output is constrained to parse.
+    Required(Vec<String>),
+}
+
+pub fn tool_mode(tools: &[Tool], choice: Option<&ToolChoice>) -> Result<ToolMode, ApiError> {
+    for tool in tools {
+        if tool.kind != "function" {
+            return Err(ApiError::bad_request(format!(
+                "tool type {:?} is not supported; only \"function\"",
+                tool.kind
+            ))
+            .with_param("tools"));
+        }
+    }
+    let names = || tools.iter().map(|t| t.function.name.clone()).collect();
+    if tools.is_empty() {
+        return match choice {
+            None => Ok(ToolMode::Off),
+            Some(ToolChoice::Mode(m)) if m == "none" || m == "auto" => Ok(ToolMode::Off),
+            Some(_) => Err(
+                ApiError::bad_request("tool_choice needs a non-empty tools list")
+                    .with_param("tool_choice"),
+            ),
+        };
+    }
+    let mode = match choice {
+        None => ToolMode::Auto,
+        Some(ToolChoice::Mode(m)) => match m.as_str() {
+            "none" => ToolMode::Off,
+            "auto" => ToolMode::Auto,
+            "required" => ToolMode::Required(names()),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "tool_choice {other:?} is not one of \"none\", \"auto\", \"required\""
+                ))
+                .with_param("tool_choice"))
+            }
+        },
+        Some(ToolChoice::Named(named)) => {
+            let wanted = &named.function.name;
+            if !tools.iter().any(|t| &t.function.name == wanted) {
+                return Err(ApiError::bad_request(format!(
+                    "tool_choice names {wanted:?}, which is not in tools"
+                ))
+                .with_param("tool_choice"));
+            }
+            ToolMode::Required(vec![wanted.clone()])
+        }
+    };
+    Ok(mode)
+}
+
+/// The instructions and definitions placed before the conversation.
+pub fn tools_preamble(tools: &[Tool]) -> String {
+    let definitions: Vec<Value> = tools
+        .iter()
+        .map(|t| serde_json::to_value(&t.function).unwrap_or(Value::Null))
+        .collect();
+    format!(
+        "You have access to functions. If you decide to invoke any of the function(s), you MUST \
+         put it in the format of\n{{\"name\": function name, \"parameters\": dictionary of \
+         argument name and its value}}\n\nYou SHOULD NOT include any other text in the response \
+         if you call a function\n{}\n",
+        serde_json::to_string_pretty(&definitions).unwrap_or_default()
+    )
+}
+
+/// How an earlier assistant call is written back into the prompt.
+pub fn render_calls(calls: &[ToolCall]) -> String {
+    calls
+        .iter()
+        .map(|c| {
+            let parameters: Value =
+                serde_json::from_str(&c.function.arguments).unwrap_or(Value::Object(Map::new()));
+            json!({"name": c.function.name, "parameters": parameters}).to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// How a tool result is written into the prompt (as part of a user turn).
+pub fn render_tool_result(name: Option<&str>, content: &str) -> String {
+    match name {
+        Some(name) => format!("```tool_output\n{name}: {content}\n```"),
+        None => format!("```tool_output\n{content}\n```"),
+    }
+}
+
+/// A schema every allowed call satisfies; used to constrain output when a call is required.
+pub fn call_schema(tools: &[Tool], allowed: &[String]) -> Value {
+    let variants: Vec<Value> = tools
+        .iter()
+        .filter(|t| allowed.contains(&t.function.name))
+        .map(|t| {
+            let parameters = t
+                .function
+                .parameters
+                .clone()
+                .unwrap_or_else(|| json!({"type": "object"}));
+            json!({
+                "type": "object",
+                "properties": {
+                    "name": {"const": t.function.name},
+                    "parameters": parameters,
+                },
+                "required": ["name", "parameters"],
+                "additionalProperties": false,
+            })
+        })
+        .collect();
+    if variants.len() == 1 {
+        variants.into_iter().next().unwrap_or(Value::Null)
+    } else {
+        json!({"anyOf": variants})
+    }
+}
+
+/// Finds the calls in a reply: one JSON object, a JSON array of them, or one per line,
+/// optionally inside a code fence. `None` when the reply is ordinary text.
+pub fn parse_calls(text: &str, tools: &[Tool], rng: &mut SplitMix64) -> Option<Vec<ToolCall>> {
+    let body = strip_fence(text.trim());
+    let values: Vec<Value> = match serde_json::from_str::<Value>(body) {
+        Ok(Value::Array(items)) => items,
+        Ok(value) => vec![value],
+        Err(_) => body
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l.trim()).ok())
+            .collect::<Option<Vec<Value>>>()?,
+    };
+    if values.is_empty() {
+        return None;
+    }
+    values
+        .into_iter()
+        .map(|v| {
+            let name = v.get("name")?.as_str()?;
+            if !tools.iter().any(|t| t.function.name == name) {
+                return None;
+            }
+            let arguments = v
+                .get("parameters")
+                .or_else(|| v.get("arguments"))
+                .cloned()
+                .unwrap_or_else(|| json!({}));
+            Some(ToolCall {
+                id: format!("call_{:016x}", rng.next_u64()),
+                kind: "function".into(),
+                function: FunctionCall {
+                    name: name.to_owned(),
+                    arguments: arguments.to_string(),
+                },
+            })
+        })
+        .collect()
+}
+
+/// Whether streamed text so far could still turn out to be a call (so it must be held).
+pub fn may_be_call(text_so_far: &str) -> bool {
+    let t = text_so_far.trim_start();
+    t.is_empty()
+        || t.starts_with('{')
+        || t.starts_with('[')
+        || "```".starts_with(t)
+        || t.starts_with("```")
+}
+
+fn strip_fence(text: &str) -> &str {
+    let Some(rest) = text.strip_prefix("```") else {
+        return text;
+    };
+    let after_tag = rest.find('\n').map(|i| &rest[i + 1..]).unwrap_or(rest);
+    after_tag
+        .trim_end()
+        .strip_suffix("```")
+        .unwrap_or(after_tag)
+        .trim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weather_tool() -> Tool {
+        serde_json::from_value(json!({"type": "function", "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}
+        }}))
+        .unwrap()
+    }
+
+    #[test]
+    fn plain_and_fenced_calls_parse() {
+        let tools = [weather_tool()];
+        let mut rng = SplitMix64::new(1);
+        for text in [
+            r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#,
+            "```json\n{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}\n```",
+            r#"[{"name": "get_weather", "arguments": {"city": "Paris"}}]"#,
+        ] {
+            let calls = parse_calls(text, &tools, &mut rng).expect(text);
+            assert_eq!(calls.len(), 1);
+            assert_eq!(calls[0].function.name, "get_weather");
+            let args: Value = serde_json::from_str(&calls[0].function.arguments).unwrap();
+            assert_eq!(args, json!({"city": "Paris"}));
+        }
+    }
+
+    #[test]
+    fn text_and_unknown_functions_are_not_calls() {
+        let tools = [weather_tool()];
+        let mut rng = SplitMix64::new(1);
+        assert!(parse_calls("It is sunny.", &tools, &mut rng).is_none());
+        assert!(parse_calls(r#"{"name": "other", "parameters": {}}"#, &tools, &mut rng).is_none());
+    }
+
+    #[test]
+    fn choice_validation() {
+        let tools = [weather_tool()];
+        assert_eq!(tool_mode(&tools, None).unwrap(), ToolMode::Auto);
+        let named: ToolChoice =
+            serde_json::from_value(json!({"type": "function", "function": {"name": "nope"}}))
+                .unwrap();
+        assert!(tool_mode(&tools, Some(&named)).is_err());
+        let required = ToolChoice::Mode("required".into());
+        assert_eq!(
+            tool_mode(&tools, Some(&required)).unwrap(),
+            ToolMode::Required(vec!["get_weather".into()])
+        );
+        assert!(tool_mode(&[], Some(&required)).is_err());
+    }
+}

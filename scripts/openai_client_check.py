@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Drives a running `gemma serve` with the official `openai` Python client (dev-only check;
+the Rust tests do not need Python). Usage: openai_client_check.py [BASE_URL]
+Exits non-zero on the first failed check."""
+
+import json
+import sys
+
+import openai
+
+base = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080/v1"
+client = openai.OpenAI(base_url=base, api_key="unused")
+
+
+def check(name, ok, detail=""):
+    print(("ok   " if ok else "FAIL ") + name + (f": {detail}" if detail and not ok else ""))
+    if not ok:
+        sys.exit(1)
+
+
+models = client.models.list()
+check("models.list", len(models.data) == 1)
+model = models.data[0].id
+
+r = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Name a color."}], max_tokens=6, temperature=0
+)
+check("chat non-stream", r.choices[0].message.content and r.usage.completion_tokens <= 6, r)
+check("usage total", r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens)
+
+stream = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Name a color."}],
+    max_tokens=6,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+text, usage = "", None
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        text += chunk.choices[0].delta.content
+    if chunk.usage:
+        usage = chunk.usage
+check("chat stream equals non-stream", text == r.choices[0].message.content, text)
+check("stream usage", usage is not None and usage.completion_tokens == r.usage.completion_tokens)
+
+tools = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+r = client.chat.completions.create(
+    model=model, messages=messages, tools=tools, tool_choice="required", max_tokens=40, temperature=0
+)
+call = r.choices[0].message.tool_calls[0]
+check("tool call", r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather", r)
+check("tool call arguments", isinstance(json.loads(call.function.arguments).get("city"), str))
+messages += [r.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny"}'}]
+r = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice="none", max_tokens=8)
+check("tool result round trip", isinstance(r.choices[0].message.content, str), r)
+
+stream = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "What is the weather in Oslo?"}],
+    tools=tools,
+    tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    max_tokens=40,
+    temperature=0,
+    stream=True,
+)
+names, args, finish = [], "", None
+for chunk in stream:
+    d = chunk.choices[0].delta if chunk.choices else None
+    if d and d.tool_calls:
+        for tc in d.tool_calls:
+            if tc.function.name:
+                names.append(tc.function.name)
+            args += tc.function.arguments or ""
+    if chunk.choices and chunk.choices[0].finish_reason:
+        finish = chunk.choices[0].finish_reason
+check("streamed tool call", names == ["get_weather"] and finish == "tool_calls" and json.loads(args), names)
+
+schema = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+r = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Invent a person."}],
+    response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+    max_tokens=60,
+)
+person = json.loads(r.choices[0].message.content)
+check("json_schema", set(person) == {"name", "age"} and isinstance(person["age"], int), person)
+
+r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=3, temperature=0)
+check("completions", r.choices[0].text is not None and r.usage.completion_tokens <= 3)
+
+try:
+    client.chat.completions.create(
+        model=model,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+            }
+        ],
+    )
+    check("image part rejected", False)
+except openai.BadRequestError as e:
+    check("image part rejected with 400", e.status_code == 400)
+
+print("all checks passed")
