@@ -13,7 +13,7 @@ pub mod load;
 pub mod matformer;
 pub mod perplexity;
 pub mod sampling;
-mod stop;
+pub mod stop;
 
 pub use default_model::{cache_dir, default_model_path, ensure_default_model};
 pub use generate::{Chat, GenerationStats, Session, StopReason, TurnOutput};

@@ -2,13 +2,13 @@
 //! could be the start of one is held back until it either completes the stop string (and is
 //! dropped) or stops matching (and is released).
 
-pub(crate) struct StopStringFilter {
+pub struct StopStringFilter {
     stops: Vec<String>,
     pending: String,
 }
 
 /// What one piece of streamed text turned into.
-pub(crate) struct Filtered {
+pub struct Filtered {
     /// Text that is safe to show now.
     pub emit: String,
     /// A stop string was completed; nothing after it may be shown.

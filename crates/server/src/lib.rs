@@ -14,7 +14,6 @@ pub mod metrics;
 mod prepare;
 pub mod routes;
 pub mod scheduler;
-mod stop;
 pub mod tools;
 
 use std::net::SocketAddr;

@@ -19,7 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::api::{TokenLogprob, TopLogprob, Usage};
 use crate::constrain::apply_mask;
 use crate::metrics::Metrics;
-use crate::stop::StopFilter;
+use gemma_engine::stop::{Filtered, StopStringFilter};
 
 /// Prompt tokens fed per slot per iteration: long prompts do not stall other slots' decoding.
 const PREFILL_CHUNK: usize = 64;
@@ -163,7 +163,7 @@ struct Active {
     history: Vec<u32>,
     sampler: Sampler,
     decoder: StreamDecoder,
-    stops: StopFilter,
+    stops: StopStringFilter,
     generated: usize,
     first_token_seen: bool,
 }
@@ -248,7 +248,7 @@ impl Worker {
             history: job.prompt.clone(),
             sampler: Sampler::new(&job.params),
             decoder: StreamDecoder::new(),
-            stops: StopFilter::new(&job.params.stop),
+            stops: StopStringFilter::new(&job.params.stop),
             generated: 0,
             first_token_seen: false,
             job,
@@ -408,7 +408,10 @@ impl Worker {
         let piece = tokenizer
             .map(|t| active.decoder.push(t, id))
             .unwrap_or_default();
-        let (text, stopped) = active.stops.push(&piece);
+        let Filtered {
+            emit: text,
+            stopped,
+        } = active.stops.push(&piece);
         if active
             .job
             .events
@@ -440,7 +443,10 @@ impl Worker {
         let usage = Usage::new(active.job.prompt.len(), active.generated);
         let event = match outcome {
             Outcome::Finished(finish) => {
-                let (mut tail, stopped) = active.stops.push(&active.decoder.finish());
+                let Filtered {
+                    emit: mut tail,
+                    stopped,
+                } = active.stops.push(&active.decoder.finish());
                 if !stopped {
                     tail.push_str(&active.stops.finish());
                 }
