@@ -479,7 +479,8 @@ impl VecMath for Avx2Math {
 mod tests {
     use super::*;
 
-    /// Plain softmax attention with an explicit score vector, for comparison.
+    /// Plain softmax attention with an explicit score vector, in f64, for comparison
+    /// (the soft cap, when set, applied to every score).
     fn naive(
         p: &AttentionParams,
         q: &[f32],
@@ -495,11 +496,14 @@ mod tests {
             for h in 0..nh {
                 let kvh = h / (nh / nkv);
                 let qv = &q[(t * nh + h) * hd..][..hd];
-                let scores: Vec<Option<f32>> = (0..n_keys)
+                let scores: Vec<Option<f64>> = (0..n_keys)
                     .map(|j| {
                         p.mask.visible(q_pos0 + t, j).then(|| {
                             let kv = &k[(j * nkv + kvh) * hd..][..hd];
-                            qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * p.scale
+                            let s: f64 = qv.iter().zip(kv).map(|(a, b)| (a * b) as f64).sum();
+                            let s = s * p.scale as f64;
+                            p.softcap
+                                .map_or(s, |cap| cap as f64 * (s / cap as f64).tanh())
                         })
                     })
                     .collect();
@@ -507,16 +511,16 @@ mod tests {
                     .iter()
                     .flatten()
                     .copied()
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let exps: Vec<f32> = scores
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores
                     .iter()
                     .map(|s| s.map_or(0.0, |s| (s - max).exp()))
                     .collect();
-                let sum: f32 = exps.iter().sum();
+                let sum: f64 = exps.iter().sum();
                 for j in 0..n_keys {
                     let vv = &v[(j * nkv + kvh) * hd..][..hd];
                     for d in 0..hd {
-                        out[(t * nh + h) * hd + d] += exps[j] / sum * vv[d];
+                        out[(t * nh + h) * hd + d] += (exps[j] / sum * vv[d] as f64) as f32;
                     }
                 }
             }
@@ -619,7 +623,7 @@ mod tests {
                 ];
                 let mut out = vec![0.0; q.len()];
                 attention(&pool, &p, &q, q_pos0, &segs, &mut out);
-                let mut softcapped = naive_softcap(&p, &q, q_pos0, &k, &v, n_keys);
+                let mut softcapped = naive(&p, &q, q_pos0, &k, &v, n_keys);
                 for (a, b) in out.iter().zip(&softcapped) {
                     assert!((a - b).abs() < 1e-5, "{mask:?} {n_queries}: {a} vs {b}");
                 }
@@ -642,55 +646,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// [`naive`] with the tanh soft cap applied to every score.
-    fn naive_softcap(
-        p: &AttentionParams,
-        q: &[f32],
-        q_pos0: usize,
-        k: &[f32],
-        v: &[f32],
-        n_keys: usize,
-    ) -> Vec<f32> {
-        let cap = p.softcap.expect("test uses a soft cap");
-        // Fold the cap into the keys is impossible (tanh is not linear): recompute by hand.
-        let (hd, nh, nkv) = (p.head_dim, p.n_heads, p.n_kv_heads);
-        let n_tokens = q.len() / (nh * hd);
-        let mut out = vec![0.0; q.len()];
-        for t in 0..n_tokens {
-            for h in 0..nh {
-                let kvh = h / (nh / nkv);
-                let qv = &q[(t * nh + h) * hd..][..hd];
-                let scores: Vec<Option<f64>> = (0..n_keys)
-                    .map(|j| {
-                        p.mask.visible(q_pos0 + t, j).then(|| {
-                            let kv = &k[(j * nkv + kvh) * hd..][..hd];
-                            let s: f64 = qv.iter().zip(kv).map(|(a, b)| (a * b) as f64).sum();
-                            let s = s * p.scale as f64;
-                            cap as f64 * (s / cap as f64).tanh()
-                        })
-                    })
-                    .collect();
-                let max = scores
-                    .iter()
-                    .flatten()
-                    .copied()
-                    .fold(f64::NEG_INFINITY, f64::max);
-                let exps: Vec<f64> = scores
-                    .iter()
-                    .map(|s| s.map_or(0.0, |s| (s - max).exp()))
-                    .collect();
-                let sum: f64 = exps.iter().sum();
-                for j in 0..n_keys {
-                    let vv = &v[(j * nkv + kvh) * hd..][..hd];
-                    for d in 0..hd {
-                        out[(t * nh + h) * hd + d] += (exps[j] / sum * vv[d] as f64) as f32;
-                    }
-                }
-            }
-        }
-        out
     }
 
     #[test]
