@@ -11,7 +11,9 @@
 # pp32 doubles as time to first token (TTFT = 32 / t/s: the prompt's forward pass yields the
 # first token's logits). A last row per thread count compares peak RSS (GNU time's %M) of one
 # run generating 128 tokens at a 4096-token context (-d 3968 -n 128).
-# Environment: LLAMA_CPP_PYTHON_VERSION (default 0.3.16), BENCH_DIR, PYTHON (default python3).
+# Environment: LLAMA_CPP_PYTHON_VERSION (default 0.3.16), BENCH_DIR, PYTHON (default python3),
+# CACHE_TYPE (KV cache of both engines: f16, the default of both, or q8_0 / f32; llama.cpp
+# stores a quantized V cache only with flash attention, so q8_0 adds -fa 1 to llama-bench).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,6 +25,7 @@ TESTS="pp512 tg128 tg128@d4096 pp8192 pp32"
 BENCH_DIR="${BENCH_DIR:-$ROOT/target/llama-bench}"
 PYTHON="${PYTHON:-python3}"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.16}"
+CACHE_TYPE="${CACHE_TYPE:-f16}"
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -95,21 +98,27 @@ print(r.get("avg_ts", r.get("tokens_per_second")))'
 printf "model: %s\nmachine: %s, %s cores\ncommit: %s\n\n" "$MODEL" \
     "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" "$(nproc)" \
     "$(cd "$ROOT" && git rev-parse HEAD 2>/dev/null || echo unknown)"
+LLAMA_CACHE="-ctk $CACHE_TYPE -ctv $CACHE_TYPE"
+if [[ "$CACHE_TYPE" == q* ]]; then LLAMA_CACHE="$LLAMA_CACHE -fa 1"; fi
+GEMMA_CACHE="--cache-type $CACHE_TYPE"
+printf "KV cache: %s\n\n" "$CACHE_TYPE"
 printf "| test | threads | llama.cpp t/s | gemma-rs t/s | ratio |\n|---|---|---|---|---|\n"
 for threads in $THREADS; do
     for t in $TESTS; do
         flags=$(test_flags "$t")
         # shellcheck disable=SC2086
-        llama=$("$LLAMA_BENCH" -m "$MODEL" $flags -t "$threads" -r "$REPS" -o json 2>/dev/null | extract)
+        llama=$("$LLAMA_BENCH" -m "$MODEL" $flags $LLAMA_CACHE -t "$threads" -r "$REPS" -o json 2>/dev/null | extract)
         # shellcheck disable=SC2086
-        gemma=$("$GEMMA" bench -m "$MODEL" $flags -t "$threads" -r "$REPS" --json 2>/dev/null | extract)
+        gemma=$("$GEMMA" $GEMMA_CACHE bench -m "$MODEL" $flags -t "$threads" -r "$REPS" --json 2>/dev/null | extract)
         ratio=$("$PYTHON" -c "print(f'{$gemma / $llama:.2f}')")
         printf "| %s | %s | %.1f | %.1f | %s |\n" "$t" "$threads" "$llama" "$gemma" "$ratio"
     done
-    rss_llama=$(/usr/bin/time -f %M "$LLAMA_BENCH" -m "$MODEL" -p 0 -n 128 -d 3968 -t "$threads" \
-        -r 1 -o json 2>&1 >/dev/null | tail -1)
-    rss_gemma=$(/usr/bin/time -f %M "$GEMMA" bench -m "$MODEL" -p 0 -n 128 -d 3968 -t "$threads" \
-        -r 1 --json 2>&1 >/dev/null | tail -1)
+    # shellcheck disable=SC2086
+    rss_llama=$(/usr/bin/time -f %M "$LLAMA_BENCH" -m "$MODEL" -p 0 -n 128 -d 3968 $LLAMA_CACHE \
+        -t "$threads" -r 1 -o json 2>&1 >/dev/null | tail -1)
+    # shellcheck disable=SC2086
+    rss_gemma=$(/usr/bin/time -f %M "$GEMMA" $GEMMA_CACHE bench -m "$MODEL" -p 0 -n 128 -d 3968 \
+        -t "$threads" -r 1 --json 2>&1 >/dev/null | tail -1)
     ratio=$("$PYTHON" -c "print(f'{$rss_gemma / $rss_llama:.2f}')")
     printf "| peak RSS MiB, tg128 at ctx 4096 | %s | %.1f | %.1f | %s |\n" "$threads" \
         "$(echo "$rss_llama / 1024" | bc -l)" "$(echo "$rss_gemma / 1024" | bc -l)" "$ratio"

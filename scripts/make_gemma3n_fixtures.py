@@ -16,6 +16,13 @@ Writes fixtures/gemma3n_tiny/:
                                    widths; transformers builds the model at those widths from the
                                    first rows of gate/up and first columns of down, and gives the
                                    logits of the same prompt
+  reference_matformer_skip.json    MatFormer slice that also skips layers (Google's MatFormer Lab
+                                   recipe, docs/matformer.md): transformers builds the sub-model
+                                   from the config with the kept layers only (filtered layer_types
+                                   and sparsity, one MLP width per kept layer, fewer KV-shared
+                                   layers) and weights cut from the full checkpoint (kept layers
+                                   renumbered, their PLE columns and per_layer_model_projection
+                                   rows), and gives the logits of the same prompt
 
 The config exercises every Gemma 3n text quirk: AltUp with 4 streams, LAuReL, per-layer
 embeddings (PLE), 3 KV-consumer layers of both types whose producers are not the layer just
@@ -26,7 +33,11 @@ output scale, LAuReL.
 
 Run with the dev venv: scripts/dev-venv.sh, then
   /root/.venvs/ref/bin/python scripts/make_gemma3n_fixtures.py
+Options: --out DIR writes somewhere else; --skip-reference-only reads the committed checkpoint
+(config.json + model.safetensors), checks it still reproduces reference.json, and (re)writes only
+reference_matformer_skip.json.
 """
+import argparse
 import json
 import os
 import sys
@@ -43,8 +54,8 @@ SEED = 20261130
 S, F = "sliding_attention", "full_attention"
 
 
-def build_config():
-    return Gemma3nTextConfig(
+def build_config(**overrides):
+    args = dict(
         vocab_size=256,
         vocab_size_per_layer_input=256,
         hidden_size=32,
@@ -74,6 +85,8 @@ def build_config():
         bos_token_id=2,
         eos_token_id=1,
     )
+    args.update(overrides)
+    return Gemma3nTextConfig(**args)
 
 
 def is_scale(name):
@@ -130,6 +143,103 @@ def matformer_reference(cfg, model, ids):
         "vocab_size": cfg.vocab_size,
         "logits": [[float(v) for v in row] for row in logits],
     }
+
+
+# Skips two producer layers that no consumer reads (1, 3: both sparse) and one consumer (5, full),
+# keeping both KV sources (2 full, 4 sliding) and a consumer of each type (6 sliding, 7 full).
+MATFORMER_SKIP = [1, 3, 5]
+# One width per kept layer 0, 2, 4, 6, 7 (stored: 32, 32, 48, 56, 48).
+MATFORMER_SKIP_WIDTHS = [16, 32, 24, 40, 48]
+
+
+def skip_config(cfg, skip, widths):
+    """The sub-model's config by the MatFormer Lab rule, generalised from E4B's fixed indices:
+    kept layers keep their own attention type and sparsity, each KV-shared layer skipped lowers
+    num_kv_shared_layers by one, and the KV source layers of kept consumers may not be skipped."""
+    n = cfg.num_hidden_layers
+    kept = [i for i in range(n) if i not in skip]
+    first_shared = n - cfg.num_kv_shared_layers
+    sources = {t: max(i for i in range(first_shared) if cfg.layer_types[i] == t) for t in set(cfg.layer_types)}
+    for i in kept:
+        if i >= first_shared:
+            assert sources[cfg.layer_types[i]] in kept, f"layer {i} reads a skipped source"
+    assert len(widths) == len(kept)
+    sub = build_config(
+        num_hidden_layers=len(kept),
+        intermediate_size=list(widths),
+        layer_types=[cfg.layer_types[i] for i in kept],
+        activation_sparsity_pattern=[cfg.activation_sparsity_pattern[i] for i in kept],
+        num_kv_shared_layers=cfg.num_kv_shared_layers - sum(1 for i in skip if i >= first_shared),
+    )
+    return sub, kept
+
+
+def skip_weights(cfg, state, kept, widths):
+    """The full checkpoint's tensors cut to the kept layers, as the MatFormer Lab slices them."""
+    n, p = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+    renumber = {old: new for new, old in enumerate(kept)}
+    out = {}
+    for name, t in state.items():
+        if name.startswith("model.layers."):
+            old = int(name.split(".")[2])
+            if old not in renumber:
+                continue
+            new = renumber[old]
+            name = name.replace(f"model.layers.{old}.", f"model.layers.{new}.", 1)
+            if "mlp.down_proj" in name:
+                t = t[:, : widths[new]]
+            elif "mlp.gate_proj" in name or "mlp.up_proj" in name:
+                t = t[: widths[new], :]
+        elif name == "model.embed_tokens_per_layer.weight":
+            t = t.reshape(t.shape[0], n, p)[:, kept, :].reshape(t.shape[0], -1)
+        elif name == "model.per_layer_model_projection.weight":
+            t = t.reshape(n, p, t.shape[1])[kept].reshape(-1, t.shape[1])
+        out[name] = t.clone().contiguous()
+    return out
+
+
+def matformer_skip_reference(cfg, model, ids):
+    """Logits of the sub-model that skips MATFORMER_SKIP, built by transformers from its config."""
+    sub_cfg, kept = skip_config(cfg, MATFORMER_SKIP, MATFORMER_SKIP_WIDTHS)
+    sliced = Gemma3nForCausalLM(sub_cfg).float().eval()
+    state = skip_weights(cfg, model.state_dict(), kept, MATFORMER_SKIP_WIDTHS)
+    missing, unexpected = sliced.load_state_dict(state, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    sliced.tie_weights()
+    with torch.no_grad():
+        logits = sliced(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+    return {
+        "generator": "scripts/make_gemma3n_fixtures.py",
+        "layers_to_skip": MATFORMER_SKIP,
+        "kept_layers": kept,
+        "intermediate_size": MATFORMER_SKIP_WIDTHS,
+        "layer_types": list(sub_cfg.layer_types),
+        "activation_sparsity_pattern": list(sub_cfg.activation_sparsity_pattern),
+        "num_kv_shared_layers": sub_cfg.num_kv_shared_layers,
+        "input_ids": ids,
+        "vocab_size": cfg.vocab_size,
+        "logits": [[float(v) for v in row] for row in logits],
+    }
+
+
+def write_skip_reference_from_checkpoint(out):
+    """The skip reference from the committed checkpoint, after checking it reproduces reference.json."""
+    cfg = build_config()
+    model = Gemma3nForCausalLM(cfg).float().eval()
+    state = load_file(os.path.join(out, "model.safetensors"))
+    own = model.state_dict()
+    missing, _ = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    assert all(k == "lm_head.weight" for k in missing), missing
+    model.tie_weights()
+    with open(os.path.join(out, "reference.json")) as f:
+        ref = json.load(f)
+    ids = ref["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+    drift = float(np.abs(logits - np.array(ref["logits"], dtype=np.float32)).max())
+    assert drift < 1e-5, f"the checkpoint no longer reproduces reference.json ({drift})"
+    with open(os.path.join(out, "reference_matformer_skip.json"), "w") as f:
+        json.dump(matformer_skip_reference(cfg, model, ids), f)
 
 
 GGUF_LAYER_NAMES = {
@@ -219,22 +329,31 @@ def write_gguf(cfg, tensors, path):
 
 
 def main():
-    os.makedirs(OUT, exist_ok=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=OUT)
+    parser.add_argument("--skip-reference-only", action="store_true")
+    args = parser.parse_args()
+    out = args.out
+    if args.skip_reference_only:
+        write_skip_reference_from_checkpoint(out)
+        print("wrote", os.path.join(out, "reference_matformer_skip.json"), file=sys.stderr)
+        return
+    os.makedirs(out, exist_ok=True)
     torch.manual_seed(SEED)
     g = torch.Generator().manual_seed(SEED)
     cfg = build_config()
     model = Gemma3nForCausalLM(cfg).float().eval()
     randomize(model, g)
-    model.save_pretrained(OUT, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True)
     for extra in ("generation_config.json",):
-        path = os.path.join(OUT, extra)
+        path = os.path.join(out, extra)
         if os.path.exists(path):
             os.remove(path)
-    st_path = os.path.join(OUT, "model.safetensors")
+    st_path = os.path.join(out, "model.safetensors")
     tensors = load_file(st_path)
     tensors.update(consumer_kv_weights(cfg, g))
     save_file({k: v.contiguous() for k, v in tensors.items()}, st_path, metadata={"format": "pt"})
-    write_gguf(cfg, tensors, os.path.join(OUT, "model.gguf"))
+    write_gguf(cfg, tensors, os.path.join(out, "model.gguf"))
 
     rng = np.random.default_rng(SEED)
     ids = [2] + rng.integers(3, cfg.vocab_size, size=15).tolist()  # 16 positions > window 6
@@ -258,11 +377,13 @@ def main():
             for p in (1e-6, 0.001, 0.02, 0.05, 0.3, 0.5, 0.6, 0.8, 0.9, 0.95, 0.975, 0.999, 1 - 1e-6)
         ],
     }
-    with open(os.path.join(OUT, "reference.json"), "w") as f:
+    with open(os.path.join(out, "reference.json"), "w") as f:
         json.dump(ref, f)
-    with open(os.path.join(OUT, "reference_matformer.json"), "w") as f:
+    with open(os.path.join(out, "reference_matformer.json"), "w") as f:
         json.dump(matformer_reference(cfg, model, ids), f)
-    print("wrote", OUT, file=sys.stderr)
+    with open(os.path.join(out, "reference_matformer_skip.json"), "w") as f:
+        json.dump(matformer_skip_reference(cfg, model, ids), f)
+    print("wrote", out, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -71,30 +71,48 @@ messages += [r.choices[0].message, {"role": "tool", "tool_call_id": call.id, "co
 r = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice="none", max_tokens=8)
 check("tool result round trip", isinstance(r.choices[0].message.content, str), r)
 
-stream = client.chat.completions.create(
+# A streamed tool call, accumulated the way OpenAI's docs show: the first delta of a call
+# carries its id, type and name; later deltas append to function.arguments.
+oslo = dict(
     model=model,
     messages=[{"role": "user", "content": "What is the weather in Oslo?"}],
     tools=tools,
     tool_choice={"type": "function", "function": {"name": "get_weather"}},
     max_tokens=40,
     temperature=0,
-    stream=True,
 )
-names, args, finish = [], "", None
+plain = client.chat.completions.create(**oslo)
+stream = client.chat.completions.create(**oslo, stream=True)
+calls, finish, argument_chunks = {}, None, 0
 for chunk in stream:
     d = chunk.choices[0].delta if chunk.choices else None
-    if d and d.tool_calls:
-        for tc in d.tool_calls:
-            if tc.function.name:
-                names.append(tc.function.name)
-            args += tc.function.arguments or ""
+    for tc in (d.tool_calls or []) if d else []:
+        if tc.index not in calls:
+            calls[tc.index] = {"id": tc.id, "type": tc.type, "name": tc.function.name, "arguments": ""}
+        elif tc.id is not None:
+            check("only a call's first delta has its id", False, tc)
+        if tc.function and tc.function.arguments:
+            calls[tc.index]["arguments"] += tc.function.arguments
+            argument_chunks += 1
     if chunk.choices and chunk.choices[0].finish_reason:
         finish = chunk.choices[0].finish_reason
-check("streamed tool call", names == ["get_weather"] and finish == "tool_calls" and json.loads(args), names)
+check("streamed tool call", list(calls) == [0] and finish == "tool_calls", calls)
+call = calls[0]
+check("streamed call id and name", call["id"].startswith("call_") and call["type"] == "function"
+      and call["name"] == "get_weather", call)
+check("arguments streamed in pieces", argument_chunks > 1, argument_chunks)
+check("streamed arguments equal the non-stream ones",
+      call["arguments"] == plain.choices[0].message.tool_calls[0].function.arguments, call)
+check("streamed arguments are JSON", isinstance(json.loads(call["arguments"]).get("city"), str), call)
 
 schema = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+    # Bounded so that a sampled answer always fits in max_tokens (an unbounded integer can
+    # run on until the token limit cuts the document).
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
     "required": ["name", "age"],
     "additionalProperties": False,
 }
@@ -104,6 +122,7 @@ r = client.chat.completions.create(
     response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
     max_tokens=60,
 )
+check("json_schema complete", r.choices[0].finish_reason == "stop", r)
 person = json.loads(r.choices[0].message.content)
 check("json_schema", set(person) == {"name", "age"} and isinstance(person["age"], int), person)
 

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gemma_engine::gemma_models::Logits;
+use gemma_engine::gemma_models::{Logits, Model};
 use gemma_engine::{LoadOptions, LoadedModel};
 
 use crate::CommonArgs;
@@ -110,8 +110,10 @@ pub fn bench(common: &CommonArgs, args: &BenchArgs) -> Result<()> {
     let opts = LoadOptions {
         ctx_size,
         verbose: !common.quiet && !args.json,
+        cache_type: common.cache_type,
+        batch_size: args.batch_size,
     };
-    let loaded = gemma_engine::load(model_path, &opts)?;
+    let loaded = gemma_engine::load_with_matformer(model_path, &opts, common.matformer.as_deref())?;
     let threads = configured_threads();
     let model_name = model_path
         .map(|p| p.display().to_string())
@@ -202,18 +204,34 @@ fn test_name(n_prompt: usize, n_gen: usize, depth: usize) -> String {
     }
 }
 
-/// Deterministic token ids spread over the vocabulary (llama-bench feeds random tokens).
+/// Deterministic token ids spread over the first `vocab` ids (llama-bench feeds random tokens).
+/// The lowest ids are special tokens, so they are skipped: 1000 of a real vocabulary, a quarter
+/// of a small one (test models), so every id is below `vocab` whatever its size.
 fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let first = if vocab > 4000 { 1000 } else { vocab / 4 };
+    let span = vocab.saturating_sub(first).max(1) as u64;
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
-            // Skip the first ids (special tokens) so the text looks like ordinary tokens.
-            (1000 + s % (vocab.saturating_sub(1000).max(1) as u64)) as u32
+            (first as u64 + s % span) as u32
         })
         .collect()
+}
+
+/// Ids a text prompt may hold: Gemma 3n's vocabulary ends with image/audio ids that only their
+/// own embedders take.
+fn text_vocab(model: &Model) -> usize {
+    let vocab = model.vocab_size();
+    match model {
+        Model::Gemma3n(g) => g
+            .config()
+            .first_multimodal_id
+            .map_or(vocab, |m| m.min(vocab)),
+        _ => vocab,
+    }
 }
 
 /// Seconds for one repetition: fill `depth` tokens (untimed), then time `n_prompt` tokens in
@@ -227,7 +245,7 @@ fn run_once(
     batch: usize,
 ) -> Result<f64> {
     let model = &loaded.model;
-    let vocab = model.vocab_size();
+    let vocab = text_vocab(model);
     let mut cache = model
         .new_cache(ctx_size)
         .context("cannot allocate the KV cache")?;
@@ -244,7 +262,7 @@ fn run_once(
         for _ in 0..n_gen {
             let logits = model.forward(&[next], &mut cache, Logits::Last)?;
             // Greedy choice keeps the step realistic (the logits are read) and cheap.
-            next = argmax(logits);
+            next = argmax(&logits[..vocab]);
         }
     }
     Ok(start.elapsed().as_secs_f64())
@@ -268,6 +286,22 @@ mod tests {
     fn names_follow_llama_bench() {
         assert_eq!(test_name(512, 0, 0), "pp512");
         assert_eq!(test_name(0, 128, 4096), "tg128 @ d4096");
+    }
+
+    #[test]
+    fn token_ids_fit_any_vocabulary() {
+        for vocab in [1, 2, 5, 256, 4001, 262_144] {
+            let ids = token_ids(500, vocab, 7);
+            assert!(ids.iter().all(|&id| (id as usize) < vocab), "vocab {vocab}");
+        }
+        let ids = token_ids(500, 262_144, 7);
+        assert!(ids.iter().all(|&id| id >= 1000), "special tokens skipped");
+        assert!(
+            ids.iter().any(|&id| id > 200_000),
+            "spread over the vocabulary"
+        );
+        assert!(token_ids(500, 256, 7).iter().all(|&id| id >= 64));
+        assert_eq!(token_ids(3, 256, 9), token_ids(3, 256, 9));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use gemma_engine::gemma_models::Logits;
 use gemma_engine::gemma_tokenizer::ChatMessage;
-use gemma_engine::{Chat, GenerationStats, LoadOptions, LoadedModel, Session};
+use gemma_engine::{Chat, GenerationStats, LoadOptions, LoadedModel, Session, DEFAULT_BATCH_SIZE};
 
 use crate::{CommonArgs, SamplingArgs};
 
@@ -25,7 +25,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub json_schema: Option<PathBuf>,
     #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+/// Prompt batching, shared by run, chat and perplexity.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct BatchArgs {
+    /// Prompt tokens per forward pass (llama.cpp's -b); smaller bounds memory on long prompts
+    #[arg(short = 'b', long, default_value_t = DEFAULT_BATCH_SIZE, value_name = "N")]
+    pub batch_size: usize,
 }
 
 #[derive(Args)]
@@ -33,6 +43,8 @@ pub struct ChatArgs {
     /// System instructions for the whole conversation
     #[arg(long, value_name = "TEXT")]
     pub system: Option<String>,
+    #[command(flatten)]
+    pub batch: BatchArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -68,12 +80,19 @@ pub struct PerplexityArgs {
     /// Tokens per evaluated chunk (llama-perplexity's -c); the second half of each is scored
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub chunk_size: usize,
+    #[command(flatten)]
+    pub batch: BatchArgs,
 }
 
-fn load(common: &CommonArgs) -> Result<LoadedModel> {
+fn load(common: &CommonArgs, batch_size: usize) -> Result<LoadedModel> {
+    if batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
     let opts = LoadOptions {
         ctx_size: common.ctx_size,
         verbose: !common.quiet,
+        cache_type: common.cache_type,
+        batch_size,
     };
     gemma_engine::load_with_matformer(common.model.as_deref(), &opts, common.matformer.as_deref())
 }
@@ -98,7 +117,7 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
     if args.raw && args.system.is_some() {
         bail!("--system needs the chat template, so it cannot be combined with --raw");
     }
-    let loaded = load(common)?;
+    let loaded = load(common, args.batch.batch_size)?;
     let prompt = if args.raw {
         args.prompt.clone()
     } else {
@@ -126,7 +145,7 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
 
 pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
     let params = args.sampling.to_params()?;
-    let loaded = load(common)?;
+    let loaded = load(common, args.batch.batch_size)?;
     let mut chat = Chat::new(&loaded, context_size(common, &loaded), args.system.clone())?;
     let interactive = io::stdin().is_terminal();
     if interactive {
@@ -164,7 +183,7 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
 }
 
 pub fn tokenize(common: &CommonArgs, args: &TokenizeArgs) -> Result<()> {
-    let loaded = load(common)?;
+    let loaded = load(common, DEFAULT_BATCH_SIZE)?;
     let tokenizer = loaded
         .tokenizer
         .as_ref()
@@ -176,7 +195,7 @@ pub fn tokenize(common: &CommonArgs, args: &TokenizeArgs) -> Result<()> {
 }
 
 pub fn logits(common: &CommonArgs, args: &LogitsArgs) -> Result<()> {
-    let loaded = load(common)?;
+    let loaded = load(common, DEFAULT_BATCH_SIZE)?;
     let ids = match (&args.ids, &args.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(prompt)) => loaded.encode_prompt(prompt)?,
@@ -219,7 +238,7 @@ fn top_logits(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 pub fn perplexity(common: &CommonArgs, args: &PerplexityArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let loaded = load(common)?;
+    let loaded = load(common, args.batch.batch_size)?;
     let quiet = common.quiet;
     let result =
         gemma_engine::perplexity(&loaded, &text, args.chunk_size, &mut |done, total, ppl| {

@@ -12,6 +12,8 @@ pub fn info(common: &CommonArgs) -> Result<()> {
     let opts = LoadOptions {
         ctx_size: common.ctx_size,
         verbose: false,
+        cache_type: common.cache_type,
+        ..LoadOptions::default()
     };
     let loaded = gemma_engine::load_with_matformer(
         common.model.as_deref(),
@@ -72,9 +74,10 @@ pub fn info(common: &CommonArgs) -> Result<()> {
         );
     }
     println!(
-        "  KV cache at --ctx-size {}: {}",
+        "  KV cache at --ctx-size {}: {} ({})",
         common.ctx_size,
-        human_bytes(kv)
+        human_bytes(kv),
+        model.cache_type()
     );
     println!("  total: {}", human_bytes(weights + kv));
     Ok(())

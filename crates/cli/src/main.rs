@@ -39,6 +39,9 @@ pub struct CommonArgs {
     /// Gemma 3n: run the MatFormer sub-model described by this JSON file (see docs/matformer.md)
     #[arg(long, global = true, value_name = "CONFIG")]
     pub matformer: Option<PathBuf>,
+    /// KV cache storage: f16 (as llama.cpp), f32 (exact) or q8_0 (about half of f16)
+    #[arg(long, global = true, default_value = "f16", value_name = "TYPE")]
+    pub cache_type: gemma_engine::gemma_models::CacheType,
 }
 
 #[derive(Subcommand)]
@@ -165,14 +168,6 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         }
         // Read by the kernels' thread pool when it starts, which is after this point.
         std::env::set_var("GEMMA_THREADS", threads.to_string());
-    }
-    if cli.common.matformer.is_some()
-        && matches!(cli.command, Command::Bench(_) | Command::Serve(_))
-    {
-        // Those commands load the model on their own path: refuse rather than ignore it.
-        anyhow::bail!(
-            "--matformer works with run, chat, logits, perplexity, info and extract, not bench or serve yet"
-        );
     }
     if cli.common.ctx_size == 0 {
         anyhow::bail!("--ctx-size must be at least 1");

@@ -38,8 +38,14 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     let opts = LoadOptions {
         ctx_size: common.ctx_size,
         verbose: !common.quiet,
+        cache_type: common.cache_type,
+        ..LoadOptions::default()
     };
-    let loaded = gemma_engine::load(common.model.as_deref(), &opts)?;
+    let loaded = gemma_engine::load_with_matformer(
+        common.model.as_deref(),
+        &opts,
+        common.matformer.as_deref(),
+    )?;
     let trained = loaded.model.context_length();
     let ctx_size = if trained > 0 {
         common.ctx_size.min(trained)

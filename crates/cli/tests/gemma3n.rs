@@ -1,7 +1,8 @@
 //! The CLI on the tiny Gemma 3n fixture (no tokenizer): `logits --ids` agrees with
-//! transformers for the full model and for a MatFormer sub-model chosen with `--matformer`,
-//! `extract` writes a standalone sub-model with the same logits, `info` reports the memory-mapped
-//! PLE table, and bad inputs end in one clear error line.
+//! transformers for the full model and for MatFormer sub-models chosen with `--matformer`
+//! (narrower MLPs, and skipped layers), `extract` writes standalone sub-models with the same
+//! logits, `info` reports the memory-mapped PLE table, `bench` runs on the tiny vocabulary with
+//! and without `--matformer`, and bad inputs end in one clear error line.
 
 mod common;
 
@@ -37,9 +38,19 @@ fn reference(name: &str) -> (String, Vec<f64>, Option<Vec<u64>>) {
     (ids.join(","), last, widths)
 }
 
-/// `gemma logits --top 5` → [(id, logit)].
+/// `gemma logits --top 5` → [(id, logit)], with the exact (f32) KV cache the references are
+/// held to.
 fn top5(extra: &[&str], ids: &str) -> Vec<(usize, f64)> {
-    let mut args = vec!["logits", "-q", "--top", "5", "--ids", ids];
+    let mut args = vec![
+        "logits",
+        "-q",
+        "--cache-type",
+        "f32",
+        "--top",
+        "5",
+        "--ids",
+        ids,
+    ];
     args.extend_from_slice(extra);
     let out = gemma(&args, None);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -72,6 +83,112 @@ fn matformer_file(dir: &TempDir) -> String {
     dir.file("sub.json", json.as_bytes())
         .to_string_lossy()
         .into_owned()
+}
+
+/// The layer-skipping sub-model of `reference_matformer_skip.json` as a config file.
+fn skip_file(dir: &TempDir) -> String {
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("reference_matformer_skip.json")).unwrap(),
+    )
+    .unwrap();
+    let json = serde_json::json!({
+        "ffn_widths": r["intermediate_size"],
+        "layers_to_skip": r["layers_to_skip"],
+    })
+    .to_string();
+    dir.file("skip.json", json.as_bytes())
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn layer_skipping_sub_model_in_place_and_extracted_matches_transformers() {
+    let dir = TempDir::new("g3n-skip");
+    let config = skip_file(&dir);
+    let (ids, want, _) = reference("reference_matformer_skip.json");
+    for model in [fixture("model.gguf"), fixture("")] {
+        let got = top5(&["--model", &model, "--matformer", &config], &ids);
+        assert_matches(&got, &want, &format!("{model} --matformer skip"));
+    }
+    let out_path = dir.path().join("skip.gguf").to_string_lossy().into_owned();
+    let out = gemma(
+        &[
+            "extract",
+            "-q",
+            "--matformer",
+            &config,
+            &fixture("model.gguf"),
+            &out_path,
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let size = |p: &str| std::fs::metadata(p).unwrap().len();
+    assert!(size(&out_path) < size(&fixture("model.gguf")));
+    let extracted = top5(&["--model", &out_path], &ids);
+    assert_matches(&extracted, &want, "extracted skip.gguf");
+
+    let info = gemma(&["info", "--model", &out_path], None);
+    assert!(info.status.success(), "{}", stderr(&info));
+    let text = stdout(&info);
+    assert!(text.contains("layers: 5"), "{text}");
+    assert!(text.contains("ffn: 16,32,24,40,48"), "{text}");
+    assert!(text.contains("last 2 layers reuse earlier K/V"), "{text}");
+    let info = gemma(
+        &[
+            "info",
+            "--model",
+            &fixture("model.gguf"),
+            "--matformer",
+            &config,
+        ],
+        None,
+    );
+    assert!(info.status.success(), "{}", stderr(&info));
+    let text = stdout(&info);
+    assert!(
+        text.contains("layers: 5 (MatFormer: 8 stored, skipping 1,3,5)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bench_runs_on_a_tiny_vocabulary_with_and_without_matformer() {
+    let dir = TempDir::new("g3n-bench");
+    let config = skip_file(&dir);
+    let gguf = fixture("model.gguf");
+    let args = [
+        "bench", "-m", &gguf, "-p", "16", "-n", "4", "-d", "0,8", "-r", "2",
+    ];
+    let out = gemma(&[&args[..], &["--json"]].concat(), None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let tests: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["test"].as_str().unwrap())
+        .collect();
+    assert_eq!(tests, ["pp16", "pp16 @ d8", "tg4", "tg4 @ d8"]);
+    for row in rows.as_array().unwrap() {
+        assert!(row["tokens_per_second"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["samples_ts"].as_array().unwrap().len(), 2);
+    }
+    // The sub-model is the one benchmarked: the load log names its kept layers.
+    let out = gemma(&[&args[..], &["--matformer", &config]].concat(), None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("MatFormer sub-model: layers [0, 2, 4, 6, 7]"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("| tg4 @ d8 |"), "{}", stdout(&out));
+    let bad = dir.file("bad.json", br#"{"layers_to_skip": [4]}"#);
+    let out = gemma(
+        &[&args[..], &["-q", "--matformer", &bad.to_string_lossy()]].concat(),
+        None,
+    );
+    assert_clean_error(&out, &["skips layer 4", "KV-shared layer 6"]);
 }
 
 #[test]
@@ -162,11 +279,26 @@ fn bad_matformer_inputs_are_one_clear_error() {
     let (ids, _, _) = reference("reference.json");
     let wide = dir.file("wide.json", br#"{"ffn_widths": 4096}"#);
     let short = dir.file("short.json", br#"{"ffn_widths": [16, 16]}"#);
-    let skip = dir.file("skip.json", br#"{"ffn_widths": 16, "layers_to_skip": [2]}"#);
+    let source = dir.file(
+        "source.json",
+        br#"{"ffn_widths": 16, "layers_to_skip": [2]}"#,
+    );
+    let past = dir.file("past.json", br#"{"layers_to_skip": [3, 8]}"#);
+    let twice = dir.file("twice.json", br#"{"layers_to_skip": [3, 3]}"#);
+    let all = dir.file(
+        "all.json",
+        br#"{"layers_to_skip": [0, 1, 2, 3, 4, 5, 6, 7]}"#,
+    );
     let cases = [
         (wide, "4096 units, but the checkpoint stores only 32"),
         (short, "2 MLP widths for a model of 8 layers"),
-        (skip, "layers_to_skip is not supported"),
+        (
+            source,
+            "skips layer 2, whose keys and values the kept KV-shared layer 5 reads",
+        ),
+        (past, "skips layer 8, but the model has 8 layers"),
+        (twice, "lists layer 3 twice"),
+        (all, "skips all 8 layers"),
         (dir.path().join("absent.json"), "absent.json"),
     ];
     for (config, needle) in &cases {
@@ -230,17 +362,6 @@ fn bad_matformer_inputs_are_one_clear_error() {
         None,
     );
     assert_clean_error(&out, &["Gemma 3n"]);
-    let out = gemma(
-        &[
-            "bench",
-            "-m",
-            &gguf,
-            "--matformer",
-            &config.to_string_lossy(),
-        ],
-        None,
-    );
-    assert_clean_error(&out, &["--matformer", "bench"]);
 }
 
 /// Token `id` of the synthetic vocabulary: ids 0-3 are pad/eos/bos/unk, every other id one

@@ -11,9 +11,6 @@ use crate::load::LoadedModel;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::StopStringFilter;
 
-/// Prompts are fed in pieces of this many tokens to bound the activation memory.
-const PREFILL_CHUNK: usize = 512;
-
 /// Why generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopReason {
@@ -139,7 +136,8 @@ impl<'m> Session<'m> {
         if to_feed.is_empty() {
             bail!("nothing to generate from: the prompt is empty");
         }
-        for chunk in to_feed.chunks(PREFILL_CHUNK) {
+        // Pieces of `batch_size` tokens bound the activation memory.
+        for chunk in to_feed.chunks(self.loaded.batch_size.max(1)) {
             self.feed(chunk)?;
         }
         let prompt_secs = prompt_start.elapsed().as_secs_f64();

@@ -4,9 +4,9 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use gemma_formats::{open_model_source, ModelFile};
-use gemma_models::{load_model, Model};
+use gemma_models::{load_model, CacheType, Model};
 use gemma_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 
 use crate::default_model::ensure_default_model;
@@ -16,12 +16,20 @@ const GGUF_TOKENS_KEY: &str = "tokenizer.ggml.tokens";
 const GGUF_CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
 const END_OF_TURN: &str = "<end_of_turn>";
 
+/// Prompt tokens per forward pass unless told otherwise (llama.cpp's `-b` default).
+pub const DEFAULT_BATCH_SIZE: usize = 512;
+
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Context size the caller plans to use; only for the memory report.
     pub ctx_size: usize,
     /// Print a spinner (on a terminal) and a one-line memory summary to stderr.
     pub verbose: bool,
+    /// How every KV cache made for this model stores keys and values (default f16, as
+    /// llama.cpp).
+    pub cache_type: CacheType,
+    /// Prompt tokens per forward pass for sessions and perplexity (at least 1).
+    pub batch_size: usize,
 }
 
 impl Default for LoadOptions {
@@ -29,6 +37,8 @@ impl Default for LoadOptions {
         LoadOptions {
             ctx_size: 4096,
             verbose: false,
+            cache_type: CacheType::F16,
+            batch_size: DEFAULT_BATCH_SIZE,
         }
     }
 }
@@ -43,10 +53,15 @@ pub struct LoadedModel {
     pub source: PathBuf,
     /// The opened file or folder (metadata and tensor table for `gemma info`).
     pub file: ModelFile,
+    /// Prompt tokens per forward pass (`LoadOptions::batch_size`).
+    pub batch_size: usize,
 }
 
 /// Loads the model at `path`, or the default model (fetched if needed) when `path` is `None`.
 pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
+    if opts.batch_size == 0 {
+        bail!("the batch size must be at least 1");
+    }
     let source = match path {
         Some(p) => p.to_path_buf(),
         None => ensure_default_model()?,
@@ -54,10 +69,15 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     let spinner = opts.verbose.then(|| Spinner::start(&source));
     let loaded = load_from(&source);
     drop(spinner);
-    let loaded = loaded.with_context(|| format!("cannot load {}", source.display()))?;
+    let mut loaded = loaded.with_context(|| format!("cannot load {}", source.display()))?;
+    loaded
+        .model
+        .set_cache_type(opts.cache_type)
+        .context("--cache-type")?;
+    loaded.batch_size = opts.batch_size;
     if opts.verbose {
         eprintln!(
-            "gemma: {} ({}): weights {}{}, KV cache {} at --ctx-size {}",
+            "gemma: {} ({}): weights {}{}, KV cache {} ({}) at --ctx-size {}",
             source.display(),
             loaded.model.architecture(),
             human_bytes(loaded.model.weight_bytes()),
@@ -66,6 +86,7 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
                 n => format!(" resident (+{} memory-mapped PLE)", human_bytes(n)),
             },
             human_bytes(loaded.model.kv_cache_bytes(opts.ctx_size)),
+            opts.cache_type,
             opts.ctx_size
         );
     }
@@ -83,6 +104,7 @@ fn load_from(source: &Path) -> Result<LoadedModel> {
         chat_template,
         source: source.to_path_buf(),
         file,
+        batch_size: DEFAULT_BATCH_SIZE,
     })
 }
 

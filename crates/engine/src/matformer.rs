@@ -1,5 +1,6 @@
-//! MatFormer sub-models of a loaded Gemma 3n: chosen at load time (`--matformer CONFIG`) or
-//! switched between requests, always as views of the weights already held.
+//! MatFormer sub-models of a loaded Gemma 3n (layers kept, MLP widths): chosen at load time
+//! (`--matformer CONFIG`) or switched between requests, always as views of the weights already
+//! held.
 
 use std::path::Path;
 
@@ -39,7 +40,8 @@ pub fn load_with_matformer(
         loaded.set_matformer(config)?;
         if let (true, Model::Gemma3n(g)) = (opts.verbose, &loaded.model) {
             eprintln!(
-                "gemma: MatFormer MLP widths {:?}",
+                "gemma: MatFormer sub-model: layers {:?}, MLP widths {:?}",
+                g.active_layers(),
                 g.config().intermediate_size
             );
         }

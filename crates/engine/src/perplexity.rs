@@ -50,6 +50,8 @@ pub fn perplexity(
     let mut eval = ModelEvaluator {
         model: &loaded.model,
         cache: loaded.model.new_cache(n_ctx)?,
+        batch_size: loaded.batch_size.max(1),
+        logits: Vec::new(),
     };
     perplexity_of_tokens(&mut eval, &tokens, n_ctx, bos, progress)
 }
@@ -67,6 +69,10 @@ pub(crate) trait Evaluator {
 struct ModelEvaluator<'m> {
     model: &'m Model,
     cache: KvCache,
+    /// Tokens per forward pass (`--batch-size`).
+    batch_size: usize,
+    /// Logits gathered across passes when a request spans several.
+    logits: Vec<f32>,
 }
 
 impl Evaluator for ModelEvaluator<'_> {
@@ -80,7 +86,19 @@ impl Evaluator for ModelEvaluator<'_> {
 
     fn eval(&mut self, tokens: &[u32], all: bool) -> Result<&[f32]> {
         let which = if all { Logits::All } else { Logits::Last };
-        Ok(self.model.forward(tokens, &mut self.cache, which)?)
+        if tokens.len() <= self.batch_size {
+            return Ok(self.model.forward(tokens, &mut self.cache, which)?);
+        }
+        self.logits.clear();
+        let mut pieces = tokens.chunks(self.batch_size).peekable();
+        while let Some(piece) = pieces.next() {
+            let last_piece = pieces.peek().is_none();
+            let logits = self.model.forward(piece, &mut self.cache, which)?;
+            if all || last_piece {
+                self.logits.extend_from_slice(logits);
+            }
+        }
+        Ok(&self.logits)
     }
 }
 

@@ -5,7 +5,7 @@ use gemma_formats::GgmlType;
 use crate::error::{bytes_for, KernelError};
 use crate::gemm;
 use crate::pool::ThreadPool;
-use crate::quant::{self, selected_kernels, vec_dot_type};
+use crate::quant::{self, selected_kernels, vec_dot_type, QuantizedActs, ROW_GROUP};
 
 /// A row-major weight matrix `[rows, cols]` stored in its GGML type: each row is
 /// `dtype.bytes_for(cols)` bytes. Build with [`WeightMatrix::new`], which checks the sizes.
@@ -95,8 +95,10 @@ pub fn dequantize_row(w: &WeightMatrix, r: usize, dst: &mut [f32]) {
 /// `y[t * rows + r] = dot(w row r, x[t * cols..(t + 1) * cols])` for every token `t`.
 ///
 /// Each activation row is quantized once to the weight type's vec_dot type into `scratch`
-/// (reused across calls); rows are then split into chunks across `pool`, and inside a chunk
-/// every weight row is applied to all tokens while it is in cache.
+/// (reused across calls); rows are then split into chunks across `pool`. Types with a multi-row
+/// kernel (see [`quant`]) compute groups of 8 rows against up to 4 tokens at a time; every
+/// result is bit-identical to [`quant::vec_dot`] of its row and token, whatever the batch.
+/// Other types apply each weight row to all tokens while it is in cache.
 ///
 /// # Panics
 /// If `w` is malformed or `x`/`y` do not hold `n_tokens` rows of `cols`/`rows` values.
@@ -131,31 +133,46 @@ pub fn matmul(
         return;
     }
     let act_type = vec_dot_type(w.dtype);
-    let act_row = act_type.bytes_for(cols).expect("validated above");
-    let acts: &[u8] = if act_type == GgmlType::F32 {
-        f32_bytes(x)
-    } else {
-        scratch.clear();
-        scratch.resize(n_tokens * act_row, 0);
-        for (xt, at) in x
-            .chunks_exact(cols.max(1))
-            .zip(scratch.chunks_exact_mut(act_row.max(1)))
-        {
-            quant::quantize(act_type, xt, at).expect("activation types are quantizable");
+    let acts = if act_type == GgmlType::F32 {
+        QuantizedActs {
+            rows: f32_bytes(x),
+            row_bytes: 4 * cols,
+            q8_0_info: &[],
         }
-        &scratch[..]
+    } else {
+        quant::quantize_acts(act_type, x, cols, n_tokens, scratch)
     };
+    let act_row = acts.row_bytes;
+    let row_bytes = w.row_bytes();
+    let out = OutPtr(y.as_mut_ptr());
+    if let Some(kernel) = selected_kernels().rows(w.dtype) {
+        let chunk = rows_per_task(rows, pool.n_threads()).next_multiple_of(ROW_GROUP);
+        pool.run(rows.div_ceil(chunk), &|task| {
+            let first = task * chunk;
+            let n_rows = chunk.min(rows - first);
+            // SAFETY: y holds n_tokens x rows values, and this task alone writes its rows.
+            unsafe {
+                kernel.run(
+                    &w.data[first * row_bytes..],
+                    n_rows,
+                    cols,
+                    &acts,
+                    out.at(first),
+                    rows,
+                );
+            }
+        });
+        return;
+    }
 
     let dot = selected_kernels().dot(w.dtype);
-    let row_bytes = w.row_bytes();
     let chunk = rows_per_task(rows, pool.n_threads());
-    let out = OutPtr(y.as_mut_ptr());
     pool.run(rows.div_ceil(chunk), &|task| {
         let first = task * chunk;
         for r in first..(first + chunk).min(rows) {
             let w_row = &w.data[r * row_bytes..(r + 1) * row_bytes];
             for t in 0..n_tokens {
-                let act = &acts[t * act_row..(t + 1) * act_row];
+                let act = &acts.rows[t * act_row..(t + 1) * act_row];
                 // SAFETY: the kernel's CPU features were detected when the table was built, and
                 // the slices hold exactly `cols` values of their types (validated above).
                 let v = unsafe { dot(w_row, act, cols) };
@@ -192,6 +209,11 @@ unsafe impl Sync for OutPtr {}
 impl OutPtr {
     unsafe fn write(&self, i: usize, v: f32) {
         *self.0.add(i) = v;
+    }
+
+    /// The pointer to element `i` (a method, so closures capture the whole `Sync` wrapper).
+    unsafe fn at(&self, i: usize) -> *mut f32 {
+        self.0.add(i)
     }
 }
 

@@ -163,6 +163,8 @@ pub fn softmax_inplace(x: &mut [f32]) {
 }
 
 pub mod attention;
+pub mod exp;
+pub mod kv;
 
 #[cfg(test)]
 mod gelu_tests {

@@ -70,7 +70,8 @@ fn matmul_matches_naive_reference_for_every_type() {
     let mut scratch = Vec::new();
     for dtype in GgmlType::ALL {
         let cols = if dtype.block_size() == 256 { 512 } else { 96 };
-        for (rows, n_tokens) in [(37, 1), (70, 3), (1, 2)] {
+        // Row counts off the 8-row groups and token counts off the 4-token chunks.
+        for (rows, n_tokens) in [(37, 1), (70, 3), (1, 2), (19, 9)] {
             let data = random_matrix(dtype, rows, cols, &mut rng);
             let w = WeightMatrix::new(dtype, rows, cols, &data).unwrap();
             let x = rng.floats(n_tokens * cols);
@@ -82,6 +83,67 @@ fn matmul_matches_naive_reference_for_every_type() {
                     a.to_bits(),
                     b.to_bits(),
                     "{dtype} rows={rows} tokens={n_tokens} element {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+/// Every token's outputs must be the same bits whether the token is multiplied alone or inside a
+/// batch (of any size the quantized path takes), and equal to the scalar reference: the server
+/// relies on this to keep batched decoding reproducible.
+#[test]
+fn quantized_matmul_is_independent_of_batch_size_and_equals_scalar() {
+    use gemma_kernels::gemm::MIN_GEMM_TOKENS;
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng(0xbeef);
+    let mut scratch = Vec::new();
+    for dtype in [
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        let cols = if dtype.block_size() == 256 { 512 } else { 96 };
+        let rows = 45;
+        let data = random_matrix(dtype, rows, cols, &mut rng);
+        let w = WeightMatrix::new(dtype, rows, cols, &data).unwrap();
+        let max_tokens = MIN_GEMM_TOKENS - 1;
+        let x = rng.floats(max_tokens * cols);
+        let act_type = quant::vec_dot_type(dtype);
+        let mut alone = vec![0.0f32; max_tokens * rows];
+        for t in 0..max_tokens {
+            let xt = &x[t * cols..(t + 1) * cols];
+            let mut y = vec![f32::NAN; rows];
+            matmul(&pool, &w, xt, 1, &mut y, &mut scratch);
+            let mut act = vec![0u8; act_type.bytes_for(cols).unwrap()];
+            quant::quantize(act_type, xt, &mut act).unwrap();
+            for (r, got) in y.iter().enumerate() {
+                let reference = quant::scalar::vec_dot(dtype, w.row(r), &act, cols);
+                assert_eq!(
+                    got.to_bits(),
+                    reference.to_bits(),
+                    "{dtype} token {t} row {r}: {got} vs scalar {reference}"
+                );
+            }
+            alone[t * rows..(t + 1) * rows].copy_from_slice(&y);
+        }
+        for n_tokens in [2, 3, 4, 5, 7, 8, max_tokens] {
+            let mut y = vec![f32::NAN; n_tokens * rows];
+            matmul(
+                &pool,
+                &w,
+                &x[..n_tokens * cols],
+                n_tokens,
+                &mut y,
+                &mut scratch,
+            );
+            for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{dtype} batch of {n_tokens}: element {i} differs from the token alone"
                 );
             }
         }
@@ -224,7 +286,8 @@ fn gemm_path_matches_dequantized_f64_reference() {
         GgmlType::Q4_K,
         GgmlType::Q6_K,
     ] {
-        let cols = if dtype.block_size() == 256 { 512 } else { 96 };
+        // 32-value types: 320 columns, one whole and one partial packing chunk of 256.
+        let cols = if dtype.block_size() == 256 { 512 } else { 320 };
         // Rows and tokens that are not multiples of the panel and tile sizes.
         let rows = 2 * PANEL_ROWS + 5;
         let n_tokens = MIN_GEMM_TOKENS.max(2 * TILE_TOKENS + 1);

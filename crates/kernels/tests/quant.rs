@@ -296,6 +296,77 @@ fn every_isa_matches_scalar_dot() {
     }
 }
 
+/// SIMD dequantization (which feeds the prompt GEMM) must give the scalar reference's bits for
+/// every type, including types it leaves to the scalar code.
+#[test]
+fn every_isa_dequantizes_bit_for_bit_like_scalar() {
+    let mut rng = Rng(13);
+    for dtype in GgmlType::ALL {
+        for n in lengths_for(dtype) {
+            let w = random_weights(dtype, n, &mut rng);
+            let reference = dequantized(dtype, &w, n);
+            let mut scalar_out = vec![0.0f32; n];
+            quant::scalar::dequantize(dtype, &w, &mut scalar_out).unwrap();
+            for isa in quant::available_isas() {
+                let mut out = vec![f32::NAN; n];
+                quant::dequantize_with(isa, dtype, &w, &mut out).unwrap();
+                for (i, (a, b)) in out.iter().zip(&scalar_out).enumerate() {
+                    assert!(
+                        same_float(*a, *b),
+                        "{dtype} n={n} {isa:?} value {i}: {a:e} vs scalar {b:e}"
+                    );
+                }
+            }
+            assert!(reference
+                .iter()
+                .zip(&scalar_out)
+                .all(|(a, b)| same_float(*a, *b)));
+        }
+    }
+}
+
+/// The types whose SIMD kernels (AVX2 and above) reduce each block to one integer sum per row and
+/// scale it exactly as the scalar reference does: their results must be the same bits. This is
+/// what keeps a token's logits independent of how many rows and tokens a matmul batches.
+#[test]
+fn multi_row_kernel_types_equal_scalar_bit_for_bit() {
+    let exact_isas: Vec<Isa> = quant::available_isas()
+        .into_iter()
+        .filter(|isa| matches!(isa, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni))
+        .collect();
+    let mut rng = Rng(11);
+    for dtype in [
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        for n in lengths_for(dtype) {
+            for trial in 0..4 {
+                let mut w = random_weights(dtype, n, &mut rng);
+                if trial == 0 && dtype == GgmlType::Q8_0 {
+                    // Extreme quants: -128 weights against negative activations.
+                    for block in w.chunks_exact_mut(34) {
+                        block[2..].fill(0x80);
+                    }
+                }
+                let x = rng.floats(n);
+                let act = activations(dtype, &x);
+                let reference = quant::scalar::vec_dot(dtype, &w, &act, n);
+                for &isa in &exact_isas {
+                    let got = quant::vec_dot_with(isa, dtype, &w, &act, n);
+                    assert_eq!(
+                        got.to_bits(),
+                        reference.to_bits(),
+                        "{dtype} n={n} {isa:?}: {got} vs scalar {reference}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// |x - dequantize(quantize(x))| per value for the activation formats (f16 scale rounding
 /// included): at most 0.6 of a quantization step.
 fn activation_error_bound(act_type: GgmlType, x: &[f32]) -> Vec<f64> {

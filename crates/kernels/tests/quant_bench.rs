@@ -51,3 +51,80 @@ fn dot_kernel_timings() {
         eprintln!("{line}");
     }
 }
+
+/// Matrix-vector throughput on matrices larger than the last-level cache (the decode case):
+/// `cargo test --release -p gemma-kernels --test quant_bench -- --ignored --nocapture matvec`
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn matvec_bandwidth() {
+    use gemma_kernels::{matmul, ThreadPool, WeightMatrix};
+    let threads: usize = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let pool = ThreadPool::new(threads);
+    // BENCH_ROWS_DIV=512 shrinks the matrices into L2: the kernels' compute rate alone.
+    let div: usize = std::env::var("BENCH_ROWS_DIV")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for (dtype, rows, cols) in [
+        (GgmlType::Q8_0, 262_144, 640),
+        (GgmlType::Q5_0, 131_072, 640),
+        (GgmlType::Q4_K, 65_536, 1024),
+        (GgmlType::Q6_K, 65_536, 2048),
+    ] {
+        let rows = rows / div;
+        let bytes = dtype.bytes_for(rows * cols).unwrap();
+        let mut data: Vec<u8> = (0..bytes).map(|i| (i * 131 % 251) as u8).collect();
+        let scale = half::f16::from_f32(0.01).to_bits().to_le_bytes();
+        let offsets: &[usize] = match dtype {
+            GgmlType::Q6_K => &[208],
+            GgmlType::Q4_K => &[0, 2],
+            _ => &[0],
+        };
+        for block in data.chunks_exact_mut(dtype.type_size()) {
+            for &off in offsets {
+                block[off..off + 2].copy_from_slice(&scale);
+            }
+        }
+        let w = WeightMatrix::new(dtype, rows, cols, &data).unwrap();
+        let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
+        let mut y = vec![0.0; rows];
+        let mut scratch = Vec::new();
+        // Alternate with a plain read of the same bytes: the ratio is what the kernel reaches of
+        // the bandwidth available at that moment (the machine is shared).
+        let (mut best, mut best_read) = (f64::MAX, f64::MAX);
+        for _ in 0..8 {
+            let start = Instant::now();
+            for _ in 0..div {
+                matmul(&pool, &w, &x, 1, &mut y, &mut scratch);
+            }
+            best = best.min(start.elapsed().as_secs_f64() / div as f64);
+            let start = Instant::now();
+            for _ in 0..div {
+                std::hint::black_box(read_all(std::hint::black_box(&data)));
+            }
+            best_read = best_read.min(start.elapsed().as_secs_f64() / div as f64);
+        }
+        eprintln!(
+            "{:>5} {rows}x{cols}: {:.2} ms, {:.2} GB/s; plain read {:.2} GB/s; ratio {:.2}",
+            dtype.name(),
+            best * 1e3,
+            bytes as f64 / best / 1e9,
+            bytes as f64 / best_read / 1e9,
+            best_read / best
+        );
+    }
+}
+
+/// Sums every byte with wide independent loads (what a bandwidth test does).
+fn read_all(data: &[u8]) -> u64 {
+    let mut acc = [0u64; 8];
+    for chunk in data.chunks_exact(64) {
+        for (a, word) in acc.iter_mut().zip(chunk.chunks_exact(8)) {
+            *a = a.wrapping_add(u64::from_le_bytes(word.try_into().unwrap()));
+        }
+    }
+    acc.iter().fold(0, |s, &a| s.wrapping_add(a))
+}

@@ -3,26 +3,31 @@
 //!
 //! Global layers keep every position up to the context size. Sliding-window layers keep a ring
 //! buffer of `window` positions, so their memory is bounded by the window whatever the context.
+//!
+//! Rows are stored in the cache's [`CacheType`] (f32, f16 or Q8_0), quantized as they are
+//! written; attention reads them in that format.
 
 use gemma_kernels::ops::attention::KvSegment;
+use gemma_kernels::ops::kv::{CacheType, KvBuffer};
+use gemma_kernels::quant::selected_isa;
 
 use crate::ModelError;
 
-/// Storage of one layer's keys and values: `capacity` rows of `row` floats each; position `p`
+/// Storage of one layer's keys and values: `capacity` rows of `row` values each; position `p`
 /// lives in row `p % capacity`.
 #[derive(Clone, Debug)]
 pub(crate) struct LayerKv {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: KvBuffer,
+    values: KvBuffer,
     capacity: usize,
     row: usize,
 }
 
 impl LayerKv {
-    fn new(capacity: usize, row: usize) -> LayerKv {
+    fn new(capacity: usize, row: usize, cache_type: CacheType) -> LayerKv {
         LayerKv {
-            keys: vec![0.0; capacity * row],
-            values: vec![0.0; capacity * row],
+            keys: KvBuffer::new(cache_type, capacity * row),
+            values: KvBuffer::new(cache_type, capacity * row),
             capacity,
             row,
         }
@@ -37,8 +42,8 @@ impl LayerKv {
         let tail = count - head;
         let row = self.row;
         let seg = move |slot: usize, pos: usize, n: usize| KvSegment {
-            keys: &self.keys[slot * row..(slot + n) * row],
-            values: &self.values[slot * row..(slot + n) * row],
+            keys: self.keys.slice(slot * row, (slot + n) * row),
+            values: self.values.slice(slot * row, (slot + n) * row),
             first_pos: pos,
             len: n,
         };
@@ -53,18 +58,32 @@ impl LayerKv {
     /// Stores `n` rows of keys and values for positions `first_pos..first_pos + n`; a ring keeps
     /// only the newest `capacity` of them.
     pub(crate) fn write(&mut self, first_pos: usize, keys: &[f32], values: &[f32]) {
-        let n = keys.len() / self.row;
+        let row = self.row;
+        let n = keys.len() / row;
         let skip = n.saturating_sub(self.capacity);
-        for i in skip..n {
+        let isa = selected_isa();
+        // Runs of consecutive slots (at most two: up to the end of the ring, then from 0) are
+        // stored with one call each.
+        let mut i = skip;
+        while i < n {
             let slot = (first_pos + i) % self.capacity;
-            let dst = slot * self.row..(slot + 1) * self.row;
-            self.keys[dst.clone()].copy_from_slice(&keys[i * self.row..(i + 1) * self.row]);
-            self.values[dst].copy_from_slice(&values[i * self.row..(i + 1) * self.row]);
+            let run = (n - i).min(self.capacity - slot);
+            let src = i * row..(i + run) * row;
+            self.keys.store(isa, slot * row, &keys[src.clone()]);
+            self.values.store(isa, slot * row, &values[src]);
+            i += run;
         }
     }
 
     fn bytes(&self) -> usize {
-        (self.keys.len() + self.values.len()) * std::mem::size_of::<f32>()
+        self.keys.bytes() + self.values.bytes()
+    }
+
+    /// Rounds keys or values about to be attended to (but not yet stored) to this layer's
+    /// storage precision, so a chunk sees its own keys exactly as later tokens will see them
+    /// stored: results do not depend on how a prompt is cut into chunks.
+    pub(crate) fn round_to_storage(&self, x: &mut [f32]) {
+        self.keys.cache_type().round_trip(selected_isa(), x);
     }
 }
 
@@ -105,29 +124,42 @@ pub struct KvCache {
     pub(crate) layers: Vec<LayerKv>,
     len: usize,
     ctx_size: usize,
+    cache_type: CacheType,
     pub(crate) scratch: Scratch,
 }
 
 impl KvCache {
-    /// `capacities[i]` positions of `row` floats for layer `i`.
-    pub(crate) fn new(ctx_size: usize, capacities: &[usize], row: usize) -> KvCache {
+    /// `capacities[i]` positions of `row` values for layer `i`, stored as `cache_type` (rows
+    /// must be whole Q8_0 blocks for Q8_0; the models check the head dimension).
+    pub(crate) fn new(
+        ctx_size: usize,
+        capacities: &[usize],
+        row: usize,
+        cache_type: CacheType,
+    ) -> KvCache {
         KvCache {
             layers: capacities
                 .iter()
-                .map(|&c| LayerKv::new(c.max(1), row))
+                .map(|&c| LayerKv::new(c.max(1), row, cache_type))
                 .collect(),
             len: 0,
             ctx_size,
+            cache_type,
             scratch: Scratch::default(),
         }
     }
 
     /// Bytes the cache will hold for `capacities` (same rule as `new`, without allocating).
-    pub(crate) fn bytes_for(capacities: &[usize], row: usize) -> usize {
+    pub(crate) fn bytes_for(capacities: &[usize], row: usize, cache_type: CacheType) -> usize {
         capacities
             .iter()
-            .map(|&c| 2 * c.max(1) * row * std::mem::size_of::<f32>())
+            .map(|&c| 2 * cache_type.bytes_for(c.max(1) * row))
             .sum()
+    }
+
+    /// How keys and values are stored.
+    pub fn cache_type(&self) -> CacheType {
+        self.cache_type
     }
 
     /// Positions processed so far.
@@ -152,6 +184,13 @@ impl KvCache {
     /// has already overwritten history the continuation needs makes this an error: a query at
     /// `len` needs the `capacity - 1` positions before it, which must not have been evicted.
     pub fn truncate(&mut self, len: usize) -> Result<(), ModelError> {
+        self.check_truncate(len)?;
+        self.len = len;
+        Ok(())
+    }
+
+    /// Whether `truncate(len)` is possible (see there).
+    fn check_truncate(&self, len: usize) -> Result<(), ModelError> {
         if len > self.len {
             return Err(ModelError::Config(format!(
                 "cannot truncate a cache of {} positions to {len}",
@@ -165,6 +204,42 @@ impl KvCache {
                 return Err(ModelError::Config(format!(
                     "cannot truncate to {len} positions: a sliding-window layer no longer holds position {first_needed}"
                 )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes this cache hold the first `len` positions of `src` (a cache of the same model,
+    /// context and type), copying only the rows those positions occupy, as `truncate(len)` on a
+    /// clone of `src` would but without cloning all of it. Errors like `truncate` when a
+    /// sliding-window layer of `src` no longer holds what the next position needs.
+    pub fn copy_prefix_from(&mut self, src: &KvCache, len: usize) -> Result<(), ModelError> {
+        let same_shape = self.layers.len() == src.layers.len()
+            && self.ctx_size == src.ctx_size
+            && self.cache_type == src.cache_type
+            && self
+                .layers
+                .iter()
+                .zip(&src.layers)
+                .all(|(a, b)| a.capacity == b.capacity && a.row == b.row);
+        if !same_shape {
+            return Err(ModelError::Config(
+                "cannot copy a KV prefix between caches of different shapes".into(),
+            ));
+        }
+        src.check_truncate(len)?;
+        for (dst, from) in self.layers.iter_mut().zip(&src.layers) {
+            // The positions a later token may still read: all of them for a global layer, the
+            // last `capacity - 1` for a ring (as in `truncate`).
+            let first = len.saturating_sub(from.capacity - 1).min(len);
+            let mut pos = first;
+            while pos < len {
+                let slot = pos % from.capacity;
+                let run = (len - pos).min(from.capacity - slot);
+                let range = (slot * from.row, (slot + run) * from.row);
+                dst.keys.copy_range_from(&from.keys, range.0, range.1);
+                dst.values.copy_range_from(&from.values, range.0, range.1);
+                pos += run;
             }
         }
         self.len = len;
@@ -197,30 +272,115 @@ impl KvCache {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ring_keeps_the_newest_positions_in_order() {
-        let mut kv = LayerKv::new(4, 1);
-        let rows: Vec<f32> = (0..7).map(|p| p as f32).collect();
-        kv.write(0, &rows[..3], &rows[..3]);
-        kv.write(3, &rows[3..], &rows[3..]);
-        let segs: Vec<_> = kv.segments(7).collect();
-        let positions: Vec<usize> = segs
+    /// Keys of the stored positions, in position order, as f32.
+    fn stored_keys(kv: &LayerKv, len: usize) -> (Vec<usize>, Vec<f32>) {
+        let segs: Vec<_> = kv.segments(len).collect();
+        let positions = segs
             .iter()
             .flat_map(|s| s.first_pos..s.first_pos + s.len)
             .collect();
-        let keys: Vec<f32> = segs.iter().flat_map(|s| s.keys.iter().copied()).collect();
+        let keys = segs.iter().flat_map(|s| s.keys.to_f32_vec()).collect();
+        (positions, keys)
+    }
+
+    #[test]
+    fn ring_keeps_the_newest_positions_in_order() {
+        let mut kv = LayerKv::new(4, 1, CacheType::F32);
+        let rows: Vec<f32> = (0..7).map(|p| p as f32).collect();
+        kv.write(0, &rows[..3], &rows[..3]);
+        kv.write(3, &rows[3..], &rows[3..]);
+        let (positions, keys) = stored_keys(&kv, 7);
         assert_eq!(positions, vec![3, 4, 5, 6]);
         assert_eq!(keys, vec![3.0, 4.0, 5.0, 6.0]);
     }
 
     #[test]
     fn chunk_longer_than_ring_keeps_its_tail() {
-        let mut kv = LayerKv::new(3, 2);
+        let mut kv = LayerKv::new(3, 2, CacheType::F32);
         let rows: Vec<f32> = (0..10).map(|v| v as f32).collect();
         kv.write(0, &rows, &rows);
         let segs: Vec<_> = kv.segments(5).collect();
-        let keys: Vec<f32> = segs.iter().flat_map(|s| s.keys.iter().copied()).collect();
+        let (_, keys) = stored_keys(&kv, 5);
         assert_eq!(keys, vec![4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
         assert_eq!(segs[0].first_pos, 2);
+    }
+
+    /// Every format keeps the same positions as f32, each row as storing it once gives, when
+    /// chunks wrap around the ring; and memory shrinks with the format.
+    #[test]
+    fn rings_in_every_format_hold_rounded_rows() {
+        let row = 64;
+        let all: Vec<f32> = (0..11 * row)
+            .map(|i| ((i as f32) * 0.37).sin() * (1 + i / row) as f32)
+            .collect();
+        let mut bytes = Vec::new();
+        for cache_type in CacheType::ALL {
+            let mut kv = LayerKv::new(4, row, cache_type);
+            for (start, end) in [(0, 3), (3, 9), (9, 10), (10, 11)] {
+                let chunk = &all[start * row..end * row];
+                kv.write(start, chunk, chunk);
+            }
+            let (positions, keys) = stored_keys(&kv, 11);
+            assert_eq!(positions, vec![7, 8, 9, 10], "{cache_type}");
+            let mut expected = all[7 * row..].to_vec();
+            cache_type.round_trip(selected_isa(), &mut expected);
+            assert_eq!(keys, expected, "{cache_type}");
+            bytes.push(kv.bytes());
+        }
+        assert_eq!(bytes, vec![2 * 4 * 64 * 4, 2 * 4 * 64 * 2, 2 * 4 * 2 * 34]);
+    }
+
+    /// A cache of one global layer (16 positions) and one ring (4), with `n` positions of
+    /// values `base + position` stored.
+    fn filled(cache_type: CacheType, n: usize, base: f32) -> KvCache {
+        let row = 32;
+        let mut cache = KvCache::new(16, &[16, 4], row, cache_type);
+        let rows: Vec<f32> = (0..n * row).map(|i| base + (i / row) as f32).collect();
+        for layer in &mut cache.layers {
+            layer.write(0, &rows, &rows);
+        }
+        cache.len = n;
+        cache
+    }
+
+    /// Copying a prefix gives the rows a truncated clone of the source holds, at every
+    /// position a later token can read, whatever the destination held before.
+    #[test]
+    fn copied_prefix_equals_a_truncated_clone() {
+        for cache_type in CacheType::ALL {
+            let src = filled(cache_type, 10, 0.0);
+            let mut dst = filled(cache_type, 12, 100.0);
+            dst.copy_prefix_from(&src, 8).unwrap();
+            let mut clone = src.clone();
+            clone.truncate(8).unwrap();
+            assert_eq!(dst.len(), 8);
+            for (layer, readable) in [(0, 0..8), (1, 5..8)] {
+                let (pos_a, keys_a) = stored_keys(&dst.layers[layer], 8);
+                let (pos_b, keys_b) = stored_keys(&clone.layers[layer], 8);
+                assert_eq!(pos_a, pos_b);
+                let row = 32;
+                let first = pos_a[0];
+                for p in readable {
+                    let at = (p - first) * row..(p - first + 1) * row;
+                    assert_eq!(
+                        keys_a[at.clone()],
+                        keys_b[at],
+                        "{cache_type} layer {layer} pos {p}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn copying_what_a_ring_evicted_is_an_error() {
+        let src = filled(CacheType::F32, 10, 0.0);
+        let mut dst = filled(CacheType::F32, 2, 100.0);
+        // The ring holds positions 6..10; continuing from 7 needs 4..7.
+        assert!(dst.copy_prefix_from(&src, 7).is_err());
+        assert!(dst.copy_prefix_from(&src, 11).is_err());
+        let other = filled(CacheType::F16, 10, 0.0);
+        assert!(dst.copy_prefix_from(&other, 4).is_err());
+        assert_eq!(dst.len(), 2, "a refused copy leaves the cache as it was");
     }
 }

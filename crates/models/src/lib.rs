@@ -11,6 +11,7 @@ pub mod weights;
 pub use error::ModelError;
 pub use gemma3::{Gemma3, Gemma3Config};
 pub use gemma3n::{Gemma3n, Gemma3nConfig};
+pub use gemma_kernels::ops::kv::CacheType;
 pub use kv_cache::{KvCache, SeqStep};
 pub use weights::{Loader, WeightLayout};
 
@@ -137,6 +138,23 @@ impl Model {
         match self {
             Model::Gemma3(m) => m.config().max_position_embeddings,
             Model::Gemma3n(m) => m.config().max_position_embeddings,
+        }
+    }
+
+    /// How the caches `new_cache` makes store keys and values (f32 until set; llama.cpp's
+    /// `--cache-type-k/-v`). Caches made earlier keep their format. Q8_0 needs a head
+    /// dimension that is a multiple of 32.
+    pub fn set_cache_type(&mut self, cache_type: CacheType) -> Result<(), ModelError> {
+        match self {
+            Model::Gemma3(m) => m.set_cache_type(cache_type),
+            Model::Gemma3n(m) => m.set_cache_type(cache_type),
+        }
+    }
+
+    pub fn cache_type(&self) -> CacheType {
+        match self {
+            Model::Gemma3(m) => m.cache_type(),
+            Model::Gemma3n(m) => m.cache_type(),
         }
     }
 

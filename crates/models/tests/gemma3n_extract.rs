@@ -25,7 +25,19 @@ fn fixture(name: &str) -> PathBuf {
 struct Reference {
     ids: Vec<u32>,
     widths: Option<Vec<usize>>,
+    skip: Option<Vec<usize>>,
     logits: Vec<f32>,
+}
+
+impl Reference {
+    /// The MatFormer configuration the reference was built with.
+    fn matformer(&self) -> MatformerConfig {
+        let m = MatformerConfig::per_layer(self.widths.clone().unwrap());
+        match &self.skip {
+            Some(skip) => m.skipping(skip.clone()).unwrap(),
+            None => m,
+        }
+    }
 }
 
 fn reference(name: &str) -> Reference {
@@ -42,6 +54,7 @@ fn reference(name: &str) -> Reference {
             .map(|i| i as u32)
             .collect(),
         widths: ints("intermediate_size"),
+        skip: ints("layers_to_skip"),
         logits: v["logits"]
             .as_array()
             .unwrap()
@@ -127,6 +140,121 @@ fn extracted_sub_model_matches_transformers_and_the_in_place_slice() {
 }
 
 #[test]
+fn extracted_layer_skipping_sub_model_matches_transformers_and_the_in_place_one() {
+    let r = reference("reference_matformer_skip.json");
+    let src = gguf();
+    let opts = ExtractOptions {
+        matformer: Some(r.matformer()),
+        ple_type: None,
+    };
+    let small = reopen(&extract_gguf(&src, &opts).expect("extracts"));
+    assert!(small.file_size() < src.file_size());
+    // Kept layers 0, 2, 4, 6, 7 renumbered 0-4; nothing of a sixth block remains.
+    assert_eq!(small.get_u64("gemma3n.block_count").unwrap(), Some(5));
+    assert_eq!(
+        small.get_u64("gemma3n.attention.shared_kv_layers").unwrap(),
+        Some(2)
+    );
+    assert!(small.tensor_info("blk.5.attn_q.weight").is_none());
+    assert!(small
+        .tensors()
+        .iter()
+        .all(|t| !t.name.starts_with("blk.5.")));
+    assert_eq!(
+        small.tensor_info("blk.3.ffn_down.weight").unwrap().shape,
+        vec![32, 40]
+    );
+    assert_eq!(
+        small
+            .tensor_info("per_layer_token_embd.weight")
+            .unwrap()
+            .shape,
+        vec![256, 5 * 8]
+    );
+    assert_eq!(
+        small
+            .tensor_info("per_layer_model_proj.weight")
+            .unwrap()
+            .shape,
+        vec![5 * 8, 32]
+    );
+    // Kept layer 3 is stored layer 6: same attention weights, its own PLE columns.
+    let bytes =
+        |f: &GgufFile, name: &str| f.tensor_data(f.tensor_info(name).unwrap()).bytes().to_vec();
+    assert_eq!(
+        bytes(&small, "blk.3.attn_q.weight"),
+        bytes(&src, "blk.6.attn_q.weight")
+    );
+    let (ple_src, ple_new) = (
+        bytes(&src, "per_layer_token_embd.weight"),
+        bytes(&small, "per_layer_token_embd.weight"),
+    );
+    let row = 7; // token 7, layer block 6 (source) vs block 3 (extracted), 8 f32 each
+    assert_eq!(
+        &ple_new[(row * 40 + 3 * 8) * 4..][..32],
+        &ple_src[(row * 64 + 6 * 8) * 4..][..32]
+    );
+
+    let extracted = load_gguf(&small);
+    let c = extracted.config();
+    assert_eq!(c.num_hidden_layers, 5);
+    assert_eq!(c.intermediate_size, r.widths.clone().unwrap());
+    assert_eq!(c.num_kv_shared_layers, 2);
+    let got = logits(&extracted, &r.ids);
+    let d = max_diff(&got, &r.logits);
+    assert!(d <= TOLERANCE, "extracted vs transformers: {d}");
+
+    let mut in_place = load_gguf(&src);
+    in_place.set_matformer(&r.matformer()).unwrap();
+    assert_eq!(in_place.active_layers(), &[0, 2, 4, 6, 7]);
+    assert_eq!(in_place.config(), extracted.config());
+    let d = max_diff(&logits(&in_place, &r.ids), &got);
+    assert!(d <= 1e-5, "extracted vs in-place sub-model: {d}");
+    assert!(in_place.weight_bytes() < load_gguf(&src).weight_bytes());
+}
+
+#[test]
+fn extract_slices_quantized_ple_blocks_and_requantizes_after_skipping() {
+    let r = reference("reference_matformer_skip.json");
+    let src = gguf();
+    // F16 keeps each layer's 8 columns a whole number of blocks.
+    let f16 = extract(&src, None, Some(GgmlType::F16));
+    let opts = ExtractOptions {
+        matformer: Some(r.matformer()),
+        ple_type: None,
+    };
+    let from_f16 = reopen(&extract_gguf(&f16, &opts).unwrap());
+    assert_eq!(
+        from_f16
+            .tensor_info("per_layer_token_embd.weight")
+            .unwrap()
+            .dtype,
+        GgmlType::F16
+    );
+    let d = max_diff(&logits(&load_gguf(&from_f16), &r.ids), &r.logits);
+    assert!(d <= 0.01, "F16 PLE table, layers skipped: {d}");
+    // Cut per layer from F32, then stored as F16 in the same pass.
+    let both = ExtractOptions {
+        matformer: Some(r.matformer()),
+        ple_type: Some(GgmlType::F16),
+    };
+    let direct = reopen(&extract_gguf(&src, &both).unwrap());
+    let ple = |f: &GgufFile| {
+        f.tensor_data(f.tensor_info("per_layer_token_embd.weight").unwrap())
+            .bytes()
+            .to_vec()
+    };
+    assert_eq!(ple(&direct), ple(&from_f16));
+    // Q8_0 blocks hold 32 values, more than one layer's 8 columns: a clear error, no panic.
+    let q8 = ExtractOptions {
+        matformer: Some(r.matformer()),
+        ple_type: Some(GgmlType::Q8_0),
+    };
+    let e = extract_gguf(&src, &q8).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("per_layer_token_embd"), "{e}");
+}
+
+#[test]
 fn a_loaded_model_switches_configurations_without_reloading() {
     let full = reference("reference.json");
     let sliced = reference("reference_matformer.json");
@@ -142,10 +270,26 @@ fn a_loaded_model_switches_configurations_without_reloading() {
         .unwrap();
     check(&model, &sliced, "sliced");
     assert_eq!(model.stored_ffn_widths(), stored);
+    let skipping = reference("reference_matformer_skip.json");
+    model.set_matformer(&skipping.matformer()).unwrap();
+    check(&model, &skipping, "layers skipped");
+    assert_eq!(model.config().num_hidden_layers, 5);
+    // A cache made for the 5-layer sub-model cannot feed the full model: an error, no panic.
+    let mut stale = model.new_cache(64).unwrap();
+    model
+        .forward(&skipping.ids, &mut stale, Logits::Last)
+        .unwrap();
     model
         .set_matformer(&MatformerConfig::per_layer(stored.clone()))
         .unwrap();
     check(&model, &full, "back to full");
+    let e = model
+        .forward(&[5], &mut stale, Logits::Last)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(e.to_string().contains("start a new cache"), "{e}");
+    assert_eq!(model.active_layers(), &[0, 1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(model.config().num_hidden_layers, 8);
 }
 
 #[test]
@@ -332,9 +476,36 @@ fn impossible_matformer_configs_are_clear_errors() {
             "not a positive integer",
         ),
         (
-            r#"{"ffn_widths": 16, "layers_to_skip": [3]}"#,
-            "layers_to_skip is not supported",
+            r#"{"ffn_widths": 16, "layers_to_skip": [8]}"#,
+            "skips layer 8, but the model has 8 layers (0-7)",
         ),
+        (r#"{"layers_to_skip": [1, 3, 1]}"#, "lists layer 1 twice"),
+        (
+            r#"{"layers_to_skip": [0, 1, 2, 3, 4, 5, 6, 7]}"#,
+            "skips all 8 layers",
+        ),
+        (
+            r#"{"layers_to_skip": [4]}"#,
+            "skips layer 4, whose keys and values the kept KV-shared layer 6 reads",
+        ),
+        (
+            r#"{"layers_to_skip": [2, 5]}"#,
+            "skips layer 2, whose keys and values the kept KV-shared layer 7 reads",
+        ),
+        (
+            r#"{"ffn_widths": [16, 16, 16, 16, 16, 16, 16, 16], "layers_to_skip": [1]}"#,
+            "8 MLP widths, but keeps 7 layers (skips 1)",
+        ),
+        (
+            r#"{"ffn_widths": [16, 16, 16, 64, 16], "layers_to_skip": [0, 1, 3]}"#,
+            "asks layer 6 for an MLP of 64 units, but the checkpoint stores only 56",
+        ),
+        (
+            r#"{"layers_to_skip": 3}"#,
+            "expected a list of layer indices",
+        ),
+        (r#"{"layers_to_skip": [-1]}"#, "expected layer indices"),
+        (r#"{"layers_to_skip": []}"#, "give 'ffn_widths' and/or"),
         (r#"{"ffn_width": 16}"#, "unknown key 'ffn_width'"),
         (r#"{"ffn_widths": 16, "intermediate_size": 16}"#, "not both"),
         (r#"[16]"#, "expected a JSON object"),
@@ -342,11 +513,15 @@ fn impossible_matformer_configs_are_clear_errors() {
     ];
     let src = gguf();
     let mut model = load_gguf(&src);
+    let r = reference("reference.json");
+    let before = logits(&model, &r.ids);
     for (json, needle) in bad {
         let e = MatformerConfig::from_json(json)
             .and_then(|m| model.set_matformer(&m))
             .expect_err(json);
         assert!(e.to_string().contains(needle), "{json}: {e}");
+        // A refused configuration leaves the active model as it was.
+        assert_eq!(model.active_layers().len(), 8, "{json}");
         let e = MatformerConfig::from_json(json)
             .and_then(|m| {
                 extract_gguf(
@@ -361,6 +536,11 @@ fn impossible_matformer_configs_are_clear_errors() {
             .expect_err(json);
         assert!(e.to_string().contains(needle), "extract {json}: {e}");
     }
+    assert_eq!(logits(&model, &r.ids), before);
+    // Skipping a source together with every consumer that reads it is fine: nobody reads it.
+    let m = MatformerConfig::from_json(r#"{"layers_to_skip": [4, 6]}"#).unwrap();
+    model.set_matformer(&m).unwrap();
+    assert_eq!(model.config().num_kv_shared_layers, 2);
     // A model loaded at narrower widths cannot be widened again.
     let config = Gemma3nConfig::from_gguf(&src)
         .unwrap()

@@ -1,12 +1,15 @@
 //! MatFormer slicing of Gemma 3n: the fixture checkpoint loaded with narrower per-layer MLP
 //! widths must match transformers running the model built at those widths from the sliced
 //! weights (`fixtures/gemma3n_tiny/reference_matformer.json`, from
-//! `scripts/make_gemma3n_fixtures.py`); and slicing a quantized down projection keeps exactly
+//! `scripts/make_gemma3n_fixtures.py`); the in-place sub-model that also skips layers must
+//! match transformers running the model built from the kept layers only
+//! (`reference_matformer_skip.json`); and slicing a quantized down projection keeps exactly
 //! the first columns of every row.
 
 use std::path::PathBuf;
 
 use gemma_formats::{Blob, GgmlType, HfFolder, TensorData, TensorSource};
+use gemma_models::gemma3n::MatformerConfig;
 use gemma_models::{Gemma3n, Gemma3nConfig, KvCache, Loader, Logits, ModelError, WeightLayout};
 use serde_json::Value;
 
@@ -73,6 +76,62 @@ fn sliced_checkpoint_matches_transformers_at_the_narrower_widths() {
         }
         assert!(worst <= TOLERANCE, "chunks {chunks:?}: max |diff| {worst}");
         eprintln!("MatFormer slice, chunks {chunks:?}: max |diff| {worst:e}");
+    }
+}
+
+fn usizes(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+fn worst_diff(got: &[f32], want: &Value, vocab: usize) -> f32 {
+    let mut worst = 0.0f32;
+    for (pos, row) in want.as_array().unwrap().iter().enumerate() {
+        for (j, w) in row.as_array().unwrap().iter().enumerate() {
+            worst = worst.max((got[pos * vocab + j] - w.as_f64().unwrap() as f32).abs());
+        }
+    }
+    worst
+}
+
+#[test]
+fn in_place_layer_skipping_matches_transformers_on_the_kept_layers() {
+    let text = std::fs::read_to_string(fixture_dir().join("reference_matformer_skip.json"))
+        .expect("reference_matformer_skip.json");
+    let r: Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<u32> = usizes(&r["input_ids"]).iter().map(|&i| i as u32).collect();
+    let vocab = r["vocab_size"].as_u64().unwrap() as usize;
+    let m = MatformerConfig::per_layer(usizes(&r["intermediate_size"]))
+        .skipping(usizes(&r["layers_to_skip"]))
+        .unwrap();
+    let mut model = load_sliced(vec![32, 48, 32, 64, 48, 32, 56, 48]).unwrap();
+    let full_cache_bytes = model.kv_cache_bytes(64);
+    model.set_matformer(&m).unwrap();
+    assert_eq!(model.active_layers(), usizes(&r["kept_layers"]).as_slice());
+    let c = model.config();
+    assert_eq!(c.num_hidden_layers, 5);
+    assert_eq!(
+        c.num_kv_shared_layers as u64,
+        r["num_kv_shared_layers"].as_u64().unwrap()
+    );
+    let sparse: Vec<bool> = c.activation_sparsity.iter().map(Option::is_some).collect();
+    let want_sparse: Vec<bool> = r["activation_sparsity_pattern"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_f64().unwrap() > 0.0)
+        .collect();
+    assert_eq!(sparse, want_sparse);
+    // Kept producers 0, 2, 4 hold caches; skipped producers 1 and 3 no longer do.
+    assert!(model.kv_cache_bytes(64) < full_cache_bytes);
+    for chunks in [vec![ids.len()], vec![5, 1, 10], vec![1; ids.len()]] {
+        let got = forward_all(&model, &ids, &chunks);
+        let worst = worst_diff(&got, &r["logits"], vocab);
+        assert!(worst <= TOLERANCE, "chunks {chunks:?}: max |diff| {worst}");
+        eprintln!("MatFormer layer skipping, chunks {chunks:?}: max |diff| {worst:e}");
     }
 }
 

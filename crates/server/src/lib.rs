@@ -5,7 +5,9 @@
 //! - [`scheduler`]: one thread owns the model and `parallel` KV-cache slots; all active
 //!   sequences advance together (continuous batching), with prefix reuse across requests.
 //! - [`constrain`]: llguidance token masks for `response_format` and required tool calls.
-//! - [`tools`]: Gemma 3 function calling (prompt rendering, reply parsing).
+//! - [`tools`]: Gemma 3 function calling (prompt rendering, tool choice, call schemas).
+//! - [`tool_stream`]: recognizing calls in the reply as it is generated, so their
+//!   arguments stream as OpenAI `tool_calls` deltas.
 
 pub mod api;
 pub mod constrain;
@@ -14,6 +16,7 @@ pub mod metrics;
 mod prepare;
 pub mod routes;
 pub mod scheduler;
+pub mod tool_stream;
 pub mod tools;
 
 use std::net::SocketAddr;

@@ -15,6 +15,9 @@ pub struct Metrics {
     pub active_slots: AtomicU64,
     pub prefix_cache_hits: AtomicU64,
     pub prefix_cache_hit_tokens: AtomicU64,
+    /// Hits served by copying another slot's cache.
+    pub prefix_cache_copies: AtomicU64,
+    pub prefix_cache_copied_tokens: AtomicU64,
     /// Microseconds the scheduler spent running forward passes.
     pub busy_micros: AtomicU64,
     pub ttft_micros_sum: AtomicU64,
@@ -86,6 +89,16 @@ impl Metrics {
                 "gemma_prefix_cache_hit_tokens_total",
                 "Prompt tokens not recomputed thanks to the prefix cache",
                 &self.prefix_cache_hit_tokens,
+            ),
+            (
+                "gemma_prefix_cache_copies_total",
+                "Prefix cache hits served by copying the KV of another slot",
+                &self.prefix_cache_copies,
+            ),
+            (
+                "gemma_prefix_cache_copied_tokens_total",
+                "Prompt tokens whose KV was copied from another slot",
+                &self.prefix_cache_copied_tokens,
             ),
             (
                 "gemma_forward_steps_total",

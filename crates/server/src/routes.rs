@@ -18,12 +18,14 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::api::{ChatCompletionRequest, CompletionRequest, TokenLogprob, Usage};
+use crate::api::{FunctionCall, ToolCall};
+use crate::api::{TokenLogprob, Usage};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::prepare::{deadline, PrepareContext, Prepared};
 use crate::scheduler::{FinishReason, Job, JobEvent, Scheduler, SubmitError};
-use crate::tools::{self, ToolMode};
+use crate::tool_stream::{CallEvent, CallParser, ParsedCall};
+use crate::tools::ToolMode;
 
 pub struct AppState {
     pub scheduler: Scheduler,
@@ -74,22 +76,31 @@ enum Endpoint {
 }
 
 async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
-    let result = async {
-        let req: ChatCompletionRequest = parse_body(body, state.body_limit).await?;
-        let ctx = state.prepare.clone();
-        let prepared = blocking(move || ctx.chat(req)).await?;
-        respond(&state, prepared, Endpoint::Chat).await
-    }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    generate(state, body, Endpoint::Chat, PrepareContext::chat).await
 }
 
 async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
+    generate(
+        state,
+        body,
+        Endpoint::Completion,
+        PrepareContext::completion,
+    )
+    .await
+}
+
+/// Parses a request body of type `R`, prepares it off the runtime and answers it.
+async fn generate<R: DeserializeOwned + Send + 'static>(
+    state: Arc<AppState>,
+    body: Body,
+    endpoint: Endpoint,
+    prepare: fn(&PrepareContext, R) -> Result<Prepared, ApiError>,
+) -> Response {
     let result = async {
-        let req: CompletionRequest = parse_body(body, state.body_limit).await?;
+        let req: R = parse_body(body, state.body_limit).await?;
         let ctx = state.prepare.clone();
-        let prepared = blocking(move || ctx.completion(req)).await?;
-        respond(&state, prepared, Endpoint::Completion).await
+        let prepared = blocking(move || prepare(&ctx, req)).await?;
+        respond(&state, prepared, endpoint).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
@@ -210,31 +221,14 @@ impl Reply {
         usage: Usage,
     ) -> Value {
         match self.endpoint {
-            Endpoint::Completion => json!({
-                "id": self.id,
-                "object": "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [{
-                    "index": 0,
-                    "text": text,
-                    "logprobs": want_logprobs.then(|| legacy_logprobs(&logprobs)),
-                    "finish_reason": finish.as_str(),
-                }],
-                "usage": usage,
-            }),
+            Endpoint::Completion => {
+                let lp = want_logprobs.then(|| legacy_logprobs(&logprobs));
+                let mut full = self.chunk(json!({"content": text}), Some(finish.as_str()), lp);
+                full["usage"] = json!(usage);
+                full
+            }
             Endpoint::Chat => {
-                let calls = self.find_calls(&text);
-                let (message, finish) = match calls {
-                    Some(calls) => (
-                        json!({"role": "assistant", "content": null, "tool_calls": calls}),
-                        "tool_calls",
-                    ),
-                    None => (
-                        json!({"role": "assistant", "content": text}),
-                        finish.as_str(),
-                    ),
-                };
+                let (message, finish) = self.chat_message(text, finish);
                 json!({
                     "id": self.id,
                     "object": "chat.completion",
@@ -252,11 +246,55 @@ impl Reply {
         }
     }
 
-    fn find_calls(&mut self, text: &str) -> Option<Vec<crate::api::ToolCall>> {
-        if self.tool_mode == ToolMode::Off {
-            return None;
+    /// The assistant message of a whole reply: text, or the calls found in it (with any
+    /// text before them as content), parsed as the streaming path parses them.
+    fn chat_message(&mut self, text: String, finish: FinishReason) -> (Value, &'static str) {
+        let Some(parser) = self.call_parser() else {
+            return (
+                json!({"role": "assistant", "content": text}),
+                finish.as_str(),
+            );
+        };
+        let (content, calls) = parser.parse_all(&text);
+        if calls.is_empty() {
+            return (
+                json!({"role": "assistant", "content": content}),
+                finish.as_str(),
+            );
         }
-        tools::parse_calls(text, &self.prepared_tools, &mut self.rng)
+        let finish = calls_finish(&calls, finish);
+        let calls: Vec<ToolCall> = calls
+            .into_iter()
+            .map(|c| ToolCall {
+                id: self.call_id(),
+                kind: "function".into(),
+                function: FunctionCall {
+                    name: c.name,
+                    arguments: c.arguments,
+                },
+            })
+            .collect();
+        let content = (!content.is_empty()).then_some(content);
+        (
+            json!({"role": "assistant", "content": content, "tool_calls": calls}),
+            finish,
+        )
+    }
+
+    /// With tools on, a parser that tells calls from text.
+    fn call_parser(&self) -> Option<CallParser> {
+        (self.endpoint == Endpoint::Chat && self.tool_mode != ToolMode::Off).then(|| {
+            CallParser::new(
+                self.prepared_tools
+                    .iter()
+                    .map(|t| t.function.name.clone())
+                    .collect(),
+            )
+        })
+    }
+
+    fn call_id(&mut self) -> String {
+        format!("call_{:016x}", self.rng.next_u64())
     }
 
     fn chunk(&self, delta: Value, finish: Option<&str>, logprobs: Option<Value>) -> Value {
@@ -283,12 +321,35 @@ impl Reply {
         }
     }
 
-    fn text_chunk(&self, text: &str, logprobs: &[TokenLogprob], want_logprobs: bool) -> Value {
-        let lp = want_logprobs.then(|| match self.endpoint {
-            Endpoint::Chat => json!({"content": logprobs}),
-            Endpoint::Completion => legacy_logprobs(logprobs),
-        });
-        self.chunk(json!({"content": text}), None, lp)
+    /// The chunks for pieces of the reply. The first carries the log-probabilities gathered
+    /// since the last chunk; empty text goes out only to carry them.
+    fn event_chunks(
+        &mut self,
+        events: Vec<CallEvent>,
+        logprobs: &mut Vec<TokenLogprob>,
+        want_logprobs: bool,
+    ) -> Vec<Value> {
+        let mut chunks = Vec::new();
+        for event in events {
+            let delta = match event {
+                CallEvent::Text(text) if text.is_empty() && logprobs.is_empty() => continue,
+                CallEvent::Text(text) => json!({"content": text}),
+                CallEvent::Start { index, name } => json!({"tool_calls": [{
+                    "index": index, "id": self.call_id(), "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }]}),
+                CallEvent::Arguments { index, fragment } => json!({"tool_calls": [{
+                    "index": index, "function": {"arguments": fragment},
+                }]}),
+            };
+            let lp = want_logprobs.then(|| match self.endpoint {
+                Endpoint::Chat => json!({"content": logprobs}),
+                Endpoint::Completion => legacy_logprobs(logprobs),
+            });
+            logprobs.clear();
+            chunks.push(self.chunk(delta, None, lp));
+        }
+        chunks
     }
 }
 
@@ -314,10 +375,11 @@ async fn forward_stream(
     {
         return;
     }
-    // With tools on, text that may be a call is held until it is clearly not one.
-    let mut held = String::new();
-    let mut held_logprobs: Vec<TokenLogprob> = Vec::new();
-    let mut holding = reply.tool_mode != ToolMode::Off;
+    // With tools on, the parser holds text that may start a call and turns calls into
+    // tool_calls deltas as their arguments are generated.
+    let mut parser = reply.call_parser();
+    // Log-probabilities wait for the next chunk that goes out.
+    let mut pending_logprobs: Vec<TokenLogprob> = Vec::new();
     loop {
         let event = tokio::select! {
             event = events.recv() => event,
@@ -325,43 +387,35 @@ async fn forward_stream(
         };
         match event {
             Some(JobEvent::Token { text, logprobs }) => {
-                held.push_str(&text);
-                held_logprobs.extend(logprobs);
-                if holding && tools::may_be_call(&held) {
-                    continue;
-                }
-                holding = false;
-                if held.is_empty() && held_logprobs.is_empty() {
-                    continue;
-                }
-                let chunk = reply.text_chunk(&held, &held_logprobs, want_logprobs);
-                held.clear();
-                held_logprobs.clear();
-                if !send(chunk).await {
-                    return;
-                }
-            }
-            Some(JobEvent::Done { finish, usage }) => {
-                let mut finish = finish.as_str();
-                if let Some(calls) = reply.find_calls(&held) {
-                    let deltas: Vec<Value> = calls
-                        .iter()
-                        .enumerate()
-                        .map(|(index, c)| json!({
-                            "index": index,
-                            "id": c.id,
-                            "type": "function",
-                            "function": {"name": c.function.name, "arguments": c.function.arguments},
-                        }))
-                        .collect();
-                    if !send(reply.chunk(json!({"tool_calls": deltas}), None, None)).await {
+                pending_logprobs.extend(logprobs);
+                let pieces = match &mut parser {
+                    Some(parser) => parser.push(&text),
+                    None => vec![CallEvent::Text(text)],
+                };
+                for chunk in reply.event_chunks(pieces, &mut pending_logprobs, want_logprobs) {
+                    if !send(chunk).await {
                         return;
                     }
-                    finish = "tool_calls";
-                } else if (!held.is_empty() || !held_logprobs.is_empty())
-                    && !send(reply.text_chunk(&held, &held_logprobs, want_logprobs)).await
-                {
-                    return;
+                }
+            }
+            Some(JobEvent::Done {
+                finish: reason,
+                usage,
+            }) => {
+                let mut finish = reason.as_str();
+                let mut pieces = Vec::new();
+                if let Some(parser) = &mut parser {
+                    pieces = parser.finish();
+                    if !parser.calls().is_empty() {
+                        finish = calls_finish(parser.calls(), reason);
+                    }
+                }
+                // Carries log-probabilities still waiting, if any.
+                pieces.push(CallEvent::Text(String::new()));
+                for chunk in reply.event_chunks(pieces, &mut pending_logprobs, want_logprobs) {
+                    if !send(chunk).await {
+                        return;
+                    }
                 }
                 let delta = if reply.endpoint == Endpoint::Chat {
                     json!({})
@@ -389,6 +443,16 @@ async fn forward_stream(
             }
             None => return,
         }
+    }
+}
+
+/// `tool_calls` when every call was closed; otherwise why generation ended (a call cut off
+/// by `max_tokens` ends with `length`, as OpenAI's do).
+fn calls_finish(calls: &[ParsedCall], finish: FinishReason) -> &'static str {
+    if calls.iter().all(|c| c.complete) {
+        "tool_calls"
+    } else {
+        finish.as_str()
     }
 }
 

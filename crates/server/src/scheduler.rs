@@ -2,7 +2,8 @@
 //! every active sequence once per iteration, so concurrent requests share the machine.
 //! Prompts are fed in chunks interleaved with other slots' decoding; a request whose client
 //! went away is dropped before the next step; a free slot whose cached tokens share the
-//! longest prefix with a new prompt is picked so that prefix is not recomputed.
+//! longest prefix with a new prompt is picked so that prefix is not recomputed, and a longer
+//! prefix held by any other slot (even a busy one) is copied over instead of recomputed.
 
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
@@ -209,7 +210,9 @@ impl Worker {
         }
     }
 
-    /// Puts `job` into the free slot whose cache shares the longest prefix with its prompt.
+    /// Puts `job` into the free slot whose cache shares the longest prefix with its prompt;
+    /// when another slot (free or busy) holds a longer reusable prefix, that slot's cache is
+    /// copied in first.
     fn assign(&mut self, job: Job) {
         Metrics::sub(&self.metrics.queue_depth, 1);
         if job.events.is_closed() {
@@ -227,16 +230,13 @@ impl Worker {
         let Some(index) = index else {
             return;
         };
+        let mut reuse = self.keep_own_prefix(index, &job.prompt);
+        if let Some(copied) = self.copy_longer_prefix(index, &job.prompt, reuse) {
+            reuse = copied;
+            Metrics::add(&self.metrics.prefix_cache_copies, 1);
+            Metrics::add(&self.metrics.prefix_cache_copied_tokens, copied as u64);
+        }
         let slot = &mut self.slots[index];
-        let mut reuse = reusable_prefix(slot, &job.prompt);
-        if reuse > 0 && !rewind(&mut slot.cache, reuse) {
-            reuse = 0;
-        }
-        if reuse == 0 {
-            slot.cache.clear();
-        }
-        slot.spans.truncate(reuse);
-        slot.cached.truncate(reuse);
         if reuse > 0 {
             Metrics::add(&self.metrics.prefix_cache_hits, 1);
             Metrics::add(&self.metrics.prefix_cache_hit_tokens, reuse as u64);
@@ -253,6 +253,53 @@ impl Worker {
             first_token_seen: false,
             job,
         });
+    }
+
+    /// Rewinds slot `index` to the part of its cache that `prompt` can reuse (clearing it
+    /// when a sliding-window ring no longer allows the rewind); returns that length.
+    fn keep_own_prefix(&mut self, index: usize, prompt: &[u32]) -> usize {
+        let slot = &mut self.slots[index];
+        let mut reuse = reusable_prefix(slot, prompt);
+        if reuse > 0 && !rewind(&mut slot.cache, reuse) {
+            reuse = 0;
+        }
+        if reuse == 0 {
+            slot.cache.clear();
+        }
+        slot.spans.truncate(reuse);
+        slot.cached.truncate(reuse);
+        reuse
+    }
+
+    /// Copies into slot `target` the cache of the other slot holding the longest reusable
+    /// prefix of `prompt`, if longer than `own`; returns the copied length. A donor whose
+    /// sliding-window rings have moved past the prefix is passed over.
+    fn copy_longer_prefix(&mut self, target: usize, prompt: &[u32], own: usize) -> Option<usize> {
+        let mut donors: Vec<(usize, usize)> = (0..self.slots.len())
+            .filter(|&i| i != target)
+            .map(|i| (reusable_prefix(&self.slots[i], prompt), i))
+            .filter(|&(reuse, _)| reuse > own)
+            .collect();
+        donors.sort_by_key(|&(reuse, i)| (std::cmp::Reverse(reuse), i));
+        for (reuse, donor) in donors {
+            // Two distinct slots: borrow the donor shared and the target mutably.
+            let (d, slot) = if donor < target {
+                let (low, high) = self.slots.split_at_mut(target);
+                (&low[donor], &mut high[0])
+            } else {
+                let (low, high) = self.slots.split_at_mut(donor);
+                (&high[0], &mut low[target])
+            };
+            // Copies only the rows the prefix occupies into the slot's own buffers; fails
+            // (leaving the slot as it was) when a donor's ring has moved past the prefix.
+            if slot.cache.copy_prefix_from(&d.cache, reuse).is_err() {
+                continue;
+            }
+            slot.cached = d.cached[..reuse].to_vec();
+            slot.spans = d.spans[..reuse].to_vec();
+            return Some(reuse);
+        }
+        None
     }
 
     /// Frees the slots of clients that disconnected or ran out of time.

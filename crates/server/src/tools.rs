@@ -2,10 +2,9 @@
 //! the call format go into the prompt, the model answers with
 //! `{"name": ..., "parameters": {...}}`, and tool results come back as a user turn.
 
-use gemma_engine::sampling::SplitMix64;
 use serde_json::{json, Map, Value};
 
-use crate::api::{FunctionCall, Tool, ToolCall, ToolChoice};
+use crate::api::{Tool, ToolCall, ToolChoice};
 use crate::error::ApiError;
 
 /// What the request allows or demands.
@@ -132,68 +131,6 @@ pub fn call_schema(tools: &[Tool], allowed: &[String]) -> Value {
     }
 }
 
-/// Finds the calls in a reply: one JSON object, a JSON array of them, or one per line,
-/// optionally inside a code fence. `None` when the reply is ordinary text.
-pub fn parse_calls(text: &str, tools: &[Tool], rng: &mut SplitMix64) -> Option<Vec<ToolCall>> {
-    let body = strip_fence(text.trim());
-    let values: Vec<Value> = match serde_json::from_str::<Value>(body) {
-        Ok(Value::Array(items)) => items,
-        Ok(value) => vec![value],
-        Err(_) => body
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l.trim()).ok())
-            .collect::<Option<Vec<Value>>>()?,
-    };
-    if values.is_empty() {
-        return None;
-    }
-    values
-        .into_iter()
-        .map(|v| {
-            let name = v.get("name")?.as_str()?;
-            if !tools.iter().any(|t| t.function.name == name) {
-                return None;
-            }
-            let arguments = v
-                .get("parameters")
-                .or_else(|| v.get("arguments"))
-                .cloned()
-                .unwrap_or_else(|| json!({}));
-            Some(ToolCall {
-                id: format!("call_{:016x}", rng.next_u64()),
-                kind: "function".into(),
-                function: FunctionCall {
-                    name: name.to_owned(),
-                    arguments: arguments.to_string(),
-                },
-            })
-        })
-        .collect()
-}
-
-/// Whether streamed text so far could still turn out to be a call (so it must be held).
-pub fn may_be_call(text_so_far: &str) -> bool {
-    let t = text_so_far.trim_start();
-    t.is_empty()
-        || t.starts_with('{')
-        || t.starts_with('[')
-        || "```".starts_with(t)
-        || t.starts_with("```")
-}
-
-fn strip_fence(text: &str) -> &str {
-    let Some(rest) = text.strip_prefix("```") else {
-        return text;
-    };
-    let after_tag = rest.find('\n').map(|i| &rest[i + 1..]).unwrap_or(rest);
-    after_tag
-        .trim_end()
-        .strip_suffix("```")
-        .unwrap_or(after_tag)
-        .trim()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,31 +141,6 @@ mod tests {
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}
         }}))
         .unwrap()
-    }
-
-    #[test]
-    fn plain_and_fenced_calls_parse() {
-        let tools = [weather_tool()];
-        let mut rng = SplitMix64::new(1);
-        for text in [
-            r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#,
-            "```json\n{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}\n```",
-            r#"[{"name": "get_weather", "arguments": {"city": "Paris"}}]"#,
-        ] {
-            let calls = parse_calls(text, &tools, &mut rng).expect(text);
-            assert_eq!(calls.len(), 1);
-            assert_eq!(calls[0].function.name, "get_weather");
-            let args: Value = serde_json::from_str(&calls[0].function.arguments).unwrap();
-            assert_eq!(args, json!({"city": "Paris"}));
-        }
-    }
-
-    #[test]
-    fn text_and_unknown_functions_are_not_calls() {
-        let tools = [weather_tool()];
-        let mut rng = SplitMix64::new(1);
-        assert!(parse_calls("It is sunny.", &tools, &mut rng).is_none());
-        assert!(parse_calls(r#"{"name": "other", "parameters": {}}"#, &tools, &mut rng).is_none());
     }
 
     #[test]

@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
 
 use common::*;
 use gemma_server::RunningServer;
@@ -17,56 +16,10 @@ fn server() -> SocketAddr {
     SERVER.get_or_init(|| start_server(1, 1)).addr
 }
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Starts a long streaming request; returns the connection once the first token arrived
-/// (so the request holds the slot).
+/// A long streaming request, returned once its first token arrived (it holds the slot).
 fn open_long_stream(addr: SocketAddr) -> BufReader<TcpStream> {
-    let mut stream = connect(addr);
-    let body = json!({
-        "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
-        "max_tokens": 400, "temperature": 0, "stream": true,
-    });
-    send_request(
-        &mut stream,
-        "POST",
-        "/v1/chat/completions",
-        Some(&serde_json::to_vec(&body).unwrap()),
-    );
-    let mut reader = BufReader::new(stream);
-    let (status, _) = read_head(&mut reader);
-    assert_eq!(status, 200);
-    let mut data_lines = 0;
-    let mut line = String::new();
-    while data_lines < 2 {
-        line.clear();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "stream ended early"
-        );
-        if line.contains("data:") {
-            data_lines += 1;
-        }
-    }
-    reader
-}
-
-fn wait_for(addr: SocketAddr, name: &str, pred: impl Fn(f64) -> bool) -> f64 {
-    let start = Instant::now();
-    loop {
-        let value = metric(addr, name);
-        if pred(value) {
-            return value;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{name} stuck at {value}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let body = chat_body("Write a very long story about a dragon.", 400);
+    open_stream(addr, &body, 2)
 }
 
 #[test]
@@ -78,17 +31,13 @@ fn disconnecting_frees_the_slot() {
     let stream = open_long_stream(addr);
     assert_eq!(metric(addr, "gemma_active_slots"), 1.0);
     drop(stream);
-    wait_for(addr, "gemma_requests_cancelled_total", |v| {
+    wait_for_metric(addr, "gemma_requests_cancelled_total", |v| {
         v >= cancelled + 1.0
     });
-    wait_for(addr, "gemma_active_slots", |v| v == 0.0);
+    wait_for_metric(addr, "gemma_active_slots", |v| v == 0.0);
     // It stopped long before its 400 tokens, and the one slot serves the next request.
     assert!(metric(addr, "gemma_completion_tokens_total") - tokens_before < 100.0);
-    let r = post(
-        addr,
-        "/v1/chat/completions",
-        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}),
-    );
+    let r = post(addr, "/v1/chat/completions", &chat_body("Hi", 2));
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
@@ -106,7 +55,7 @@ fn a_full_queue_answers_429() {
         "/v1/chat/completions",
         Some(&serde_json::to_vec(&body).unwrap()),
     );
-    wait_for(addr, "gemma_queue_depth", |v| v == 1.0);
+    wait_for_metric(addr, "gemma_queue_depth", |v| v == 1.0);
     // ...so a third is refused at once.
     let r = post(addr, "/v1/chat/completions", &body);
     assert_eq!(r.status, 429, "{}", r.text());
@@ -114,6 +63,6 @@ fn a_full_queue_answers_429() {
     assert!(metric(addr, "gemma_requests_rejected_total") >= 1.0);
     drop(running);
     drop(waiting);
-    wait_for(addr, "gemma_active_slots", |v| v == 0.0);
-    wait_for(addr, "gemma_queue_depth", |v| v == 0.0);
+    wait_for_metric(addr, "gemma_active_slots", |v| v == 0.0);
+    wait_for_metric(addr, "gemma_queue_depth", |v| v == 0.0);
 }

@@ -174,6 +174,20 @@ fn weather_tools() -> Value {
     ])
 }
 
+/// `tool_choice` naming one function.
+fn named(function: &str) -> Value {
+    json!({"type": "function", "function": {"name": function}})
+}
+
+/// A greedy request with the weather tools and `tool_choice`.
+fn tools_request(question: &str, tool_choice: Value) -> Value {
+    json!({
+        "messages": [{"role": "user", "content": question}],
+        "tools": weather_tools(), "tool_choice": tool_choice,
+        "max_tokens": 40, "temperature": 0,
+    })
+}
+
 #[test]
 fn tool_call_round_trip() {
     let addr = server();
@@ -213,49 +227,102 @@ fn tool_call_round_trip() {
     assert!(v2["usage"]["prompt_tokens"].as_u64().unwrap() > 40, "{v2}");
 }
 
+/// The same greedy request streamed and not: (stream chunks, plain reply).
+fn streamed_and_plain(addr: SocketAddr, body: &Value) -> (Vec<Value>, Value) {
+    let plain = post(addr, "/v1/chat/completions", body);
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    (post_stream(addr, body), plain.json())
+}
+
 #[test]
-fn named_tool_choice_streams_a_call() {
+fn a_forced_call_streams_its_arguments_as_they_are_generated() {
     let addr = server();
-    let body = json!({
-        "messages": [{"role": "user", "content": "What time is it in Tokyo?"}],
-        "tools": weather_tools(),
-        "tool_choice": {"type": "function", "function": {"name": "get_time"}},
-        "max_tokens": 40, "temperature": 0, "stream": true,
-    });
-    let r = post(addr, "/v1/chat/completions", &body);
-    assert_eq!(r.status, 200);
-    let data = r.sse_data();
-    assert_eq!(data.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = data[..data.len() - 1]
+    let body = tools_request("What time is it in Tokyo?", named("get_time"));
+    let (chunks, plain) = streamed_and_plain(addr, &body);
+    let calls = streamed_tool_calls(&chunks);
+    assert_eq!(calls.len(), 1, "{chunks:?}");
+    let call = &calls[0];
+    assert!(call.id.starts_with("call_"), "{}", call.id);
+    assert_eq!(call.kind, "function");
+    assert_eq!(call.name, "get_time");
+    // The call opens with empty arguments; they follow piece by piece as generated.
+    let opening = chunks
         .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    let calls: Vec<&Value> = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
-        .flatten()
-        .collect();
-    assert_eq!(calls.len(), 1, "{data:?}");
-    assert_eq!(calls[0]["index"], 0);
-    assert_eq!(calls[0]["function"]["name"], "get_time");
-    let args: Value =
-        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
-    assert!(args["city"].is_string());
+        .find_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+        .unwrap();
+    assert_eq!(opening["function"]["arguments"], "");
+    assert!(call.argument_chunks > 1, "{chunks:?}");
+    let expected = &plain["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(call.arguments, expected["arguments"].as_str().unwrap());
+    let args: Value = serde_json::from_str(&call.arguments).unwrap();
+    assert!(args["city"].is_string(), "{args}");
     assert_eq!(
         chunks.last().unwrap()["choices"][0]["finish_reason"],
         "tool_calls"
     );
+    assert_eq!(plain["choices"][0]["finish_reason"], "tool_calls");
     assert_eq!(streamed_content(&chunks), "");
+}
+
+/// Streams and asks `body` in `auto` tool mode; checks that both paths give the same text,
+/// calls and finish reason, and returns the number of calls.
+fn assert_auto_paths_agree(addr: SocketAddr, body: &Value) -> usize {
+    let (chunks, plain) = streamed_and_plain(addr, body);
+    let message = &plain["choices"][0]["message"];
+    assert_eq!(
+        streamed_content(&chunks),
+        message["content"].as_str().unwrap_or(""),
+        "{body}"
+    );
+    let expected = message["tool_calls"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let calls = streamed_tool_calls(&chunks);
+    assert_eq!(calls.len(), expected.len(), "{body}: {plain}");
+    for (call, want) in calls.iter().zip(&expected) {
+        assert_eq!(call.name, want["function"]["name"].as_str().unwrap());
+        assert_eq!(
+            call.arguments,
+            want["function"]["arguments"].as_str().unwrap()
+        );
+    }
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        plain["choices"][0]["finish_reason"],
+    );
+    calls.len()
+}
+
+#[test]
+fn auto_tool_choice_streams_what_the_plain_reply_says() {
+    let addr = server();
+    // Whatever the model makes of these (this small base model answers in text).
+    for question in ["What is the weather in Paris?", "Tell me a joke."] {
+        let mut body = tools_request(question, json!("auto"));
+        body["max_tokens"] = json!(20);
+        assert_auto_paths_agree(addr, &body);
+    }
+    // A reply shaped as a call by `response_format`: in `auto` mode it is recognized as one
+    // while it streams.
+    let mut body = tools_request("What time is it in Lima?", json!("auto"));
+    let call_shape = json!({
+        "type": "object",
+        "properties": {
+            "name": {"const": "get_time"},
+            "parameters": weather_tools()[1]["function"]["parameters"],
+        },
+        "required": ["name", "parameters"], "additionalProperties": false,
+    });
+    body["response_format"] =
+        json!({"type": "json_schema", "json_schema": {"name": "call", "schema": call_shape}});
+    assert_eq!(assert_auto_paths_agree(addr, &body), 1);
 }
 
 #[test]
 fn bad_tool_choices_are_400s() {
     let addr = server();
-    let body = json!({
-        "messages": [{"role": "user", "content": "Hi"}],
-        "tools": weather_tools(),
-        "tool_choice": {"type": "function", "function": {"name": "launch_rocket"}},
-    });
+    let body = tools_request("Hi", named("launch_rocket"));
     let r = post(addr, "/v1/chat/completions", &body);
     assert_eq!(r.status, 400);
     assert!(r.json()["error"]["message"]

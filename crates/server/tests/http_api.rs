@@ -10,7 +10,7 @@ use common::*;
 use gemma_engine::gemma_tokenizer::ChatMessage;
 use gemma_engine::LoadedModel;
 use gemma_server::RunningServer;
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn server() -> SocketAddr {
     static SERVER: OnceLock<RunningServer> = OnceLock::new();
@@ -23,15 +23,6 @@ fn reference() -> &'static LoadedModel {
     MODEL.get_or_init(|| {
         let path = gemma_engine::ensure_default_model().unwrap();
         gemma_engine::load(Some(&path), &Default::default()).unwrap()
-    })
-}
-
-fn chat_body(prompt: &str, max_tokens: usize) -> Value {
-    json!({
-        "model": "gemma",
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
     })
 }
 
@@ -80,17 +71,11 @@ fn streaming_matches_the_non_streaming_answer() {
     streamed["stream"] = json!(true);
     streamed["stream_options"] = json!({"include_usage": true});
     let r = post(addr, "/v1/chat/completions", &streamed);
-    assert_eq!(r.status, 200);
     assert!(r
         .header("content-type")
         .unwrap()
         .starts_with("text/event-stream"));
-    let data = r.sse_data();
-    assert_eq!(data.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_chunks(&r);
     assert!(chunks
         .iter()
         .all(|c| c["object"] == "chat.completion.chunk"));

@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use common::*;
 use gemma_server::RunningServer;
@@ -16,29 +16,31 @@ fn server() -> SocketAddr {
     SERVER.get_or_init(|| start_server(4, 16)).addr
 }
 
-/// The tests read global counters; one at a time.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
+/// A greedy streamed answer: its text and usage.
 fn greedy_stream(addr: SocketAddr, prompt: &str, max_tokens: usize) -> (String, Value) {
-    let body = json!({
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens, "temperature": 0, "stream": true,
-        "stream_options": {"include_usage": true},
-    });
-    let r = post(addr, "/v1/chat/completions", &body);
-    assert_eq!(r.status, 200, "{}", r.text());
-    let data = r.sse_data();
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let mut body = chat_body(prompt, max_tokens);
+    body["stream_options"] = json!({"include_usage": true});
+    let chunks = post_stream(addr, &body);
     let usage = chunks.last().unwrap()["usage"].clone();
     (streamed_content(&chunks), usage)
 }
+
+/// Overwrites every slot's cache (four requests at once on the four slots), so the next
+/// run starts cold.
+fn fill_slots_with_unrelated_prompts(addr: SocketAddr) {
+    std::thread::scope(|s| {
+        for p in ["One.", "Two.", "Three.", "Four."] {
+            s.spawn(move || greedy_stream(addr, p, 2));
+        }
+    });
+}
+
+/// Longer than one prefill chunk, so different questions after it share the first chunk.
+const PREAMBLE: &str = "You are a meticulous librarian in the old town of Brackenford, a place of \
+    narrow streets, tall chimneys and a river that floods every spring. The library has three \
+    floors: novels on the first, history and maps on the second, and poetry under the roof. \
+    Visitors are often confused, so you are patient with them. Answer every question in one \
+    short sentence, politely. ";
 
 #[test]
 fn concurrent_greedy_streams_equal_solo_runs() {
@@ -82,12 +84,7 @@ fn concurrent_greedy_streams_equal_solo_runs() {
 fn prefix_cache_reuses_a_shared_prompt_without_changing_output() {
     let _guard = serial();
     let addr = server();
-    // Longer than one prefill chunk, so a different question can reuse the first chunk.
-    let shared = "You are a meticulous librarian in the old town of Brackenford, a place of \
-                  narrow streets, tall chimneys and a river that floods every spring. The \
-                  library has three floors: novels on the first, history and maps on the \
-                  second, and poetry under the roof. Visitors are often confused, so you are \
-                  patient with them. Answer every question in one short sentence, politely. ";
+    let shared = PREAMBLE;
     let first = format!("{shared}Which book should I read first?");
     let cold = greedy_stream(addr, &first, 5);
     let hits_before = metric(addr, "gemma_prefix_cache_hit_tokens_total");
@@ -110,13 +107,8 @@ fn prefix_cache_reuses_a_shared_prompt_without_changing_output() {
         reused >= 60.0,
         "the shared preamble should be reused, got {reused}"
     );
-    // Same answer as on a slot that has never seen the preamble: fill every slot with
-    // unrelated prompts first so the next run starts cold.
-    std::thread::scope(|s| {
-        for p in ["One.", "Two.", "Three.", "Four."] {
-            s.spawn(move || greedy_stream(addr, p, 2));
-        }
-    });
+    // Same answer as on a slot that has never seen the preamble.
+    fill_slots_with_unrelated_prompts(addr);
     let hits_before = metric(addr, "gemma_prefix_cache_hit_tokens_total");
     let cold_second = greedy_stream(addr, &second, 5);
     let reused_cold = metric(addr, "gemma_prefix_cache_hit_tokens_total") - hits_before;
@@ -125,4 +117,41 @@ fn prefix_cache_reuses_a_shared_prompt_without_changing_output() {
         "expected a cold run, reused {reused_cold}"
     );
     assert_eq!(warm_second, cold_second);
+}
+
+#[test]
+fn a_busy_slot_lends_its_prefix_to_a_request_on_another_slot() {
+    let _guard = serial();
+    let addr = server();
+    fill_slots_with_unrelated_prompts(addr);
+    // A long answer keeps one slot busy with the preamble in its cache...
+    let busy_body = chat_body(&format!("{PREAMBLE}Tell me a very long story."), 300);
+    let busy = open_stream(addr, &busy_body, 2);
+    let copies = metric(addr, "gemma_prefix_cache_copies_total");
+    let copied = metric(addr, "gemma_prefix_cache_copied_tokens_total");
+    let hits = metric(addr, "gemma_prefix_cache_hit_tokens_total");
+    // ...so a new question after the same preamble, on a free slot that never saw it,
+    // starts from a copy of the busy slot's cache.
+    let question = format!("{PREAMBLE}Where are the maps?");
+    let warm = greedy_stream(addr, &question, 5);
+    assert_eq!(
+        metric(addr, "gemma_prefix_cache_copies_total"),
+        copies + 1.0
+    );
+    let copied = metric(addr, "gemma_prefix_cache_copied_tokens_total") - copied;
+    assert!(copied >= 60.0, "copied {copied} tokens");
+    assert_eq!(
+        metric(addr, "gemma_prefix_cache_hit_tokens_total") - hits,
+        copied
+    );
+    drop(busy);
+    wait_for_metric(addr, "gemma_active_slots", |v| v == 0.0);
+
+    // The same answer as a cold run.
+    fill_slots_with_unrelated_prompts(addr);
+    let hits = metric(addr, "gemma_prefix_cache_hit_tokens_total");
+    let cold = greedy_stream(addr, &question, 5);
+    let reused = metric(addr, "gemma_prefix_cache_hit_tokens_total") - hits;
+    assert!(reused < 10.0, "expected a cold run, reused {reused}");
+    assert_eq!(warm, cold);
 }

@@ -4,15 +4,21 @@
 //! ring buffer's two halves, or the keys of the chunk being processed). Scores are never
 //! materialised as a T×T matrix: each (query, head) pair streams over the visible keys with an
 //! online softmax, so memory stays flat however long the context.
+//!
+//! Keys and values may be stored as f32, f16 or Q8_0 ([`KvRows`]); a task converts only the
+//! block of [`KEY_BLOCK`] rows it is about to use, for its kv head, into a small f32 buffer.
 
+use super::exp;
+use super::kv::KvRows;
 use crate::pool::ThreadPool;
+use crate::quant::Isa;
 
 /// Keys and values for `len` consecutive positions starting at `first_pos`; each row holds
-/// `n_kv_heads * head_dim` values.
+/// `n_kv_heads * head_dim` values, in any cache format (`(&[f32]).into()` for plain floats).
 #[derive(Clone, Copy, Debug)]
 pub struct KvSegment<'a> {
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+    pub keys: KvRows<'a>,
+    pub values: KvRows<'a>,
     pub first_pos: usize,
     pub len: usize,
 }
@@ -82,7 +88,9 @@ thread_local! {
 /// so each key/value block is read once for all of them) and, when there are too few such
 /// tasks to fill the pool (decoding), one slice of the keys; slices are merged afterwards with
 /// their softmax maxima and denominators. Keys are taken [`KEY_BLOCK`] at a time and the online
-/// softmax rescales once per block.
+/// softmax rescales once per block; within a block each key and value row is read once for four
+/// queries (register-tiled dot products and accumulations), and the weights come from the
+/// polynomial [`exp`](super::exp) eight at a time.
 #[track_caller]
 pub fn attention(
     pool: &ThreadPool,
@@ -133,9 +141,16 @@ pub fn attention_with(
     );
     for s in segments {
         assert!(
-            s.keys.len() >= s.len * kv_row && s.values.len() >= s.len * kv_row,
+            s.keys.n_values() >= s.len * kv_row && s.values.n_values() >= s.len * kv_row,
             "attention: segment of {} positions has too few keys or values",
             s.len
+        );
+        let quantized = [s.keys, s.values]
+            .iter()
+            .any(|r| matches!(r, KvRows::Q8_0(_)));
+        assert!(
+            !quantized || hd.is_multiple_of(super::kv::Q8_0_BLOCK),
+            "attention: q8_0 keys or values need a head_dim that is a multiple of 32, got {hd}"
         );
     }
     assert!(isa.is_available(), "ISA {isa:?} is not available");
@@ -223,7 +238,7 @@ pub fn attention_with(
                     if ps[hd + 1] == 0.0 {
                         continue;
                     }
-                    let w = (ps[hd] - max).exp();
+                    let w = exp::exp(ps[hd] - max);
                     denom += ps[hd + 1] * w;
                     for (d, a) in dst.iter_mut().zip(&ps[..hd]) {
                         *d += a * w;
@@ -260,7 +275,7 @@ impl Job<'_, '_> {
             let state = &mut *state.borrow_mut();
             #[cfg(target_arch = "x86_64")]
             if self.use_avx2 {
-                // SAFETY: AVX2 + FMA were detected (the ISA was checked by the caller).
+                // SAFETY: AVX2 + FMA + F16C were detected (the ISA was checked by the caller).
                 unsafe { self.run_task_avx2(base_task, split, state, emit) };
                 return;
             }
@@ -269,7 +284,7 @@ impl Job<'_, '_> {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_task_avx2(
         &self,
         base_task: usize,
@@ -298,13 +313,30 @@ impl Job<'_, '_> {
         let t0 = qb * QUERY_BLOCK;
         let nt = QUERY_BLOCK.min(self.n_tokens - t0);
         let nq = nt * self.group;
-        // state: acc[nq * hd], max[nq], denom[nq], scores[KEY_BLOCK]
-        state.clear();
-        state.resize(nq * hd + 2 * nq + KEY_BLOCK, 0.0);
-        let (acc, rest) = state.split_at_mut(nq * hd);
+        // Segments not stored as f32 are converted a block at a time into key/value buffers.
+        let converted = self
+            .segments
+            .iter()
+            .any(|s| !matches!((s.keys, s.values), (KvRows::F32(_), KvRows::F32(_))));
+        let block_buf = if converted { KEY_BLOCK * hd } else { 0 };
+        // state: acc[nq * hd], max[nq], denom[nq], scores[nq * KEY_BLOCK], keys and
+        // values[block_buf]. Grown, never shrunk; only the softmax state needs initialising.
+        let needed = nq * hd + 2 * nq + nq * KEY_BLOCK + 2 * block_buf;
+        if state.len() < needed {
+            state.resize(needed, 0.0);
+        }
+        let (acc, rest) = state[..needed].split_at_mut(nq * hd);
         let (maxes, rest) = rest.split_at_mut(nq);
-        let (denoms, scores) = rest.split_at_mut(nq);
+        let (denoms, rest) = rest.split_at_mut(nq);
+        let (scores, rest) = rest.split_at_mut(nq * KEY_BLOCK);
+        let (key_buf, value_buf) = rest.split_at_mut(block_buf);
+        acc.fill(0.0);
+        denoms.fill(0.0);
         maxes.fill(f32::NEG_INFINITY);
+        let query = |qi: usize| {
+            let (t, hg) = (qi / self.group, qi % self.group);
+            &self.q[(t0 + t) * q_row + (kv_h * self.group + hg) * hd..][..hd]
+        };
 
         // This split's slice of the concatenated keys, and the positions any query here sees.
         let key_lo = split * self.total_keys / self.n_splits;
@@ -324,42 +356,89 @@ impl Job<'_, '_> {
             let mut b0 = lo;
             while b0 < hi {
                 let b1 = (b0 + KEY_BLOCK).min(hi);
-                for qi in 0..nq {
-                    let (t, hg) = (qi / self.group, qi % self.group);
-                    let h = kv_h * self.group + hg;
-                    let q_pos = self.q_pos0 + t0 + t;
-                    let (v_lo, v_hi) = p.mask.visible_range(q_pos);
-                    // Keys of this block the query sees: a contiguous sub-range.
-                    let j_lo = b0.max(v_lo.saturating_sub(seg.first_pos));
+                // Row `j` of this block for this kv head is `rows[(j - b0) * stride..][..hd]`.
+                let head = kv_h * hd;
+                let (keys, k_stride) = block_rows::<M>(seg.keys, b0, b1, kv_row, head, key_buf);
+                let (values, v_stride) =
+                    block_rows::<M>(seg.values, b0, b1, kv_row, head, value_buf);
+                // Scores of every query against every key of the block (row `qi` of `scores`,
+                // column `j - b0`), four queries per key read; keys a query does not see are
+                // scored too but never used.
+                let mut qi = 0;
+                while qi + 4 <= nq {
+                    let quad = [query(qi), query(qi + 1), query(qi + 2), query(qi + 3)];
+                    for j in b0..b1 {
+                        let dots = M::dot4(&quad, &keys[(j - b0) * k_stride..][..hd]);
+                        for (r, d) in dots.into_iter().enumerate() {
+                            scores[(qi + r) * KEY_BLOCK + j - b0] = d;
+                        }
+                    }
+                    qi += 4;
+                }
+                for qi in qi..nq {
+                    for j in b0..b1 {
+                        let key = &keys[(j - b0) * k_stride..][..hd];
+                        scores[qi * KEY_BLOCK + j - b0] = M::dot(query(qi), key);
+                    }
+                }
+                // Keys of this block query `qi` sees: a contiguous sub-range (empty if lo >= hi).
+                let visible = |qi: usize| {
+                    let (v_lo, v_hi) = p.mask.visible_range(self.q_pos0 + t0 + qi / self.group);
+                    let j_lo = b0.max(v_lo.saturating_sub(seg.first_pos)).min(b1);
                     let j_hi = b1.min((v_hi + 1).saturating_sub(seg.first_pos));
-                    if j_lo >= j_hi {
+                    (j_lo, j_hi.max(j_lo))
+                };
+                // Scores become softmax weights in place; keys a query does not see weigh 0.
+                for qi in 0..nq {
+                    let (j_lo, j_hi) = visible(qi);
+                    let row = &mut scores[qi * KEY_BLOCK..][..b1 - b0];
+                    row[..j_lo - b0].fill(0.0);
+                    row[j_hi - b0..].fill(0.0);
+                    if j_lo == j_hi {
                         continue;
                     }
-                    let query = &self.q[(t0 + t) * q_row + h * hd..][..hd];
+                    let row = &mut row[j_lo - b0..j_hi - b0];
                     let mut block_max = f32::NEG_INFINITY;
-                    for j in j_lo..j_hi {
-                        let key = &seg.keys[j * kv_row + kv_h * hd..][..hd];
-                        let mut s = M::dot(query, key) * p.scale;
+                    for s in row.iter_mut() {
+                        *s *= p.scale;
                         if let Some(cap) = p.softcap {
-                            s = cap * (s / cap).tanh();
+                            *s = cap * (*s / cap).tanh();
                         }
-                        scores[j - j_lo] = s;
-                        block_max = block_max.max(s);
+                        block_max = block_max.max(*s);
                     }
                     let acc_q = &mut acc[qi * hd..(qi + 1) * hd];
                     let new_max = maxes[qi].max(block_max);
                     if new_max > maxes[qi] {
                         // Rescale what was accumulated under the old maximum.
-                        let correction = (maxes[qi] - new_max).exp();
+                        let correction = exp::exp(maxes[qi] - new_max);
                         denoms[qi] *= correction;
                         acc_q.iter_mut().for_each(|a| *a *= correction);
                         maxes[qi] = new_max;
                     }
+                    denoms[qi] += M::exp_shifted_sum(row, new_max);
+                }
+                // acc += weights · values, four queries per value row read.
+                let mut qi = 0;
+                while qi + 4 <= nq {
+                    let (lo, hi) = (0..4)
+                        .map(|r| visible(qi + r))
+                        .filter(|(lo, hi)| lo < hi)
+                        .fold((b1, b0), |(l, h), (lo, hi)| (l.min(lo), h.max(hi)));
+                    if lo < hi {
+                        let weights: [&[f32]; 4] = std::array::from_fn(|r| {
+                            &scores[(qi + r) * KEY_BLOCK..][lo - b0..hi - b0]
+                        });
+                        let rows = &values[(lo - b0) * v_stride..];
+                        M::axpy4(&mut acc[qi * hd..(qi + 4) * hd], &weights, rows, v_stride);
+                    }
+                    qi += 4;
+                }
+                for qi in qi..nq {
+                    let (j_lo, j_hi) = visible(qi);
                     for j in j_lo..j_hi {
-                        let w = (scores[j - j_lo] - new_max).exp();
-                        denoms[qi] += w;
-                        let value = &seg.values[j * kv_row + kv_h * hd..][..hd];
-                        M::axpy(acc_q, w, value);
+                        let value = &values[(j - b0) * v_stride..][..hd];
+                        let w = scores[qi * KEY_BLOCK + j - b0];
+                        M::axpy(&mut acc[qi * hd..(qi + 1) * hd], w, value);
                     }
                 }
                 b0 = b1;
@@ -376,6 +455,28 @@ impl Job<'_, '_> {
             );
         }
     }
+}
+
+/// Rows `b0..b1` of `rows` for the head starting at value `head` of each row, as f32: the
+/// stored rows themselves (stride `kv_row`) for f32, else converted into `buf` (stride
+/// `head_dim = buf.len() / KEY_BLOCK`).
+#[inline(always)]
+fn block_rows<'r, M: VecMath>(
+    rows: KvRows<'r>,
+    b0: usize,
+    b1: usize,
+    kv_row: usize,
+    head: usize,
+    buf: &'r mut [f32],
+) -> (&'r [f32], usize) {
+    if let KvRows::F32(v) = rows {
+        return (&v[b0 * kv_row + head..], kv_row);
+    }
+    let hd = buf.len() / KEY_BLOCK;
+    for j in b0..b1 {
+        M::read(&rows, j * kv_row + head, &mut buf[(j - b0) * hd..][..hd]);
+    }
+    (buf, hd)
 }
 
 /// Dot product with eight independent lanes (the scalar build's loop).
@@ -408,7 +509,16 @@ fn axpy8(acc: &mut [f32], w: f32, v: &[f32]) {
 /// Inner products of the attention loops: plain Rust, or AVX2 with fused multiply-adds.
 trait VecMath {
     fn dot(a: &[f32], b: &[f32]) -> f32;
+    /// Four queries against one key (the key is read once for all four).
+    fn dot4(queries: &[&[f32]; 4], key: &[f32]) -> [f32; 4];
     fn axpy(acc: &mut [f32], w: f32, v: &[f32]);
+    /// For four queries `r` (accumulators `acc[r·hd..(r+1)·hd]`, `hd = acc.len() / 4`):
+    /// `acc_r += Σ_j weights[r][j] · rows[j·stride..][..hd]`; each value row is read once.
+    fn axpy4(acc: &mut [f32], weights: &[&[f32]; 4], rows: &[f32], stride: usize);
+    /// `x[i] = e^(x[i] - shift)`; returns their sum.
+    fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32;
+    /// Values `offset..offset + dst.len()` of `rows`, as f32.
+    fn read(rows: &KvRows<'_>, offset: usize, dst: &mut [f32]);
 }
 
 struct ScalarMath;
@@ -419,8 +529,29 @@ impl VecMath for ScalarMath {
         dot8(a, b)
     }
     #[inline(always)]
+    fn dot4(queries: &[&[f32]; 4], key: &[f32]) -> [f32; 4] {
+        queries.map(|q| dot8(q, key))
+    }
+    #[inline(always)]
     fn axpy(acc: &mut [f32], w: f32, v: &[f32]) {
         axpy8(acc, w, v)
+    }
+    #[inline(always)]
+    fn axpy4(acc: &mut [f32], weights: &[&[f32]; 4], rows: &[f32], stride: usize) {
+        let hd = acc.len() / 4;
+        for (r, acc_r) in acc.chunks_exact_mut(hd).enumerate() {
+            for (j, &w) in weights[r].iter().enumerate() {
+                axpy8(acc_r, w, &rows[j * stride..][..hd]);
+            }
+        }
+    }
+    #[inline(always)]
+    fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+        exp::exp_shifted_sum_scalar(x, shift)
+    }
+    #[inline(always)]
+    fn read(rows: &KvRows<'_>, offset: usize, dst: &mut [f32]) {
+        rows.read_into(Isa::Scalar, offset, dst)
     }
 }
 
@@ -456,6 +587,42 @@ impl VecMath for Avx2Math {
     }
 
     #[inline(always)]
+    fn dot4(queries: &[&[f32]; 4], key: &[f32]) -> [f32; 4] {
+        use std::arch::x86_64::*;
+        let n = key.len();
+        assert!(queries.iter().all(|q| q.len() == n));
+        let chunks = n / 16;
+        // SAFETY: AVX2 + FMA detected (see the struct); loads stay inside `n` values of each
+        // slice (lengths checked above).
+        unsafe {
+            // Two accumulators per query: eight independent FMA chains.
+            let mut lo = [_mm256_setzero_ps(); 4];
+            let mut hi = [_mm256_setzero_ps(); 4];
+            for c in 0..chunks {
+                let pk = key.as_ptr().add(16 * c);
+                let (k0, k1) = (_mm256_loadu_ps(pk), _mm256_loadu_ps(pk.add(8)));
+                for r in 0..4 {
+                    let pq = queries[r].as_ptr().add(16 * c);
+                    lo[r] = _mm256_fmadd_ps(_mm256_loadu_ps(pq), k0, lo[r]);
+                    hi[r] = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(8)), k1, hi[r]);
+                }
+            }
+            let mut out = [0.0f32; 4];
+            for r in 0..4 {
+                let s = _mm256_add_ps(lo[r], hi[r]);
+                let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+                out[r] = _mm_cvtss_f32(h);
+                for i in chunks * 16..n {
+                    out[r] += queries[r][i] * key[i];
+                }
+            }
+            out
+        }
+    }
+
+    #[inline(always)]
     fn axpy(acc: &mut [f32], w: f32, v: &[f32]) {
         use std::arch::x86_64::*;
         let n = acc.len().min(v.len());
@@ -473,11 +640,72 @@ impl VecMath for Avx2Math {
             acc[i] += w * v[i];
         }
     }
+
+    #[inline(always)]
+    fn axpy4(acc: &mut [f32], weights: &[&[f32]; 4], rows: &[f32], stride: usize) {
+        use std::arch::x86_64::*;
+        let hd = acc.len() / 4;
+        let n = weights[0].len();
+        assert!(weights.iter().all(|w| w.len() == n));
+        assert!(n == 0 || rows.len() >= (n - 1) * stride + hd);
+        let chunks = hd / 16;
+        // SAFETY: AVX2 + FMA detected (see the struct). Accumulator loads and stores stay
+        // inside `acc` (4·hd values), value loads inside row `j < n` (length checked above),
+        // weight reads inside each `n`-long slice.
+        unsafe {
+            // Sixteen dimensions of four queries (eight registers) stay in registers while
+            // every value row of the block is added in.
+            for c in 0..chunks {
+                let mut a = [_mm256_setzero_ps(); 8];
+                for r in 0..4 {
+                    let pa = acc.as_ptr().add(r * hd + 16 * c);
+                    a[2 * r] = _mm256_loadu_ps(pa);
+                    a[2 * r + 1] = _mm256_loadu_ps(pa.add(8));
+                }
+                for j in 0..n {
+                    let pv = rows.as_ptr().add(j * stride + 16 * c);
+                    let (v0, v1) = (_mm256_loadu_ps(pv), _mm256_loadu_ps(pv.add(8)));
+                    for r in 0..4 {
+                        let w = _mm256_set1_ps(*weights[r].get_unchecked(j));
+                        a[2 * r] = _mm256_fmadd_ps(w, v0, a[2 * r]);
+                        a[2 * r + 1] = _mm256_fmadd_ps(w, v1, a[2 * r + 1]);
+                    }
+                }
+                for r in 0..4 {
+                    let pa = acc.as_mut_ptr().add(r * hd + 16 * c);
+                    _mm256_storeu_ps(pa, a[2 * r]);
+                    _mm256_storeu_ps(pa.add(8), a[2 * r + 1]);
+                }
+            }
+        }
+        for r in 0..4 {
+            for d in chunks * 16..hd {
+                let mut sum = acc[r * hd + d];
+                for (j, &w) in weights[r].iter().enumerate() {
+                    sum += w * rows[j * stride + d];
+                }
+                acc[r * hd + d] = sum;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+        // SAFETY: AVX2 + FMA detected (see the struct).
+        unsafe { exp::exp_shifted_sum_avx2(x, shift) }
+    }
+
+    #[inline(always)]
+    fn read(rows: &KvRows<'_>, offset: usize, dst: &mut [f32]) {
+        // `Isa::Avx2` (AVX2 + FMA + F16C) was checked available by `attention_with`.
+        rows.read_into(Isa::Avx2, offset, dst)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::kv::{CacheType, KvBuffer};
 
     /// Plain softmax attention with an explicit score vector, in f64, for comparison
     /// (the soft cap, when set, applied to every score).
@@ -559,20 +787,20 @@ mod tests {
             let q = pseudo_random(4 * 32, 3);
             let segs = [
                 KvSegment {
-                    keys: &k[..2 * 16],
-                    values: &v[..2 * 16],
+                    keys: KvRows::F32(&k[..2 * 16]),
+                    values: KvRows::F32(&v[..2 * 16]),
                     first_pos: 0,
                     len: 2,
                 },
                 KvSegment {
-                    keys: &k[2 * 16..5 * 16],
-                    values: &v[2 * 16..5 * 16],
+                    keys: KvRows::F32(&k[2 * 16..5 * 16]),
+                    values: KvRows::F32(&v[2 * 16..5 * 16]),
                     first_pos: 2,
                     len: 3,
                 },
                 KvSegment {
-                    keys: &k[5 * 16..],
-                    values: &v[5 * 16..],
+                    keys: KvRows::F32(&k[5 * 16..]),
+                    values: KvRows::F32(&v[5 * 16..]),
                     first_pos: 5,
                     len: 4,
                 },
@@ -609,14 +837,14 @@ mod tests {
                 let split = 130;
                 let segs = [
                     KvSegment {
-                        keys: &k[..split * 16],
-                        values: &v[..split * 16],
+                        keys: KvRows::F32(&k[..split * 16]),
+                        values: KvRows::F32(&v[..split * 16]),
                         first_pos: 0,
                         len: split,
                     },
                     KvSegment {
-                        keys: &k[split * 16..],
-                        values: &v[split * 16..],
+                        keys: KvRows::F32(&k[split * 16..]),
+                        values: KvRows::F32(&v[split * 16..]),
                         first_pos: split,
                         len: n_keys - split,
                     },
@@ -642,6 +870,136 @@ mod tests {
                     softcapped.copy_from_slice(&out);
                     for (a, b) in scalar.iter().zip(&softcapped) {
                         assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Largest error storing `x` in `cache_type` can make in each value: f16 keeps 11
+    /// significant bits (|Δ| ≤ |x|·2⁻¹¹ for normal values); Q8_0 rounds to half a step of
+    /// `amax / 127` and stores that step as f16 (another `amax·2⁻¹¹`).
+    fn storage_error_bounds(cache_type: CacheType, x: &[f32]) -> Vec<f32> {
+        let half_ulp = 2f32.powi(-11);
+        match cache_type {
+            CacheType::F32 => vec![0.0; x.len()],
+            CacheType::F16 => x.iter().map(|v| v.abs() * half_ulp).collect(),
+            CacheType::Q8_0 => x
+                .chunks(32)
+                .flat_map(|block| {
+                    let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    std::iter::repeat_n(amax / 254.0 + amax * half_ulp, block.len())
+                })
+                .collect(),
+        }
+    }
+
+    /// Keys and values in f16 and Q8_0, read straight from their stored format in two
+    /// segments: the result equals naive attention over the values read back (the kernel reads
+    /// the format right), and stays within what the storage precision allows of attention over
+    /// the exact f32 values: if every score moves by at most δ, every softmax weight moves by a
+    /// factor within e^±2δ, so the output moves by at most (e^2δ − 1)·max|v| + max|Δv|.
+    #[test]
+    fn f16_and_q8_0_segments_match_naive_attention() {
+        let pool = ThreadPool::new(3);
+        let (nh, nkv, hd) = (4, 2, 64);
+        let row = nkv * hd;
+        let n_keys = 200;
+        let k: Vec<f32> = pseudo_random(n_keys * row, 7)
+            .iter()
+            .map(|x| 3.0 * x)
+            .collect();
+        let v = pseudo_random(n_keys * row, 8);
+        let key_bounds_of = |ct| storage_error_bounds(ct, &k);
+        let v_max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        for mask in [AttentionMask::Causal, AttentionMask::SlidingWindow(50)] {
+            for n_queries in [1usize, 11] {
+                let p = AttentionParams {
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: hd,
+                    scale: 0.125,
+                    softcap: None,
+                    mask,
+                };
+                let q = pseudo_random(n_queries * nh * hd, 9);
+                let q_pos0 = n_keys - n_queries;
+                let exact = naive(&p, &q, q_pos0, &k, &v, n_keys);
+                for cache_type in [CacheType::F16, CacheType::Q8_0] {
+                    let mut keys = KvBuffer::new(cache_type, k.len());
+                    let mut values = KvBuffer::new(cache_type, v.len());
+                    keys.store(Isa::Scalar, 0, &k);
+                    values.store(Isa::Scalar, 0, &v);
+                    let mut k_read = vec![0.0; k.len()];
+                    let mut v_read = vec![0.0; v.len()];
+                    keys.rows().read_into(Isa::Scalar, 0, &mut k_read);
+                    values.rows().read_into(Isa::Scalar, 0, &mut v_read);
+                    let split = 77;
+                    let segs = [
+                        KvSegment {
+                            keys: keys.slice(0, split * row),
+                            values: values.slice(0, split * row),
+                            first_pos: 0,
+                            len: split,
+                        },
+                        KvSegment {
+                            keys: keys.slice(split * row, n_keys * row),
+                            values: values.slice(split * row, n_keys * row),
+                            first_pos: split,
+                            len: n_keys - split,
+                        },
+                    ];
+                    let mut out = vec![0.0; q.len()];
+                    attention(&pool, &p, &q, q_pos0, &segs, &mut out);
+                    let what = format!("{cache_type} {mask:?} {n_queries} queries");
+
+                    let read_back = naive(&p, &q, q_pos0, &k_read, &v_read, n_keys);
+                    for (a, b) in out.iter().zip(&read_back) {
+                        assert!((a - b).abs() < 1e-5, "{what}: {a} vs {b} (read back)");
+                    }
+
+                    let key_bounds = key_bounds_of(cache_type);
+                    let v_bound = storage_error_bounds(cache_type, &v)
+                        .into_iter()
+                        .fold(0.0f32, f32::max);
+                    let mut worst = 0.0f32;
+                    for t in 0..n_queries {
+                        for h in 0..nh {
+                            let query = &q[(t * nh + h) * hd..][..hd];
+                            let kvh = h / (nh / nkv);
+                            let delta = (0..n_keys)
+                                .map(|j| {
+                                    let b = &key_bounds[j * row + kvh * hd..][..hd];
+                                    p.scale
+                                        * query.iter().zip(b).map(|(a, e)| a.abs() * e).sum::<f32>()
+                                })
+                                .fold(0.0f32, f32::max);
+                            let bound = ((2.0 * delta).exp() - 1.0) * v_max + v_bound + 1e-5;
+                            for d in 0..hd {
+                                let i = (t * nh + h) * hd + d;
+                                let err = (out[i] - exact[i]).abs();
+                                worst = worst.max(err);
+                                assert!(
+                                    err <= bound,
+                                    "{what}: {} vs {} > {bound}",
+                                    out[i],
+                                    exact[i]
+                                );
+                            }
+                        }
+                    }
+                    assert!(worst > 0.0, "{what}: storage must round something");
+
+                    // The AVX2 build reads the formats like the scalar one.
+                    if Isa::Avx2.is_available() {
+                        let mut scalar = vec![0.0; q.len()];
+                        attention_with(&pool, Isa::Scalar, &p, &q, q_pos0, &segs, &mut scalar);
+                        for (a, b) in scalar.iter().zip(&out) {
+                            assert!(
+                                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                                "{what}: {a} vs {b}"
+                            );
+                        }
                     }
                 }
             }

@@ -17,17 +17,20 @@ pub(super) fn dot_fn(dtype: GgmlType) -> Option<DotFn> {
         GgmlType::F32 => dot_f32,
         GgmlType::F16 => dot_f16,
         GgmlType::BF16 => dot_bf16,
-        GgmlType::Q4_0 => dot_q4_0,
         GgmlType::Q4_1 => dot_q4_1,
-        GgmlType::Q5_0 => dot_q5_0,
         GgmlType::Q5_1 => dot_q5_1,
-        GgmlType::Q8_0 => dot_q8_0,
         GgmlType::Q2_K => dot_q2_k,
         GgmlType::Q3_K => dot_q3_k,
-        GgmlType::Q4_K => dot_q4_k,
         GgmlType::Q5_K => dot_q5_k,
-        GgmlType::Q6_K => dot_q6_k,
-        GgmlType::Q8_1 | GgmlType::Q8_K => return None,
+        // Q4_0, Q5_0, Q8_0, Q4_K and Q6_K use the multi-row kernels of `avx2_rows` (one row is
+        // a group of one there), which match the scalar reference bit for bit.
+        GgmlType::Q4_0
+        | GgmlType::Q5_0
+        | GgmlType::Q8_0
+        | GgmlType::Q4_K
+        | GgmlType::Q6_K
+        | GgmlType::Q8_1
+        | GgmlType::Q8_K => return None,
     })
 }
 
@@ -232,32 +235,12 @@ unsafe fn dot_blocks32(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_0(w: &[u8], a: &[u8], n: usize) -> f32 {
-    dot_blocks32(18, 34, n, |wo, ao| {
-        let q = _mm256_sub_epi8(q4_nibbles(w, wo + offs::Q4_0_QS), _mm256_set1_epi8(8));
-        let y = load256(a, ao + offs::Q8_0_QS);
-        (f16_at(w, wo) * f16_at(a, ao), mul_sum_i8_i8(q, y), 0.0)
-    })
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_1(w: &[u8], a: &[u8], n: usize) -> f32 {
     dot_blocks32(20, 36, n, |wo, ao| {
         let q = q4_nibbles(w, wo + offs::Q4_1_QS);
         let y = load256(a, ao + offs::Q8_1_QS);
         let min_term = f16_at(w, wo + offs::Q4_1_M) * f16_at(a, ao + offs::Q8_1_S);
         (f16_at(w, wo) * f16_at(a, ao), mul_sum_u8_i8(q, y), min_term)
-    })
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q5_0(w: &[u8], a: &[u8], n: usize) -> f32 {
-    dot_blocks32(22, 34, n, |wo, ao| {
-        let high = q5_high_bits(layout::u32_at(w, wo + offs::Q5_0_QH));
-        let q = _mm256_or_si256(q4_nibbles(w, wo + offs::Q5_0_QS), high);
-        let q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
-        let y = load256(a, ao + offs::Q8_0_QS);
-        (f16_at(w, wo) * f16_at(a, ao), mul_sum_i8_i8(q, y), 0.0)
     })
 }
 
@@ -269,15 +252,6 @@ unsafe fn dot_q5_1(w: &[u8], a: &[u8], n: usize) -> f32 {
         let y = load256(a, ao + offs::Q8_1_QS);
         let min_term = f16_at(w, wo + offs::Q5_1_M) * f16_at(a, ao + offs::Q8_1_S);
         (f16_at(w, wo) * f16_at(a, ao), mul_sum_u8_i8(q, y), min_term)
-    })
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q8_0(w: &[u8], a: &[u8], n: usize) -> f32 {
-    dot_blocks32(34, 34, n, |wo, ao| {
-        let q = load256(w, wo + offs::Q8_0_QS);
-        let y = load256(a, ao + offs::Q8_0_QS);
-        (f16_at(w, wo) * f16_at(a, ao), mul_sum_i8_i8(q, y), 0.0)
     })
 }
 
@@ -409,11 +383,6 @@ unsafe fn dot_k4_family(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_k(w: &[u8], a: &[u8], n: usize) -> f32 {
-    dot_k4_family(w, 144, offs::Q4_K_SCALES, offs::Q4_K_QS, None, a, n)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_k(w: &[u8], a: &[u8], n: usize) -> f32 {
     dot_k4_family(
         w,
@@ -450,27 +419,4 @@ pub(super) unsafe fn q6k_half(w: &[u8], wo: usize, h: usize) -> [__m256i; 4] {
         _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), high(4)),
         _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), high(6)),
     ]
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q6_k(w: &[u8], a: &[u8], n: usize) -> f32 {
-    dot_superblocks(210, a, n, |wo, ao, da| {
-        let sc = &w[wo + offs::Q6_K_SCALES..wo + offs::Q6_K_SCALES + 16];
-        let mut isum = _mm256_setzero_si256();
-        for h in 0..2 {
-            let quarters = q6k_half(w, wo, h);
-            for (k, q) in quarters.into_iter().enumerate() {
-                let y = load256(a, ao + offs::Q8_K_QS + 128 * h + 32 * k);
-                let g = 8 * h + 2 * k;
-                let scales = scale_pair(sc[g] as i8 as i16, sc[g + 1] as i8 as i16);
-                isum =
-                    _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), scales));
-            }
-        }
-        // The stored values carry an offset of 32: subtract 32 * scale * sum(activations).
-        let scales16 = _mm256_cvtepi8_epi16(load128(w, wo + offs::Q6_K_SCALES));
-        let offset = 32 * bsums_dot(a, ao, scales16);
-        let d = f16_at(w, wo + offs::Q6_K_D) * da;
-        (d, isum, d * offset as f32)
-    })
 }

@@ -4,6 +4,11 @@
 //! [`vec_dot_type`] of the weight type, as llama.cpp does. The implementation (scalar, AVX2,
 //! AVX-512, NEON) is chosen once per process from the CPU features, or forced lower with the
 //! environment variable `GEMMA_ISA=scalar|avx2|avx512|avx512vnni|neon`.
+//!
+//! On x86-64 with AVX2 (and above), Q4_0, Q5_0, Q8_0, Q4_K and Q6_K weights go through multi-row
+//! kernels (eight rows per pass, shared activation loads, prefetching) whose results equal the
+//! scalar reference bit for bit; `vec_dot` uses them too, so a row gives the same bits alone, in
+//! a matmul or in any batch. Dequantization of those types is SIMD as well, also bit-exact.
 
 mod layout;
 pub mod scalar;
@@ -11,6 +16,10 @@ mod selfcheck;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2_dequant;
+#[cfg(target_arch = "x86_64")]
+mod avx2_rows;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "aarch64")]
@@ -22,9 +31,51 @@ use gemma_formats::GgmlType;
 
 use crate::error::{check_len, KernelError};
 
-/// Turns `src` (`dtype.bytes_for(dst.len())` bytes of `dtype`) into f32 values.
+/// Turns `src` (`dtype.bytes_for(dst.len())` bytes of `dtype`) into f32 values: the same bits as
+/// [`scalar::dequantize`], with SIMD unpacking where the selected ISA has it.
 pub fn dequantize(dtype: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), KernelError> {
+    dequantize_with(selected_isa(), dtype, src, dst)
+}
+
+/// [`dequantize`] on an explicit ISA (tests compare it with the scalar reference).
+///
+/// # Panics
+/// When `isa` is not available on this CPU.
+pub fn dequantize_with(
+    isa: Isa,
+    dtype: GgmlType,
+    src: &[u8],
+    dst: &mut [f32],
+) -> Result<(), KernelError> {
+    assert!(
+        isa.is_available(),
+        "ISA {isa:?} is not available on this CPU"
+    );
+    check_len(dtype, dst.len(), src.len())?;
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni) {
+        // SAFETY: AVX2 availability asserted above; sizes checked.
+        if unsafe { avx2_dequant::dequantize(dtype, src, dst) } {
+            return Ok(());
+        }
+    }
     scalar::dequantize(dtype, src, dst)
+}
+
+/// [`dequantize`] for callers that checked the sizes and the ISA once: `simd` says AVX2 (or
+/// above) is available and selected.
+#[inline]
+pub(crate) fn dequantize_unchecked(simd: bool, dtype: GgmlType, src: &[u8], dst: &mut [f32]) {
+    debug_assert_eq!(dtype.bytes_for(dst.len()), Some(src.len()));
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the caller promises AVX2; sizes match.
+        if unsafe { avx2_dequant::dequantize(dtype, src, dst) } {
+            return;
+        }
+    }
+    let _ = simd;
+    scalar::dequantize_unchecked(dtype, src, dst);
 }
 
 /// Quantizes `src` into `dst` (`dtype.bytes_for(src.len())` bytes) with ggml's round-to-nearest
@@ -176,10 +227,12 @@ pub fn selected_isa() -> Isa {
 /// read `n` values from both slices without bounds checks.
 pub(crate) type DotFn = unsafe fn(&[u8], &[u8], usize) -> f32;
 
-/// The dot kernels of one ISA, indexed by `GgmlType as usize`.
+/// The dot kernels of one ISA, indexed by `GgmlType as usize`, and the multi-row kernels where
+/// the ISA has them.
 pub(crate) struct Kernels {
     pub isa: Isa,
     pub(super) dots: [DotFn; GgmlType::ALL.len()],
+    pub(super) rows: [Option<RowsKernel>; GgmlType::ALL.len()],
 }
 
 impl Kernels {
@@ -187,6 +240,7 @@ impl Kernels {
         Kernels {
             isa,
             dots: std::array::from_fn(|i| dot_fn(isa, GgmlType::ALL[i])),
+            rows: std::array::from_fn(|i| rows_kernel(isa, GgmlType::ALL[i])),
         }
     }
 
@@ -194,6 +248,166 @@ impl Kernels {
     pub fn dot(&self, dtype: GgmlType) -> DotFn {
         self.dots[dtype as usize]
     }
+
+    /// The kernel computing [`ROW_GROUP`] weight rows at once for `dtype`, if this ISA has one.
+    #[inline]
+    pub fn rows(&self, dtype: GgmlType) -> Option<RowsKernel> {
+        self.rows[dtype as usize]
+    }
+}
+
+/// Weight rows one [`RowsKernel`] call computes.
+pub(crate) const ROW_GROUP: usize = 8;
+/// Bytes of per-block extras stored after Q8_0 activation rows (see [`QuantizedActs`]).
+pub(crate) const Q8_0_INFO_BYTES: usize = 8;
+
+/// Activation rows quantized to a weight type's vec_dot type, once per matmul.
+pub(crate) struct QuantizedActs<'a> {
+    /// `n_tokens` rows of `row_bytes` bytes.
+    pub rows: &'a [u8],
+    pub row_bytes: usize,
+    /// For Q8_0 activations, per token and block, [`Q8_0_INFO_BYTES`] bytes: the block scale as
+    /// little-endian f32 and the sum of its 32 quants as little-endian i32 (what the offset
+    /// weight types subtract). Empty for other types.
+    pub q8_0_info: &'a [u8],
+}
+
+impl QuantizedActs<'_> {
+    pub fn n_tokens(&self) -> usize {
+        self.rows.len().checked_div(self.row_bytes).unwrap_or(0)
+    }
+}
+
+/// Quantizes `n_tokens` rows of `cols` values of `x` to `act_type` into `scratch` (reused
+/// across calls) and adds the Q8_0 per-block extras. `act_type` must not be F32.
+pub(crate) fn quantize_acts<'a>(
+    act_type: GgmlType,
+    x: &[f32],
+    cols: usize,
+    n_tokens: usize,
+    scratch: &'a mut Vec<u8>,
+) -> QuantizedActs<'a> {
+    let row_bytes = act_type.bytes_for(cols).expect("whole blocks");
+    let rows_len = n_tokens * row_bytes;
+    let info_len = if act_type == GgmlType::Q8_0 {
+        n_tokens * (cols / act_type.block_size()) * Q8_0_INFO_BYTES
+    } else {
+        0
+    };
+    scratch.clear();
+    scratch.resize(rows_len + info_len, 0);
+    let (rows, info) = scratch.split_at_mut(rows_len);
+    for (xt, at) in x
+        .chunks_exact(cols.max(1))
+        .zip(rows.chunks_exact_mut(row_bytes.max(1)))
+        .take(n_tokens)
+    {
+        quantize(act_type, xt, at).expect("activation types are quantizable");
+    }
+    if act_type == GgmlType::Q8_0 {
+        write_q8_0_info(rows, info);
+    }
+    QuantizedActs {
+        rows,
+        row_bytes,
+        q8_0_info: info,
+    }
+}
+
+/// The [`QuantizedActs::q8_0_info`] of the Q8_0 blocks in `rows`.
+pub(crate) fn write_q8_0_info(rows: &[u8], info: &mut [u8]) {
+    for (block, out) in rows
+        .chunks_exact(34)
+        .zip(info.chunks_exact_mut(Q8_0_INFO_BYTES))
+    {
+        let sum: i32 = block[2..].iter().map(|&q| q as i8 as i32).sum();
+        out[..4].copy_from_slice(&layout::f16_at(block, 0).to_le_bytes());
+        out[4..].copy_from_slice(&sum.to_le_bytes());
+    }
+}
+
+/// A multi-row dot kernel: groups of [`ROW_GROUP`] rows against a few tokens at once, each
+/// result bit-identical to [`vec_dot`] of the same row and token. (x86-64 only for now: other
+/// targets have no table entries and use the one-row kernels.)
+#[derive(Clone, Copy)]
+pub(crate) struct RowsKernel {
+    dtype: GgmlType,
+    #[cfg(target_arch = "x86_64")]
+    f: avx2_rows::RowsFn,
+}
+
+impl RowsKernel {
+    /// Writes `vec_dot(row i, token t)` to `out + t * token_stride + i` for the `n_rows` rows at
+    /// the start of `w_rows` (rows of `cols` weights) and every token of `acts`.
+    ///
+    /// # Panics
+    /// When the weight or activation sizes do not fit (a caller bug).
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of f32 at every `t * token_stride + i` with
+    /// `t < acts.n_tokens()` and `i < n_rows`, and nothing else may access those places meanwhile.
+    #[inline]
+    #[track_caller]
+    pub unsafe fn run(
+        &self,
+        w_rows: &[u8],
+        n_rows: usize,
+        cols: usize,
+        acts: &QuantizedActs,
+        out: *mut f32,
+        token_stride: usize,
+    ) {
+        let row_bytes = self.dtype.bytes_for(cols).expect("whole blocks");
+        let act_type = vec_dot_type(self.dtype);
+        let n_tokens = acts.n_tokens();
+        let info_per_token = if act_type == GgmlType::Q8_0 {
+            (cols / act_type.block_size()) * Q8_0_INFO_BYTES
+        } else {
+            0
+        };
+        assert!(n_rows >= 1 && w_rows.len() >= n_rows * row_bytes);
+        assert_eq!(Some(acts.row_bytes), act_type.bytes_for(cols));
+        assert!(acts.q8_0_info.len() >= n_tokens * info_per_token);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let range = avx2_rows::RowRange {
+                data: w_rows,
+                row_bytes,
+                n_rows,
+            };
+            let act_rows = avx2_rows::ActRows {
+                data: acts.rows,
+                row_bytes: acts.row_bytes,
+                info: acts.q8_0_info,
+                info_bytes: info_per_token,
+                n_tokens,
+            };
+            let out = avx2_rows::Out {
+                ptr: out,
+                token_stride,
+            };
+            // SAFETY: the kernel exists only in tables whose ISA (AVX2 or above) was detected;
+            // sizes were checked above and `out` is the caller's promise.
+            unsafe { (self.f)(&range, &act_rows, cols, out) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (out, token_stride);
+            unreachable!("multi-row kernels exist on x86-64 only");
+        }
+    }
+}
+
+/// The multi-row kernel of `dtype` on `isa` (x86-64 with AVX2 and above only).
+fn rows_kernel(isa: Isa, dtype: GgmlType) -> Option<RowsKernel> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if matches!(isa, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni) {
+            return avx2_rows::rows_fn(dtype).map(|f| RowsKernel { dtype, f });
+        }
+    }
+    let _ = (isa, dtype);
+    None
 }
 
 pub(crate) fn selected_kernels() -> &'static Kernels {
@@ -230,6 +444,13 @@ pub fn choose_isa(available: &[Isa], requested: Option<&str>) -> Isa {
 fn dot_fn(isa: Isa, dtype: GgmlType) -> DotFn {
     #[cfg(target_arch = "x86_64")]
     {
+        // Types with a multi-row kernel use it for single rows too (also under AVX-512), so that
+        // a row gives the same bits alone, in a matmul, or in any batch.
+        if matches!(isa, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni) {
+            if let Some(f) = avx2_rows::dot_fn(dtype) {
+                return f;
+            }
+        }
         if matches!(isa, Isa::Avx512 | Isa::Avx512Vnni) {
             if let Some(f) = avx512::dot_fn(dtype, isa == Isa::Avx512Vnni) {
                 return f;

@@ -11,6 +11,7 @@ pub use config::{Gemma3Config, LayerType, RopeParams};
 
 use gemma_kernels::matmul::{self, WeightMatrix};
 use gemma_kernels::ops::attention::{attention, AttentionMask, AttentionParams, KvSegment};
+use gemma_kernels::ops::kv::CacheType;
 use gemma_kernels::ops::{self, Rope};
 use gemma_kernels::pool::ThreadPool;
 
@@ -54,6 +55,8 @@ pub struct Gemma3 {
     lm_head: Option<Linear>,
     rope_local: Rope,
     rope_global: Rope,
+    /// How caches made by `new_cache` store keys and values (f32 unless set).
+    cache_type: CacheType,
 }
 
 /// Tensor names of one checkpoint layout.
@@ -168,6 +171,7 @@ impl Gemma3 {
             embed_scale,
             layers,
             lm_head,
+            cache_type: CacheType::F32,
         })
     }
 
@@ -191,6 +195,20 @@ impl Gemma3 {
         self.config.num_key_value_heads * self.config.head_dim
     }
 
+    /// Storage format of the caches `new_cache` makes from now on (caches already made keep
+    /// theirs). Q8_0 needs a head dimension that is a multiple of 32.
+    pub fn set_cache_type(&mut self, cache_type: CacheType) -> Result<(), ModelError> {
+        cache_type
+            .check_head_dim(self.config.head_dim)
+            .map_err(ModelError::Config)?;
+        self.cache_type = cache_type;
+        Ok(())
+    }
+
+    pub fn cache_type(&self) -> CacheType {
+        self.cache_type
+    }
+
     pub fn new_cache(&self, ctx_size: usize) -> Result<KvCache, ModelError> {
         if ctx_size == 0 {
             return Err(ModelError::Config("context size must be at least 1".into()));
@@ -199,11 +217,16 @@ impl Gemma3 {
             ctx_size,
             &self.kv_capacities(ctx_size),
             self.kv_row(),
+            self.cache_type,
         ))
     }
 
     pub fn kv_cache_bytes(&self, ctx_size: usize) -> usize {
-        KvCache::bytes_for(&self.kv_capacities(ctx_size), self.kv_row())
+        KvCache::bytes_for(
+            &self.kv_capacities(ctx_size),
+            self.kv_row(),
+            self.cache_type,
+        )
     }
 
     pub fn weight_bytes(&self) -> usize {
@@ -350,16 +373,18 @@ impl Gemma3 {
                 let (n, pos0) = (s.tokens.len(), s.cache.len());
                 let q = &mut q[row * q_dim..(row + n) * q_dim];
                 let k = &mut k[row * kv_dim..(row + n) * kv_dim];
-                let v = &v[row * kv_dim..(row + n) * kv_dim];
+                let v = &mut v[row * kv_dim..(row + n) * kv_dim];
                 for t in 0..n {
                     rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], pos0 + t);
                     rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], pos0 + t);
                 }
                 let kv = &mut s.cache.layers[i];
+                kv.round_to_storage(k);
+                kv.round_to_storage(v);
                 {
                     let fresh = KvSegment {
-                        keys: k,
-                        values: v,
+                        keys: (&*k).into(),
+                        values: (&*v).into(),
                         first_pos: pos0,
                         len: n,
                     };

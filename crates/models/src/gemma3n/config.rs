@@ -412,6 +412,47 @@ impl Gemma3nConfig {
         Ok(self)
     }
 
+    /// MatFormer layer skipping: the model made of the layers `kept` (original indices,
+    /// ascending), renumbered `0..kept.len()`. Each kept layer brings its own MLP width,
+    /// attention type and activation sparsity; the KV-shared count becomes the number of kept
+    /// consumer layers. A kept consumer must still find the very layer it read in the full
+    /// model, so skipping that source layer is refused (Google's MatFormer Lab reserves the
+    /// source layers too; see docs/matformer.md).
+    pub fn keep_layers(&self, kept: &[usize]) -> Result<Gemma3nConfig, ModelError> {
+        let n = self.num_hidden_layers;
+        let err = |m: String| Err(ModelError::Config(m));
+        if kept.is_empty() {
+            return err(format!("a sub-model must keep at least one of {n} layers"));
+        }
+        if kept.windows(2).any(|w| w[0] >= w[1]) || kept.iter().any(|&i| i >= n) {
+            return err(format!(
+                "kept layers {kept:?} are not ascending indices below {n}"
+            ));
+        }
+        let first_shared = self.first_kv_shared_layer();
+        for &i in kept.iter().filter(|&&i| i >= first_shared) {
+            let source = self.kv_source(i).expect("validated");
+            if kept.binary_search(&source).is_err() {
+                return err(format!(
+                    "MatFormer config skips layer {source}, whose keys and values the kept \
+                     KV-shared layer {i} reads (keep layer {source}, or skip layer {i} too)"
+                ));
+            }
+        }
+        let mut sub = self.clone();
+        sub.num_hidden_layers = kept.len();
+        sub.intermediate_size = kept.iter().map(|&i| self.intermediate_size[i]).collect();
+        sub.layer_types = kept.iter().map(|&i| self.layer_types[i]).collect();
+        sub.activation_sparsity = kept.iter().map(|&i| self.activation_sparsity[i]).collect();
+        sub.num_kv_shared_layers = kept.iter().filter(|&&i| i >= first_shared).count();
+        sub.validate()?;
+        // Sources are the last producer of their type; dropping only other layers keeps them so.
+        debug_assert!(
+            (0..kept.len()).all(|j| sub.kv_source(j).map(|s| kept[s]) == self.kv_source(kept[j]))
+        );
+        Ok(sub)
+    }
+
     /// Layers from this index on compute no keys or values of their own.
     pub fn first_kv_shared_layer(&self) -> usize {
         self.num_hidden_layers - self.num_kv_shared_layers

@@ -15,11 +15,12 @@ mod normal;
 
 pub use config::Gemma3nConfig;
 pub use extract::{extract_gguf, ExtractOptions};
-pub use matformer::MatformerConfig;
+pub use matformer::{MatformerConfig, SubModel};
 pub use normal::normal_quantile;
 
 use gemma_kernels::matmul;
 use gemma_kernels::ops::attention::{attention, AttentionMask, AttentionParams, KvSegment};
+use gemma_kernels::ops::kv::CacheType;
 use gemma_kernels::ops::{self, Rope};
 use gemma_kernels::pool::ThreadPool;
 
@@ -94,7 +95,13 @@ struct DecoderLayer {
 }
 
 pub struct Gemma3n {
+    /// The active (sub-)model: after `set_matformer` it describes only the kept layers,
+    /// renumbered, as a standalone model would.
     config: Gemma3nConfig,
+    /// The model as loaded, every stored layer included.
+    loaded_config: Gemma3nConfig,
+    /// Stored index of every active layer, in order (MatFormer layer skipping drops some).
+    active_layers: Vec<usize>,
     embed_tokens: Linear,
     embed_scale: f32,
     /// `[vocab_size_per_layer_input, layers · P]`, looked up one row per token, never expanded.
@@ -109,6 +116,8 @@ pub struct Gemma3n {
     lm_head: Option<Linear>,
     rope_local: Rope,
     rope_global: Rope,
+    /// How caches made by `new_cache` store keys and values (f32 unless set).
+    cache_type: CacheType,
 }
 
 /// Tensor names of one checkpoint layout; callers speak transformers' names.
@@ -358,9 +367,12 @@ impl Gemma3n {
             rope_global: Rope::new(hd, c.rope_global.theta, c.rope_global.linear_factor),
             embed_tokens,
             embed_tokens_per_layer,
+            active_layers: (0..layers.len()).collect(),
             layers,
             lm_head,
+            loaded_config: config.clone(),
             config,
+            cache_type: CacheType::F32,
         })
     }
 
@@ -373,18 +385,37 @@ impl Gemma3n {
         self.layers.iter().map(|l| l.mlp.gate_stored.rows).collect()
     }
 
-    /// Switches the active MatFormer sub-model between requests: every layer's MLP becomes a
-    /// row view of the held weights (no copy), so any width up to `stored_ffn_widths` can be
-    /// chosen, and the full model restored, at any time. Caches stay valid only for the
-    /// configuration that filled them: start a new sequence after switching.
+    /// Stored index of every layer the active sub-model runs, in order.
+    pub fn active_layers(&self) -> &[usize] {
+        &self.active_layers
+    }
+
+    /// Switches the active MatFormer sub-model between requests: skipped layers are not run,
+    /// and every kept layer's MLP becomes a row view of the held weights (no copy), so any
+    /// width up to `stored_ffn_widths` can be chosen, and the full model restored, at any
+    /// time. Caches stay valid only for the configuration that filled them (a sub-model with
+    /// fewer layers has fewer cache layers): start a new sequence after switching.
     pub fn set_matformer(&mut self, m: &MatformerConfig) -> Result<(), ModelError> {
-        let widths = m.widths(&self.stored_ffn_widths())?;
-        for (i, (layer, &w)) in self.layers.iter_mut().zip(&widths).enumerate() {
-            let mlp = &mut layer.mlp;
-            mlp.gate_proj = mlp.gate_stored.first_rows(&format!("layer {i} gate"), w)?;
-            mlp.up_proj = mlp.up_stored.first_rows(&format!("layer {i} up"), w)?;
+        let sub = m.plan(&self.loaded_config, &self.stored_ffn_widths())?;
+        // Build every view before changing anything, so a failure leaves the model as it was.
+        let views = sub
+            .kept
+            .iter()
+            .zip(&sub.config.intermediate_size)
+            .map(|(&i, &w)| {
+                let mlp = &self.layers[i].mlp;
+                Ok((
+                    mlp.gate_stored.first_rows(&format!("layer {i} gate"), w)?,
+                    mlp.up_stored.first_rows(&format!("layer {i} up"), w)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        for (&i, (gate, up)) in sub.kept.iter().zip(views) {
+            self.layers[i].mlp.gate_proj = gate;
+            self.layers[i].mlp.up_proj = up;
         }
-        self.config.intermediate_size = widths;
+        self.config = sub.config;
+        self.active_layers = sub.kept;
         Ok(())
     }
 
@@ -404,6 +435,19 @@ impl Gemma3n {
         self.config.num_key_value_heads * self.config.head_dim
     }
 
+    /// Storage format of the caches `new_cache` makes from now on (see `Model::set_cache_type`).
+    pub fn set_cache_type(&mut self, cache_type: CacheType) -> Result<(), ModelError> {
+        cache_type
+            .check_head_dim(self.config.head_dim)
+            .map_err(ModelError::Config)?;
+        self.cache_type = cache_type;
+        Ok(())
+    }
+
+    pub fn cache_type(&self) -> CacheType {
+        self.cache_type
+    }
+
     pub fn new_cache(&self, ctx_size: usize) -> Result<KvCache, ModelError> {
         if ctx_size == 0 {
             return Err(ModelError::Config("context size must be at least 1".into()));
@@ -412,11 +456,16 @@ impl Gemma3n {
             ctx_size,
             &self.kv_capacities(ctx_size),
             self.kv_row(),
+            self.cache_type,
         ))
     }
 
     pub fn kv_cache_bytes(&self, ctx_size: usize) -> usize {
-        KvCache::bytes_for(&self.kv_capacities(ctx_size), self.kv_row())
+        KvCache::bytes_for(
+            &self.kv_capacities(ctx_size),
+            self.kv_row(),
+            self.cache_type,
+        )
     }
 
     /// Bytes of the weights the forward pass reads for every token (the PLE table is read one
@@ -453,7 +502,11 @@ impl Gemma3n {
                 .chain(&self.altup_unembed_projections)
                 .map(Linear::bytes)
                 .sum::<usize>()
-            + self.layers.iter().map(layer_bytes).sum::<usize>()
+            + self
+                .active_layers
+                .iter()
+                .map(|&i| layer_bytes(&self.layers[i]))
+                .sum::<usize>()
     }
 
     pub fn per_layer_embedding_bytes(&self) -> usize {
@@ -478,7 +531,7 @@ impl Gemma3n {
         }
     }
 
-    /// Per-layer inputs of every token, `[tokens, layers · P]`:
+    /// Per-layer inputs of every token, `[tokens, stored layers · P]`:
     /// `(rms_norm(projection(E) / sqrt(H)) + table[id] · sqrt(P)) / sqrt(2)`.
     fn per_layer_inputs(
         &self,
@@ -488,7 +541,8 @@ impl Gemma3n {
         scratch: &mut Vec<u8>,
     ) -> Vec<f32> {
         let c = &self.config;
-        let width = c.num_hidden_layers * c.hidden_size_per_layer_input;
+        // Every stored layer's columns: a skipped layer's are computed and never read.
+        let width = self.layers.len() * c.hidden_size_per_layer_input;
         let mut ple = vec![0.0; tokens.len() * width];
         linear(
             pool,
@@ -528,6 +582,15 @@ impl Gemma3n {
         logits: Logits,
     ) -> Result<&'c [f32], ModelError> {
         self.check_tokens(tokens)?;
+        let producers = self.config.first_kv_shared_layer();
+        if cache.layers.len() != producers {
+            // Made before a MatFormer switch that changed which layers run.
+            return Err(ModelError::Config(format!(
+                "this KV cache holds {} layers but the active model fills {producers}: start a \
+                 new cache after switching MatFormer configurations",
+                cache.layers.len()
+            )));
+        }
         cache.reserve(tokens.len())?;
         let c = &self.config;
         let pool = ThreadPool::global();
@@ -573,7 +636,10 @@ impl Gemma3n {
         let mut laurel_low = vec![0.0; n_tokens * c.laurel_rank];
         let mut gate_ple = vec![0.0; n_tokens * p];
 
-        for (i, layer) in self.layers.iter().enumerate() {
+        // `i` numbers the active layers (config, KV cache); `stored_layer` picks the weights and
+        // the layer's PLE columns, which keep their place in the stored table.
+        for (i, &stored_layer) in self.active_layers.iter().enumerate() {
+            let layer = &self.layers[stored_layer];
             let kv_src = c.kv_source(i).expect("validated at load");
             let is_source = i < first_shared
                 && (first_shared..c.num_hidden_layers).any(|j| c.kv_source(j) == Some(i));
@@ -655,6 +721,10 @@ impl Gemma3n {
                 for t in 0..n_tokens {
                     rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], pos0 + t);
                 }
+                if let Some(stored_kv) = kv_layers.get(i) {
+                    stored_kv.round_to_storage(k);
+                    stored_kv.round_to_storage(v);
+                }
             }
             let attn_out = sized(&mut scratch.attn, n_tokens * q_dim);
             {
@@ -663,8 +733,8 @@ impl Gemma3n {
                     _ => (k, v),
                 };
                 let fresh = KvSegment {
-                    keys,
-                    values,
+                    keys: keys.into(),
+                    values: values.into(),
                     first_pos: pos0,
                     len: n_tokens,
                 };
@@ -783,9 +853,9 @@ impl Gemma3n {
                 &mut gate_ple,
                 &mut scratch.quantized,
             );
-            let width = c.num_hidden_layers * p;
+            let width = self.layers.len() * p;
             for (t, row) in gate_ple.chunks_exact_mut(p).enumerate() {
-                let ple_row = &ple[t * width + i * p..][..p];
+                let ple_row = &ple[t * width + stored_layer * p..][..p];
                 for (g, e) in row.iter_mut().zip(ple_row) {
                     *g = ops::gelu_tanh(*g) * e;
                 }
@@ -869,10 +939,24 @@ impl Gemma3n {
                 .collect::<Vec<_>>()
                 .join(","),
         };
+        let skipped: Vec<String> = (0..self.layers.len())
+            .filter(|i| !self.active_layers.contains(i))
+            .map(|i| i.to_string())
+            .collect();
+        let layers = if skipped.is_empty() {
+            c.num_hidden_layers.to_string()
+        } else {
+            format!(
+                "{} (MatFormer: {} stored, skipping {})",
+                c.num_hidden_layers,
+                self.layers.len(),
+                skipped.join(",")
+            )
+        };
         vec![
             ("vocab_size".into(), c.vocab_size.to_string()),
             ("hidden_size".into(), c.hidden_size.to_string()),
-            ("layers".into(), c.num_hidden_layers.to_string()),
+            ("layers".into(), layers),
             (
                 "layer pattern".into(),
                 format!(

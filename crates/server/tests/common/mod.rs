@@ -5,10 +5,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use gemma_server::{RunningServer, ServerConfig};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Starts a server with `parallel` slots on a free port. One compute thread keeps parallel
 /// test binaries from fighting over the two cores.
@@ -184,4 +185,139 @@ pub fn streamed_content(chunks: &[Value]) -> String {
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect()
+}
+
+/// Tests that read global counters (or need the slots to themselves) run one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A greedy chat request with one user message.
+pub fn chat_body(prompt: &str, max_tokens: usize) -> Value {
+    json!({
+        "model": "gemma",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+}
+
+/// The JSON chunks of a streamed reply (status 200, ended by `data: [DONE]`).
+pub fn sse_chunks(r: &HttpResponse) -> Vec<Value> {
+    assert_eq!(r.status, 200, "{}", r.text());
+    let data = r.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("chunk {d}: {e}")))
+        .collect()
+}
+
+/// Sends `body` with `"stream": true` to the chat endpoint and returns the chunks.
+pub fn post_stream(addr: SocketAddr, body: &Value) -> Vec<Value> {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    sse_chunks(&post(addr, "/v1/chat/completions", &body))
+}
+
+/// Starts a streaming chat request and returns the connection once `events` data lines
+/// have arrived (the request then holds a slot).
+pub fn open_stream(addr: SocketAddr, body: &Value, events: usize) -> BufReader<TcpStream> {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let mut stream = connect(addr);
+    let bytes = serde_json::to_vec(&body).unwrap();
+    send_request(&mut stream, "POST", "/v1/chat/completions", Some(&bytes));
+    let mut reader = BufReader::new(stream);
+    let (status, _) = read_head(&mut reader);
+    assert_eq!(status, 200);
+    let mut seen = 0;
+    let mut line = String::new();
+    while seen < events {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stream ended early"
+        );
+        if line.contains("data:") {
+            seen += 1;
+        }
+    }
+    reader
+}
+
+/// Everything left on a connection, up to its end.
+pub fn read_rest(reader: &mut impl BufRead) -> String {
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    rest
+}
+
+/// Polls a metric until `pred` holds (a minute at most) and returns its value.
+pub fn wait_for_metric(addr: SocketAddr, name: &str, pred: impl Fn(f64) -> bool) -> f64 {
+    let start = Instant::now();
+    loop {
+        let value = metric(addr, name);
+        if pred(value) {
+            return value;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{name} stuck at {value}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One tool call put together from streamed `tool_calls` deltas, as OpenAI clients do.
+#[derive(Debug, Default)]
+pub struct StreamedCall {
+    pub id: String,
+    pub kind: String,
+    pub name: String,
+    pub arguments: String,
+    /// Deltas that carried a non-empty piece of the arguments.
+    pub argument_chunks: usize,
+}
+
+/// The calls of a streamed chat reply, by `index`. The first delta of a call must carry its
+/// id, type and name; later deltas only arguments.
+pub fn streamed_tool_calls(chunks: &[Value]) -> Vec<StreamedCall> {
+    let mut calls: Vec<StreamedCall> = Vec::new();
+    let deltas = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten();
+    for delta in deltas {
+        let index = delta["index"].as_u64().expect("every delta has an index") as usize;
+        if index == calls.len() {
+            let id = delta["id"]
+                .as_str()
+                .expect("a call's first delta has its id");
+            calls.push(StreamedCall {
+                id: id.to_owned(),
+                kind: delta["type"].as_str().unwrap_or_default().to_owned(),
+                name: delta["function"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                ..StreamedCall::default()
+            });
+        } else {
+            assert!(
+                index < calls.len(),
+                "delta for call {index} before its start"
+            );
+            assert!(
+                delta.get("id").is_none(),
+                "a later delta repeats the id: {delta}"
+            );
+        }
+        let piece = delta["function"]["arguments"].as_str().unwrap_or_default();
+        let call = &mut calls[index];
+        call.arguments.push_str(piece);
+        call.argument_chunks += usize::from(!piece.is_empty());
+    }
+    calls
 }

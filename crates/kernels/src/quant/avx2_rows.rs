@@ -1,0 +1,654 @@
+//! AVX2 matrix-vector kernels: eight weight rows at a time against one to [`MAX_TOKENS`]
+//! activation rows.
+//!
+//! Per block, each row's integer products are summed to i32 lanes as in the one-row kernels;
+//! then one horizontal reduction turns the eight rows' lanes into one vector holding each row's
+//! exact block sum, which is scaled and accumulated with the same float operations, in the same
+//! order, as the scalar reference (`sum += (d_w * d_a) * isum`). Every result is therefore
+//! bit-identical to `scalar::vec_dot` for its row, whatever group a row falls in and however many
+//! tokens run together: batched and single-token decoding agree exactly.
+//!
+//! Against one row at a time this shares each activation load and scale conversion across eight
+//! rows, replaces eight float reductions by one integer transpose-and-add, and prefetches the next
+//! group of rows while the current one is computed, so the memory-bound decode path streams the
+//! weights at close to the core's read bandwidth. Offset types (Q4_0, Q5_0, Q6_K) multiply their
+//! unsigned quants directly and subtract `offset * sum(activations)` afterwards (exact in i32).
+
+use std::arch::x86_64::*;
+
+use gemma_formats::GgmlType;
+
+use super::layout::{self, offs, QK, QK_K};
+use super::{DotFn, Q8_0_INFO_BYTES};
+
+/// Weight rows per kernel call (one i32 lane per row in the reduced vector).
+const GROUP_ROWS: usize = super::ROW_GROUP;
+/// Tokens computed together; more take several passes over a row group (whose weights are then
+/// in L1).
+const MAX_TOKENS: usize = 4;
+
+/// Consecutive weight rows: row `i` is `data[i * row_bytes..(i + 1) * row_bytes]`, `i < n_rows`.
+pub(crate) struct RowRange<'a> {
+    pub data: &'a [u8],
+    pub row_bytes: usize,
+    pub n_rows: usize,
+}
+
+/// Where results go: the result of row `i` and token `t` is written to
+/// `ptr + t * token_stride + i`.
+#[derive(Clone, Copy)]
+pub(crate) struct Out {
+    pub ptr: *mut f32,
+    pub token_stride: usize,
+}
+
+/// Quantized activation rows: token `t` is `data[t * row_bytes..(t + 1) * row_bytes]`; for
+/// Q8_0 activations, `info[t * info_bytes..]` holds each block's scale (f32) and quant sum (i32),
+/// see [`super::QuantizedActs`].
+pub(crate) struct ActRows<'a> {
+    pub data: &'a [u8],
+    pub row_bytes: usize,
+    pub info: &'a [u8],
+    pub info_bytes: usize,
+    pub n_tokens: usize,
+}
+
+/// Writes `dot(row i, token t)` to `out` for every row and token given, `cols` values each.
+///
+/// # Safety
+/// Needs AVX2 + FMA + F16C. `rows.data` holds `n_rows` rows of `cols` weights, `acts` `n_tokens`
+/// rows of `cols` activations of the vec_dot type (and their info), and `out` is valid for
+/// writes at every (row, token) position (see [`super::RowsKernel::run`]).
+pub(crate) type RowsFn = unsafe fn(&RowRange, &ActRows, usize, Out);
+
+pub(super) fn rows_fn(dtype: GgmlType) -> Option<RowsFn> {
+    Some(match dtype {
+        GgmlType::Q4_0 => rows_q4_0,
+        GgmlType::Q5_0 => rows_q5_0,
+        GgmlType::Q8_0 => rows_q8_0,
+        GgmlType::Q4_K => rows_q4_k,
+        GgmlType::Q6_K => rows_q6_k,
+        _ => return None,
+    })
+}
+
+/// One-row dot products through the row kernels (same bits as a row inside a group).
+pub(super) fn dot_fn(dtype: GgmlType) -> Option<DotFn> {
+    Some(match dtype {
+        GgmlType::Q4_0 => dot_q4_0,
+        GgmlType::Q5_0 => dot_q5_0,
+        GgmlType::Q8_0 => dot_q8_0,
+        GgmlType::Q4_K => dot_q4_k,
+        GgmlType::Q6_K => dot_q6_k,
+        _ => return None,
+    })
+}
+
+// ----------------------------------------------------------------------------------------------
+// Shared pieces
+// ----------------------------------------------------------------------------------------------
+
+/// Pointers to the eight rows of the group starting at row `first` of `range`; rows past the
+/// range repeat its last row (their results are computed and dropped).
+#[inline(always)]
+fn row_ptrs(range: &RowRange, first: usize) -> [*const u8; GROUP_ROWS] {
+    let last = range.n_rows - 1;
+    std::array::from_fn(|i| {
+        let row = (first + i).min(last);
+        range.data.as_ptr().wrapping_add(row * range.row_bytes)
+    })
+}
+
+/// Token `t0 + t`'s quantized row and block info.
+#[derive(Clone, Copy)]
+struct Act {
+    row: *const u8,
+    info: *const u8,
+}
+
+impl Act {
+    /// Block `k`'s scale (Q8_0 activations).
+    #[inline(always)]
+    unsafe fn scale(self, k: usize) -> f32 {
+        self.info
+            .add(k * Q8_0_INFO_BYTES)
+            .cast::<f32>()
+            .read_unaligned()
+    }
+
+    /// Block `k`'s quant sum (Q8_0 activations).
+    #[inline(always)]
+    unsafe fn quant_sum(self, k: usize) -> i32 {
+        self.info
+            .add(k * Q8_0_INFO_BYTES + 4)
+            .cast::<i32>()
+            .read_unaligned()
+    }
+}
+
+#[inline(always)]
+fn act_ptrs<const NT: usize>(a: &ActRows, t0: usize) -> [Act; NT] {
+    std::array::from_fn(|t| Act {
+        row: a.data.as_ptr().wrapping_add((t0 + t) * a.row_bytes),
+        info: a.info.as_ptr().wrapping_add((t0 + t) * a.info_bytes),
+    })
+}
+
+/// One i32 per row: lane `i` = sum of the eight lanes of `v[i]`. Built from blends and adds
+/// with few shuffles (`vphaddd` is three µops with a throughput of one per two cycles on Zen 3).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn reduce8(v: &[__m256i; GROUP_ROWS]) -> __m256i {
+    // Lanes 0, 2, 4, 6 from `a`'s row and 1, 3, 5, 7 from `b`'s, each summing two lanes.
+    let pair = |a: __m256i, b: __m256i| {
+        let keep = _mm256_blend_epi32::<0b1010_1010>(a, b);
+        let swap = _mm256_shuffle_epi32::<0b10_11_00_01>(_mm256_blend_epi32::<0b1010_1010>(b, a));
+        _mm256_add_epi32(keep, swap)
+    };
+    // Lanes (0, 1, 4, 5) from `a`'s rows and (2, 3, 6, 7) from `b`'s, each summing four lanes.
+    let quad = |a: __m256i, b: __m256i| {
+        let keep = _mm256_blend_epi32::<0b1100_1100>(a, b);
+        let swap = _mm256_shuffle_epi32::<0b01_00_11_10>(_mm256_blend_epi32::<0b1100_1100>(b, a));
+        _mm256_add_epi32(keep, swap)
+    };
+    let q0123 = quad(pair(v[0], v[1]), pair(v[2], v[3]));
+    let q4567 = quad(pair(v[4], v[5]), pair(v[6], v[7]));
+    let keep = _mm256_blend_epi32::<0b1111_0000>(q0123, q4567);
+    let swap = _mm256_permute2x128_si256::<0x21>(q0123, q4567);
+    _mm256_add_epi32(keep, swap)
+}
+
+/// The eight rows' f16 fields at byte `off`, as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16x8(p: &[*const u8; GROUP_ROWS], off: usize) -> __m256 {
+    // Packed in general-purpose registers (idle here) rather than with eight vector inserts.
+    let h = |i: usize| p[i].add(off).cast::<u16>().read_unaligned() as u64;
+    let lo = h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48;
+    let hi = h(4) | h(5) << 16 | h(6) << 32 | h(7) << 48;
+    _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load256(p: *const u8) -> __m256i {
+    _mm256_loadu_si256(p.cast())
+}
+
+/// Bytes ahead of a group's first row where its prefetches go: whole groups, about 6 KiB
+/// (measured on Zen 3 against a plain read of the same bytes: one 5.4 KiB Q8_0 group ahead, two
+/// 3.5 KiB Q5_0 groups; much nearer or further is slower).
+#[inline(always)]
+fn prefetch_distance(row_bytes: usize) -> usize {
+    const TARGET: usize = 6 * 1024;
+    let group_bytes = GROUP_ROWS * row_bytes;
+    ((TARGET + group_bytes / 2) / group_bytes.max(1)).max(1) * group_bytes
+}
+
+/// Prefetches `len` bytes at `p` into L2 (hints only: never faults, so `p` may point past the
+/// matrix). L2 rather than L1: a 13 KiB group of long rows plus the one ahead would crowd L1.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prefetch(p: *const u8, len: usize) {
+    let mut off = 0;
+    while off < len {
+        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(off).cast());
+        off += 64;
+    }
+}
+
+/// `acc + (dw * da) * isum` lane by lane: the scalar reference's per-block step.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scaled_add(acc: __m256, dw: __m256, da: f32, isum: __m256i) -> __m256 {
+    let d = _mm256_mul_ps(dw, _mm256_set1_ps(da));
+    _mm256_add_ps(acc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(isum)))
+}
+
+/// Runs `chunk::<NT>` over every group of eight rows and, inside a group, over token chunks of
+/// at most [`MAX_TOKENS`] (the group's rows stay in L1 between chunks), storing the results.
+macro_rules! for_each_group {
+    ($chunk:ident, $range:expr, $a:expr, $cols:expr, $out:expr) => {{
+        let (range, a, out): (&RowRange, &ActRows, Out) = ($range, $a, $out);
+        let row_bytes = range.row_bytes;
+        for first in (0..range.n_rows).step_by(GROUP_ROWS) {
+            let rows = row_ptrs(range, first);
+            let n_rows = GROUP_ROWS.min(range.n_rows - first);
+            let mut t0 = 0;
+            while t0 < a.n_tokens {
+                let nt = (a.n_tokens - t0).min(MAX_TOKENS);
+                match nt {
+                    1 => {
+                        let acc = $chunk::<1>(&rows, act_ptrs::<1>(a, t0), row_bytes, $cols);
+                        store(&acc, out, first, n_rows, t0)
+                    }
+                    2 => {
+                        let acc = $chunk::<2>(&rows, act_ptrs::<2>(a, t0), row_bytes, $cols);
+                        store(&acc, out, first, n_rows, t0)
+                    }
+                    3 => {
+                        let acc = $chunk::<3>(&rows, act_ptrs::<3>(a, t0), row_bytes, $cols);
+                        store(&acc, out, first, n_rows, t0)
+                    }
+                    _ => {
+                        let acc = $chunk::<4>(&rows, act_ptrs::<4>(a, t0), row_bytes, $cols);
+                        store(&acc, out, first, n_rows, t0)
+                    }
+                }
+                t0 += nt;
+            }
+        }
+    }};
+}
+
+/// Writes the first `n_rows` lanes of each token's accumulator.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store(acc: &[__m256], out: Out, first: usize, n_rows: usize, t0: usize) {
+    for (t, &v) in acc.iter().enumerate() {
+        let dst = out.ptr.add((t0 + t) * out.token_stride + first);
+        if n_rows == GROUP_ROWS {
+            _mm256_storeu_ps(dst, v);
+        } else {
+            let mut lanes = [0.0f32; GROUP_ROWS];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n_rows);
+        }
+    }
+}
+
+/// One-row dot product through a row kernel (tests and the start-up self-check: it allocates).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_one(kernel: RowsFn, dtype: GgmlType, w: &[u8], a: &[u8], n: usize) -> f32 {
+    let range = RowRange {
+        data: w,
+        row_bytes: w.len(),
+        n_rows: 1,
+    };
+    let mut info = Vec::new();
+    if super::vec_dot_type(dtype) == GgmlType::Q8_0 {
+        info.resize(n / QK * Q8_0_INFO_BYTES, 0);
+        super::write_q8_0_info(a, &mut info);
+    }
+    let acts = ActRows {
+        data: a,
+        row_bytes: a.len(),
+        info: &info,
+        info_bytes: info.len(),
+        n_tokens: 1,
+    };
+    debug_assert_eq!(dtype.bytes_for(n), Some(w.len()));
+    let mut result = 0.0f32;
+    let out = Out {
+        ptr: &mut result,
+        token_stride: 1,
+    };
+    kernel(&range, &acts, n, out);
+    result
+}
+
+// ----------------------------------------------------------------------------------------------
+// Q8_0 weights (Q8_0 activations)
+// ----------------------------------------------------------------------------------------------
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_q8_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+    for_each_group!(q8_0_chunk, range, a, cols, out)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_chunk<const NT: usize>(
+    rows: &[*const u8; GROUP_ROWS],
+    acts: [Act; NT],
+    row_bytes: usize,
+    cols: usize,
+) -> [__m256; NT] {
+    const W: usize = 34;
+    let ones = _mm256_set1_epi16(1);
+    let next_group = rows[0].wrapping_add(prefetch_distance(row_bytes));
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK {
+        let off = k * W;
+        prefetch(next_group.wrapping_add(GROUP_ROWS * off), GROUP_ROWS * W);
+        let mut lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
+        for (r, &row) in rows.iter().enumerate() {
+            let w = load256(row.add(off + offs::Q8_0_QS));
+            // |w| is the unsigned operand: exact even for w = -128 (activations are within ±127).
+            let w_abs = _mm256_sign_epi8(w, w);
+            for t in 0..NT {
+                let y = load256(acts[t].row.add(off + offs::Q8_0_QS));
+                let pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(y, w));
+                lanes[t][r] = _mm256_madd_epi16(pairs, ones);
+            }
+        }
+        let dw = f16x8(rows, off);
+        for t in 0..NT {
+            acc[t] = scaled_add(acc[t], dw, acts[t].scale(k), reduce8(&lanes[t]));
+        }
+    }
+    acc
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_0(w: &[u8], a: &[u8], n: usize) -> f32 {
+    dot_one(rows_q8_0, GgmlType::Q8_0, w, a, n)
+}
+
+// ----------------------------------------------------------------------------------------------
+// Q4_0 / Q5_0 weights (Q8_0 activations): unsigned quants, offset subtracted after the sum
+// ----------------------------------------------------------------------------------------------
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_q4_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+    for_each_group!(q4_0_chunk, range, a, cols, out)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_q5_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+    for_each_group!(q5_0_chunk, range, a, cols, out)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_chunk<const NT: usize>(
+    rows: &[*const u8; GROUP_ROWS],
+    acts: [Act; NT],
+    row_bytes: usize,
+    cols: usize,
+) -> [__m256; NT] {
+    q4_q5_chunk::<NT, false>(rows, acts, row_bytes, cols)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0_chunk<const NT: usize>(
+    rows: &[*const u8; GROUP_ROWS],
+    acts: [Act; NT],
+    row_bytes: usize,
+    cols: usize,
+) -> [__m256; NT] {
+    q4_q5_chunk::<NT, true>(rows, acts, row_bytes, cols)
+}
+
+/// The 32 low-nibble quants of a 16-byte field in value order: the low nibbles in the first
+/// 128-bit half, the high nibbles in the second (one broadcast load, one variable shift).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
+    let shifted = _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F))
+}
+
+/// 0x10 in byte `j` when bit `j` of the little-endian u32 at `p` is set: a Q5 block's fifth bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fifth_bits(p: *const u8) -> __m256i {
+    let qh = _mm256_set1_epi32(p.cast::<i32>().read_unaligned());
+    let spread = _mm256_shuffle_epi8(
+        qh,
+        _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        ),
+    );
+    let bit_of_byte = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit_of_byte), bit_of_byte);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_q5_chunk<const NT: usize, const Q5: bool>(
+    rows: &[*const u8; GROUP_ROWS],
+    acts: [Act; NT],
+    row_bytes: usize,
+    cols: usize,
+) -> [__m256; NT] {
+    // Block: d f16, [qh u32,] qs[16]; stored value = quant + offset.
+    let (w_size, qs_off, offset_shift) = if Q5 {
+        (22, offs::Q5_0_QS, 4)
+    } else {
+        (18, offs::Q4_0_QS, 3)
+    };
+    let ones16 = _mm256_set1_epi16(1);
+    let next_group = rows[0].wrapping_add(prefetch_distance(row_bytes));
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK {
+        let off = k * w_size;
+        let a_off = k * 34;
+        prefetch(
+            next_group.wrapping_add(GROUP_ROWS * off),
+            GROUP_ROWS * w_size,
+        );
+        let mut lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
+        for (r, &row) in rows.iter().enumerate() {
+            let mut q = nibbles(row.add(off + qs_off));
+            if Q5 {
+                q = _mm256_or_si256(q, fifth_bits(row.add(off + offs::Q5_0_QH)));
+            }
+            for t in 0..NT {
+                let y = load256(acts[t].row.add(a_off + offs::Q8_0_QS));
+                lanes[t][r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones16);
+            }
+        }
+        let dw = f16x8(rows, off);
+        for t in 0..NT {
+            let offset = _mm256_set1_epi32(acts[t].quant_sum(k) << offset_shift);
+            let isum = _mm256_sub_epi32(reduce8(&lanes[t]), offset);
+            acc[t] = scaled_add(acc[t], dw, acts[t].scale(k), isum);
+        }
+    }
+    acc
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_0(w: &[u8], a: &[u8], n: usize) -> f32 {
+    dot_one(rows_q4_0, GgmlType::Q4_0, w, a, n)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5_0(w: &[u8], a: &[u8], n: usize) -> f32 {
+    dot_one(rows_q5_0, GgmlType::Q5_0, w, a, n)
+}
+
+// ----------------------------------------------------------------------------------------------
+// K-quants (Q8_K activations: d f32, qs[256], bsums[16])
+// ----------------------------------------------------------------------------------------------
+
+const Q8K_SIZE: usize = 292;
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_q4_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+    for_each_group!(q4_k_chunk, range, a, cols, out)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_chunk<const NT: usize>(
+    rows: &[*const u8; GROUP_ROWS],
+    acts: [Act; NT],
+    row_bytes: usize,
+    cols: usize,
+) -> [__m256; NT] {
+    const W: usize = 144;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let next_group = rows[0].wrapping_add(prefetch_distance(row_bytes));
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK_K {
+        let off = k * W;
+        let a_off = k * Q8K_SIZE;
+        prefetch(next_group.wrapping_add(GROUP_ROWS * off), GROUP_ROWS * W);
+        let mut lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
+        let mut min_lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
+        for (r, &row) in rows.iter().enumerate() {
+            let b = row.add(off);
+            let (scales, mins) = k4_scales_mins(b.add(offs::Q4_K_SCALES));
+            let group_mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+            let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales));
+            let sub_scales: [__m256i; 8] = std::array::from_fn(|sub| broadcast_i16(scales, sub));
+            for t in 0..NT {
+                let y = acts[t].row.add(a_off + offs::Q8_K_QS);
+                let mut isum = _mm256_setzero_si256();
+                for j in 0..4 {
+                    let raw = load256(b.add(offs::Q4_K_QS + 32 * j));
+                    let lo = _mm256_and_si256(raw, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
+                    let p_lo = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(lo, load256(y.add(64 * j))),
+                        sub_scales[2 * j],
+                    );
+                    let p_hi = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(hi, load256(y.add(64 * j + 32))),
+                        sub_scales[2 * j + 1],
+                    );
+                    isum = _mm256_add_epi32(isum, _mm256_add_epi32(p_lo, p_hi));
+                }
+                lanes[t][r] = isum;
+                let bsums = load256(acts[t].row.add(a_off + offs::Q8_K_BSUMS));
+                min_lanes[t][r] = _mm256_madd_epi16(bsums, group_mins);
+            }
+        }
+        let dw = f16x8(rows, off);
+        let dmin_w = f16x8(rows, off + offs::Q4_K_DMIN);
+        for t in 0..NT {
+            // Scalar reference: sum += d * isum - dmin * min_sum, d and dmin scaled by act d.
+            let da = _mm256_set1_ps(layout::f32_at(
+                std::slice::from_raw_parts(acts[t].row.add(a_off), 4),
+                0,
+            ));
+            let d = _mm256_mul_ps(dw, da);
+            let dmin = _mm256_mul_ps(dmin_w, da);
+            let isum = _mm256_cvtepi32_ps(reduce8(&lanes[t]));
+            let min_sum = _mm256_cvtepi32_ps(reduce8(&min_lanes[t]));
+            let block = _mm256_sub_ps(_mm256_mul_ps(d, isum), _mm256_mul_ps(dmin, min_sum));
+            acc[t] = _mm256_add_ps(acc[t], block);
+        }
+    }
+    acc
+}
+
+/// The 8 six-bit scales and 8 six-bit mins of a Q4_K/Q5_K block (12 bytes at `p`, layout as in
+/// [`layout::k4_scales_mins`]) as bytes in the low halves of two registers, unpacked with 32-bit
+/// integer operations on four values at a time.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_scales_mins(p: *const u8) -> (__m128i, __m128i) {
+    let word = |i: usize| p.add(4 * i).cast::<u32>().read_unaligned();
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    let low6 = 0x3f3f_3f3f;
+    let (low4, top2) = (0x0f0f_0f0f, 0x0303_0303);
+    let scales_hi = (w2 & low4) | ((w0 >> 6) & top2) << 4;
+    let mins_hi = ((w2 >> 4) & low4) | ((w1 >> 6) & top2) << 4;
+    let pack = |lo: u32, hi: u32| _mm_cvtsi64_si128((lo as u64 | (hi as u64) << 32) as i64);
+    (pack(w0 & low6, scales_hi), pack(w1 & low6, mins_hi))
+}
+
+/// i16 lane `i` of `v` (both 128-bit halves hold the same 8 values) in all 16 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn broadcast_i16(v: __m256i, i: usize) -> __m256i {
+    let (lo, hi) = ((2 * i) as i8, (2 * i + 1) as i8);
+    let index = _mm256_setr_epi8(
+        lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo,
+        hi, lo, hi, lo, hi, lo, hi, lo, hi,
+    );
+    _mm256_shuffle_epi8(v, index)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_k(w: &[u8], a: &[u8], n: usize) -> f32 {
+    dot_one(rows_q4_k, GgmlType::Q4_K, w, a, n)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_q6_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+    for_each_group!(q6_k_chunk, range, a, cols, out)
+}
+
+/// Multipliers for quarter `quarter` (0..8) of a Q6_K block's 256 values: its signed scale
+/// `2 * quarter` for the first 16 values, `2 * quarter + 1` for the next 16, as i16. `raw` holds
+/// the 16 scale bytes in both 128-bit halves; each byte is moved to the high byte of its i16 and
+/// shifted back down arithmetically, which sign-extends it.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_scale_pair(raw: __m256i, quarter: usize) -> __m256i {
+    let (lo, hi) = ((2 * quarter) as i8, (2 * quarter + 1) as i8);
+    let z = -1i8; // pshufb index with the top bit set: a zero byte
+    let index = _mm256_setr_epi8(
+        z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, hi, z, hi, z, hi, z, hi, z, hi,
+        z, hi, z, hi, z, hi,
+    );
+    _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(raw, index))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_chunk<const NT: usize>(
+    rows: &[*const u8; GROUP_ROWS],
+    acts: [Act; NT],
+    row_bytes: usize,
+    cols: usize,
+) -> [__m256; NT] {
+    const W: usize = 210;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(3);
+    let next_group = rows[0].wrapping_add(prefetch_distance(row_bytes));
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK_K {
+        let off = k * W;
+        let a_off = k * Q8K_SIZE;
+        prefetch(next_group.wrapping_add(GROUP_ROWS * off), GROUP_ROWS * W);
+        let mut lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
+        for (r, &row) in rows.iter().enumerate() {
+            let b = row.add(off);
+            let raw_scales = _mm_loadu_si128(b.add(offs::Q6_K_SCALES).cast());
+            let scales16 = _mm256_cvtepi8_epi16(raw_scales);
+            let raw_scales = _mm256_broadcastsi128_si256(raw_scales);
+            let scale_pairs: [__m256i; 8] = std::array::from_fn(|q| q6k_scale_pair(raw_scales, q));
+            let mut quants = [_mm256_setzero_si256(); 8];
+            for h in 0..2 {
+                let l0 = load256(b.add(64 * h));
+                let l1 = load256(b.add(64 * h + 32));
+                let hb = load256(b.add(offs::Q6_K_QH + 32 * h));
+                let high = |bits: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(bits, m2));
+                quants[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), high(hb));
+                quants[4 * h + 1] =
+                    _mm256_or_si256(_mm256_and_si256(l1, m4), high(_mm256_srli_epi16::<2>(hb)));
+                quants[4 * h + 2] = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
+                    high(_mm256_srli_epi16::<4>(hb)),
+                );
+                quants[4 * h + 3] = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                    high(_mm256_srli_epi16::<6>(hb)),
+                );
+            }
+            for t in 0..NT {
+                let y = acts[t].row.add(a_off + offs::Q8_K_QS);
+                let mut isum = _mm256_setzero_si256();
+                for (quarter, &q) in quants.iter().enumerate() {
+                    let pairs = _mm256_maddubs_epi16(q, load256(y.add(32 * quarter)));
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, scale_pairs[quarter]));
+                }
+                // The stored quants carry an offset of 32: subtract 32 * scale * group sum.
+                let bsums = load256(acts[t].row.add(a_off + offs::Q8_K_BSUMS));
+                let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(bsums, scales16));
+                lanes[t][r] = _mm256_sub_epi32(isum, offset);
+            }
+        }
+        let dw = f16x8(rows, off + offs::Q6_K_D);
+        for t in 0..NT {
+            let da = layout::f32_at(std::slice::from_raw_parts(acts[t].row.add(a_off), 4), 0);
+            acc[t] = scaled_add(acc[t], dw, da, reduce8(&lanes[t]));
+        }
+    }
+    acc
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q6_k(w: &[u8], a: &[u8], n: usize) -> f32 {
+    dot_one(rows_q6_k, GgmlType::Q6_K, w, a, n)
+}
