@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""Drives a running `gemma serve` with the official `openai` Python client (dev-only check;
-the Rust tests do not need Python). Usage: openai_client_check.py [BASE_URL]
+"""Drives a running `gemma serve` with the official `openai` Python client: chat, streaming,
+a tool call round trip (plain and streamed), and `json_schema` output for 20 random schemas
+(nested objects, arrays, enums, numbers), each validated with `jsonschema`.
+Run by `crates/server/tests/openai_client.rs` (which makes a venv with `openai` and
+`jsonschema`), or by hand: openai_client_check.py [BASE_URL]
 Exits non-zero on the first failed check."""
 
 import json
+import random
 import sys
 
+import jsonschema
 import openai
 
 base = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080/v1"
@@ -125,6 +130,58 @@ r = client.chat.completions.create(
 check("json_schema complete", r.choices[0].finish_reason == "stop", r)
 person = json.loads(r.choices[0].message.content)
 check("json_schema", set(person) == {"name", "age"} and isinstance(person["age"], int), person)
+
+
+
+def random_schema(rng, depth=0):
+    """A random object schema: numbers, enums, strings, arrays, nested objects. Every part is
+    bounded so that a conforming document always fits in max_tokens."""
+    names = ["name", "age", "city", "score", "color", "tags", "size", "info", "ok", "level"]
+    props = {}
+    for key in rng.sample(names, rng.randint(1, 3)):
+        kind = rng.choice(["integer", "number", "enum", "string", "boolean", "array", "object"])
+        if kind == "object" and depth >= 1:
+            kind = "integer"
+        if kind == "integer":
+            props[key] = {"type": "integer", "minimum": -50, "maximum": 500}
+        elif kind == "number":
+            props[key] = {"type": "number", "minimum": 0, "maximum": 10}
+        elif kind == "enum":
+            props[key] = {"enum": rng.sample(["red", "green", "blue", "small", "large", 7], 3)}
+        elif kind == "string":
+            props[key] = {"type": "string", "maxLength": 10}
+        elif kind == "boolean":
+            props[key] = {"type": "boolean"}
+        elif kind == "array":
+            item = rng.choice([{"type": "integer", "minimum": 0, "maximum": 99},
+                               {"enum": ["a", "b", "c"]},
+                               {"type": "string", "maxLength": 6}])
+            props[key] = {"type": "array", "items": item, "maxItems": 3}
+        else:
+            props[key] = random_schema(rng, depth + 1)
+    return {"type": "object", "properties": props, "required": sorted(props),
+            "additionalProperties": False}
+
+
+rng = random.Random(20261130)
+valid = 0
+for i in range(20):
+    schema = random_schema(rng)
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": f"Fill in record number {i}."}],
+        response_format={"type": "json_schema", "json_schema": {"name": f"record{i}", "schema": schema}},
+        max_tokens=160,
+        temperature=0.8,
+        seed=i,
+    )
+    content = r.choices[0].message.content
+    try:
+        jsonschema.validate(json.loads(content), schema)
+        valid += 1
+    except (ValueError, jsonschema.ValidationError) as e:
+        print(f"schema {i}: {json.dumps(schema)}\noutput: {content!r}\nerror: {e}")
+check("20 random json_schema outputs validate with jsonschema", valid == 20, f"{valid} of 20")
 
 r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=3, temperature=0)
 check("completions", r.choices[0].text is not None and r.usage.completion_tokens <= 3)

@@ -8,7 +8,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${OPENAI_VENV:-$HOME/.venvs/openai}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q openai
+  "$venv/bin/pip" install -q openai jsonschema
 fi
 cargo build --release -p gemma-cli --manifest-path "$root/Cargo.toml"
 "$root/target/release/gemma" serve --port "$port" --parallel 2 --ctx-size 2048 -q &

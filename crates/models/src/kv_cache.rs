@@ -348,7 +348,8 @@ mod tests {
     #[test]
     fn copied_prefix_equals_a_truncated_clone() {
         for cache_type in CacheType::ALL {
-            let src = filled(cache_type, 10, 0.0);
+            // The ring (4 slots) holds positions 5..9: continuing from 8 needs 5..8.
+            let src = filled(cache_type, 9, 0.0);
             let mut dst = filled(cache_type, 12, 100.0);
             dst.copy_prefix_from(&src, 8).unwrap();
             let mut clone = src.clone();
