@@ -12,7 +12,8 @@
 //! `tokenizer_st_partition`, `token_to_piece`, `detokenize`).
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+use std::hash::BuildHasher;
 
 use crate::special::{Fragment, SpecialTokens};
 use crate::TokenizerError;
@@ -155,7 +156,7 @@ pub struct SpmTokenizer {
     pieces: Vec<String>,
     scores: Vec<f32>,
     attrs: Vec<Attr>,
-    piece_to_id: HashMap<String, u32>,
+    piece_to_id: PieceIndex,
     /// Indexed by byte value (256 entries).
     byte_tokens: Vec<Option<u32>>,
     specials: SpecialTokens,
@@ -231,23 +232,19 @@ impl SpmTokenizer {
             }
         }
 
-        let mut piece_to_id = HashMap::with_capacity(n);
-        for (i, piece) in tokens.iter().enumerate() {
-            if let Some(first) = piece_to_id.insert(piece.clone(), i as u32) {
-                return Err(TokenizerError::DuplicateToken {
-                    piece: piece.clone(),
-                    first,
-                    second: i as u32,
-                });
-            }
-        }
+        let piece_to_id =
+            PieceIndex::new(&tokens).map_err(|(first, second)| TokenizerError::DuplicateToken {
+                piece: tokens[second as usize].clone(),
+                first,
+                second,
+            })?;
 
         let mut attrs: Vec<Attr> = token_types
             .iter()
             .map(|&t| Attr::from_token_type(t))
             .collect();
         for text in FORCED_CONTROL_TEXTS {
-            if let Some(&id) = piece_to_id.get(*text) {
+            if let Some(id) = piece_to_id.get(&tokens, text) {
                 attrs[id as usize].add(Attr::CONTROL);
             }
         }
@@ -266,7 +263,7 @@ impl SpmTokenizer {
         }
 
         let byte_tokens = (0..=255u8)
-            .map(|b| byte_token_id(&piece_to_id, b))
+            .map(|b| byte_token_id(&piece_to_id, &tokens, b))
             .collect();
         let specials = SpecialTokens::new(&tokens, &attrs);
         Ok(SpmTokenizer {
@@ -302,7 +299,7 @@ impl SpmTokenizer {
     }
 
     pub fn id_of(&self, piece: &str) -> Option<u32> {
-        self.piece_to_id.get(piece).copied()
+        self.piece_to_id.get(&self.pieces, piece)
     }
 
     pub(crate) fn attr(&self, id: u32) -> Option<Attr> {
@@ -348,8 +345,8 @@ impl SpmTokenizer {
         let mut merger = Merger::new(self, text);
         merger.run();
         for symbol in merger.final_symbols() {
-            match self.piece_to_id.get(symbol) {
-                Some(&id) => out.push(id),
+            match self.piece_to_id.get(&self.pieces, symbol) {
+                Some(id) => out.push(id),
                 None => {
                     for &byte in symbol.as_bytes() {
                         let id = self.byte_tokens[byte as usize]
@@ -417,15 +414,53 @@ pub(crate) fn parse_byte_piece(piece: &str) -> Option<u8> {
 
 /// The token for a raw byte: `<0xNN>`, else (as llama.cpp falls back) the byte itself as a
 /// one-character piece.
-fn byte_token_id(piece_to_id: &HashMap<String, u32>, byte: u8) -> Option<u32> {
-    piece_to_id
-        .get(&format!("<0x{byte:02X}>"))
-        .or_else(|| {
-            std::str::from_utf8(&[byte])
-                .ok()
-                .and_then(|s| piece_to_id.get(s))
-        })
-        .copied()
+fn byte_token_id(index: &PieceIndex, pieces: &[String], byte: u8) -> Option<u32> {
+    index.get(pieces, &format!("<0x{byte:02X}>")).or_else(|| {
+        std::str::from_utf8(&[byte])
+            .ok()
+            .and_then(|s| index.get(pieces, s))
+    })
+}
+
+/// Piece text → id without a second copy of the texts: a hash table of ids, each compared
+/// through the piece list it indexes (the 262k-piece Gemma vocabulary would otherwise be held
+/// twice, about 15 MB).
+#[derive(Debug)]
+struct PieceIndex {
+    ids: hashbrown::HashTable<u32>,
+    hasher: std::hash::RandomState,
+}
+
+impl PieceIndex {
+    /// Indexes `pieces`; a piece listed twice is `Err((first id, second id))`.
+    fn new(pieces: &[String]) -> Result<PieceIndex, (u32, u32)> {
+        let hasher = std::hash::RandomState::new();
+        let mut ids = hashbrown::HashTable::with_capacity(pieces.len());
+        for (i, piece) in pieces.iter().enumerate() {
+            let hash = hasher.hash_one(piece.as_str());
+            match ids.entry(
+                hash,
+                |&id: &u32| pieces[id as usize] == *piece,
+                |&id: &u32| hasher.hash_one(pieces[id as usize].as_str()),
+            ) {
+                hashbrown::hash_table::Entry::Occupied(first) => {
+                    return Err((*first.get(), i as u32));
+                }
+                hashbrown::hash_table::Entry::Vacant(slot) => {
+                    slot.insert(i as u32);
+                }
+            }
+        }
+        Ok(PieceIndex { ids, hasher })
+    }
+
+    /// The id of `piece` in `pieces` (the list this index was built from).
+    fn get(&self, pieces: &[String], piece: &str) -> Option<u32> {
+        let hash = self.hasher.hash_one(piece);
+        self.ids
+            .find(hash, |&id| pieces[id as usize] == piece)
+            .copied()
+    }
 }
 
 /// One symbol of the merge chain: a byte range of the fragment, linked to its neighbours.
@@ -529,7 +564,7 @@ impl<'a> Merger<'a> {
         let start = self.symbols[left].start;
         let size = self.symbols[left].len + self.symbols[right].len;
         let merged = &self.text[start..start + size];
-        if let Some(&id) = self.vocab.piece_to_id.get(merged) {
+        if let Some(id) = self.vocab.piece_to_id.get(&self.vocab.pieces, merged) {
             self.queue.push(Candidate {
                 score: self.vocab.scores[id as usize],
                 left,
