@@ -401,17 +401,7 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn fifth_bits(p: *const u8) -> __m256i {
-    let qh = _mm256_set1_epi32(p.cast::<i32>().read_unaligned());
-    let spread = _mm256_shuffle_epi8(
-        qh,
-        _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
-            3, 3, 3,
-        ),
-    );
-    let bit_of_byte = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit_of_byte), bit_of_byte);
-    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    super::avx2::q5_high_bits(p.cast::<u32>().read_unaligned())
 }
 
 #[inline]
