@@ -110,8 +110,8 @@ pub fn bench(common: &CommonArgs, args: &BenchArgs) -> Result<()> {
     let opts = LoadOptions {
         ctx_size,
         verbose: !common.quiet && !args.json,
-        cache_type: common.cache_type,
         batch_size: args.batch_size,
+        ..common.load_options()
     };
     let loaded = gemma_engine::load_with_matformer(model_path, &opts, common.matformer.as_deref())?;
     let threads = configured_threads();

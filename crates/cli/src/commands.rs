@@ -88,13 +88,10 @@ fn load(common: &CommonArgs, batch_size: usize) -> Result<LoadedModel> {
     if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let opts = LoadOptions {
-        ctx_size: common.ctx_size,
-        verbose: !common.quiet,
-        cache_type: common.cache_type,
+    common.load(&LoadOptions {
         batch_size,
-    };
-    gemma_engine::load_with_matformer(common.model.as_deref(), &opts, common.matformer.as_deref())
+        ..common.load_options()
+    })
 }
 
 /// `--ctx-size`, capped at what the model was trained for.

@@ -9,17 +9,10 @@ use gemma_engine::{human_bytes, LoadOptions};
 use crate::CommonArgs;
 
 pub fn info(common: &CommonArgs) -> Result<()> {
-    let opts = LoadOptions {
-        ctx_size: common.ctx_size,
+    let loaded = common.load(&LoadOptions {
         verbose: false,
-        cache_type: common.cache_type,
-        ..LoadOptions::default()
-    };
-    let loaded = gemma_engine::load_with_matformer(
-        common.model.as_deref(),
-        &opts,
-        common.matformer.as_deref(),
-    )?;
+        ..common.load_options()
+    })?;
     let model = &loaded.model;
     println!("model: {}", loaded.source.display());
     println!("architecture: {}", model.architecture());

@@ -107,6 +107,27 @@ pub struct SamplingArgs {
     pub truncate: bool,
 }
 
+impl CommonArgs {
+    /// The model (or the default one) with `--ctx-size`, `--cache-type` and `--matformer`
+    /// applied; `opts` says how it is loaded (see [`CommonArgs::load_options`]).
+    pub fn load(
+        &self,
+        opts: &gemma_engine::LoadOptions,
+    ) -> anyhow::Result<gemma_engine::LoadedModel> {
+        gemma_engine::load_with_matformer(self.model.as_deref(), opts, self.matformer.as_deref())
+    }
+
+    /// Load options from the global flags; commands override what they set themselves.
+    pub fn load_options(&self) -> gemma_engine::LoadOptions {
+        gemma_engine::LoadOptions {
+            ctx_size: self.ctx_size,
+            verbose: !self.quiet,
+            cache_type: self.cache_type,
+            ..gemma_engine::LoadOptions::default()
+        }
+    }
+}
+
 impl SamplingArgs {
     pub fn to_params(&self) -> anyhow::Result<SamplingParams> {
         let checks = [

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gemma_engine::LoadOptions;
 use gemma_server::ServerConfig;
 
 use crate::CommonArgs;
@@ -35,17 +34,7 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     if args.parallel == 0 || args.queue_size == 0 || args.timeout == 0 {
         anyhow::bail!("--parallel, --queue-size and --timeout must be at least 1");
     }
-    let opts = LoadOptions {
-        ctx_size: common.ctx_size,
-        verbose: !common.quiet,
-        cache_type: common.cache_type,
-        ..LoadOptions::default()
-    };
-    let loaded = gemma_engine::load_with_matformer(
-        common.model.as_deref(),
-        &opts,
-        common.matformer.as_deref(),
-    )?;
+    let loaded = common.load(&common.load_options())?;
     let trained = loaded.model.context_length();
     let ctx_size = if trained > 0 {
         common.ctx_size.min(trained)
