@@ -7,7 +7,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use gemma_engine::gemma_models::Logits;
 use gemma_engine::gemma_tokenizer::ChatMessage;
-use gemma_engine::{Chat, GenerationStats, LoadOptions, LoadedModel, Session, DEFAULT_BATCH_SIZE};
+use gemma_engine::{
+    Chat, GenerationStats, LoadOptions, LoadedModel, Session, WeightMemory, DEFAULT_BATCH_SIZE,
+};
 
 use crate::{CommonArgs, SamplingArgs};
 
@@ -180,7 +182,11 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
 }
 
 pub fn tokenize(common: &CommonArgs, args: &TokenizeArgs) -> Result<()> {
-    let loaded = load(common, DEFAULT_BATCH_SIZE)?;
+    // Only the vocabulary is read: no copy of the weights.
+    let loaded = common.load(&LoadOptions {
+        weights: WeightMemory::Mapped,
+        ..common.load_options()
+    })?;
     let tokenizer = loaded
         .tokenizer
         .as_ref()

@@ -4,13 +4,15 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use gemma_engine::gemma_formats::{ModelFile, TensorSource};
-use gemma_engine::{human_bytes, LoadOptions};
+use gemma_engine::{human_bytes, LoadOptions, WeightMemory};
 
 use crate::CommonArgs;
 
 pub fn info(common: &CommonArgs) -> Result<()> {
     let loaded = common.load(&LoadOptions {
         verbose: false,
+        // Only the metadata and tensor table are read: no copy of the weights.
+        weights: WeightMemory::Mapped,
         ..common.load_options()
     })?;
     let model = &loaded.model;

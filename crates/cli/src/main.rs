@@ -42,6 +42,13 @@ pub struct CommonArgs {
     /// KV cache storage: f16 (as llama.cpp), f32 (exact) or q8_0 (about half of f16)
     #[arg(long, global = true, default_value = "f16", value_name = "TYPE")]
     pub cache_type: gemma_engine::gemma_models::CacheType,
+    /// Read GGUF weights in place from the memory-mapped file (the default for Gemma 3n)
+    #[arg(long, global = true, conflicts_with = "no_mmap")]
+    pub mmap: bool,
+    /// Copy GGUF weights into memory, in huge pages where the OS allows (the default for
+    /// Gemma 3: faster generation)
+    #[arg(long, global = true)]
+    pub no_mmap: bool,
 }
 
 #[derive(Subcommand)]
@@ -123,6 +130,11 @@ impl CommonArgs {
             ctx_size: self.ctx_size,
             verbose: !self.quiet,
             cache_type: self.cache_type,
+            weights: match (self.mmap, self.no_mmap) {
+                (true, _) => gemma_engine::WeightMemory::Mapped,
+                (_, true) => gemma_engine::WeightMemory::Resident,
+                _ => gemma_engine::WeightMemory::Auto,
+            },
             ..gemma_engine::LoadOptions::default()
         }
     }

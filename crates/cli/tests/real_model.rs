@@ -84,10 +84,21 @@ fn greedy_run_is_deterministic_and_reports_speed() {
         "Name a color of the sky.",
     ];
     let (first, err) = ok(&args, None);
-    let (second, _) = ok(&args, None);
+    // The second run reads the weights from the file mapping instead of a copy in memory.
+    let (second, mapped_err) = ok(&[&["--mmap"], &args[..]].concat(), None);
     assert!(!first.trim().is_empty(), "no text generated");
     assert_eq!(first, second);
     assert!(err.contains("tok/s"), "speed report missing: {err}");
+    assert!(err.contains("in memory"), "{err}");
+    assert!(mapped_err.contains("memory-mapped"), "{mapped_err}");
+
+    let both = gemma(&[&["--mmap", "--no-mmap"], &args[..]].concat(), None);
+    assert!(!both.status.success());
+    assert!(
+        stderr(&both).contains("cannot be used with"),
+        "{}",
+        stderr(&both)
+    );
 }
 
 #[test]

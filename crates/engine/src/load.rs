@@ -30,6 +30,35 @@ pub struct LoadOptions {
     pub cache_type: CacheType,
     /// Prompt tokens per forward pass for sessions and perplexity (at least 1).
     pub batch_size: usize,
+    /// Whether a GGUF model's weights are read from the file mapping or copied into memory.
+    pub weights: WeightMemory,
+}
+
+/// Where a GGUF model's weights live while it runs (llama.cpp's `--mmap` / `--no-mmap`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightMemory {
+    /// `Resident` for architectures that read every weight for every token (Gemma 3);
+    /// `Mapped` for Gemma 3n, whose per-layer embeddings are read a row per token and whose
+    /// other weights may go unused.
+    #[default]
+    Auto,
+    /// Read in place from the memory-mapped file: loads fastest, shares the page cache with
+    /// other processes, and lets the OS drop pages under memory pressure.
+    Mapped,
+    /// Copied into memory of the process's own, in huge pages where the OS allows: decoding,
+    /// which streams every weight per token, runs faster (see `formats/src/resident.rs`).
+    Resident,
+}
+
+impl WeightMemory {
+    /// Whether a GGUF file of architecture `arch` is copied into memory.
+    pub fn resident_for(self, arch: &str) -> bool {
+        match self {
+            WeightMemory::Auto => arch == "gemma3",
+            WeightMemory::Mapped => false,
+            WeightMemory::Resident => true,
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -39,6 +68,7 @@ impl Default for LoadOptions {
             verbose: false,
             cache_type: CacheType::F16,
             batch_size: DEFAULT_BATCH_SIZE,
+            weights: WeightMemory::Auto,
         }
     }
 }
@@ -57,6 +87,14 @@ pub struct LoadedModel {
     pub batch_size: usize,
 }
 
+impl LoadedModel {
+    /// Whether the weights were copied into memory ([`WeightMemory::Resident`]) rather than
+    /// read from the file mapping.
+    pub fn weights_resident(&self) -> bool {
+        matches!(&self.file, ModelFile::Gguf(gguf) if gguf.is_resident())
+    }
+}
+
 /// Loads the model at `path`, or the default model (fetched if needed) when `path` is `None`.
 pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     if opts.batch_size == 0 {
@@ -67,7 +105,7 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
         None => ensure_default_model()?,
     };
     let spinner = opts.verbose.then(|| Spinner::start(&source));
-    let loaded = load_from(&source);
+    let loaded = load_from(&source, opts.weights);
     drop(spinner);
     let mut loaded = loaded.with_context(|| format!("cannot load {}", source.display()))?;
     loaded
@@ -77,13 +115,18 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     loaded.batch_size = opts.batch_size;
     if opts.verbose {
         eprintln!(
-            "gemma: {} ({}): weights {}{}, KV cache {} ({}) at --ctx-size {}",
+            "gemma: {} ({}): weights {} {}{}, KV cache {} ({}) at --ctx-size {}",
             source.display(),
             loaded.model.architecture(),
             human_bytes(loaded.model.weight_bytes()),
+            if loaded.weights_resident() {
+                "in memory"
+            } else {
+                "memory-mapped"
+            },
             match loaded.model.on_demand_bytes() {
                 0 => String::new(),
-                n => format!(" resident (+{} memory-mapped PLE)", human_bytes(n)),
+                n => format!(" (+{} memory-mapped PLE)", human_bytes(n)),
             },
             human_bytes(loaded.model.kv_cache_bytes(opts.ctx_size)),
             opts.cache_type,
@@ -93,8 +136,14 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     Ok(loaded)
 }
 
-fn load_from(source: &Path) -> Result<LoadedModel> {
-    let file = open_model_source(source)?;
+fn load_from(source: &Path, weights: WeightMemory) -> Result<LoadedModel> {
+    let mut file = open_model_source(source)?;
+    if let ModelFile::Gguf(gguf) = &mut file {
+        // An unreadable architecture is reported by `load_model` below.
+        if weights.resident_for(gguf.architecture().unwrap_or_default()) {
+            gguf.make_resident()?;
+        }
+    }
     let model = load_model(&file)?;
     let tokenizer = load_tokenizer(&file)?;
     let chat_template = load_chat_template(&file, tokenizer.as_ref())?;

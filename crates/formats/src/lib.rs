@@ -4,6 +4,7 @@
 mod dtype;
 pub mod gguf;
 pub mod hf;
+mod resident;
 mod source;
 mod tensor;
 

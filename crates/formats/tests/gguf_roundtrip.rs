@@ -232,3 +232,81 @@ fn writer_rejects_inconsistent_input() {
         Err(GgufWriteError::DuplicateTensor { .. })
     ));
 }
+
+/// A GGUF file with tensors of several sizes and alignments.
+fn write_multi_tensor_file(path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let tensors: Vec<(String, Vec<u8>)> = [1usize, 7, 4096, 100_003]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let bytes = (0..4 * n).map(|j| (j * 31 + i * 17) as u8).collect();
+            (format!("t{i}"), bytes)
+        })
+        .collect();
+    let mut writer = GgufWriter::new();
+    writer
+        .add_metadata("general.architecture", MetaValue::String("gemma3".into()))
+        .unwrap();
+    for (name, bytes) in &tensors {
+        writer
+            .add_tensor(name, GgmlType::F32, &[bytes.len() / 4], bytes.clone())
+            .unwrap();
+    }
+    writer.write_file(path).unwrap();
+    tensors
+}
+
+#[test]
+fn resident_copy_holds_the_same_tensor_bytes_as_the_mapping() {
+    let dir = common::TempDir::new("resident");
+    let path = dir.path().join("multi.gguf");
+    let tensors = write_multi_tensor_file(&path);
+    let mut file = gemma_formats::GgufFile::open(&path).unwrap();
+    let mapped: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(name, _)| file.tensor(name).unwrap().data.bytes().to_vec())
+        .collect();
+    assert!(!file.is_resident());
+    assert!(file.make_resident().unwrap());
+    assert!(file.is_resident());
+    assert!(!file.make_resident().unwrap(), "already resident");
+    for ((name, expected), mapped) in tensors.iter().zip(&mapped) {
+        let resident = file.tensor(name).unwrap();
+        assert_eq!(resident.data.bytes(), &expected[..], "{name}");
+        assert_eq!(mapped, expected, "{name}");
+    }
+    assert_eq!(
+        file.file_size(),
+        std::fs::metadata(&path).unwrap().len() as usize
+    );
+
+    // An image built in memory has no file to copy from and stays as it is.
+    let bytes = std::fs::read(&path).unwrap();
+    let mut in_memory = gemma_formats::GgufFile::from_bytes(std::sync::Arc::new(bytes)).unwrap();
+    assert!(!in_memory.make_resident().unwrap());
+    assert_eq!(
+        in_memory.tensor("t3").unwrap().data.bytes(),
+        &tensors[3].1[..]
+    );
+}
+
+#[test]
+fn a_file_truncated_after_opening_fails_to_become_resident_with_an_error() {
+    let dir = common::TempDir::new("resident-truncated");
+    let path = dir.path().join("multi.gguf");
+    write_multi_tensor_file(&path);
+    let mut file = gemma_formats::GgufFile::open(&path).unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let err = file
+        .make_resident()
+        .expect_err("the data section is cut short");
+    let msg = err.to_string();
+    assert!(msg.contains("multi.gguf"), "{msg}");
+    assert!(!file.is_resident());
+}

@@ -31,13 +31,14 @@ mod writer;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use error::{GgufError, GgufWriteError};
 pub use value::MetaValue;
 pub use writer::GgufWriter;
 
+use crate::resident::ResidentBytes;
 use crate::{Blob, GgmlType, TensorData, TensorSource};
 
 /// The four bytes every GGUF file starts with.
@@ -67,9 +68,17 @@ impl GgufTensorInfo {
 }
 
 /// An opened, fully validated GGUF file. Tensor data is not copied: it is handed out as
-/// [`Blob`]s that share the underlying mapping.
+/// [`Blob`]s that share the underlying mapping (or, after [`GgufFile::make_resident`], the
+/// resident copy of the data section).
 pub struct GgufFile {
-    bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    /// The bytes tensors are read from: the whole file, or from `data_base` on.
+    data: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    /// File offset of `data[0]`.
+    data_base: usize,
+    file_size: usize,
+    /// The file behind the mapping, for [`GgufFile::make_resident`]; `None` for images built
+    /// in memory.
+    file: Option<(File, PathBuf)>,
     version: u32,
     alignment: usize,
     metadata: Vec<(String, MetaValue)>,
@@ -90,14 +99,19 @@ impl GgufFile {
         // SAFETY: the mapping is read-only. Like every mmap-based reader, we rely on the
         // model file not being truncated or rewritten while it is open.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_error)?;
-        GgufFile::from_bytes(Arc::new(map))
+        let mut gguf = GgufFile::from_bytes(Arc::new(map))?;
+        gguf.file = Some((file, path.to_path_buf()));
+        Ok(gguf)
     }
 
     /// Parses a GGUF image already in memory (or mapped).
     pub fn from_bytes(bytes: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Result<GgufFile, GgufError> {
         let header = reader::parse_header((*bytes).as_ref())?;
         Ok(GgufFile {
-            bytes,
+            file_size: (*bytes).as_ref().len(),
+            data: bytes,
+            data_base: 0,
+            file: None,
             version: header.version,
             alignment: header.alignment,
             metadata: header.metadata,
@@ -122,7 +136,33 @@ impl GgufFile {
     }
 
     pub fn file_size(&self) -> usize {
-        (*self.bytes).as_ref().len()
+        self.file_size
+    }
+
+    /// Copies the data section out of the mapping into memory of its own, backed by huge
+    /// pages where the OS allows (see `resident.rs`), and drops the mapping. Tensors handed
+    /// out afterwards read the copy; call it before loading a model. Returns `false` (and
+    /// changes nothing) for a file built in memory or already resident.
+    pub fn make_resident(&mut self) -> Result<bool, GgufError> {
+        let Some((file, path)) = self.file.take() else {
+            return Ok(false);
+        };
+        let len = self.file_size.saturating_sub(self.data_offset);
+        let copy = ResidentBytes::read(&file, self.data_offset as u64, len).map_err(|source| {
+            GgufError::Io {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        self.data = Arc::new(copy);
+        self.data_base = self.data_offset;
+        Ok(true)
+    }
+
+    /// Whether tensors are read from a resident copy rather than the file mapping.
+    pub fn is_resident(&self) -> bool {
+        // The data section never starts at 0: the header comes first.
+        self.data_base != 0
     }
 
     /// All metadata entries in file order.
@@ -216,7 +256,11 @@ impl GgufFile {
     /// If `info` does not come from this file and its range lies outside it.
     #[track_caller]
     pub fn tensor_data(&self, info: &GgufTensorInfo) -> Blob {
-        Blob::new(self.bytes.clone(), info.offset, info.n_bytes)
+        Blob::new(
+            self.data.clone(),
+            info.offset.wrapping_sub(self.data_base),
+            info.n_bytes,
+        )
     }
 }
 
