@@ -11,5 +11,6 @@ mod tensor;
 pub use dtype::GgmlType;
 pub use gguf::{GgufError, GgufFile, GgufTensorInfo, GgufWriteError, GgufWriter, MetaValue};
 pub use hf::{HfError, HfFolder};
+pub use resident::HugePageBytes;
 pub use source::{open_model_source, FormatError, ModelFile};
 pub use tensor::{Blob, TensorData, TensorSource};

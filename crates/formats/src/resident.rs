@@ -12,35 +12,48 @@ use std::io::{self, Read, Seek, SeekFrom};
 /// Size and alignment of a transparent huge page on x86-64 and most aarch64 kernels.
 const HUGE_PAGE: usize = 2 << 20;
 
-/// `len` bytes of a file, owned, in memory the kernel is asked to back with huge pages.
-pub(crate) struct ResidentBytes {
+/// `len` bytes, owned, in memory the kernel is asked to back with huge pages (model weights
+/// read from a file; large benchmark buffers).
+pub struct HugePageBytes {
     map: memmap2::MmapMut,
     /// Where the bytes start inside `map`: its first 2 MiB boundary.
     start: usize,
     len: usize,
 }
 
-impl ResidentBytes {
-    /// Reads `len` bytes of `file` from `offset`. Huge pages are a hint: without them (another
-    /// OS, THP disabled, fragmented memory) the bytes are held in ordinary pages.
-    pub(crate) fn read(file: &File, offset: u64, len: usize) -> io::Result<ResidentBytes> {
-        let mut map = memmap2::MmapMut::map_anon(len.saturating_add(HUGE_PAGE))?;
+impl HugePageBytes {
+    /// `len` zero bytes. Huge pages are a hint: without them (another OS, THP disabled,
+    /// fragmented memory) the bytes are held in ordinary pages.
+    pub fn zeroed(len: usize) -> io::Result<HugePageBytes> {
+        let map = memmap2::MmapMut::map_anon(len.saturating_add(HUGE_PAGE))?;
         let start = map.as_ptr().align_offset(HUGE_PAGE).min(HUGE_PAGE);
         #[cfg(target_os = "linux")]
         if len > 0 {
-            // Ignored on failure: the copy below works either way.
+            // Ignored on failure: the memory works either way.
             let _ = map.advise_range(memmap2::Advice::HugePage, start, len);
         }
+        Ok(HugePageBytes { map, start, len })
+    }
+
+    /// Reads `len` bytes of `file` from `offset`.
+    pub fn read(file: &File, offset: u64, len: usize) -> io::Result<HugePageBytes> {
+        let mut bytes = HugePageBytes::zeroed(len)?;
         let mut reader = file;
         reader.seek(SeekFrom::Start(offset))?;
-        reader.read_exact(&mut map[start..start + len])?;
-        Ok(ResidentBytes { map, start, len })
+        reader.read_exact(bytes.as_mut())?;
+        Ok(bytes)
     }
 }
 
-impl AsRef<[u8]> for ResidentBytes {
+impl AsRef<[u8]> for HugePageBytes {
     fn as_ref(&self) -> &[u8] {
         &self.map[self.start..self.start + self.len]
+    }
+}
+
+impl AsMut<[u8]> for HugePageBytes {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.map[self.start..self.start + self.len]
     }
 }
 
@@ -62,10 +75,10 @@ mod tests {
     fn holds_the_requested_range_aligned_to_a_huge_page() {
         let bytes: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let file = temp_file("range", &bytes);
-        let resident = ResidentBytes::read(&file, 1234, 50_000).unwrap();
+        let resident = HugePageBytes::read(&file, 1234, 50_000).unwrap();
         assert_eq!(resident.as_ref(), &bytes[1234..51_234]);
         assert_eq!(resident.as_ref().as_ptr() as usize % HUGE_PAGE, 0);
-        assert!(ResidentBytes::read(&file, 0, 0)
+        assert!(HugePageBytes::read(&file, 0, 0)
             .unwrap()
             .as_ref()
             .is_empty());
@@ -74,7 +87,7 @@ mod tests {
     #[test]
     fn a_range_past_the_end_of_the_file_is_an_error() {
         let file = temp_file("short", &[1, 2, 3]);
-        let err = ResidentBytes::read(&file, 1, 3).err().expect("short read");
+        let err = HugePageBytes::read(&file, 1, 3).err().expect("short read");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -35,6 +35,11 @@ struct Shared {
     pending: AtomicUsize,
     panicked: AtomicBool,
     shutdown: AtomicBool,
+    /// Workers parked (or about to park) on `wake_workers`; with none, publishing a job needs
+    /// no lock and no wake-up system call. See `wait_for_job` for the ordering.
+    parked_workers: AtomicUsize,
+    /// Whether the caller of `run` is parked (or about to park) on `job_done`.
+    caller_parked: AtomicBool,
     sleep_lock: Mutex<()>,
     wake_workers: Condvar,
     done_lock: Mutex<()>,
@@ -90,6 +95,8 @@ impl ThreadPool {
             pending: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
+            parked_workers: AtomicUsize::new(0),
+            caller_parked: AtomicBool::new(false),
             sleep_lock: Mutex::new(()),
             wake_workers: Condvar::new(),
             done_lock: Mutex::new(()),
@@ -148,11 +155,14 @@ impl ThreadPool {
         shared.next_task.store(0, Ordering::Relaxed);
         shared.panicked.store(false, Ordering::Relaxed);
         shared.pending.store(self.workers.len(), Ordering::Relaxed);
-        {
-            let _guard = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
-            shared.generation.fetch_add(1, Ordering::Release);
+        // SeqCst pairs with the parking worker's (`wait_for_job`): either it counted itself
+        // parked before this bump, and is woken below, or it sees the new generation.
+        shared.generation.fetch_add(1, Ordering::SeqCst);
+        if shared.parked_workers.load(Ordering::SeqCst) > 0 {
+            // Taking the lock orders the wake-up after the worker's check-then-wait.
+            drop(shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner()));
+            shared.wake_workers.notify_all();
         }
-        shared.wake_workers.notify_all();
 
         let caller_panic = {
             let _in_task = InTaskGuard::enter();
@@ -211,12 +221,14 @@ fn wait_for_workers(shared: &Shared) {
         std::hint::spin_loop();
     }
     let mut guard = shared.done_lock.lock().unwrap_or_else(|e| e.into_inner());
-    while shared.pending.load(Ordering::Acquire) != 0 {
+    shared.caller_parked.store(true, Ordering::SeqCst);
+    while shared.pending.load(Ordering::SeqCst) != 0 {
         guard = shared
             .job_done
             .wait(guard)
             .unwrap_or_else(|e| e.into_inner());
     }
+    shared.caller_parked.store(false, Ordering::Relaxed);
 }
 
 fn worker_loop(shared: &Shared) {
@@ -231,8 +243,11 @@ fn worker_loop(shared: &Shared) {
         if panic::catch_unwind(AssertUnwindSafe(|| run_tasks(shared, f, job.n_tasks))).is_err() {
             shared.panicked.store(true, Ordering::Relaxed);
         }
-        if shared.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let _guard = shared.done_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // The last worker wakes the caller only if it parked (same pairing as publishing).
+        if shared.pending.fetch_sub(1, Ordering::SeqCst) == 1
+            && shared.caller_parked.load(Ordering::SeqCst)
+        {
+            drop(shared.done_lock.lock().unwrap_or_else(|e| e.into_inner()));
             shared.job_done.notify_one();
         }
     }
@@ -244,7 +259,7 @@ fn wait_for_job(shared: &Shared, seen: u64) -> Option<u64> {
         if shared.shutdown.load(Ordering::Acquire) {
             return Some(None);
         }
-        let generation = shared.generation.load(Ordering::Acquire);
+        let generation = shared.generation.load(Ordering::SeqCst);
         (generation != seen).then_some(Some(generation))
     };
     for _ in 0..SPIN_LIMIT {
@@ -253,9 +268,13 @@ fn wait_for_job(shared: &Shared, seen: u64) -> Option<u64> {
         }
         std::hint::spin_loop();
     }
+    // Counted as parked before the last check (SeqCst, paired with `run`'s bump and load):
+    // a job published after that check finds the count and wakes this worker under the lock.
     let mut guard = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
+    shared.parked_workers.fetch_add(1, Ordering::SeqCst);
     loop {
         if let Some(result) = poll() {
+            shared.parked_workers.fetch_sub(1, Ordering::SeqCst);
             return result;
         }
         guard = shared

@@ -38,8 +38,7 @@ pub use error::{GgufError, GgufWriteError};
 pub use value::MetaValue;
 pub use writer::GgufWriter;
 
-use crate::resident::ResidentBytes;
-use crate::{Blob, GgmlType, TensorData, TensorSource};
+use crate::{Blob, GgmlType, HugePageBytes, TensorData, TensorSource};
 
 /// The four bytes every GGUF file starts with.
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
@@ -148,7 +147,7 @@ impl GgufFile {
             return Ok(false);
         };
         let len = self.file_size.saturating_sub(self.data_offset);
-        let copy = ResidentBytes::read(&file, self.data_offset as u64, len).map_err(|source| {
+        let copy = HugePageBytes::read(&file, self.data_offset as u64, len).map_err(|source| {
             GgufError::Io {
                 path: path.clone(),
                 source,
