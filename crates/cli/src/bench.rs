@@ -268,14 +268,23 @@ fn run_once(
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// The first position of the largest logit (NaNs never win; 0 if nothing beats -inf).
 fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if *v > logits[best] {
-            best = i;
+    // The maximum over eight independent lanes (vectorized; a 262k vocabulary is scanned once
+    // per generated token), then its first position.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = logits.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = if v > *lane { v } else { *lane };
         }
     }
-    best as u32
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -302,6 +311,34 @@ mod tests {
         );
         assert!(token_ids(500, 256, 7).iter().all(|&id| id >= 64));
         assert_eq!(token_ids(3, 256, 9), token_ids(3, 256, 9));
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest_finite_or_infinite_logit() {
+        // Against the plain one-pass scan, on lengths around the 8-lane chunking.
+        let scan = |l: &[f32]| {
+            let mut best = 0;
+            for (i, v) in l.iter().enumerate() {
+                if *v > l[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        for len in [1, 7, 8, 9, 17, 1000] {
+            for peak in [0, len / 2, len - 1] {
+                let mut l: Vec<f32> = (0..len).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+                l[peak] = 9.0;
+                assert_eq!(argmax(&l), scan(&l), "len {len}, peak {peak}");
+                l[len - 1] = 9.0; // a tie: the first one wins
+                assert_eq!(argmax(&l), scan(&l), "len {len}, tie");
+                l[0] = f32::NAN;
+                let first_peak = l.iter().position(|&v| v == 9.0).unwrap_or(0) as u32;
+                assert_eq!(argmax(&l), first_peak, "len {len}, NaN never wins");
+            }
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::INFINITY, 1.0]), 1);
     }
 
     #[test]

@@ -19,6 +19,6 @@ pub mod quant;
 
 pub use error::KernelError;
 pub use gemma_formats::GgmlType;
-pub use matmul::{dequantize_row, matmul, WeightMatrix};
+pub use matmul::{dequantize_row, matmul, matmul_shared_input, WeightMatrix};
 pub use pool::ThreadPool;
 pub use quant::Isa;

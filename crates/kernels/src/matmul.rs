@@ -145,23 +145,8 @@ pub fn matmul(
     let act_row = acts.row_bytes;
     let row_bytes = w.row_bytes();
     let out = OutPtr(y.as_mut_ptr());
-    if let Some(kernel) = selected_kernels().rows(w.dtype) {
-        let chunk = rows_per_task(rows, pool.n_threads()).next_multiple_of(ROW_GROUP);
-        pool.run(rows.div_ceil(chunk), &|task| {
-            let first = task * chunk;
-            let n_rows = chunk.min(rows - first);
-            // SAFETY: y holds n_tokens x rows values, and this task alone writes its rows.
-            unsafe {
-                kernel.run(
-                    &w.data[first * row_bytes..],
-                    n_rows,
-                    cols,
-                    &acts,
-                    out.at(first),
-                    rows,
-                );
-            }
-        });
+    if selected_kernels().rows(w.dtype).is_some() {
+        run_row_kernels(pool, &[(*w, out)], &acts);
         return;
     }
 
@@ -179,6 +164,116 @@ pub fn matmul(
                 // SAFETY: t * rows + r < y.len(), and each (t, r) is written by one task only.
                 unsafe { out.write(t * rows + r, v) };
             }
+        }
+    });
+}
+
+/// [`matmul`] of several weight matrices with the same input (a layer's q/k/v or gate/up
+/// projections): `ys[i]` receives `x · ws[i]ᵀ`, bit-identical to `matmul(ws[i], x)`. When every
+/// matrix has a multi-row kernel and the same activation type, the input is quantized once and
+/// all rows run as one pool job, so the threads meet once instead of once per matrix.
+///
+/// # Panics
+/// As [`matmul`], for any matrix; also if `ws` and `ys` differ in length.
+#[track_caller]
+pub fn matmul_shared_input(
+    pool: &ThreadPool,
+    ws: &[WeightMatrix],
+    x: &[f32],
+    n_tokens: usize,
+    ys: &mut [&mut [f32]],
+    scratch: &mut Vec<u8>,
+) {
+    assert_eq!(
+        ws.len(),
+        ys.len(),
+        "matmul_shared_input: one output per matrix"
+    );
+    let Some(first) = ws.first() else { return };
+    let act_type = vec_dot_type(first.dtype);
+    let shared = n_tokens > 0
+        && n_tokens < gemm_threshold()
+        && act_type != GgmlType::F32
+        && ws.iter().all(|w| {
+            vec_dot_type(w.dtype) == act_type
+                && w.cols == first.cols
+                && selected_kernels().rows(w.dtype).is_some()
+        });
+    if !shared {
+        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+            matmul(pool, w, x, n_tokens, y, scratch);
+        }
+        return;
+    }
+    let mut jobs = [(*first, OutPtr(std::ptr::null_mut())); MAX_SHARED_INPUT];
+    assert!(
+        ws.len() <= MAX_SHARED_INPUT,
+        "matmul_shared_input: at most {MAX_SHARED_INPUT} matrices"
+    );
+    for ((w, y), job) in ws.iter().zip(ys.iter_mut()).zip(jobs.iter_mut()) {
+        if let Err(e) = w.validate() {
+            panic!("matmul_shared_input: {e}");
+        }
+        assert_eq!(
+            x.len(),
+            n_tokens * w.cols,
+            "matmul_shared_input: x must hold {n_tokens} x {} values",
+            w.cols
+        );
+        assert_eq!(
+            y.len(),
+            n_tokens * w.rows,
+            "matmul_shared_input: y must hold {n_tokens} x {} values",
+            w.rows
+        );
+        *job = (*w, OutPtr(y.as_mut_ptr()));
+    }
+    let acts = quant::quantize_acts(act_type, x, first.cols, n_tokens, scratch);
+    run_row_kernels(pool, &jobs[..ws.len()], &acts);
+}
+
+/// Most matrices one [`matmul_shared_input`] call takes (q, k and v).
+const MAX_SHARED_INPUT: usize = 4;
+
+/// Runs each `(matrix, output)` pair's multi-row kernel against `acts` as one pool job: every
+/// matrix is cut into row chunks (a multiple of [`ROW_GROUP`] rows) and the chunks of all
+/// matrices are the job's tasks. Output `t * rows + r` of a pair is row `r`, token `t`.
+///
+/// Every matrix must be valid, have a rows kernel and `acts.n_tokens()` rows of its `cols`
+/// activations, and every output must hold `n_tokens * rows` values no one else touches.
+fn run_row_kernels(pool: &ThreadPool, jobs: &[(WeightMatrix, OutPtr)], acts: &QuantizedActs) {
+    debug_assert!(jobs.len() <= MAX_SHARED_INPUT);
+    let threads = pool.n_threads();
+    // Row chunk and task count per matrix; tasks are numbered matrix after matrix.
+    let mut plan = [(0usize, 0usize); MAX_SHARED_INPUT];
+    let mut n_tasks = 0;
+    for ((w, _), p) in jobs.iter().zip(plan.iter_mut()) {
+        let chunk = rows_per_task(w.rows, threads).next_multiple_of(ROW_GROUP);
+        *p = (chunk, w.rows.div_ceil(chunk));
+        n_tasks += p.1;
+    }
+    pool.run(n_tasks, &|mut task| {
+        let mut m = 0;
+        while task >= plan[m].1 {
+            task -= plan[m].1;
+            m += 1;
+        }
+        let (w, out) = &jobs[m];
+        let kernel = selected_kernels()
+            .rows(w.dtype)
+            .expect("callers check for a rows kernel");
+        let first = task * plan[m].0;
+        let n_rows = plan[m].0.min(w.rows - first);
+        // SAFETY: the output holds n_tokens x rows values, and this task alone writes its rows.
+        unsafe {
+            kernel.run(
+                &w.data[first * w.row_bytes()..],
+                n_rows,
+                w.cols,
+                acts,
+                out.at(first),
+                w.rows,
+            );
         }
     });
 }
@@ -201,6 +296,7 @@ fn rows_per_task(rows: usize, n_threads: usize) -> usize {
 }
 
 /// The output buffer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 
 // SAFETY: tasks write disjoint indices and `matmul` holds the unique borrow of `y` meanwhile.

@@ -138,16 +138,60 @@ impl Rope {
         );
         let half = self.head_dim / 2;
         for (i, &f) in self.inv_freq.iter().enumerate() {
-            // The angle is formed in f32 as the reference does; cos/sin are then exact.
-            let angle = (pos as f32 * f) as f64;
-            let (sin, cos) = (angle.sin() as f32, angle.cos() as f32);
+            let (sin, cos) = sin_cos(pos, f);
             for head in x.chunks_exact_mut(self.head_dim) {
-                let (a, b) = (head[i], head[i + half]);
-                head[i] = a * cos - b * sin;
-                head[i + half] = b * cos + a * sin;
+                rotate_pair(head, i, half, sin, cos);
             }
         }
     }
+
+    /// The rotation at `pos` as `head_dim` values, `(sin, cos)` per frequency: computed once per
+    /// token and applied by every layer with this rope ([`Rope::apply_rotation`]), instead of
+    /// `head_dim / 2` f64 sin/cos per head and layer.
+    #[track_caller]
+    pub fn rotation(&self, pos: usize, out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            self.head_dim,
+            "rope: rotation holds head_dim values"
+        );
+        for (pair, &f) in out.chunks_exact_mut(2).zip(&self.inv_freq) {
+            let (sin, cos) = sin_cos(pos, f);
+            pair.copy_from_slice(&[sin, cos]);
+        }
+    }
+
+    /// [`Rope::apply`] with a rotation from [`Rope::rotation`] (the same bits).
+    #[track_caller]
+    pub fn apply_rotation(&self, x: &mut [f32], rotation: &[f32]) {
+        assert!(
+            x.len().is_multiple_of(self.head_dim) && rotation.len() == self.head_dim,
+            "rope: {} values are not whole heads of {}, or the rotation is not one head",
+            x.len(),
+            self.head_dim
+        );
+        let half = self.head_dim / 2;
+        for (i, pair) in rotation.chunks_exact(2).enumerate() {
+            for head in x.chunks_exact_mut(self.head_dim) {
+                rotate_pair(head, i, half, pair[0], pair[1]);
+            }
+        }
+    }
+}
+
+/// The angle `pos * f` is formed in f32 as the reference does; sin/cos are then exact.
+#[inline]
+fn sin_cos(pos: usize, f: f32) -> (f32, f32) {
+    let angle = (pos as f32 * f) as f64;
+    (angle.sin() as f32, angle.cos() as f32)
+}
+
+/// Rotates the pair `(head[i], head[i + half])` by the angle with `sin` and `cos`.
+#[inline(always)]
+fn rotate_pair(head: &mut [f32], i: usize, half: usize, sin: f32, cos: f32) {
+    let (a, b) = (head[i], head[i + half]);
+    head[i] = a * cos - b * sin;
+    head[i + half] = b * cos + a * sin;
 }
 
 /// In-place softmax over `x`.
@@ -202,5 +246,47 @@ mod gelu_tests {
         let mut parallel = gate;
         gelu_tanh_mul_parallel(&pool, &mut parallel, &up);
         assert_eq!(serial, parallel);
+    }
+}
+
+#[cfg(test)]
+mod rope_tests {
+    use super::*;
+
+    #[test]
+    fn a_precomputed_rotation_rotates_exactly_as_apply() {
+        for (theta, factor) in [(10_000.0, 1.0), (1_000_000.0, 8.0)] {
+            let rope = Rope::new(64, theta, factor);
+            let mut rotation = vec![0.0; 64];
+            for pos in [0, 1, 17, 4095, 131_071] {
+                let heads: Vec<f32> = (0..4 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+                let (mut a, mut b) = (heads.clone(), heads.clone());
+                rope.apply(&mut a, pos);
+                rope.rotation(pos, &mut rotation);
+                rope.apply_rotation(&mut b, &rotation);
+                assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+                assert_eq!(a == heads, pos == 0, "position 0 is the identity");
+            }
+        }
+    }
+
+    /// The rotation of pair `i` by `pos * inv_freq[i]`, in f64, against the kernel.
+    #[test]
+    fn rotation_turns_each_pair_by_position_times_frequency() {
+        let rope = Rope::new(8, 10_000.0, 1.0);
+        let mut x: Vec<f32> = vec![1.0, 0.5, -2.0, 0.25, 0.0, 1.5, 3.0, -1.0];
+        let before = x.clone();
+        let pos = 5;
+        rope.apply(&mut x, pos);
+        for i in 0..4 {
+            let angle = pos as f64 * (1.0 / 10_000f64.powf(2.0 * i as f64 / 8.0));
+            let (a, b) = (before[i] as f64, before[i + 4] as f64);
+            let expected = (
+                a * angle.cos() - b * angle.sin(),
+                b * angle.cos() + a * angle.sin(),
+            );
+            assert!((x[i] as f64 - expected.0).abs() < 1e-5, "pair {i}");
+            assert!((x[i + 4] as f64 - expected.1).abs() < 1e-5, "pair {i}");
+        }
     }
 }

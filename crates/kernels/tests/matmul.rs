@@ -324,3 +324,63 @@ fn gemm_path_matches_dequantized_f64_reference() {
         }
     }
 }
+
+#[test]
+fn shared_input_matmul_equals_separate_matmuls_bit_for_bit() {
+    use gemma_kernels::matmul_shared_input;
+    let mut rng = Rng(0x5eed_cafe);
+    let cols = 256;
+    // q/k/v-like (one activation type, uneven row counts), gate/up-like, and a mix of
+    // activation types (Q8_0 and Q8_K), which takes the one-matrix-at-a-time path.
+    let sets: [&[(GgmlType, usize)]; 3] = [
+        &[
+            (GgmlType::Q5_0, 72),
+            (GgmlType::Q5_0, 24),
+            (GgmlType::Q8_0, 13),
+        ],
+        &[(GgmlType::Q5_0, 200), (GgmlType::Q4_0, 200)],
+        &[
+            (GgmlType::Q4_K, 40),
+            (GgmlType::Q5_0, 9),
+            (GgmlType::Q6_K, 8),
+        ],
+    ];
+    for set in sets {
+        let data: Vec<Vec<u8>> = set
+            .iter()
+            .map(|&(dtype, rows)| random_matrix(dtype, rows, cols, &mut rng))
+            .collect();
+        let ws: Vec<WeightMatrix> = set
+            .iter()
+            .zip(&data)
+            .map(|(&(dtype, rows), d)| WeightMatrix::new(dtype, rows, cols, d).unwrap())
+            .collect();
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for n_tokens in [1, 2, 5, 32] {
+                let x = rng.floats(n_tokens * cols);
+                let mut scratch = Vec::new();
+                let separate: Vec<Vec<f32>> = ws
+                    .iter()
+                    .map(|w| {
+                        let mut y = vec![0.0; n_tokens * w.rows];
+                        matmul(&pool, w, &x, n_tokens, &mut y, &mut scratch);
+                        y
+                    })
+                    .collect();
+                let mut outs: Vec<Vec<f32>> = ws
+                    .iter()
+                    .map(|w| vec![f32::NAN; n_tokens * w.rows])
+                    .collect();
+                let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|y| &mut y[..]).collect();
+                matmul_shared_input(&pool, &ws, &x, n_tokens, &mut ys, &mut scratch);
+                for (i, (a, b)) in separate.iter().zip(&outs).enumerate() {
+                    assert!(
+                        a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                        "{set:?} matrix {i}, {threads} threads, {n_tokens} tokens"
+                    );
+                }
+            }
+        }
+    }
+}

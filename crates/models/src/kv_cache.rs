@@ -101,6 +101,9 @@ pub(crate) struct Scratch {
     pub up: Vec<f32>,
     pub logits: Vec<f32>,
     pub quantized: Vec<u8>,
+    /// Each token's local and global RoPE rotation (`head_dim` values per token).
+    pub rope_local: Vec<f32>,
+    pub rope_global: Vec<f32>,
 }
 
 /// One sequence's share of a batched forward pass: its new tokens and its cache.

@@ -336,6 +336,20 @@ impl Gemma3 {
             ops::scale_inplace(row, self.embed_scale);
         }
 
+        // Each token's rotations, shared by all layers of a kind.
+        let rot_local = sized(&mut scratch.rope_local, n_tokens * hd);
+        let rot_global = sized(&mut scratch.rope_global, n_tokens * hd);
+        let positions = seqs
+            .iter()
+            .flat_map(|s| (0..s.tokens.len()).map(|t| s.cache.len() + t));
+        for ((pos, local), global) in positions
+            .zip(rot_local.chunks_exact_mut(hd))
+            .zip(rot_global.chunks_exact_mut(hd))
+        {
+            self.rope_local.rotation(pos, local);
+            self.rope_global.rotation(pos, global);
+        }
+
         let scale = c.query_pre_attn_scalar.powf(-0.5);
         for (i, layer) in self.layers.iter().enumerate() {
             let attn_params = AttentionParams {
@@ -349,9 +363,9 @@ impl Gemma3 {
                     LayerType::Full => AttentionMask::Causal,
                 },
             };
-            let rope = match c.layer_types[i] {
-                LayerType::Sliding => &self.rope_local,
-                LayerType::Full => &self.rope_global,
+            let (rope, rotations) = match c.layer_types[i] {
+                LayerType::Sliding => (&self.rope_local, &*rot_local),
+                LayerType::Full => (&self.rope_global, &*rot_global),
             };
             let a = &layer.self_attn;
 
@@ -362,9 +376,14 @@ impl Gemma3 {
             let q = sized(&mut scratch.q, n_tokens * q_dim);
             let k = sized(&mut scratch.k, n_tokens * kv_dim);
             let v = sized(&mut scratch.v, n_tokens * kv_dim);
-            linear(pool, &a.q_proj, normed, n_tokens, q, &mut scratch.quantized);
-            linear(pool, &a.k_proj, normed, n_tokens, k, &mut scratch.quantized);
-            linear(pool, &a.v_proj, normed, n_tokens, v, &mut scratch.quantized);
+            linear_shared_input(
+                pool,
+                [&a.q_proj, &a.k_proj, &a.v_proj],
+                normed,
+                n_tokens,
+                [&mut *q, &mut *k, &mut *v],
+                &mut scratch.quantized,
+            );
             ops::rms_norm_inplace(q, &a.q_norm, c.rms_norm_eps);
             ops::rms_norm_inplace(k, &a.k_norm, c.rms_norm_eps);
             let attn_out = sized(&mut scratch.attn, n_tokens * q_dim);
@@ -375,8 +394,9 @@ impl Gemma3 {
                 let k = &mut k[row * kv_dim..(row + n) * kv_dim];
                 let v = &mut v[row * kv_dim..(row + n) * kv_dim];
                 for t in 0..n {
-                    rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], pos0 + t);
-                    rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], pos0 + t);
+                    let rotation = &rotations[(row + t) * hd..(row + t + 1) * hd];
+                    rope.apply_rotation(&mut q[t * q_dim..(t + 1) * q_dim], rotation);
+                    rope.apply_rotation(&mut k[t * kv_dim..(t + 1) * kv_dim], rotation);
                 }
                 let kv = &mut s.cache.layers[i];
                 kv.round_to_storage(k);
@@ -420,20 +440,12 @@ impl Gemma3 {
             ops::rms_norm_inplace(normed, &layer.pre_feedforward_layernorm, c.rms_norm_eps);
             let gate = sized(&mut scratch.gate, n_tokens * ffn);
             let up = sized(&mut scratch.up, n_tokens * ffn);
-            linear(
+            linear_shared_input(
                 pool,
-                &m.gate_proj,
+                [&m.gate_proj, &m.up_proj],
                 normed,
                 n_tokens,
-                gate,
-                &mut scratch.quantized,
-            );
-            linear(
-                pool,
-                &m.up_proj,
-                normed,
-                n_tokens,
-                up,
+                [&mut *gate, &mut *up],
                 &mut scratch.quantized,
             );
             ops::gelu_tanh_mul_parallel(pool, gate, up);
@@ -546,4 +558,17 @@ fn linear(
 ) {
     let m: WeightMatrix<'_> = w.matrix();
     matmul::matmul(pool, &m, x, n_tokens, y, scratch);
+}
+
+/// [`linear`] of several weights on the same input (q/k/v, gate/up), as one pool job.
+fn linear_shared_input<const N: usize>(
+    pool: &ThreadPool,
+    ws: [&Linear; N],
+    x: &[f32],
+    n_tokens: usize,
+    mut ys: [&mut [f32]; N],
+    scratch: &mut Vec<u8>,
+) {
+    let ms: [WeightMatrix<'_>; N] = ws.map(Linear::matrix);
+    matmul::matmul_shared_input(pool, &ms, x, n_tokens, &mut ys, scratch);
 }
