@@ -8,7 +8,8 @@
 //! On x86-64 with AVX2 (and above), Q4_0, Q5_0, Q8_0, Q4_K and Q6_K weights go through multi-row
 //! kernels (eight rows per pass, shared activation loads, prefetching) whose results equal the
 //! scalar reference bit for bit; `vec_dot` uses them too, so a row gives the same bits alone, in
-//! a matmul or in any batch. Dequantization of those types is SIMD as well, also bit-exact.
+//! a matmul or in any batch. Dequantization of those types is SIMD as well, also bit-exact, and
+//! so is the per-matmul quantization of activations to Q8_0 and Q8_K.
 
 mod layout;
 pub mod scalar;
@@ -18,6 +19,8 @@ mod selfcheck;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx2_dequant;
+#[cfg(target_arch = "x86_64")]
+mod avx2_quantize;
 #[cfg(target_arch = "x86_64")]
 mod avx2_rows;
 #[cfg(target_arch = "x86_64")]
@@ -287,6 +290,23 @@ pub(crate) fn quantize_acts<'a>(
     n_tokens: usize,
     scratch: &'a mut Vec<u8>,
 ) -> QuantizedActs<'a> {
+    let simd = matches!(
+        selected_kernels().isa,
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni
+    );
+    quantize_acts_with(simd, act_type, x, cols, n_tokens, scratch)
+}
+
+/// [`quantize_acts`] with the AVX2 quantizers (same bytes) when `simd` says AVX2 (or above) is
+/// available and selected.
+pub(crate) fn quantize_acts_with<'a>(
+    simd: bool,
+    act_type: GgmlType,
+    x: &[f32],
+    cols: usize,
+    n_tokens: usize,
+    scratch: &'a mut Vec<u8>,
+) -> QuantizedActs<'a> {
     let row_bytes = act_type.bytes_for(cols).expect("whole blocks");
     let rows_len = n_tokens * row_bytes;
     let info_len = if act_type == GgmlType::Q8_0 {
@@ -297,6 +317,29 @@ pub(crate) fn quantize_acts<'a>(
     scratch.clear();
     scratch.resize(rows_len + info_len, 0);
     let (rows, info) = scratch.split_at_mut(rows_len);
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // Whole rows only, as the scalar loop below; blocks never straddle rows.
+        let used = (x.len() / cols.max(1)).min(n_tokens);
+        let per_token_info = info_len / n_tokens.max(1);
+        // SAFETY: the caller promises AVX2; the slices hold `used` whole rows of each kind.
+        let done = unsafe {
+            avx2_quantize::quantize_blocks(
+                act_type,
+                &x[..used * cols],
+                &mut rows[..used * row_bytes],
+                &mut info[..used * per_token_info],
+            )
+        };
+        if done {
+            return QuantizedActs {
+                rows,
+                row_bytes,
+                q8_0_info: info,
+            };
+        }
+    }
+    let _ = simd;
     for (xt, at) in x
         .chunks_exact(cols.max(1))
         .zip(rows.chunks_exact_mut(row_bytes.max(1)))
