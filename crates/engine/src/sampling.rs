@@ -102,6 +102,10 @@ pub struct Sampler {
     params: SamplingParams,
     rng: SplitMix64,
     candidates: Vec<Candidate>,
+    /// The logits after penalties (one f32 per vocabulary entry).
+    adjusted: Vec<f32>,
+    /// The top-k selection, worst candidate on top.
+    heap: std::collections::BinaryHeap<Ranked>,
     recent_counts: Vec<(u32, u32)>,
 }
 
@@ -112,6 +116,8 @@ impl Sampler {
             params: params.clone(),
             rng: SplitMix64::new(seed),
             candidates: Vec::new(),
+            adjusted: Vec::new(),
+            heap: std::collections::BinaryHeap::new(),
             recent_counts: Vec::new(),
         }
     }
@@ -126,7 +132,7 @@ impl Sampler {
         assert!(!logits.is_empty(), "sampling from an empty logits vector");
         if self.params.temperature <= 0.0 {
             self.load_penalized(logits, history);
-            return argmax(&self.candidates);
+            return argmax(&self.adjusted);
         }
         self.filter(logits, history);
         let total: f64 = self.candidates.iter().map(|c| c.prob as f64).sum();
@@ -146,10 +152,11 @@ impl Sampler {
     pub fn candidates(&mut self, logits: &[f32], history: &[u32]) -> &[Candidate] {
         if self.params.temperature <= 0.0 {
             self.load_penalized(logits, history);
-            let best = argmax(&self.candidates) as usize;
+            let best = argmax(&self.adjusted);
             let winner = Candidate {
+                id: best,
+                logit: self.adjusted[best as usize],
                 prob: 1.0,
-                ..self.candidates[best]
             };
             self.candidates.clear();
             self.candidates.push(winner);
@@ -164,14 +171,10 @@ impl Sampler {
     }
 
     /// Fills `candidates` with every token and its logit after the repetition penalties.
+    /// `adjusted` = the logits with the penalties applied.
     fn load_penalized(&mut self, logits: &[f32], history: &[u32]) {
-        self.candidates.clear();
-        self.candidates
-            .extend(logits.iter().enumerate().map(|(id, &logit)| Candidate {
-                id: id as u32,
-                logit,
-                prob: 0.0,
-            }));
+        self.adjusted.clear();
+        self.adjusted.extend_from_slice(logits);
         self.apply_penalties(history);
     }
 
@@ -191,15 +194,15 @@ impl Sampler {
             }
         }
         for &(id, count) in &self.recent_counts {
-            let Some(c) = self.candidates.get_mut(id as usize) else {
+            let Some(logit) = self.adjusted.get_mut(id as usize) else {
                 continue;
             };
-            if c.logit <= 0.0 {
-                c.logit *= p.repeat_penalty;
+            if *logit <= 0.0 {
+                *logit *= p.repeat_penalty;
             } else {
-                c.logit /= p.repeat_penalty;
+                *logit /= p.repeat_penalty;
             }
-            c.logit -= count as f32 * p.frequency_penalty + p.presence_penalty;
+            *logit -= count as f32 * p.frequency_penalty + p.presence_penalty;
         }
     }
 
@@ -207,14 +210,37 @@ impl Sampler {
     fn filter(&mut self, logits: &[f32], history: &[u32]) {
         self.load_penalized(logits, history);
         let inv_temp = 1.0 / self.params.temperature;
-        for c in &mut self.candidates {
-            c.logit *= inv_temp;
-        }
+        let scaled = self.adjusted.iter().map(|&logit| logit * inv_temp);
         let top_k = self.params.top_k;
-        if top_k > 0 && top_k < self.candidates.len() {
+        self.candidates.clear();
+        if top_k > 0 && top_k < self.adjusted.len() {
+            // One pass keeping the k best (without building a candidate per vocabulary entry:
+            // 262k of them for Gemma), best first.
+            self.heap.clear();
+            for (id, logit) in scaled.enumerate() {
+                let entry = Ranked(Candidate {
+                    id: id as u32,
+                    logit,
+                    prob: 0.0,
+                });
+                if self.heap.len() < top_k {
+                    self.heap.push(entry);
+                } else if let Some(mut worst) = self.heap.peek_mut() {
+                    // Ids only grow, so an equal logit never displaces the earlier token.
+                    if logit.total_cmp(&worst.0.logit).is_gt() {
+                        *worst = entry;
+                    }
+                }
+            }
+            self.candidates.extend(self.heap.drain().map(|r| r.0));
+            self.candidates.sort_unstable_by(by_logit_desc);
+        } else {
             self.candidates
-                .select_nth_unstable_by(top_k - 1, by_logit_desc);
-            self.candidates.truncate(top_k);
+                .extend(scaled.enumerate().map(|(id, logit)| Candidate {
+                    id: id as u32,
+                    logit,
+                    prob: 0.0,
+                }));
         }
         let top_p = self.params.top_p;
         let needs_order = top_p < 1.0;
@@ -248,15 +274,40 @@ fn by_logit_desc(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
     b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
 }
 
+/// A candidate ordered by rank: `a < b` when `a` comes first in [`by_logit_desc`] order, so a
+/// max-heap holds the worst one on top.
+#[derive(Clone, Copy, Debug)]
+struct Ranked(Candidate);
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Ranked {}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        by_logit_desc(&self.0, &other.0)
+    }
+}
+
 /// The id with the highest logit; ties go to the lowest id.
-fn argmax(candidates: &[Candidate]) -> u32 {
-    let mut best = candidates[0];
-    for c in &candidates[1..] {
-        if c.logit > best.logit {
-            best = *c;
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (id, &logit) in logits.iter().enumerate().skip(1) {
+        if logit > logits[best] {
+            best = id;
         }
     }
-    best.id
+    best as u32
 }
 
 fn softmax_into_probs(candidates: &mut [Candidate]) {
@@ -432,6 +483,19 @@ mod tests {
         }
     }
 
+    /// Top-k over a large vocabulary where many logits tie at the cut: the k kept are the
+    /// highest, and among equal logits the lowest ids, as the naive sort says.
+    #[test]
+    fn top_k_over_many_ties_keeps_the_lowest_ids_at_the_cut() {
+        let logits: Vec<f32> = (0..20_000)
+            .map(|i| ((i * 7919) % 23) as f32 * 0.25)
+            .collect();
+        for k in [1, 5, 64, 1000] {
+            let p = params(0.8, k, 1.0, 0.0);
+            assert_same_set(&survivors(&logits, &p), &naive_survivors(&logits, &p));
+        }
+    }
+
     #[test]
     fn repeat_penalty_divides_positive_and_multiplies_negative_logits() {
         let logits = [2.0f32, -2.0, 1.0, 3.0];
@@ -444,7 +508,7 @@ mod tests {
         let mut s = Sampler::new(&p);
         // Token 3 is outside the window of the last 2, tokens 0 and 1 are inside.
         s.load_penalized(&logits, &[3, 0, 1]);
-        let got: Vec<f32> = s.candidates.iter().map(|c| c.logit).collect();
+        let got = s.adjusted.clone();
         assert_eq!(got, vec![1.0, -4.0, 1.0, 3.0]);
     }
 
@@ -459,7 +523,7 @@ mod tests {
         };
         let mut s = Sampler::new(&p);
         s.load_penalized(&logits, &[2, 2, 2, 0]);
-        let got: Vec<f32> = s.candidates.iter().map(|c| c.logit).collect();
+        let got = s.adjusted.clone();
         assert_eq!(got, vec![2.0 - 0.5 - 0.25, -2.0, 1.0 - 1.5 - 0.25, 3.0]);
     }
 

@@ -158,6 +158,24 @@ unsafe fn reduce8(v: &[__m256i; GROUP_ROWS]) -> __m256i {
     _mm256_add_epi32(keep, swap)
 }
 
+/// One i32 per row: lane `i` = sum of the sixteen i16 of `v[i]`, which are `vpmaddubsw` pair
+/// sums of unsigned quants below 32 and activations within ±128, so at most 2 · 31 · 128 = 7936
+/// in magnitude: sums of four (two rounds of `vphaddw`) stay exact in i16. Cheaper than widening
+/// every row to i32 first and then [`reduce8`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn reduce8_pairs(v: &[__m256i; GROUP_ROWS], ones16: __m256i) -> __m256i {
+    // Per 128-bit half: rows 0-3 (and 4-7), two partial sums each, widened to one i32 each.
+    let q0123 = _mm256_hadd_epi16(_mm256_hadd_epi16(v[0], v[1]), _mm256_hadd_epi16(v[2], v[3]));
+    let q4567 = _mm256_hadd_epi16(_mm256_hadd_epi16(v[4], v[5]), _mm256_hadd_epi16(v[6], v[7]));
+    let r0123 = _mm256_madd_epi16(q0123, ones16);
+    let r4567 = _mm256_madd_epi16(q4567, ones16);
+    // Low halves (rows 0-7 of the first 16 quants) plus high halves (the last 16).
+    let low = _mm256_permute2x128_si256::<0x20>(r0123, r4567);
+    let high = _mm256_permute2x128_si256::<0x31>(r0123, r4567);
+    _mm256_add_epi32(low, high)
+}
+
 /// The eight rows' f16 fields at byte `off`, as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -437,13 +455,13 @@ unsafe fn q4_q5_chunk<const NT: usize, const Q5: bool>(
             }
             for t in 0..NT {
                 let y = load256(acts[t].row.add(a_off + offs::Q8_0_QS));
-                lanes[t][r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones16);
+                lanes[t][r] = _mm256_maddubs_epi16(q, y);
             }
         }
         let dw = f16x8(rows, off);
         for t in 0..NT {
             let offset = _mm256_set1_epi32(acts[t].quant_sum(k) << offset_shift);
-            let isum = _mm256_sub_epi32(reduce8(&lanes[t]), offset);
+            let isum = _mm256_sub_epi32(reduce8_pairs(&lanes[t], ones16), offset);
             acc[t] = scaled_add(acc[t], dw, acts[t].scale(k), isum);
         }
     }
