@@ -13,7 +13,10 @@
 # run generating 128 tokens at a 4096-token context (-d 3968 -n 128).
 # Environment: LLAMA_CPP_PYTHON_VERSION (default 0.3.16), BENCH_DIR, PYTHON (default python3),
 # CACHE_TYPE (KV cache of both engines: f16, the default of both, or q8_0 / f32; llama.cpp
-# stores a quantized V cache only with flash attention, so q8_0 adds -fa 1 to llama-bench).
+# stores a quantized V cache only with flash attention, so q8_0 adds -fa 1 to llama-bench),
+# LLAMA_ARGS (extra llama-bench flags, e.g. "-mmp 0" to read the weights into memory instead of
+# mapping the file) and GEMMA_ARGS (extra global gemma flags, e.g. "--mmap" to map the file
+# instead of gemma's default copy into huge pages).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -101,7 +104,10 @@ printf "model: %s\nmachine: %s, %s cores\ncommit: %s\n\n" "$MODEL" \
 LLAMA_CACHE="-ctk $CACHE_TYPE -ctv $CACHE_TYPE"
 if [[ "$CACHE_TYPE" == q* ]]; then LLAMA_CACHE="$LLAMA_CACHE -fa 1"; fi
 GEMMA_CACHE="--cache-type $CACHE_TYPE"
-printf "KV cache: %s\n\n" "$CACHE_TYPE"
+LLAMA_CACHE="$LLAMA_CACHE ${LLAMA_ARGS:-}"
+GEMMA_CACHE="$GEMMA_CACHE ${GEMMA_ARGS:-}"
+printf "KV cache: %s; extra llama-bench flags: '%s'; extra gemma flags: '%s'\n\n" "$CACHE_TYPE" \
+    "${LLAMA_ARGS:-}" "${GEMMA_ARGS:-}"
 printf "| test | threads | llama.cpp t/s | gemma-rs t/s | ratio |\n|---|---|---|---|---|\n"
 for threads in $THREADS; do
     for t in $TESTS; do
