@@ -2,7 +2,8 @@
 //! pass can trust what it holds.
 
 use gemma_formats::{Blob, GgmlType, TensorData, TensorSource};
-use gemma_kernels::matmul::WeightMatrix;
+use gemma_kernels::matmul::{self, WeightMatrix};
+use gemma_kernels::pool::ThreadPool;
 use gemma_kernels::quant;
 
 use crate::ModelError;
@@ -224,4 +225,30 @@ impl Linear {
             data: Blob::from_vec(bytes),
         })
     }
+}
+
+/// `y = x · Wᵀ` for `n_tokens` rows of `x`.
+pub(crate) fn linear(
+    pool: &ThreadPool,
+    w: &Linear,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Vec<u8>,
+) {
+    let m: WeightMatrix<'_> = w.matrix();
+    matmul::matmul(pool, &m, x, n_tokens, y, scratch);
+}
+
+/// [`linear`] of several weights on the same input (q/k/v, gate/up), as one pool job.
+pub(crate) fn linear_shared_input<const N: usize>(
+    pool: &ThreadPool,
+    ws: [&Linear; N],
+    x: &[f32],
+    n_tokens: usize,
+    mut ys: [&mut [f32]; N],
+    scratch: &mut Vec<u8>,
+) {
+    let ms: [WeightMatrix<'_>; N] = ws.map(Linear::matrix);
+    matmul::matmul_shared_input(pool, &ms, x, n_tokens, &mut ys, scratch);
 }

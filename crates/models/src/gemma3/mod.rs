@@ -9,14 +9,14 @@ mod config;
 
 pub use config::{Gemma3Config, LayerType, RopeParams};
 
-use gemma_kernels::matmul::{self, WeightMatrix};
+use gemma_kernels::matmul;
 use gemma_kernels::ops::attention::{attention, AttentionMask, AttentionParams, KvSegment};
 use gemma_kernels::ops::kv::CacheType;
 use gemma_kernels::ops::{self, Rope};
 use gemma_kernels::pool::ThreadPool;
 
 use crate::kv_cache::{sized, KvCache, Scratch, SeqStep};
-use crate::weights::{Linear, Loader, WeightLayout};
+use crate::weights::{linear, linear_shared_input, Linear, Loader, WeightLayout};
 use crate::{Logits, ModelError};
 
 struct Attention {
@@ -545,30 +545,4 @@ impl Gemma3 {
             ),
         ]
     }
-}
-
-/// `y = x · Wᵀ` for `n_tokens` rows of `x`.
-fn linear(
-    pool: &ThreadPool,
-    w: &Linear,
-    x: &[f32],
-    n_tokens: usize,
-    y: &mut [f32],
-    scratch: &mut Vec<u8>,
-) {
-    let m: WeightMatrix<'_> = w.matrix();
-    matmul::matmul(pool, &m, x, n_tokens, y, scratch);
-}
-
-/// [`linear`] of several weights on the same input (q/k/v, gate/up), as one pool job.
-fn linear_shared_input<const N: usize>(
-    pool: &ThreadPool,
-    ws: [&Linear; N],
-    x: &[f32],
-    n_tokens: usize,
-    mut ys: [&mut [f32]; N],
-    scratch: &mut Vec<u8>,
-) {
-    let ms: [WeightMatrix<'_>; N] = ws.map(Linear::matrix);
-    matmul::matmul_shared_input(pool, &ms, x, n_tokens, &mut ys, scratch);
 }

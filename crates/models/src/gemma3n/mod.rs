@@ -26,7 +26,7 @@ use gemma_kernels::pool::ThreadPool;
 
 use crate::gemma3::LayerType;
 use crate::kv_cache::{sized, KvCache};
-use crate::weights::{Linear, Loader, WeightLayout};
+use crate::weights::{linear, linear_shared_input, Linear, Loader, WeightLayout};
 use crate::{Logits, ModelError};
 
 /// The AltUp rescaling clamps the mean square of a projected stream at this (transformers' value).
@@ -669,15 +669,31 @@ impl Gemma3n {
             ops::rms_norm_inplace(normed, &layer.input_layernorm, c.rms_norm_eps);
 
             // LAuReL: normed + norm(right(left(normed))).
+            // Everything that reads `normed` (LAuReL's left factor, q, and k/v where this layer
+            // computes them) quantizes it once and runs as one pool job.
             let lr = &layer.laurel;
-            linear(
-                pool,
-                &lr.linear_left,
-                normed,
-                n_tokens,
-                &mut laurel_low,
-                &mut scratch.quantized,
-            );
+            let a = &layer.self_attn;
+            let q = sized(&mut scratch.q, n_tokens * q_dim);
+            let k = sized(&mut scratch.k, n_tokens * kv_dim);
+            let v = sized(&mut scratch.v, n_tokens * kv_dim);
+            match &a.kv {
+                Some(kv) => linear_shared_input(
+                    pool,
+                    [&lr.linear_left, &a.q_proj, &kv.k_proj, &kv.v_proj],
+                    normed,
+                    n_tokens,
+                    [&mut laurel_low[..], &mut *q, &mut *k, &mut *v],
+                    &mut scratch.quantized,
+                ),
+                None => linear_shared_input(
+                    pool,
+                    [&lr.linear_left, &a.q_proj],
+                    normed,
+                    n_tokens,
+                    [&mut laurel_low[..], &mut *q],
+                    &mut scratch.quantized,
+                ),
+            }
             linear(
                 pool,
                 &lr.linear_right,
@@ -690,32 +706,11 @@ impl Gemma3n {
             ops::add_inplace(&mut laurel, normed);
 
             // Attention, unscaled; q/k normalised with weights, v without.
-            let a = &layer.self_attn;
-            let q = sized(&mut scratch.q, n_tokens * q_dim);
-            linear(pool, &a.q_proj, normed, n_tokens, q, &mut scratch.quantized);
             ops::rms_norm_inplace(q, &a.q_norm, c.rms_norm_eps);
             for t in 0..n_tokens {
                 rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], pos0 + t);
             }
-            let k = sized(&mut scratch.k, n_tokens * kv_dim);
-            let v = sized(&mut scratch.v, n_tokens * kv_dim);
             if let Some(kv) = &a.kv {
-                linear(
-                    pool,
-                    &kv.k_proj,
-                    normed,
-                    n_tokens,
-                    k,
-                    &mut scratch.quantized,
-                );
-                linear(
-                    pool,
-                    &kv.v_proj,
-                    normed,
-                    n_tokens,
-                    v,
-                    &mut scratch.quantized,
-                );
                 ops::rms_norm_inplace(k, &kv.k_norm, c.rms_norm_eps);
                 ops::rms_norm_no_weight_inplace(v, hd, c.rms_norm_eps);
                 for t in 0..n_tokens {
@@ -783,20 +778,12 @@ impl Gemma3n {
             ops::rms_norm_inplace(normed, &layer.pre_feedforward_layernorm, c.rms_norm_eps);
             let gate = sized(&mut scratch.gate, n_tokens * ffn);
             let up = sized(&mut scratch.up, n_tokens * ffn);
-            linear(
+            linear_shared_input(
                 pool,
-                &m.gate_proj,
+                [&m.gate_proj, &m.up_proj],
                 normed,
                 n_tokens,
-                gate,
-                &mut scratch.quantized,
-            );
-            linear(
-                pool,
-                &m.up_proj,
-                normed,
-                n_tokens,
-                up,
+                [&mut *gate, &mut *up],
                 &mut scratch.quantized,
             );
             if let Some(z) = m.sparsity_std_multiplier {
@@ -1107,16 +1094,4 @@ fn gaussian_top_k(row: &mut [f32], z: f32) {
     let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
     let cutoff = (mean + var.sqrt() * z as f64) as f32;
     row.iter_mut().for_each(|v| *v = (*v - cutoff).max(0.0));
-}
-
-/// `y = x · Wᵀ` for `n_tokens` rows of `x`.
-fn linear(
-    pool: &ThreadPool,
-    w: &Linear,
-    x: &[f32],
-    n_tokens: usize,
-    y: &mut [f32],
-    scratch: &mut Vec<u8>,
-) {
-    matmul::matmul(pool, &w.matrix(), x, n_tokens, y, scratch);
 }
