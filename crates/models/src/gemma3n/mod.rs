@@ -636,6 +636,18 @@ impl Gemma3n {
         let mut laurel_low = vec![0.0; n_tokens * c.laurel_rank];
         let mut gate_ple = vec![0.0; n_tokens * p];
 
+        // Each token's rotations, shared by all layers of a kind.
+        let rot_local = sized(&mut scratch.rope_local, n_tokens * hd);
+        let rot_global = sized(&mut scratch.rope_global, n_tokens * hd);
+        for (t, (local, global)) in rot_local
+            .chunks_exact_mut(hd)
+            .zip(rot_global.chunks_exact_mut(hd))
+            .enumerate()
+        {
+            self.rope_local.rotation(pos0 + t, local);
+            self.rope_global.rotation(pos0 + t, global);
+        }
+
         // `i` numbers the active layers (config, KV cache); `stored_layer` picks the weights and
         // the layer's PLE columns, which keep their place in the stored table.
         for (i, &stored_layer) in self.active_layers.iter().enumerate() {
@@ -654,9 +666,9 @@ impl Gemma3n {
                     LayerType::Full => AttentionMask::Causal,
                 },
             };
-            let rope = match c.layer_types[i] {
-                LayerType::Sliding => &self.rope_local,
-                LayerType::Full => &self.rope_global,
+            let (rope, rotations) = match c.layer_types[i] {
+                LayerType::Sliding => (&self.rope_local, &*rot_local),
+                LayerType::Full => (&self.rope_global, &*rot_global),
             };
 
             // AltUp predict; the active stream's prediction is this layer's input.
@@ -708,13 +720,15 @@ impl Gemma3n {
             // Attention, unscaled; q/k normalised with weights, v without.
             ops::rms_norm_inplace(q, &a.q_norm, c.rms_norm_eps);
             for t in 0..n_tokens {
-                rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], pos0 + t);
+                let rotation = &rotations[t * hd..(t + 1) * hd];
+                rope.apply_rotation(&mut q[t * q_dim..(t + 1) * q_dim], rotation);
             }
             if let Some(kv) = &a.kv {
                 ops::rms_norm_inplace(k, &kv.k_norm, c.rms_norm_eps);
                 ops::rms_norm_no_weight_inplace(v, hd, c.rms_norm_eps);
                 for t in 0..n_tokens {
-                    rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], pos0 + t);
+                    let rotation = &rotations[t * hd..(t + 1) * hd];
+                    rope.apply_rotation(&mut k[t * kv_dim..(t + 1) * kv_dim], rotation);
                 }
                 if let Some(stored_kv) = kv_layers.get(i) {
                     stored_kv.round_to_storage(k);
