@@ -192,6 +192,7 @@ pub fn matmul_shared_input(
     let Some(first) = ws.first() else { return };
     let act_type = vec_dot_type(first.dtype);
     let shared = n_tokens > 0
+        && ws.len() <= MAX_SHARED_INPUT
         && n_tokens < gemm_threshold()
         && act_type != GgmlType::F32
         && ws.iter().all(|w| {
@@ -206,10 +207,6 @@ pub fn matmul_shared_input(
         return;
     }
     let mut jobs = [(*first, OutPtr(std::ptr::null_mut())); MAX_SHARED_INPUT];
-    assert!(
-        ws.len() <= MAX_SHARED_INPUT,
-        "matmul_shared_input: at most {MAX_SHARED_INPUT} matrices"
-    );
     for ((w, y), job) in ws.iter().zip(ys.iter_mut()).zip(jobs.iter_mut()) {
         if let Err(e) = w.validate() {
             panic!("matmul_shared_input: {e}");
@@ -232,7 +229,8 @@ pub fn matmul_shared_input(
     run_row_kernels(pool, &jobs[..ws.len()], &acts);
 }
 
-/// Most matrices one [`matmul_shared_input`] call takes (q, k and v).
+/// Most matrices one [`matmul_shared_input`] job takes (LAuReL's left factor, q, k and v);
+/// more run one at a time.
 const MAX_SHARED_INPUT: usize = 4;
 
 /// Runs each `(matrix, output)` pair's multi-row kernel against `acts` as one pool job: every

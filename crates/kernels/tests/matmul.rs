@@ -332,7 +332,7 @@ fn shared_input_matmul_equals_separate_matmuls_bit_for_bit() {
     let cols = 256;
     // q/k/v-like (one activation type, uneven row counts), gate/up-like, and a mix of
     // activation types (Q8_0 and Q8_K), which takes the one-matrix-at-a-time path.
-    let sets: [&[(GgmlType, usize)]; 3] = [
+    let sets: [&[(GgmlType, usize)]; 4] = [
         &[
             (GgmlType::Q5_0, 72),
             (GgmlType::Q5_0, 24),
@@ -344,6 +344,8 @@ fn shared_input_matmul_equals_separate_matmuls_bit_for_bit() {
             (GgmlType::Q5_0, 9),
             (GgmlType::Q6_K, 8),
         ],
+        // More matrices than one job takes: one at a time.
+        &[(GgmlType::Q8_0, 8); 5],
     ];
     for set in sets {
         let data: Vec<Vec<u8>> = set
