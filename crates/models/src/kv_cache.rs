@@ -106,10 +106,76 @@ pub(crate) struct Scratch {
     pub rope_global: Vec<f32>,
 }
 
-/// One sequence's share of a batched forward pass: its new tokens and its cache.
+/// One sequence's share of a batched forward pass: its new tokens, the soft tokens that
+/// replace some of their embeddings, and its cache.
 pub struct SeqStep<'a> {
     pub tokens: &'a [u32],
+    /// Sorted by `offset`, disjoint, each inside `tokens` (see [`SoftTokens`]).
+    pub soft: &'a [SoftTokens<'a>],
     pub cache: &'a mut KvCache,
+}
+
+impl<'a> SeqStep<'a> {
+    /// A step of text tokens only.
+    pub fn text(tokens: &'a [u32], cache: &'a mut KvCache) -> SeqStep<'a> {
+        SeqStep {
+            tokens,
+            soft: &[],
+            cache,
+        }
+    }
+}
+
+/// Embedding rows from a tower (an image's or an audio clip's soft tokens) that replace the
+/// token embeddings of a run of positions. The ids at those positions stay what the prompt
+/// holds (the placeholder id): Gemma 3n still derives its per-layer inputs from them.
+#[derive(Clone, Copy, Debug)]
+pub struct SoftTokens<'a> {
+    /// Index in the step's `tokens` of the first replaced position.
+    pub offset: usize,
+    /// `n × hidden_size` values, row-major; taken as they are (not scaled like token embeddings).
+    pub embeds: &'a [f32],
+    /// The run attends to itself in both directions (Gemma 3 image blocks); then the run must
+    /// be fed whole in one step, since its first positions read its last ones' keys.
+    pub bidirectional: bool,
+}
+
+impl SoftTokens<'_> {
+    /// Positions of the step's tokens this run replaces.
+    pub fn rows(&self, hidden: usize) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.embeds.len() / hidden.max(1)
+    }
+}
+
+/// Checks that `soft` fits `n_tokens` tokens of width `hidden`: whole rows, sorted, disjoint.
+pub(crate) fn check_soft_tokens(
+    soft: &[SoftTokens<'_>],
+    n_tokens: usize,
+    hidden: usize,
+) -> Result<(), ModelError> {
+    let mut end = 0;
+    for s in soft {
+        let rows = s.rows(hidden);
+        if s.embeds.is_empty() || !s.embeds.len().is_multiple_of(hidden) {
+            return Err(ModelError::Config(format!(
+                "soft tokens of {} values are not whole rows of the hidden size {hidden}",
+                s.embeds.len()
+            )));
+        }
+        if rows.start < end || rows.end > n_tokens {
+            return Err(ModelError::Config(format!(
+                "soft tokens at positions {rows:?} overlap others or pass the {n_tokens} tokens \
+                 of the step"
+            )));
+        }
+        end = rows.end;
+    }
+    Ok(())
+}
+
+/// Whether token `i` of a step is replaced by one of `soft` (sorted, disjoint).
+pub(crate) fn is_soft(soft: &[SoftTokens<'_>], hidden: usize, i: usize) -> bool {
+    soft.iter().any(|s| s.rows(hidden).contains(&i))
 }
 
 /// Grows `buf` to `n` values (no shrink, so steady-state decoding reuses the allocation).

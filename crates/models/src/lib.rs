@@ -12,7 +12,7 @@ pub use error::ModelError;
 pub use gemma3::{Gemma3, Gemma3Config};
 pub use gemma3n::{Gemma3n, Gemma3nConfig};
 pub use gemma_kernels::ops::kv::CacheType;
-pub use kv_cache::{KvCache, SeqStep};
+pub use kv_cache::{KvCache, SeqStep, SoftTokens};
 pub use weights::{Loader, WeightLayout};
 
 use gemma_formats::{GgufFile, HfFolder, ModelFile, TensorSource};
@@ -26,7 +26,7 @@ pub enum Logits {
     All,
 }
 
-/// A loaded decoder of any supported architecture.
+/// A loaded decoder of any supported architecture: [`Decoder`] through `Deref`.
 // One per process, never moved in a hot loop: variant sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 pub enum Model {
@@ -118,126 +118,197 @@ fn load_hf(folder: &HfFolder) -> Result<Model, ModelError> {
     }
 }
 
-impl Model {
-    pub fn architecture(&self) -> &str {
-        match self {
-            Model::Gemma3(_) => "gemma3",
-            Model::Gemma3n(_) => "gemma3n",
-        }
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        match self {
-            Model::Gemma3(m) => m.config().vocab_size,
-            Model::Gemma3n(m) => m.config().vocab_size,
-        }
-    }
-
+/// What every decoder family offers the engine: configuration, caches, and one forward pass
+/// that takes token ids plus, optionally, a tower's soft tokens. The engine, the server's
+/// scheduler and the towers talk to models only through this.
+pub trait Decoder: Send + Sync {
+    fn architecture(&self) -> &'static str;
+    fn vocab_size(&self) -> usize;
+    /// Width of an embedding row: what soft tokens must match.
+    fn hidden_size(&self) -> usize;
     /// Trained context length.
-    pub fn context_length(&self) -> usize {
-        match self {
-            Model::Gemma3(m) => m.config().max_position_embeddings,
-            Model::Gemma3n(m) => m.config().max_position_embeddings,
-        }
-    }
-
+    fn context_length(&self) -> usize;
     /// How the caches `new_cache` makes store keys and values (f32 until set; llama.cpp's
     /// `--cache-type-k/-v`). Caches made earlier keep their format. Q8_0 needs a head
     /// dimension that is a multiple of 32.
-    pub fn set_cache_type(&mut self, cache_type: CacheType) -> Result<(), ModelError> {
+    fn set_cache_type(&mut self, cache_type: CacheType) -> Result<(), ModelError>;
+    fn cache_type(&self) -> CacheType;
+    fn new_cache(&self, ctx_size: usize) -> Result<KvCache, ModelError>;
+    fn kv_cache_bytes(&self, ctx_size: usize) -> usize;
+    /// Runs `tokens` (positions `cache.len()..`), with the embeddings of `soft`'s positions
+    /// replaced, appends their keys and values to `cache`, and returns the logits `logits` asks for.
+    fn forward_embeds<'c>(
+        &self,
+        tokens: &[u32],
+        soft: &[SoftTokens<'_>],
+        cache: &'c mut KvCache,
+        logits: Logits,
+    ) -> Result<&'c [f32], ModelError>;
+    /// Advances several sequences at once and writes each one's last-token logits, in order,
+    /// to `logits_out` (`seqs.len() × vocab_size`). The default runs them one after another;
+    /// Gemma 3 shares the matmuls across the batch.
+    fn forward_batch(
+        &self,
+        seqs: &mut [SeqStep<'_>],
+        logits_out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        logits_out.clear();
+        for s in seqs.iter_mut() {
+            let logits = self.forward_embeds(s.tokens, s.soft, s.cache, Logits::Last)?;
+            logits_out.extend_from_slice(logits);
+        }
+        Ok(())
+    }
+    /// `(name, value)` rows for `gemma info`.
+    fn describe(&self) -> Vec<(String, String)>;
+    /// Bytes of weights read every token (the resident set when copied into memory).
+    fn weight_bytes(&self) -> usize;
+    /// Bytes of weights that stay memory-mapped and are read a row per token (Gemma 3n's
+    /// per-layer embedding table): not part of `weight_bytes`.
+    fn on_demand_bytes(&self) -> usize {
+        0
+    }
+    /// Tokens that end a generated turn: EOS and `<end_of_turn>` (the generation config's
+    /// stop list), where the vocabulary has them.
+    fn stop_token_ids(&self) -> Vec<u32> {
+        [GEMMA_EOS, GEMMA_END_OF_TURN]
+            .into_iter()
+            .filter(|&id| (id as usize) < self.vocab_size())
+            .collect()
+    }
+}
+
+impl Decoder for Gemma3 {
+    fn architecture(&self) -> &'static str {
+        "gemma3"
+    }
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
+    }
+    fn hidden_size(&self) -> usize {
+        self.config().hidden_size
+    }
+    fn context_length(&self) -> usize {
+        self.config().max_position_embeddings
+    }
+    fn set_cache_type(&mut self, cache_type: CacheType) -> Result<(), ModelError> {
+        Gemma3::set_cache_type(self, cache_type)
+    }
+    fn cache_type(&self) -> CacheType {
+        Gemma3::cache_type(self)
+    }
+    fn new_cache(&self, ctx_size: usize) -> Result<KvCache, ModelError> {
+        Gemma3::new_cache(self, ctx_size)
+    }
+    fn kv_cache_bytes(&self, ctx_size: usize) -> usize {
+        Gemma3::kv_cache_bytes(self, ctx_size)
+    }
+    fn forward_embeds<'c>(
+        &self,
+        tokens: &[u32],
+        soft: &[SoftTokens<'_>],
+        cache: &'c mut KvCache,
+        logits: Logits,
+    ) -> Result<&'c [f32], ModelError> {
+        Gemma3::forward_embeds(self, tokens, soft, cache, logits)
+    }
+    fn forward_batch(
+        &self,
+        seqs: &mut [SeqStep<'_>],
+        logits_out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        Gemma3::forward_batch(self, seqs, logits_out)
+    }
+    fn describe(&self) -> Vec<(String, String)> {
+        Gemma3::describe(self)
+    }
+    fn weight_bytes(&self) -> usize {
+        Gemma3::weight_bytes(self)
+    }
+}
+
+impl Decoder for Gemma3n {
+    fn architecture(&self) -> &'static str {
+        "gemma3n"
+    }
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
+    }
+    fn hidden_size(&self) -> usize {
+        self.config().hidden_size
+    }
+    fn context_length(&self) -> usize {
+        self.config().max_position_embeddings
+    }
+    fn set_cache_type(&mut self, cache_type: CacheType) -> Result<(), ModelError> {
+        Gemma3n::set_cache_type(self, cache_type)
+    }
+    fn cache_type(&self) -> CacheType {
+        Gemma3n::cache_type(self)
+    }
+    fn new_cache(&self, ctx_size: usize) -> Result<KvCache, ModelError> {
+        Gemma3n::new_cache(self, ctx_size)
+    }
+    fn kv_cache_bytes(&self, ctx_size: usize) -> usize {
+        Gemma3n::kv_cache_bytes(self, ctx_size)
+    }
+    fn forward_embeds<'c>(
+        &self,
+        tokens: &[u32],
+        soft: &[SoftTokens<'_>],
+        cache: &'c mut KvCache,
+        logits: Logits,
+    ) -> Result<&'c [f32], ModelError> {
+        Gemma3n::forward_embeds(self, tokens, soft, cache, logits)
+    }
+    fn describe(&self) -> Vec<(String, String)> {
+        Gemma3n::describe(self)
+    }
+    fn weight_bytes(&self) -> usize {
+        Gemma3n::weight_bytes(self)
+    }
+    fn on_demand_bytes(&self) -> usize {
+        self.per_layer_embedding_bytes()
+    }
+}
+
+impl Model {
+    /// The family-independent interface; the enum stays for family-specific features
+    /// (Gemma 3n's MatFormer switching).
+    pub fn decoder(&self) -> &(dyn Decoder + 'static) {
         match self {
-            Model::Gemma3(m) => m.set_cache_type(cache_type),
-            Model::Gemma3n(m) => m.set_cache_type(cache_type),
+            Model::Gemma3(m) => m,
+            Model::Gemma3n(m) => m,
         }
     }
 
-    pub fn cache_type(&self) -> CacheType {
+    pub fn decoder_mut(&mut self) -> &mut (dyn Decoder + 'static) {
         match self {
-            Model::Gemma3(m) => m.cache_type(),
-            Model::Gemma3n(m) => m.cache_type(),
+            Model::Gemma3(m) => m,
+            Model::Gemma3n(m) => m,
         }
     }
 
-    pub fn new_cache(&self, ctx_size: usize) -> Result<KvCache, ModelError> {
-        match self {
-            Model::Gemma3(m) => m.new_cache(ctx_size),
-            Model::Gemma3n(m) => m.new_cache(ctx_size),
-        }
-    }
-
-    pub fn kv_cache_bytes(&self, ctx_size: usize) -> usize {
-        match self {
-            Model::Gemma3(m) => m.kv_cache_bytes(ctx_size),
-            Model::Gemma3n(m) => m.kv_cache_bytes(ctx_size),
-        }
-    }
-
+    /// [`Decoder::forward_embeds`] without soft tokens.
     pub fn forward<'c>(
         &self,
         tokens: &[u32],
         cache: &'c mut KvCache,
         logits: Logits,
     ) -> Result<&'c [f32], ModelError> {
-        match self {
-            Model::Gemma3(m) => m.forward(tokens, cache, logits),
-            Model::Gemma3n(m) => m.forward(tokens, cache, logits),
-        }
+        self.decoder().forward_embeds(tokens, &[], cache, logits)
     }
+}
 
-    /// Advances several sequences at once and writes each one's last-token logits, in order,
-    /// to `logits_out` (`seqs.len() × vocab_size`). Gemma 3 shares the matmuls across the
-    /// batch; other architectures run the sequences one after another.
-    pub fn forward_batch(
-        &self,
-        seqs: &mut [SeqStep<'_>],
-        logits_out: &mut Vec<f32>,
-    ) -> Result<(), ModelError> {
-        match self {
-            Model::Gemma3(m) => m.forward_batch(seqs, logits_out),
-            _ => {
-                logits_out.clear();
-                for s in seqs.iter_mut() {
-                    logits_out.extend_from_slice(self.forward(s.tokens, s.cache, Logits::Last)?);
-                }
-                Ok(())
-            }
-        }
+impl std::ops::Deref for Model {
+    type Target = dyn Decoder;
+    fn deref(&self) -> &Self::Target {
+        self.decoder()
     }
+}
 
-    pub fn describe(&self) -> Vec<(String, String)> {
-        match self {
-            Model::Gemma3(m) => m.describe(),
-            Model::Gemma3n(m) => m.describe(),
-        }
-    }
-
-    /// Bytes of weights that stay memory-mapped and are read a row per token (Gemma 3n's
-    /// per-layer embedding table): not part of the resident set `weight_bytes` counts.
-    pub fn on_demand_bytes(&self) -> usize {
-        match self {
-            Model::Gemma3(_) => 0,
-            Model::Gemma3n(m) => m.per_layer_embedding_bytes(),
-        }
-    }
-
-    pub fn weight_bytes(&self) -> usize {
-        match self {
-            Model::Gemma3(m) => m.weight_bytes(),
-            Model::Gemma3n(m) => m.weight_bytes(),
-        }
-    }
-
-    /// Tokens that end a generated turn: EOS and `<end_of_turn>` (the generation config's stop list).
-    pub fn stop_token_ids(&self) -> Vec<u32> {
-        match self {
-            Model::Gemma3(m) => [GEMMA_EOS, GEMMA_END_OF_TURN]
-                .into_iter()
-                .filter(|&id| (id as usize) < m.config().vocab_size)
-                .collect(),
-            Model::Gemma3n(m) => [GEMMA_EOS, GEMMA_END_OF_TURN]
-                .into_iter()
-                .filter(|&id| (id as usize) < m.config().vocab_size)
-                .collect(),
-        }
+impl std::ops::DerefMut for Model {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.decoder_mut()
     }
 }

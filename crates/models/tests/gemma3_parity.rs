@@ -312,10 +312,7 @@ fn batched_sequences_match_the_reference() {
         let mut steps: Vec<_> = caches
             .iter_mut()
             .zip(&splits)
-            .map(|(cache, &(a, b))| gemma_models::SeqStep {
-                tokens: &r.ids[a..b],
-                cache,
-            })
+            .map(|(cache, &(a, b))| gemma_models::SeqStep::text(&r.ids[a..b], cache))
             .collect();
         model.forward_batch(&mut steps, &mut logits).unwrap();
     }
@@ -332,9 +329,8 @@ fn batched_sequences_match_the_reference() {
         let mut steps: Vec<_> = caches[..2]
             .iter_mut()
             .zip(&splits)
-            .map(|(cache, &(_, b))| gemma_models::SeqStep {
-                tokens: &r.ids[b + step..b + step + 1],
-                cache,
+            .map(|(cache, &(_, b))| {
+                gemma_models::SeqStep::text(&r.ids[b + step..b + step + 1], cache)
             })
             .collect();
         model.forward_batch(&mut steps, &mut logits).unwrap();

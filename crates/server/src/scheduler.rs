@@ -363,10 +363,7 @@ impl Worker {
             for (i, slot) in self.slots.iter_mut().enumerate() {
                 if stepped.contains(&i) {
                     let tokens = feeds_iter.next().expect("one feed per stepped slot");
-                    seqs.push(SeqStep {
-                        tokens,
-                        cache: &mut slot.cache,
-                    });
+                    seqs.push(SeqStep::text(tokens, &mut slot.cache));
                 }
             }
             forward_all(&self.loaded, &mut seqs, &mut self.logits)

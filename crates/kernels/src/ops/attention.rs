@@ -12,6 +12,7 @@ use super::exp;
 use super::kv::KvRows;
 use crate::pool::ThreadPool;
 use crate::quant::Isa;
+use std::ops::Range;
 
 /// Keys and values for `len` consecutive positions starting at `first_pos`; each row holds
 /// `n_kv_heads * head_dim` values, in any cache format (`(&[f32]).into()` for plain floats).
@@ -107,11 +108,41 @@ pub fn attention(
         q,
         q_pos0,
         segments,
+        &[],
+        out,
+    );
+}
+
+/// [`attention`] where a query inside one of `spans` (absolute positions, sorted, disjoint)
+/// also sees every key of its span, later ones included: `p.mask` OR same-span. This is how
+/// Gemma 3 lets an image's soft tokens attend to each other in both directions (transformers'
+/// `or_mask_function`: on sliding layers the span also reaches past the window). The keys of
+/// a span's later positions must be among `segments` (feed a span whole in one call).
+#[track_caller]
+pub fn attention_spans(
+    pool: &ThreadPool,
+    p: &AttentionParams,
+    q: &[f32],
+    q_pos0: usize,
+    segments: &[KvSegment<'_>],
+    spans: &[Range<usize>],
+    out: &mut [f32],
+) {
+    attention_with(
+        pool,
+        crate::quant::selected_isa(),
+        p,
+        q,
+        q_pos0,
+        segments,
+        spans,
         out,
     );
 }
 
 /// [`attention`] with an explicit ISA (tests compare the SIMD build with the scalar one).
+// The plain entry points' arguments plus the ISA: grouping them would only add a type.
+#[allow(clippy::too_many_arguments)]
 #[track_caller]
 pub fn attention_with(
     pool: &ThreadPool,
@@ -120,9 +151,14 @@ pub fn attention_with(
     q: &[f32],
     q_pos0: usize,
     segments: &[KvSegment<'_>],
+    spans: &[Range<usize>],
     out: &mut [f32],
 ) {
     let (hd, nh, nkv) = (p.head_dim, p.n_heads, p.n_kv_heads);
+    assert!(
+        spans.windows(2).all(|w| w[0].end <= w[1].start),
+        "attention: bidirectional spans must be sorted and disjoint"
+    );
     assert!(
         nkv > 0 && nh % nkv == 0,
         "attention: {nh} heads do not group over {nkv} kv heads"
@@ -179,6 +215,7 @@ pub fn attention_with(
         q,
         q_pos0,
         segments,
+        spans,
         n_tokens,
         group,
         total_keys,
@@ -257,6 +294,7 @@ struct Job<'a, 'b> {
     q: &'a [f32],
     q_pos0: usize,
     segments: &'a [KvSegment<'b>],
+    spans: &'a [Range<usize>],
     n_tokens: usize,
     group: usize,
     total_keys: usize,
@@ -270,6 +308,18 @@ struct Job<'a, 'b> {
 type Emit<'e> = dyn FnMut(usize, usize, &[f32], f32, f32) + 'e;
 
 impl Job<'_, '_> {
+    /// Key positions `[lo, hi]` visible to a query at `query_pos`: the mask's range, widened
+    /// to the whole of a bidirectional span holding the query (the union stays contiguous
+    /// because the span holds the query).
+    fn visible_range(&self, query_pos: usize) -> (usize, usize) {
+        let (lo, hi) = self.p.mask.visible_range(query_pos);
+        let i = self.spans.partition_point(|s| s.end <= query_pos);
+        match self.spans.get(i) {
+            Some(s) if s.start <= query_pos => (lo.min(s.start), hi.max(s.end - 1)),
+            _ => (lo, hi),
+        }
+    }
+
     fn run_task(&self, base_task: usize, split: usize, emit: &mut Emit<'_>) {
         TASK_STATE.with(|state| {
             let state = &mut *state.borrow_mut();
@@ -341,8 +391,12 @@ impl Job<'_, '_> {
         // This split's slice of the concatenated keys, and the positions any query here sees.
         let key_lo = split * self.total_keys / self.n_splits;
         let key_hi = (split + 1) * self.total_keys / self.n_splits;
-        let (vis_lo, _) = p.mask.visible_range(self.q_pos0 + t0);
-        let (_, vis_hi) = p.mask.visible_range(self.q_pos0 + t0 + nt - 1);
+        let mut ranges = [(0usize, 0usize); QUERY_BLOCK];
+        for (t, r) in ranges[..nt].iter_mut().enumerate() {
+            *r = self.visible_range(self.q_pos0 + t0 + t);
+        }
+        let vis_lo = ranges[..nt].iter().map(|r| r.0).min().unwrap_or(0);
+        let vis_hi = ranges[..nt].iter().map(|r| r.1).max().unwrap_or(0);
 
         let mut seg_start = 0;
         for seg in self.segments {
@@ -383,7 +437,7 @@ impl Job<'_, '_> {
                 }
                 // Keys of this block query `qi` sees: a contiguous sub-range (empty if lo >= hi).
                 let visible = |qi: usize| {
-                    let (v_lo, v_hi) = p.mask.visible_range(self.q_pos0 + t0 + qi / self.group);
+                    let (v_lo, v_hi) = ranges[qi / self.group];
                     let j_lo = b0.max(v_lo.saturating_sub(seg.first_pos)).min(b1);
                     let j_hi = b1.min((v_hi + 1).saturating_sub(seg.first_pos));
                     (j_lo, j_hi.max(j_lo))
@@ -717,6 +771,20 @@ mod tests {
         v: &[f32],
         n_keys: usize,
     ) -> Vec<f32> {
+        naive_spans(p, q, q_pos0, k, v, n_keys, &[])
+    }
+
+    /// [`naive`] where queries in a span also see every key of the span (mask OR same span).
+    fn naive_spans(
+        p: &AttentionParams,
+        q: &[f32],
+        q_pos0: usize,
+        k: &[f32],
+        v: &[f32],
+        n_keys: usize,
+        spans: &[Range<usize>],
+    ) -> Vec<f32> {
+        let same_span = |i: usize, j: usize| spans.iter().any(|s| s.contains(&i) && s.contains(&j));
         let (hd, nh, nkv) = (p.head_dim, p.n_heads, p.n_kv_heads);
         let n_tokens = q.len() / (nh * hd);
         let mut out = vec![0.0; q.len()];
@@ -726,7 +794,7 @@ mod tests {
                 let qv = &q[(t * nh + h) * hd..][..hd];
                 let scores: Vec<Option<f64>> = (0..n_keys)
                     .map(|j| {
-                        p.mask.visible(q_pos0 + t, j).then(|| {
+                        (p.mask.visible(q_pos0 + t, j) || same_span(q_pos0 + t, j)).then(|| {
                             let kv = &k[(j * nkv + kvh) * hd..][..hd];
                             let s: f64 = qv.iter().zip(kv).map(|(a, b)| (a * b) as f64).sum();
                             let s = s * p.scale as f64;
@@ -814,6 +882,69 @@ mod tests {
         }
     }
 
+    /// Bidirectional spans (image blocks) longer than the window, starting before and inside
+    /// the chunk of queries, on causal and sliding masks, SIMD and scalar.
+    #[test]
+    // One span covering every position is a case of its own (a vision tower's attention).
+    #[allow(clippy::single_range_in_vec_init)]
+    fn bidirectional_spans_match_naive_attention() {
+        let pool = ThreadPool::new(2);
+        let (nh, nkv, hd) = (4, 2, 16);
+        let n_keys = 150;
+        let k = pseudo_random(n_keys * nkv * hd, 11);
+        let v = pseudo_random(n_keys * nkv * hd, 12);
+        for mask in [AttentionMask::Causal, AttentionMask::SlidingWindow(7)] {
+            for (q_pos0, spans) in [
+                (0usize, vec![0..n_keys]),
+                (40, vec![45..61, 70..71, 100..140]),
+                (100, vec![100..117, 130..150]),
+            ] {
+                let p = AttentionParams {
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: hd,
+                    scale: 0.25,
+                    softcap: None,
+                    mask,
+                };
+                let n_queries = n_keys - q_pos0;
+                let q = pseudo_random(n_queries * nh * hd, 13);
+                let split = 60;
+                let segs = [
+                    KvSegment {
+                        keys: KvRows::F32(&k[..split * nkv * hd]),
+                        values: KvRows::F32(&v[..split * nkv * hd]),
+                        first_pos: 0,
+                        len: split,
+                    },
+                    KvSegment {
+                        keys: KvRows::F32(&k[split * nkv * hd..]),
+                        values: KvRows::F32(&v[split * nkv * hd..]),
+                        first_pos: split,
+                        len: n_keys - split,
+                    },
+                ];
+                let expected = naive_spans(&p, &q, q_pos0, &k, &v, n_keys, &spans);
+                let plain = naive(&p, &q, q_pos0, &k, &v, n_keys);
+                let moved = expected
+                    .iter()
+                    .zip(&plain)
+                    .any(|(a, b)| (a - b).abs() > 1e-3);
+                assert!(moved, "spans {spans:?} must change the result");
+                for isa in [Isa::Scalar, crate::quant::selected_isa()] {
+                    let mut out = vec![0.0; q.len()];
+                    attention_with(&pool, isa, &p, &q, q_pos0, &segs, &spans, &mut out);
+                    for (a, b) in out.iter().zip(&expected) {
+                        assert!(
+                            (a - b).abs() < 1e-5,
+                            "{mask:?} {spans:?} {isa:?}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Many keys and queries: several query blocks, key blocks, ring-like segments, and the
     /// key-split path (one query, few tasks) against the naive reference.
     #[test]
@@ -865,6 +996,7 @@ mod tests {
                         &q,
                         q_pos0,
                         &segs,
+                        &[],
                         &mut scalar,
                     );
                     softcapped.copy_from_slice(&out);
@@ -993,7 +1125,7 @@ mod tests {
                     // The AVX2 build reads the formats like the scalar one.
                     if Isa::Avx2.is_available() {
                         let mut scalar = vec![0.0; q.len()];
-                        attention_with(&pool, Isa::Scalar, &p, &q, q_pos0, &segs, &mut scalar);
+                        attention_with(&pool, Isa::Scalar, &p, &q, q_pos0, &segs, &[], &mut scalar);
                         for (a, b) in scalar.iter().zip(&out) {
                             assert!(
                                 (a - b).abs() <= 1e-6 * b.abs().max(1.0),

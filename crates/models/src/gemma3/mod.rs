@@ -10,12 +10,12 @@ mod config;
 pub use config::{Gemma3Config, LayerType, RopeParams};
 
 use gemma_kernels::matmul;
-use gemma_kernels::ops::attention::{attention, AttentionMask, AttentionParams, KvSegment};
+use gemma_kernels::ops::attention::{attention_spans, AttentionMask, AttentionParams, KvSegment};
 use gemma_kernels::ops::kv::CacheType;
 use gemma_kernels::ops::{self, Rope};
 use gemma_kernels::pool::ThreadPool;
 
-use crate::kv_cache::{sized, KvCache, Scratch, SeqStep};
+use crate::kv_cache::{check_soft_tokens, is_soft, sized, KvCache, Scratch, SeqStep, SoftTokens};
 use crate::weights::{linear, linear_shared_input, Linear, Loader, WeightLayout};
 use crate::{Logits, ModelError};
 
@@ -259,10 +259,23 @@ impl Gemma3 {
         cache: &'c mut KvCache,
         logits: Logits,
     ) -> Result<&'c [f32], ModelError> {
+        self.forward_embeds(tokens, &[], cache, logits)
+    }
+
+    /// [`Gemma3::forward`] with some positions' embeddings replaced by `soft` (image soft
+    /// tokens), which may attend to their own run in both directions.
+    pub fn forward_embeds<'c>(
+        &self,
+        tokens: &[u32],
+        soft: &[SoftTokens<'_>],
+        cache: &'c mut KvCache,
+        logits: Logits,
+    ) -> Result<&'c [f32], ModelError> {
         let mut scratch = std::mem::take(&mut cache.scratch);
         let result = self.run(
             &mut [SeqStep {
                 tokens,
+                soft,
                 cache: &mut *cache,
             }],
             &mut scratch,
@@ -312,7 +325,12 @@ impl Gemma3 {
                     "forward needs at least one token".into(),
                 ));
             }
-            if let Some(&id) = s.tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            check_soft_tokens(s.soft, s.tokens.len(), c.hidden_size)?;
+            // A replaced position's id is a placeholder and never looked up.
+            let out_of_range = s.tokens.iter().enumerate().find(|&(i, &id)| {
+                id as usize >= c.vocab_size && !is_soft(s.soft, c.hidden_size, i)
+            });
+            if let Some((_, &id)) = out_of_range {
                 return Err(ModelError::TokenOutOfRange {
                     id,
                     vocab: c.vocab_size,
@@ -327,14 +345,43 @@ impl Gemma3 {
         let kv_dim = self.kv_row();
         let ffn = c.intermediate_size;
 
-        // Embedding lookup, scaled by sqrt(hidden).
+        // Embedding lookup, scaled by sqrt(hidden); soft tokens are taken as they are (the
+        // reference scatters the projector's output over the scaled embeddings, unscaled).
         let x = sized(&mut scratch.x, n_tokens * h);
         let embed = self.embed_tokens.matrix();
-        let ids = seqs.iter().flat_map(|s| s.tokens.iter());
-        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
-            matmul::dequantize_row(&embed, id as usize, row);
-            ops::scale_inplace(row, self.embed_scale);
+        let mut rows = x.chunks_exact_mut(h);
+        for s in seqs.iter() {
+            let mut soft = s.soft.iter().peekable();
+            let mut t = 0;
+            while t < s.tokens.len() {
+                if let Some(run) = soft.next_if(|r| r.offset == t) {
+                    for src in run.embeds.chunks_exact(h) {
+                        rows.next().expect("one row per token").copy_from_slice(src);
+                    }
+                    t = run.rows(h).end;
+                    continue;
+                }
+                let row = rows.next().expect("one row per token");
+                matmul::dequantize_row(&embed, s.tokens[t] as usize, row);
+                ops::scale_inplace(row, self.embed_scale);
+                t += 1;
+            }
         }
+        // Each sequence's bidirectional runs, as absolute positions.
+        let spans: Vec<Vec<std::ops::Range<usize>>> = seqs
+            .iter()
+            .map(|s| {
+                let pos0 = s.cache.len();
+                s.soft
+                    .iter()
+                    .filter(|r| r.bidirectional)
+                    .map(|r| {
+                        let rows = r.rows(h);
+                        pos0 + rows.start..pos0 + rows.end
+                    })
+                    .collect()
+            })
+            .collect();
 
         // Each token's rotations, shared by all layers of a kind.
         let rot_local = sized(&mut scratch.rope_local, n_tokens * hd);
@@ -388,7 +435,7 @@ impl Gemma3 {
             ops::rms_norm_inplace(k, &a.k_norm, c.rms_norm_eps);
             let attn_out = sized(&mut scratch.attn, n_tokens * q_dim);
             let mut row = 0;
-            for s in seqs.iter_mut() {
+            for (s, spans) in seqs.iter_mut().zip(&spans) {
                 let (n, pos0) = (s.tokens.len(), s.cache.len());
                 let q = &mut q[row * q_dim..(row + n) * q_dim];
                 let k = &mut k[row * kv_dim..(row + n) * kv_dim];
@@ -417,7 +464,8 @@ impl Gemma3 {
                     }
                     segments[n_segments] = fresh;
                     let out = &mut attn_out[row * q_dim..(row + n) * q_dim];
-                    attention(pool, &attn_params, q, pos0, &segments[..=n_segments], out);
+                    let segments = &segments[..=n_segments];
+                    attention_spans(pool, &attn_params, q, pos0, segments, spans, out);
                 }
                 kv.write(pos0, k, v);
                 row += n;

@@ -25,7 +25,7 @@ use gemma_kernels::ops::{self, Rope};
 use gemma_kernels::pool::ThreadPool;
 
 use crate::gemma3::LayerType;
-use crate::kv_cache::{sized, KvCache};
+use crate::kv_cache::{check_soft_tokens, is_soft, sized, KvCache, SoftTokens};
 use crate::weights::{linear, linear_shared_input, Linear, Loader, WeightLayout};
 use crate::{Logits, ModelError};
 
@@ -513,20 +513,31 @@ impl Gemma3n {
         self.embed_tokens_per_layer.bytes()
     }
 
-    fn check_tokens(&self, tokens: &[u32]) -> Result<(), ModelError> {
+    fn check_tokens(&self, tokens: &[u32], soft: &[SoftTokens<'_>]) -> Result<(), ModelError> {
         let c = &self.config;
         if tokens.is_empty() {
             return Err(ModelError::Config(
                 "forward needs at least one token".into(),
             ));
         }
-        // Multimodal ids (image/audio "hard" tokens) need their own embedders: not text.
+        check_soft_tokens(soft, tokens.len(), c.hidden_size)?;
+        if soft.iter().any(|s| s.bidirectional) {
+            return Err(ModelError::Config(
+                "Gemma 3n attends causally: bidirectional soft tokens are not supported".into(),
+            ));
+        }
+        // Multimodal ids (image/audio "hard" tokens) need their own embedders: text only,
+        // unless a tower's soft tokens replace them.
         let limit = c
             .first_multimodal_id
             .unwrap_or(c.vocab_size)
             .min(c.vocab_size);
-        match tokens.iter().find(|&&id| id as usize >= limit) {
-            Some(&id) => Err(ModelError::TokenOutOfRange { id, vocab: limit }),
+        let bad = tokens
+            .iter()
+            .enumerate()
+            .find(|&(i, &id)| id as usize >= limit && !is_soft(soft, c.hidden_size, i));
+        match bad {
+            Some((_, &id)) => Err(ModelError::TokenOutOfRange { id, vocab: limit }),
             None => Ok(()),
         }
     }
@@ -581,7 +592,19 @@ impl Gemma3n {
         cache: &'c mut KvCache,
         logits: Logits,
     ) -> Result<&'c [f32], ModelError> {
-        self.check_tokens(tokens)?;
+        self.forward_embeds(tokens, &[], cache, logits)
+    }
+
+    /// [`Gemma3n::forward`] with some positions' embeddings replaced by a tower's soft tokens
+    /// (before the per-layer inputs are derived from the embeddings, as the reference does).
+    pub fn forward_embeds<'c>(
+        &self,
+        tokens: &[u32],
+        soft: &[SoftTokens<'_>],
+        cache: &'c mut KvCache,
+        logits: Logits,
+    ) -> Result<&'c [f32], ModelError> {
+        self.check_tokens(tokens, soft)?;
         let producers = self.config.first_kv_shared_layer();
         if cache.layers.len() != producers {
             // Made before a MatFormer switch that changed which layers run.
@@ -611,9 +634,15 @@ impl Gemma3n {
         // Embeddings scaled by sqrt(H), and the per-layer inputs derived from them.
         let mut embeds = vec![0.0; plane];
         let embed = self.embed_tokens.matrix();
-        for (row, &id) in embeds.chunks_exact_mut(h).zip(tokens) {
-            matmul::dequantize_row(&embed, id as usize, row);
-            ops::scale_inplace(row, self.embed_scale);
+        for (t, (row, &id)) in embeds.chunks_exact_mut(h).zip(tokens).enumerate() {
+            if !is_soft(soft, h, t) {
+                matmul::dequantize_row(&embed, id as usize, row);
+                ops::scale_inplace(row, self.embed_scale);
+            }
+        }
+        for run in soft {
+            let rows = run.rows(h);
+            embeds[rows.start * h..rows.end * h].copy_from_slice(run.embeds);
         }
         let ple = self.per_layer_inputs(pool, tokens, &embeds, &mut scratch.quantized);
 
