@@ -5,10 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gemma_engine::gemma_models::Logits;
+use gemma_engine::gemma_media::{
+    sample_frames, FrameSampling, ImageLimits, VideoLimits, VideoSource,
+};
 use gemma_engine::gemma_tokenizer::ChatMessage;
 use gemma_engine::{
-    Chat, GenerationStats, LoadOptions, LoadedModel, Session, WeightMemory, DEFAULT_BATCH_SIZE,
+    Chat, GenerationStats, ImageOptions, LoadOptions, LoadedModel, PreparedImage, Session,
+    WeightMemory, DEFAULT_BATCH_SIZE,
 };
 
 use crate::{CommonArgs, SamplingArgs};
@@ -27,9 +30,125 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub json_schema: Option<PathBuf>,
     #[command(flatten)]
+    pub media: MediaArgs,
+    #[command(flatten)]
     pub batch: BatchArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+/// Images and video, shared by run, chat and logits.
+#[derive(Args, Clone, Debug)]
+pub struct MediaArgs {
+    /// Image to show the model (JPEG, PNG, WebP, GIF, BMP); repeatable, placed in order before
+    /// the prompt text
+    #[arg(long = "image", value_name = "FILE")]
+    pub images: Vec<PathBuf>,
+    /// Video as sampled frames, each with its mm:ss timestamp: a folder of images, an animated
+    /// GIF or WebP, or any file ffmpeg reads (needs ffmpeg on PATH)
+    #[arg(long, value_name = "PATH")]
+    pub video: Option<PathBuf>,
+    /// Add Gemma 3's pan-and-scan crops of non-square images (off by default, as in transformers)
+    #[arg(long)]
+    pub pan_and_scan: bool,
+    /// Video frames sampled per second
+    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    pub fps: f64,
+    /// Most video frames; a longer clip is sampled evenly over its whole length
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub max_frames: usize,
+    /// Drop video frames that barely differ from the last kept one
+    #[arg(long)]
+    pub keyframes: bool,
+    /// Largest image accepted, in pixels (width × height), checked before decoding
+    #[arg(long, default_value_t = 64_000_000, value_name = "N")]
+    pub max_image_pixels: u64,
+    /// Most images in one prompt (pan-and-scan crops and video frames count)
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_images: usize,
+}
+
+impl MediaArgs {
+    fn is_empty(&self) -> bool {
+        self.images.is_empty() && self.video.is_none()
+    }
+
+    fn image_options(&self) -> ImageOptions {
+        ImageOptions {
+            pan_and_scan: self.pan_and_scan,
+            limits: ImageLimits {
+                max_pixels: self.max_image_pixels,
+                ..ImageLimits::default()
+            },
+        }
+    }
+
+    /// The images (then the video's frames) prepared for the model, and the text of their
+    /// slots: one image marker per image, a timestamp before each frame.
+    fn prepare(&self, loaded: &LoadedModel) -> Result<(Vec<PreparedImage>, String)> {
+        if self.is_empty() {
+            return Ok((Vec::new(), String::new()));
+        }
+        let opts = self.image_options();
+        let mut images = Vec::new();
+        let mut slots = String::new();
+        for path in &self.images {
+            let bytes = read_media(path)?;
+            let image = loaded
+                .prepare_image(&bytes, &opts)
+                .with_context(|| format!("image {}", path.display()))?;
+            images.push(image);
+            slots.push_str(gemma_engine::vision::IMAGE_MARKER);
+        }
+        if let Some(path) = &self.video {
+            let size = loaded.image_size()?;
+            let source = VideoSource::open(path, MAX_MEDIA_BYTES)
+                .with_context(|| format!("video {}", path.display()))?;
+            let sampling = FrameSampling {
+                fps: self.fps,
+                max_frames: self.max_frames,
+                keyframes: self.keyframes,
+                ..FrameSampling::default()
+            };
+            let limits = VideoLimits {
+                frame: opts.limits.clone(),
+                ..VideoLimits::default()
+            };
+            let frames = sample_frames(&source, &sampling, &limits)
+                .with_context(|| format!("video {}", path.display()))?;
+            let (frames, text) = gemma_engine::vision::prepare_frames(&frames, size, &opts);
+            images.extend(frames);
+            slots.push_str(&text);
+        }
+        let views: usize = images.iter().map(|i| i.views.len()).sum();
+        if views > self.max_images {
+            bail!(
+                "the prompt would hold {views} images (crops and frames included), above \
+                 --max-images {}",
+                self.max_images
+            );
+        }
+        Ok((images, slots))
+    }
+}
+
+/// Media files are read whole; this bounds them (a 10-minute 4K clip goes through ffmpeg,
+/// which streams it, so only images and animations count here).
+const MAX_MEDIA_BYTES: u64 = 256 << 20;
+
+fn read_media(path: &std::path::Path) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    if len > MAX_MEDIA_BYTES {
+        bail!(
+            "{} is {} bytes, above the {} byte limit for an image",
+            path.display(),
+            len,
+            MAX_MEDIA_BYTES
+        );
+    }
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 /// Prompt batching, shared by run, chat and perplexity.
@@ -45,6 +164,9 @@ pub struct ChatArgs {
     /// System instructions for the whole conversation
     #[arg(long, value_name = "TEXT")]
     pub system: Option<String>,
+    /// Add Gemma 3's pan-and-scan crops to images given with /image
+    #[arg(long)]
+    pub pan_and_scan: bool,
     #[command(flatten)]
     pub batch: BatchArgs,
     #[command(flatten)]
@@ -73,6 +195,10 @@ pub struct LogitsArgs {
     /// How many of the highest logits to print
     #[arg(long, default_value_t = 10, value_name = "K")]
     pub top: usize,
+    /// Images fill the runs of the image token in --ids in order (one run per image, plus one
+    /// per pan-and-scan crop after it); with a prompt, one slot each before the text
+    #[command(flatten)]
+    pub media: MediaArgs,
 }
 
 #[derive(Args)]
@@ -117,23 +243,27 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
         bail!("--system needs the chat template, so it cannot be combined with --raw");
     }
     let loaded = load(common, args.batch.batch_size)?;
+    let (images, slots) = args.media.prepare(&loaded)?;
     let prompt = if args.raw {
-        args.prompt.clone()
+        format!("{slots}{}", args.prompt)
     } else {
         let user = ChatMessage {
             role: "user".into(),
-            content: args.prompt.clone(),
+            content: format!("{slots}{}", args.prompt),
         };
         loaded.render_chat(args.system.as_deref(), &[user])?
     };
-    let ids = loaded.encode_prompt(&prompt)?;
+    let (ids, soft) = loaded.encode_with_images(&prompt, &images)?;
     if let Some(path) = &args.json_schema {
+        if !soft.is_empty() {
+            bail!("--json-schema does not take images yet");
+        }
         let ctx_size = context_size(common, &loaded);
         return crate::serve::run_json_schema(loaded, &ids, &params, ctx_size, path);
     }
     let mut session = Session::new(&loaded, context_size(common, &loaded))?;
     let mut out = TextSink::stdout();
-    let stats = session.generate(&ids, &params, &mut |text| out.write(text));
+    let stats = session.generate_with(&ids, &soft, &params, &mut |text| out.write(text));
     out.end_line();
     let stats = stats?;
     if !common.quiet {
@@ -148,8 +278,16 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
     let mut chat = Chat::new(&loaded, context_size(common, &loaded), args.system.clone())?;
     let interactive = io::stdin().is_terminal();
     if interactive {
-        eprintln!("gemma: chatting; /clear starts over, /exit or Ctrl-D ends");
+        eprintln!(
+            "gemma: chatting; /image FILE adds an image to the next message, /clear starts \
+             over, /exit or Ctrl-D ends"
+        );
     }
+    let image_opts = ImageOptions {
+        pan_and_scan: args.pan_and_scan,
+        ..ImageOptions::default()
+    };
+    let mut pending_images = Vec::new();
     let mut out = TextSink::stdout();
     let mut lines = io::stdin().lock().lines();
     loop {
@@ -163,12 +301,31 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
             "/exit" | "/quit" => break,
             "/clear" => {
                 chat.clear();
+                pending_images.clear();
                 eprintln!("gemma: conversation cleared");
                 continue;
             }
             _ => {}
         }
-        let turn = chat.send(line.trim(), &params, &mut |text| out.write(text));
+        if let Some(path) = line.trim().strip_prefix("/image ") {
+            let path = PathBuf::from(path.trim());
+            let image = read_media(&path).and_then(|bytes| {
+                loaded
+                    .prepare_image(&bytes, &image_opts)
+                    .with_context(|| format!("image {}", path.display()))
+            });
+            match image {
+                Ok(image) => {
+                    pending_images.push(image);
+                    eprintln!("gemma: image added to the next message");
+                }
+                Err(e) if interactive => eprintln!("error: {e:#}"),
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        let images = std::mem::take(&mut pending_images);
+        let turn = chat.send_with_images(line.trim(), images, &params, &mut |text| out.write(text));
         out.end_line();
         match turn {
             Ok(turn) if !common.quiet => report(&turn.stats),
@@ -199,19 +356,20 @@ pub fn tokenize(common: &CommonArgs, args: &TokenizeArgs) -> Result<()> {
 
 pub fn logits(common: &CommonArgs, args: &LogitsArgs) -> Result<()> {
     let loaded = load(common, DEFAULT_BATCH_SIZE)?;
-    let ids = match (&args.ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(prompt)) => loaded.encode_prompt(prompt)?,
+    let (images, slots) = args.media.prepare(&loaded)?;
+    let (ids, soft) = match (&args.ids, &args.prompt) {
+        (Some(ids), _) => {
+            let soft = loaded.place_images(ids, &images)?;
+            (ids.clone(), soft)
+        }
+        (None, Some(prompt)) => loaded.encode_with_images(&format!("{slots}{prompt}"), &images)?,
         (None, None) => bail!("give a prompt or --ids"),
     };
     if ids.is_empty() {
         bail!("there are no tokens to evaluate");
     }
-    let mut cache = loaded
-        .model
-        .new_cache(context_size(common, &loaded))
-        .context("cannot allocate the KV cache")?;
-    let logits = loaded.model.forward(&ids, &mut cache, Logits::Last)?;
+    let mut session = Session::new(&loaded, context_size(common, &loaded))?;
+    let logits = session.evaluate(&ids, &soft)?;
     let top = top_logits(logits, args.top);
     let json = serde_json::json!({ "ids": ids, "top": top });
     println!("{json}");

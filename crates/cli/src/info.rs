@@ -41,6 +41,12 @@ pub fn info(common: &CommonArgs) -> Result<()> {
         println!("  {key}: {value}");
     }
 
+    if let Some(vision) = &loaded.vision {
+        for (key, value) in vision.describe() {
+            println!("  {key}: {value}");
+        }
+    }
+
     println!();
     println!("tensors by type:");
     println!("  {:<6} {:>6} {:>12}", "type", "count", "bytes");

@@ -49,6 +49,9 @@ pub struct CommonArgs {
     /// Gemma 3: faster generation)
     #[arg(long, global = true)]
     pub no_mmap: bool,
+    /// llama.cpp's multimodal projector GGUF (vision tower) for a text GGUF
+    #[arg(long, global = true, value_name = "FILE")]
+    pub mmproj: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -135,6 +138,7 @@ impl CommonArgs {
                 (_, true) => gemma_engine::WeightMemory::Resident,
                 _ => gemma_engine::WeightMemory::Auto,
             },
+            mmproj: self.mmproj.clone(),
             ..gemma_engine::LoadOptions::default()
         }
     }

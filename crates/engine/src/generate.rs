@@ -1,15 +1,17 @@
 //! The generation loop: feed the prompt, then sample one token at a time until a stop
 //! condition, streaming text as it becomes printable.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use gemma_models::{KvCache, Logits};
+use gemma_models::{KvCache, Logits, SoftTokens};
 use gemma_tokenizer::{ChatMessage, StreamDecoder};
 
 use crate::load::LoadedModel;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::StopStringFilter;
+use crate::vision::PreparedImage;
 
 /// Why generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +70,41 @@ fn rate(n: usize, secs: f64) -> f64 {
     }
 }
 
+/// A tower's soft tokens (an image view, an audio clip) at positions of a sequence: they
+/// replace the embeddings of the placeholder ids there.
+#[derive(Clone, Debug)]
+pub struct SoftSpan {
+    /// First position, relative to the ids the span comes with.
+    pub start: usize,
+    /// `len × hidden_size` values.
+    pub embeds: Arc<[f32]>,
+    /// Attends to itself in both directions (Gemma 3 images); such a span is fed whole.
+    pub bidirectional: bool,
+    /// Content key (a hash of the media and how it was prepared): what a prefix cache compares
+    /// instead of the placeholder ids.
+    pub key: [u8; 32],
+}
+
+impl SoftSpan {
+    /// Positions covered, given the model's hidden size.
+    pub fn range(&self, hidden: usize) -> std::ops::Range<usize> {
+        self.start..self.start + self.embeds.len() / hidden.max(1)
+    }
+}
+
+/// Where to end a prompt chunk that starts at `start` and would end at `end`, so that no
+/// bidirectional span is cut: the chunk stops before such a span, or takes it whole when it
+/// starts the chunk.
+pub fn chunk_end(spans: &[SoftSpan], hidden: usize, start: usize, end: usize) -> usize {
+    for s in spans.iter().filter(|s| s.bidirectional) {
+        let r = s.range(hidden);
+        if r.start < end && end < r.end && r.end > start {
+            return if r.start > start { r.start } else { r.end };
+        }
+    }
+    end
+}
+
 /// One sequence being generated: a KV cache plus every token it has seen. Keeping the session
 /// between calls (multi-turn chat) means only new tokens are fed.
 pub struct Session<'m> {
@@ -76,6 +113,8 @@ pub struct Session<'m> {
     /// Every token of the sequence. The cache holds the first `cache.len()` of them; the rest
     /// (at most the last sampled token) are fed at the start of the next call.
     history: Vec<u32>,
+    /// Soft tokens placed on `history` (absolute positions), in order.
+    soft: Vec<SoftSpan>,
     stop_ids: Vec<u32>,
     logits: Vec<f32>,
 }
@@ -90,6 +129,7 @@ impl<'m> Session<'m> {
             loaded,
             cache,
             history: Vec::new(),
+            soft: Vec::new(),
             stop_ids: loaded.stop_token_ids(),
             logits: Vec::new(),
         })
@@ -116,6 +156,7 @@ impl<'m> Session<'m> {
     pub fn reset(&mut self) {
         self.cache.clear();
         self.history.clear();
+        self.soft.clear();
     }
 
     /// Appends `new_ids` to the sequence and generates a continuation. `on_text` receives the
@@ -127,19 +168,52 @@ impl<'m> Session<'m> {
         params: &SamplingParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
-        self.check_vocab(new_ids)?;
+        self.generate_with(new_ids, &[], params, on_text)
+    }
+
+    /// [`Session::generate`] where `soft` (positions relative to `new_ids`) replaces the
+    /// embeddings of some of the new ids: images, audio.
+    pub fn generate_with(
+        &mut self,
+        new_ids: &[u32],
+        soft: &[SoftSpan],
+        params: &SamplingParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerationStats> {
+        let hidden = self.loaded.model.hidden_size();
+        self.check_vocab(new_ids, soft)?;
+        if !soft.is_empty() || !self.soft.is_empty() {
+            let total = self.history.len() + new_ids.len();
+            if total > self.cache.ctx_size() {
+                bail!(
+                    "the prompt with its media needs {total} tokens but the context size is {} \
+                     (use a larger --ctx-size or fewer images; media is never truncated)",
+                    self.cache.ctx_size()
+                );
+            }
+        }
+        let base = self.history.len();
         self.fit_into_context(new_ids, params)?;
+        self.soft.extend(soft.iter().map(|s| SoftSpan {
+            start: base + s.start,
+            ..s.clone()
+        }));
 
         let prompt_start = Instant::now();
         let fed_before = self.cache.len();
-        let to_feed = self.history[fed_before..].to_vec();
-        if to_feed.is_empty() {
+        let end = self.history.len();
+        if fed_before == end {
             bail!("nothing to generate from: the prompt is empty");
         }
-        // Pieces of `batch_size` tokens bound the activation memory.
-        for chunk in to_feed.chunks(self.loaded.batch_size.max(1)) {
-            self.feed(chunk)?;
+        // Pieces of `batch_size` tokens bound the activation memory; an image is never cut.
+        let mut start = fed_before;
+        while start < end {
+            let stop = (start + self.loaded.batch_size.max(1)).min(end);
+            let stop = chunk_end(&self.soft, hidden, start, stop);
+            self.feed(start..stop)?;
+            start = stop;
         }
+        let to_feed = end - fed_before;
         let prompt_secs = prompt_start.elapsed().as_secs_f64();
 
         let gen_start = Instant::now();
@@ -171,7 +245,8 @@ impl<'m> Session<'m> {
             if self.cache.len() >= self.cache.ctx_size() {
                 break StopReason::ContextFull;
             }
-            self.feed(&[id])?;
+            let at = self.history.len() - 1;
+            self.feed(at..at + 1)?;
         };
         if matches!(
             stop_reason,
@@ -188,7 +263,7 @@ impl<'m> Session<'m> {
             }
         }
         Ok(GenerationStats {
-            prompt_tokens: to_feed.len(),
+            prompt_tokens: to_feed,
             generated_tokens: generated.len(),
             prompt_secs,
             gen_secs: gen_start.elapsed().as_secs_f64(),
@@ -197,10 +272,34 @@ impl<'m> Session<'m> {
         })
     }
 
-    fn check_vocab(&self, ids: &[u32]) -> Result<()> {
+    /// Feeds `ids` (with `soft` placed on them) after what the session holds and returns the
+    /// logits of the last position, without sampling: scoring, `gemma logits`.
+    pub fn evaluate(&mut self, ids: &[u32], soft: &[SoftSpan]) -> Result<&[f32]> {
+        let params = SamplingParams {
+            max_tokens: 0,
+            ..SamplingParams::default()
+        };
+        self.generate_with(ids, soft, &params, &mut |_| true)?;
+        Ok(&self.logits)
+    }
+
+    fn check_vocab(&self, ids: &[u32], soft: &[SoftSpan]) -> Result<()> {
         let vocab = self.loaded.model.vocab_size();
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        let hidden = self.loaded.model.hidden_size();
+        let placeholder = |i: usize| soft.iter().any(|s| s.range(hidden).contains(&i));
+        let bad = ids
+            .iter()
+            .enumerate()
+            .find(|&(i, &id)| id as usize >= vocab && !placeholder(i));
+        if let Some((_, bad)) = bad {
             bail!("token id {bad} is outside the vocabulary ({vocab} tokens)");
+        }
+        if let Some(s) = soft.iter().find(|s| s.range(hidden).end > ids.len()) {
+            bail!(
+                "soft tokens at {:?} pass the end of the {} new tokens",
+                s.range(hidden),
+                ids.len()
+            );
         }
         Ok(())
     }
@@ -233,12 +332,29 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
-    /// Runs the model on `tokens` and keeps the logits of the last one.
-    fn feed(&mut self, tokens: &[u32]) -> Result<()> {
-        let logits = self
-            .loaded
-            .model
-            .forward(tokens, &mut self.cache, Logits::Last)?;
+    /// Runs the model on the history's positions `range` (the next ones the cache lacks) and
+    /// keeps the logits of the last one.
+    fn feed(&mut self, range: std::ops::Range<usize>) -> Result<()> {
+        let hidden = self.loaded.model.hidden_size();
+        let soft: Vec<SoftTokens<'_>> = self
+            .soft
+            .iter()
+            .filter_map(|s| {
+                let r = s.range(hidden);
+                let (lo, hi) = (r.start.max(range.start), r.end.min(range.end));
+                (lo < hi).then(|| SoftTokens {
+                    offset: lo - range.start,
+                    embeds: &s.embeds[(lo - r.start) * hidden..(hi - r.start) * hidden],
+                    bidirectional: s.bidirectional,
+                })
+            })
+            .collect();
+        let logits = self.loaded.model.forward_embeds(
+            &self.history[range],
+            &soft,
+            &mut self.cache,
+            Logits::Last,
+        )?;
         self.logits.clear();
         self.logits.extend_from_slice(logits);
         Ok(())
@@ -252,6 +368,10 @@ pub struct Chat<'m> {
     session: Session<'m>,
     system: Option<String>,
     messages: Vec<ChatMessage>,
+    /// Every image of the conversation, in the order of their slots in the messages.
+    images: Vec<PreparedImage>,
+    /// How many of `images` the session's tokens hold.
+    images_fed: usize,
     /// The exact text the session's tokens stand for, when known.
     context_text: Option<String>,
 }
@@ -271,6 +391,8 @@ impl<'m> Chat<'m> {
             session: Session::new(loaded, ctx_size)?,
             system,
             messages: Vec::new(),
+            images: Vec::new(),
+            images_fed: 0,
             context_text: None,
         })
     }
@@ -286,6 +408,8 @@ impl<'m> Chat<'m> {
     /// Starts a new conversation (the system prompt stays).
     pub fn clear(&mut self) {
         self.messages.clear();
+        self.images.clear();
+        self.images_fed = 0;
         self.session.reset();
         self.context_text = None;
     }
@@ -297,36 +421,68 @@ impl<'m> Chat<'m> {
         params: &SamplingParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<TurnOutput> {
+        self.send_with_images(user, Vec::new(), params, on_text)
+    }
+
+    /// [`Chat::send`] with images shown before the message's text (one slot each).
+    pub fn send_with_images(
+        &mut self,
+        user: &str,
+        images: Vec<PreparedImage>,
+        params: &SamplingParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<TurnOutput> {
         let loaded = self.session.loaded();
+        let n_new_images = images.len();
         self.messages.push(ChatMessage {
             role: "user".into(),
-            content: user.into(),
+            content: format!("{}{user}", crate::vision::IMAGE_MARKER.repeat(n_new_images)),
         });
-        let rendered = loaded.render_chat(self.system.as_deref(), &self.messages)?;
+        self.images.extend(images);
+        let undo = |chat: &mut Self| {
+            chat.messages.pop();
+            chat.images.truncate(chat.images.len() - n_new_images);
+            chat.context_text = None;
+        };
+        let rendered = match loaded.render_chat(self.system.as_deref(), &self.messages) {
+            Ok(r) => r,
+            Err(e) => {
+                undo(self);
+                return Err(e);
+            }
+        };
         let continues = self
             .context_text
             .as_deref()
             .filter(|known| !self.session.history().is_empty() && rendered.starts_with(known));
-        let new_ids = match continues {
-            Some(known) => loaded.encode_continuation(&rendered[known.len()..])?,
+        let encoded = match continues {
+            Some(known) => loaded.encode_media(
+                &rendered[known.len()..],
+                &self.images[self.images_fed..],
+                true,
+            ),
             None => {
                 self.session.reset();
-                loaded.encode_prompt(&rendered)?
+                self.images_fed = 0;
+                loaded.encode_media(&rendered, &self.images, false)
             }
         };
         let mut answer = String::new();
-        let result = self.session.generate(&new_ids, params, &mut |text| {
-            answer.push_str(text);
-            on_text(text)
+        let result = encoded.and_then(|(new_ids, soft)| {
+            self.session
+                .generate_with(&new_ids, &soft, params, &mut |text| {
+                    answer.push_str(text);
+                    on_text(text)
+                })
         });
         let stats = match result {
             Ok(stats) => stats,
             Err(e) => {
-                self.messages.pop();
-                self.context_text = None;
+                undo(self);
                 return Err(e);
             }
         };
+        self.images_fed = self.images.len();
         self.context_text = match stats.stop_reason {
             StopReason::EndOfTurn => {
                 let stop_piece = stats

@@ -14,15 +14,18 @@ pub mod matformer;
 pub mod perplexity;
 pub mod sampling;
 pub mod stop;
+pub mod vision;
 
 pub use default_model::{cache_dir, default_model_path, ensure_default_model};
-pub use generate::{Chat, GenerationStats, Session, StopReason, TurnOutput};
+pub use generate::{Chat, GenerationStats, Session, SoftSpan, StopReason, TurnOutput};
 pub use load::{human_bytes, load, LoadOptions, LoadedModel, WeightMemory, DEFAULT_BATCH_SIZE};
 pub use matformer::{load_with_matformer, MatformerConfig};
 pub use perplexity::{perplexity, PerplexityResult};
 pub use sampling::{Sampler, SamplingParams};
+pub use vision::{ImageOptions, PreparedImage, Vision};
 
 /// Re-exported so the CLI and tests name one version of each.
 pub use gemma_formats;
+pub use gemma_media;
 pub use gemma_models;
 pub use gemma_tokenizer;

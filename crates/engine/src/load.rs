@@ -10,6 +10,7 @@ use gemma_models::{load_model, CacheType, Model};
 use gemma_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 
 use crate::default_model::ensure_default_model;
+use crate::vision::Vision;
 
 /// The GGUF key llama.cpp uses for the vocabulary; its absence means "no tokenizer".
 const GGUF_TOKENS_KEY: &str = "tokenizer.ggml.tokens";
@@ -32,6 +33,8 @@ pub struct LoadOptions {
     pub batch_size: usize,
     /// Whether a GGUF model's weights are read from the file mapping or copied into memory.
     pub weights: WeightMemory,
+    /// llama.cpp's mmproj GGUF holding the vision tower of a text GGUF (`--mmproj`).
+    pub mmproj: Option<PathBuf>,
 }
 
 /// Where a GGUF model's weights live while it runs (llama.cpp's `--mmap` / `--no-mmap`).
@@ -69,6 +72,7 @@ impl Default for LoadOptions {
             cache_type: CacheType::F16,
             batch_size: DEFAULT_BATCH_SIZE,
             weights: WeightMemory::Auto,
+            mmproj: None,
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct LoadedModel {
     pub file: ModelFile,
     /// Prompt tokens per forward pass (`LoadOptions::batch_size`).
     pub batch_size: usize,
+    /// The image side, for models with a vision tower (read on the first image).
+    pub vision: Option<Vision>,
 }
 
 impl LoadedModel {
@@ -105,7 +111,7 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
         None => ensure_default_model()?,
     };
     let spinner = opts.verbose.then(|| Spinner::start(&source));
-    let loaded = load_from(&source, opts.weights);
+    let loaded = load_from(&source, opts.weights, opts.mmproj.as_deref());
     drop(spinner);
     let mut loaded = loaded.with_context(|| format!("cannot load {}", source.display()))?;
     loaded
@@ -113,6 +119,9 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
         .set_cache_type(opts.cache_type)
         .context("--cache-type")?;
     loaded.batch_size = opts.batch_size;
+    if let Some(v) = &mut loaded.vision {
+        v.verbose = opts.verbose;
+    }
     if opts.verbose {
         eprintln!(
             "gemma: {} ({}): weights {} {}{}, KV cache {} ({}) at --ctx-size {}",
@@ -136,7 +145,7 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     Ok(loaded)
 }
 
-fn load_from(source: &Path, weights: WeightMemory) -> Result<LoadedModel> {
+fn load_from(source: &Path, weights: WeightMemory, mmproj: Option<&Path>) -> Result<LoadedModel> {
     let mut file = open_model_source(source)?;
     if let ModelFile::Gguf(gguf) = &mut file {
         // An unreadable architecture is reported by `load_model` below.
@@ -147,6 +156,24 @@ fn load_from(source: &Path, weights: WeightMemory) -> Result<LoadedModel> {
     let model = load_model(&file)?;
     let tokenizer = load_tokenizer(&file)?;
     let chat_template = load_chat_template(&file, tokenizer.as_ref())?;
+    let mut vision = Vision::detect(&file, mmproj)?;
+    if let (Some(v), Some(t), ModelFile::Gguf(_)) = (&mut vision, &tokenizer, &file) {
+        // A text GGUF names its image tokens only in its vocabulary.
+        let ids = &mut v.ids;
+        ids.boi = t.token_id("<start_of_image>").unwrap_or(ids.boi);
+        ids.eoi = t.token_id("<end_of_image>").unwrap_or(ids.eoi);
+        ids.image = t.token_id("<image_soft_token>").unwrap_or(ids.image);
+    }
+    if let Some(v) = &vision {
+        if v.ids.image as usize >= model.vocab_size() {
+            bail!(
+                "the image token {} is outside this model's vocabulary ({} tokens): is the \
+                 vision tower for this model?",
+                v.ids.image,
+                model.vocab_size()
+            );
+        }
+    }
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -154,6 +181,7 @@ fn load_from(source: &Path, weights: WeightMemory) -> Result<LoadedModel> {
         source: source.to_path_buf(),
         file,
         batch_size: DEFAULT_BATCH_SIZE,
+        vision,
     })
 }
 

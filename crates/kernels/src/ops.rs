@@ -41,6 +41,52 @@ fn rms_scale(row: &[f32], eps: f32) -> f32 {
     1.0 / (mean + eps).sqrt()
 }
 
+/// LayerNorm of each `dim`-sized row of `x` (`dim = weight.len()`), in place: PyTorch's
+/// `nn.LayerNorm`, `(x - mean) / sqrt(var + eps) * weight + bias` with the biased variance
+/// (SigLIP's norms; not Gemma's RMSNorm). Mean and variance accumulate in f64, two passes,
+/// so the result does not depend on summation order and a large mean does not cancel the
+/// variance away.
+#[track_caller]
+pub fn layer_norm_inplace(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+    let dim = weight.len();
+    assert!(
+        dim > 0 && bias.len() == dim && x.len().is_multiple_of(dim),
+        "layer_norm: {} values do not split into rows of {dim}, or the bias has {} values",
+        x.len(),
+        bias.len()
+    );
+    for row in x.chunks_exact_mut(dim) {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
+        let var = row
+            .iter()
+            .map(|&v| {
+                let d = v as f64 - mean;
+                d * d
+            })
+            .sum::<f64>()
+            / dim as f64;
+        let scale = (1.0 / (var + eps as f64).sqrt()) as f32;
+        let mean = mean as f32;
+        for ((v, w), b) in row.iter_mut().zip(weight).zip(bias) {
+            *v = (*v - mean) * scale * w + b;
+        }
+    }
+}
+
+/// Adds `bias` to every `bias.len()`-sized row of `x` (a linear layer's bias).
+#[track_caller]
+pub fn add_bias_inplace(x: &mut [f32], bias: &[f32]) {
+    let dim = bias.len();
+    assert!(
+        dim > 0 && x.len().is_multiple_of(dim),
+        "add_bias: {} values do not split into rows of {dim}",
+        x.len()
+    );
+    for row in x.chunks_exact_mut(dim) {
+        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+    }
+}
+
 /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
 ///
 /// Computed as `x · sigmoid(2u)`, which equals `0.5 · x · (1 + tanh(u))` exactly in real
@@ -83,6 +129,44 @@ pub fn gelu_tanh_mul_parallel(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
         // SAFETY: disjoint chunk of the exclusively borrowed `gate`.
         let g = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), len) };
         gelu_tanh_mul_inplace(g, &up[start..start + len]);
+    });
+}
+
+/// `x = gelu_tanh(x + bias)` for every `bias.len()`-sized row of `x` (a non-gated MLP's
+/// first projection and activation, SigLIP's `fc1`), split across `pool` by whole rows.
+#[track_caller]
+pub fn add_bias_gelu_tanh_parallel(pool: &ThreadPool, x: &mut [f32], bias: &[f32]) {
+    let dim = bias.len();
+    assert!(
+        dim > 0 && x.len().is_multiple_of(dim),
+        "bias_gelu: {} values do not split into rows of {dim}",
+        x.len()
+    );
+    let apply = |rows: &mut [f32]| {
+        for row in rows.chunks_exact_mut(dim) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v = gelu_tanh(*v + b);
+            }
+        }
+    };
+    const CHUNK: usize = 16 * 1024;
+    let rows_per_task = CHUNK.div_ceil(dim);
+    let n_rows = x.len() / dim;
+    if n_rows <= rows_per_task {
+        apply(x);
+        return;
+    }
+    struct RowsPtr(*mut f32);
+    // SAFETY: each task writes its own rows of `x`.
+    unsafe impl Sync for RowsPtr {}
+    let ptr = RowsPtr(x.as_mut_ptr());
+    let ptr = &ptr;
+    pool.run(n_rows.div_ceil(rows_per_task), &|task| {
+        let first = task * rows_per_task;
+        let n = rows_per_task.min(n_rows - first);
+        // SAFETY: rows `first..first + n` of the exclusively borrowed `x`, disjoint per task.
+        let rows = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(first * dim), n * dim) };
+        apply(rows);
     });
 }
 
@@ -288,5 +372,70 @@ mod rope_tests {
             assert!((x[i] as f64 - expected.0).abs() < 1e-5, "pair {i}");
             assert!((x[i + 4] as f64 - expected.1).abs() < 1e-5, "pair {i}");
         }
+    }
+}
+
+#[cfg(test)]
+mod layer_norm_tests {
+    use super::*;
+
+    /// `nn.LayerNorm` written out in f64.
+    fn layer_norm_reference(row: &[f32], w: &[f32], b: &[f32], eps: f64) -> Vec<f64> {
+        let n = row.len() as f64;
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        row.iter()
+            .zip(w.iter().zip(b))
+            .map(|(&v, (&w, &b))| (v as f64 - mean) / (var + eps).sqrt() * w as f64 + b as f64)
+            .collect()
+    }
+
+    #[test]
+    fn layer_norm_matches_the_textbook_formula() {
+        let dim = 37;
+        // A large offset: the mean must not swamp the variance.
+        let x: Vec<f32> = (0..3 * dim)
+            .map(|i| (i as f32 * 0.61).sin() * 3.0 + 100.0 * (i / dim) as f32)
+            .collect();
+        let w: Vec<f32> = (0..dim).map(|i| 0.5 + (i as f32 * 0.3).cos()).collect();
+        let b: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.7).sin()).collect();
+        let mut got = x.clone();
+        layer_norm_inplace(&mut got, &w, &b, 1e-6);
+        for (row, out) in x.chunks_exact(dim).zip(got.chunks_exact(dim)) {
+            let want = layer_norm_reference(row, &w, &b, 1e-6);
+            for (g, e) in out.iter().zip(&want) {
+                assert!((*g as f64 - e).abs() < 1e-5, "{g} vs {e}");
+            }
+        }
+        // A constant row normalises to the bias (the variance is 0; eps keeps it finite).
+        let mut flat = vec![4.0f32; dim];
+        layer_norm_inplace(&mut flat, &w, &b, 1e-6);
+        assert_eq!(flat, b);
+    }
+
+    #[test]
+    fn bias_is_added_to_every_row() {
+        let mut x = vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        add_bias_inplace(&mut x, &[10.0, 20.0, 30.0]);
+        assert_eq!(x, [11.0, 22.0, 33.0, 14.0, 25.0, 36.0]);
+    }
+
+    #[test]
+    fn parallel_bias_gelu_matches_serial() {
+        let pool = ThreadPool::new(3);
+        let dim = 300;
+        let x: Vec<f32> = (0..200 * dim)
+            .map(|i| (i as f32 * 0.37).sin() * 4.0)
+            .collect();
+        let bias: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut serial = x.clone();
+        for row in serial.chunks_exact_mut(dim) {
+            for (v, b) in row.iter_mut().zip(&bias) {
+                *v = gelu_tanh(*v + b);
+            }
+        }
+        let mut parallel = x;
+        add_bias_gelu_tanh_parallel(&pool, &mut parallel, &bias);
+        assert_eq!(serial, parallel);
     }
 }

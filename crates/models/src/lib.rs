@@ -6,6 +6,7 @@ mod error;
 pub mod gemma3;
 pub mod gemma3n;
 mod kv_cache;
+pub mod vision;
 pub mod weights;
 
 pub use error::ModelError;
@@ -13,6 +14,7 @@ pub use gemma3::{Gemma3, Gemma3Config};
 pub use gemma3n::{Gemma3n, Gemma3nConfig};
 pub use gemma_kernels::ops::kv::CacheType;
 pub use kv_cache::{KvCache, SeqStep, SoftTokens};
+pub use vision::{Gemma3Vision, Gemma3VisionConfig, SiglipVisionConfig, SiglipVisionTower};
 pub use weights::{Loader, WeightLayout};
 
 use gemma_formats::{GgufFile, HfFolder, ModelFile, TensorSource};

@@ -57,14 +57,30 @@ impl Loader<'_> {
     /// A matrix of shape `[rows, cols]` (outermost first). Any stored type our kernels support.
     #[track_caller]
     pub fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<Linear, ModelError> {
+        self.linear_view(name, &[rows, cols])
+    }
+
+    /// A tensor of shape `shape` (outermost first) viewed as the matrix
+    /// `[shape[0], product of the rest]`: a convolution weight `[out, in, kh, kw]` is the matrix
+    /// that multiplies patches flattened in `(in, kh, kw)` order. No copy.
+    #[track_caller]
+    pub fn linear_view(&self, name: &str, shape: &[usize]) -> Result<Linear, ModelError> {
         let t = self.get(name)?;
-        if t.shape != [rows, cols] {
-            return Err(ModelError::TensorShape {
-                name: name.into(),
-                found: t.shape,
-                expected: vec![rows, cols],
-            });
-        }
+        let rows = shape.first().copied().unwrap_or(0);
+        let cols = shape
+            .iter()
+            .skip(1)
+            .try_fold(1usize, |a, &d| a.checked_mul(d));
+        let cols = match cols {
+            Some(cols) if t.shape == shape && rows.checked_mul(cols).is_some() => cols,
+            _ => {
+                return Err(ModelError::TensorShape {
+                    name: name.into(),
+                    found: t.shape,
+                    expected: shape.to_vec(),
+                })
+            }
+        };
         if !cols.is_multiple_of(t.dtype.block_size())
             || t.dtype.bytes_for(rows * cols) != Some(t.data.len())
         {
@@ -78,6 +94,67 @@ impl Loader<'_> {
             rows,
             cols,
             data: t.data,
+        })
+    }
+
+    /// A raw parameter used as `x @ W`, stored `[cols, rows]` (in, out), as the `[rows, cols]`
+    /// (out, in) matrix the kernels multiply by: transposed here, once, into an owned copy (the
+    /// one tensor loading reads; Gemma 3's projector weight, 1152 × text hidden). Plain element
+    /// types (f32, f16, bf16) keep their type; block-quantized ones are dequantized to f32,
+    /// since their blocks run along the stored rows, the wrong axis after the transpose.
+    pub fn linear_transposed(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Linear, ModelError> {
+        let t = self.get(name)?;
+        if t.shape != [cols, rows] {
+            return Err(ModelError::TensorShape {
+                name: name.into(),
+                found: t.shape,
+                expected: vec![cols, rows],
+            });
+        }
+        let type_error = || ModelError::TensorType {
+            name: name.into(),
+            dtype: t.dtype,
+        };
+        let n = rows.checked_mul(cols).ok_or_else(type_error)?;
+        if t.dtype.bytes_for(n) != Some(t.data.len()) {
+            return Err(type_error());
+        }
+        let (dtype, bytes) = if t.dtype.block_size() == 1 {
+            // Element `(r, c)` of the result is stored element `(c, r)`, `size` bytes each.
+            let size = t.dtype.type_size();
+            let src = t.data.bytes();
+            let mut out = vec![0u8; src.len()];
+            for (r, dst_row) in out.chunks_exact_mut(cols * size).enumerate() {
+                for (c, dst) in dst_row.chunks_exact_mut(size).enumerate() {
+                    let at = (c * rows + r) * size;
+                    dst.copy_from_slice(&src[at..at + size]);
+                }
+            }
+            (t.dtype, out)
+        } else {
+            if !rows.is_multiple_of(t.dtype.block_size()) {
+                return Err(type_error());
+            }
+            let mut stored = vec![0.0f32; n];
+            quant::dequantize(t.dtype, &t.data, &mut stored).map_err(|_| type_error())?;
+            let mut out = Vec::with_capacity(4 * n);
+            for r in 0..rows {
+                for c in 0..cols {
+                    out.extend_from_slice(&stored[c * rows + r].to_le_bytes());
+                }
+            }
+            (GgmlType::F32, out)
+        };
+        Ok(Linear {
+            dtype,
+            rows,
+            cols,
+            data: Blob::from_vec(bytes),
         })
     }
 

@@ -66,8 +66,20 @@ impl AttentionMask {
     }
 }
 
-/// Queries (tokens) handled by one task: they share every key/value block read.
-const QUERY_BLOCK: usize = 8;
+/// Queries (token × head of a group) one task aims to handle: they share every key/value block
+/// read. A task takes `QUERIES_PER_TASK / group` tokens, between [`MIN_QUERY_BLOCK`] and
+/// [`MAX_QUERY_BLOCK`] (see [`query_block`]).
+const QUERIES_PER_TASK: usize = 32;
+const MIN_QUERY_BLOCK: usize = 8;
+const MAX_QUERY_BLOCK: usize = 32;
+
+/// Tokens per task for `group` query heads per kv head: 8 for Gemma 3's grouped heads (4 per kv
+/// head on the small models, as before), 32 without grouping (a vision tower's 4096 patches,
+/// where reading each key block for only 8 queries left attention bound by the reads).
+fn query_block(group: usize) -> usize {
+    (QUERIES_PER_TASK / group.max(1)).clamp(MIN_QUERY_BLOCK, MAX_QUERY_BLOCK)
+}
+
 /// Keys scored together before the softmax state is updated once for the block.
 const KEY_BLOCK: usize = 64;
 
@@ -85,7 +97,7 @@ thread_local! {
 /// `out[t, h, :] = softmax_j(scale · q[t, h]·k[j, h/g]) · v[j, h/g]` over the visible keys of all
 /// segments, where query `t` sits at position `q_pos0 + t` and `g = n_heads / n_kv_heads`.
 ///
-/// A task owns one kv head, a block of [`QUERY_BLOCK`] tokens (all `g` query heads of the group,
+/// A task owns one kv head, a block of [`query_block`] tokens (all `g` query heads of the group,
 /// so each key/value block is read once for all of them) and, when there are too few such
 /// tasks to fill the pool (decoding), one slice of the keys; slices are merged afterwards with
 /// their softmax maxima and denominators. Keys are taken [`KEY_BLOCK`] at a time and the online
@@ -114,10 +126,11 @@ pub fn attention(
 }
 
 /// [`attention`] where a query inside one of `spans` (absolute positions, sorted, disjoint)
-/// also sees every key of its span, later ones included: `p.mask` OR same-span. This is how
-/// Gemma 3 lets an image's soft tokens attend to each other in both directions (transformers'
-/// `or_mask_function`: on sliding layers the span also reaches past the window). The keys of
-/// a span's later positions must be among `segments` (feed a span whole in one call).
+/// also sees the later keys of its span: causal OR same-span, and on sliding layers the
+/// window still bounds the past (`j > i - window`). This is how Gemma 3 lets an image's soft
+/// tokens attend to each other in both directions (transformers 5.24's `token_type_ids` mask;
+/// checked against its logits with a block longer than the window). The keys of a span's
+/// later positions must be among `segments` (feed a span whole in one call).
 #[track_caller]
 pub fn attention_spans(
     pool: &ThreadPool,
@@ -199,7 +212,8 @@ pub fn attention_with(
         return;
     }
     let group = nh / nkv;
-    let n_qblocks = n_tokens.div_ceil(QUERY_BLOCK);
+    let query_block = query_block(group);
+    let n_qblocks = n_tokens.div_ceil(query_block);
     let base_tasks = nkv * n_qblocks;
     let total_keys: usize = segments.iter().map(|s| s.len).sum();
     let want = 2 * pool.n_threads();
@@ -218,6 +232,7 @@ pub fn attention_with(
         spans,
         n_tokens,
         group,
+        query_block,
         total_keys,
         n_splits,
         use_avx2,
@@ -297,6 +312,8 @@ struct Job<'a, 'b> {
     spans: &'a [Range<usize>],
     n_tokens: usize,
     group: usize,
+    /// Tokens per task ([`query_block`]).
+    query_block: usize,
     total_keys: usize,
     n_splits: usize,
     // Only x86-64 has an AVX2 path; other targets always take the generic one.
@@ -308,14 +325,14 @@ struct Job<'a, 'b> {
 type Emit<'e> = dyn FnMut(usize, usize, &[f32], f32, f32) + 'e;
 
 impl Job<'_, '_> {
-    /// Key positions `[lo, hi]` visible to a query at `query_pos`: the mask's range, widened
-    /// to the whole of a bidirectional span holding the query (the union stays contiguous
-    /// because the span holds the query).
+    /// Key positions `[lo, hi]` visible to a query at `query_pos`: the mask's range, reaching
+    /// forward to the end of a bidirectional span holding the query (the window's lower bound
+    /// stays).
     fn visible_range(&self, query_pos: usize) -> (usize, usize) {
         let (lo, hi) = self.p.mask.visible_range(query_pos);
         let i = self.spans.partition_point(|s| s.end <= query_pos);
         match self.spans.get(i) {
-            Some(s) if s.start <= query_pos => (lo.min(s.start), hi.max(s.end - 1)),
+            Some(s) if s.start <= query_pos => (lo, hi.max(s.end - 1)),
             _ => (lo, hi),
         }
     }
@@ -358,10 +375,10 @@ impl Job<'_, '_> {
         let (hd, nh) = (p.head_dim, p.n_heads);
         let kv_row = p.n_kv_heads * hd;
         let q_row = nh * hd;
-        let n_qblocks = self.n_tokens.div_ceil(QUERY_BLOCK);
+        let n_qblocks = self.n_tokens.div_ceil(self.query_block);
         let (kv_h, qb) = (base_task / n_qblocks, base_task % n_qblocks);
-        let t0 = qb * QUERY_BLOCK;
-        let nt = QUERY_BLOCK.min(self.n_tokens - t0);
+        let t0 = qb * self.query_block;
+        let nt = self.query_block.min(self.n_tokens - t0);
         let nq = nt * self.group;
         // Segments not stored as f32 are converted a block at a time into key/value buffers.
         let converted = self
@@ -391,7 +408,7 @@ impl Job<'_, '_> {
         // This split's slice of the concatenated keys, and the positions any query here sees.
         let key_lo = split * self.total_keys / self.n_splits;
         let key_hi = (split + 1) * self.total_keys / self.n_splits;
-        let mut ranges = [(0usize, 0usize); QUERY_BLOCK];
+        let mut ranges = [(0usize, 0usize); MAX_QUERY_BLOCK];
         for (t, r) in ranges[..nt].iter_mut().enumerate() {
             *r = self.visible_range(self.q_pos0 + t0 + t);
         }
@@ -452,14 +469,20 @@ impl Job<'_, '_> {
                         continue;
                     }
                     let row = &mut row[j_lo - b0..j_hi - b0];
-                    let mut block_max = f32::NEG_INFINITY;
-                    for s in row.iter_mut() {
-                        *s *= p.scale;
-                        if let Some(cap) = p.softcap {
-                            *s = cap * (*s / cap).tanh();
+                    let block_max = match p.softcap {
+                        // A running scalar max is one long dependency chain (a quarter of a
+                        // vision tower's attention time): eight lanes break it.
+                        None => M::scale_max(row, p.scale),
+                        Some(cap) => {
+                            let mut block_max = f32::NEG_INFINITY;
+                            for s in row.iter_mut() {
+                                *s *= p.scale;
+                                *s = cap * (*s / cap).tanh();
+                                block_max = block_max.max(*s);
+                            }
+                            block_max
                         }
-                        block_max = block_max.max(*s);
-                    }
+                    };
                     let acc_q = &mut acc[qi * hd..(qi + 1) * hd];
                     let new_max = maxes[qi].max(block_max);
                     if new_max > maxes[qi] {
@@ -569,6 +592,8 @@ trait VecMath {
     /// For four queries `r` (accumulators `acc[r·hd..(r+1)·hd]`, `hd = acc.len() / 4`):
     /// `acc_r += Σ_j weights[r][j] · rows[j·stride..][..hd]`; each value row is read once.
     fn axpy4(acc: &mut [f32], weights: &[&[f32]; 4], rows: &[f32], stride: usize);
+    /// `x[i] *= scale`; returns the largest result (the same value whatever the order).
+    fn scale_max(x: &mut [f32], scale: f32) -> f32;
     /// `x[i] = e^(x[i] - shift)`; returns their sum.
     fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32;
     /// Values `offset..offset + dst.len()` of `rows`, as f32.
@@ -600,6 +625,23 @@ impl VecMath for ScalarMath {
         }
     }
     #[inline(always)]
+    fn scale_max(x: &mut [f32], scale: f32) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let mut chunks = x.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            for (v, m) in chunk.iter_mut().zip(&mut lanes) {
+                *v *= scale;
+                *m = m.max(*v);
+            }
+        }
+        let mut best = lanes.into_iter().fold(f32::NEG_INFINITY, f32::max);
+        for v in chunks.into_remainder() {
+            *v *= scale;
+            best = best.max(*v);
+        }
+        best
+    }
+    #[inline(always)]
     fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
         exp::exp_shifted_sum_scalar(x, shift)
     }
@@ -628,12 +670,19 @@ impl VecMath for Avx2Math {
                 s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb), s0);
                 s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8)), s1);
             }
+            // A half chunk left (head_dim 72 = 4·16 + 8, SigLIP's) is one more vector.
+            let mut done = chunks * 16;
+            if n - done >= 8 {
+                let (pa, pb) = (a.as_ptr().add(done), b.as_ptr().add(done));
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb), s0);
+                done += 8;
+            }
             let s = _mm256_add_ps(s0, s1);
             let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
             let h = _mm_add_ss(h, _mm_movehdup_ps(h));
             let mut total = _mm_cvtss_f32(h);
-            for i in chunks * 16..n {
+            for i in done..n {
                 total += a[i] * b[i];
             }
             total
@@ -661,6 +710,16 @@ impl VecMath for Avx2Math {
                     hi[r] = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(8)), k1, hi[r]);
                 }
             }
+            // A half chunk left (head_dim 72) is one more vector per query.
+            let mut done = chunks * 16;
+            if n - done >= 8 {
+                let k0 = _mm256_loadu_ps(key.as_ptr().add(done));
+                for r in 0..4 {
+                    let q0 = _mm256_loadu_ps(queries[r].as_ptr().add(done));
+                    lo[r] = _mm256_fmadd_ps(q0, k0, lo[r]);
+                }
+                done += 8;
+            }
             let mut out = [0.0f32; 4];
             for r in 0..4 {
                 let s = _mm256_add_ps(lo[r], hi[r]);
@@ -668,7 +727,7 @@ impl VecMath for Avx2Math {
                 let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
                 let h = _mm_add_ss(h, _mm_movehdup_ps(h));
                 out[r] = _mm_cvtss_f32(h);
-                for i in chunks * 16..n {
+                for i in done..n {
                     out[r] += queries[r][i] * key[i];
                 }
             }
@@ -732,8 +791,28 @@ impl VecMath for Avx2Math {
                 }
             }
         }
+        // A half chunk left (head_dim 72 = 4·16 + 8): eight dimensions of the four queries.
+        let mut done = chunks * 16;
+        if hd - done >= 8 {
+            // SAFETY: as above, for dimensions `done..done + 8 <= hd`.
+            unsafe {
+                let mut a: [__m256; 4] =
+                    std::array::from_fn(|r| _mm256_loadu_ps(acc.as_ptr().add(r * hd + done)));
+                for j in 0..n {
+                    let v0 = _mm256_loadu_ps(rows.as_ptr().add(j * stride + done));
+                    for (r, a_r) in a.iter_mut().enumerate() {
+                        let w = _mm256_set1_ps(*weights[r].get_unchecked(j));
+                        *a_r = _mm256_fmadd_ps(w, v0, *a_r);
+                    }
+                }
+                for (r, a_r) in a.iter().enumerate() {
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(r * hd + done), *a_r);
+                }
+            }
+            done += 8;
+        }
         for r in 0..4 {
-            for d in chunks * 16..hd {
+            for d in done..hd {
                 let mut sum = acc[r * hd + d];
                 for (j, &w) in weights[r].iter().enumerate() {
                     sum += w * rows[j * stride + d];
@@ -741,6 +820,32 @@ impl VecMath for Avx2Math {
                 acc[r * hd + d] = sum;
             }
         }
+    }
+
+    #[inline(always)]
+    fn scale_max(x: &mut [f32], scale: f32) -> f32 {
+        use std::arch::x86_64::*;
+        let chunks = x.len() / 8;
+        // SAFETY: AVX2 detected (see the struct); loads and stores stay inside `x`.
+        let mut best = unsafe {
+            let s = _mm256_set1_ps(scale);
+            let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+            for c in 0..chunks {
+                let p = x.as_mut_ptr().add(8 * c);
+                let v = _mm256_mul_ps(_mm256_loadu_ps(p), s);
+                _mm256_storeu_ps(p, v);
+                m = _mm256_max_ps(m, v);
+            }
+            let h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            _mm_cvtss_f32(h)
+        };
+        for v in &mut x[chunks * 8..] {
+            *v *= scale;
+            best = best.max(*v);
+        }
+        best
     }
 
     #[inline(always)]
@@ -774,7 +879,8 @@ mod tests {
         naive_spans(p, q, q_pos0, k, v, n_keys, &[])
     }
 
-    /// [`naive`] where queries in a span also see every key of the span (mask OR same span).
+    /// [`naive`] where queries in a span also see the span's later keys (the sliding window
+    /// still bounds the past).
     fn naive_spans(
         p: &AttentionParams,
         q: &[f32],
@@ -794,7 +900,12 @@ mod tests {
                 let qv = &q[(t * nh + h) * hd..][..hd];
                 let scores: Vec<Option<f64>> = (0..n_keys)
                     .map(|j| {
-                        (p.mask.visible(q_pos0 + t, j) || same_span(q_pos0 + t, j)).then(|| {
+                        let i = q_pos0 + t;
+                        let in_window = match p.mask {
+                            AttentionMask::Causal => true,
+                            AttentionMask::SlidingWindow(w) => j + w > i,
+                        };
+                        (p.mask.visible(i, j) || (same_span(i, j) && in_window)).then(|| {
                             let kv = &k[(j * nkv + kvh) * hd..][..hd];
                             let s: f64 = qv.iter().zip(kv).map(|(a, b)| (a * b) as f64).sum();
                             let s = s * p.scale as f64;
@@ -940,6 +1051,43 @@ mod tests {
                             "{mask:?} {spans:?} {isa:?}: {a} vs {b}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Head dimensions that are not a multiple of 16 (SigLIP's 72, and others with and
+    /// without a half-vector or scalar remainder), through the blocked SIMD and scalar loops.
+    #[test]
+    // One span covering every position: a vision tower's attention.
+    #[allow(clippy::single_range_in_vec_init)]
+    fn odd_head_dims_match_naive_attention() {
+        let pool = ThreadPool::new(2);
+        let n = 70;
+        for hd in [72, 12, 24, 40, 9, 3] {
+            let p = AttentionParams {
+                n_heads: 2,
+                n_kv_heads: 2,
+                head_dim: hd,
+                scale: (hd as f32).powf(-0.5),
+                softcap: None,
+                mask: AttentionMask::Causal,
+            };
+            let k = pseudo_random(n * 2 * hd, 21);
+            let v = pseudo_random(n * 2 * hd, 22);
+            let q = pseudo_random(n * 2 * hd, 23);
+            let segs = [KvSegment {
+                keys: KvRows::F32(&k),
+                values: KvRows::F32(&v),
+                first_pos: 0,
+                len: n,
+            }];
+            let expected = naive_spans(&p, &q, 0, &k, &v, n, &[0..n]);
+            for isa in [Isa::Scalar, crate::quant::selected_isa()] {
+                let mut out = vec![0.0; q.len()];
+                attention_with(&pool, isa, &p, &q, 0, &segs, &[0..n], &mut out);
+                for (a, b) in out.iter().zip(&expected) {
+                    assert!((a - b).abs() < 1e-5, "head_dim {hd} {isa:?}: {a} vs {b}");
                 }
             }
         }
