@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Drives a running `gemma serve` with the official `openai` Python client: chat, streaming,
 a tool call round trip (plain and streamed), and `json_schema` output for 20 random schemas
-(nested objects, arrays, enums, numbers), each validated with `jsonschema`.
+(nested objects, arrays, enums, numbers), each validated with `jsonschema`. With a second
+server running a Gemma 3 vision model: image requests (one image, two in one message,
+streamed, pan-and-scan, bad images) with base64 data URLs of the fixture images.
 Run by `crates/server/tests/openai_client.rs` (which makes a venv with `openai` and
-`jsonschema`), or by hand: openai_client_check.py [BASE_URL]
+`jsonschema`), or by hand: openai_client_check.py [BASE_URL [VISION_BASE_URL IMAGE_DIR]]
 Exits non-zero on the first failed check."""
 
+import base64
 import json
+import os
 import random
 import sys
 
@@ -14,6 +18,9 @@ import jsonschema
 import openai
 
 base = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080/v1"
+# A second server, with a Gemma 3 vision model, and the folder of the test images.
+vision_base = sys.argv[2] if len(sys.argv) > 2 else None
+image_dir = sys.argv[3] if len(sys.argv) > 3 else None
 client = openai.OpenAI(base_url=base, api_key="unused")
 
 
@@ -196,8 +203,74 @@ try:
             }
         ],
     )
-    check("image part rejected", False)
+    check("image to a text-only model rejected", False)
 except openai.BadRequestError as e:
-    check("image part rejected with 400", e.status_code == 400)
+    check("image to a text-only model rejected with 400",
+          e.status_code == 400 and "takes no images" in str(e), e)
+
+if vision_base:
+    # Images, sent as base64 data URLs the way OpenAI's vision guide shows, to a server running
+    # a Gemma 3 model with a vision tower.
+    vclient = openai.OpenAI(base_url=vision_base, api_key="unused")
+    vmodel = vclient.models.list().data[0].id
+
+    def image_url(name):
+        with open(os.path.join(image_dir, name), "rb") as f:
+            data = base64.b64encode(f.read()).decode()
+        return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}", "detail": "low"}}
+
+    def ask(content, **kw):
+        return vclient.chat.completions.create(
+            model=vmodel, messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0, **kw
+        )
+
+    text_only = ask([{"type": "text", "text": "What is in this picture?"}])
+    one = ask([{"type": "text", "text": "What is in this picture?"}, image_url("img_a_97x73.png")])
+    check("image request", isinstance(one.choices[0].message.content, str)
+          and one.choices[0].finish_reason in ("stop", "length"), one)
+    # Each image of the tiny model is 16 soft tokens between its start and end tokens.
+    check("image tokens counted in usage", one.usage.prompt_tokens >= text_only.usage.prompt_tokens + 18,
+          (one.usage, text_only.usage))
+    two = ask([
+        image_url("img_a_97x73.png"),
+        {"type": "text", "text": "Compare this picture with"},
+        image_url("img_b1_64x64.png"),
+    ])
+    check("two images in one message", isinstance(two.choices[0].message.content, str)
+          and two.usage.prompt_tokens >= one.usage.prompt_tokens + 18, two)
+
+    content = [{"type": "text", "text": "Describe"}, image_url("img_b3_150x90.png")]
+    plain = ask(content)
+    stream = ask(content, stream=True, stream_options={"include_usage": True})
+    text, usage, finish = "", None, None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+        if chunk.usage:
+            usage = chunk.usage
+    check("streamed image request equals non-stream", text == plain.choices[0].message.content
+          and finish == plain.choices[0].finish_reason, (text, plain))
+    check("streamed image usage", usage is not None and usage.prompt_tokens == plain.usage.prompt_tokens
+          and usage.completion_tokens == plain.usage.completion_tokens, usage)
+
+    wide = [image_url("img_c_800x300.png"), {"type": "text", "text": "Describe"}]
+    crops = ask(wide, extra_body={"pan_and_scan": True})
+    check("pan_and_scan adds crops", crops.usage.prompt_tokens >= ask(wide).usage.prompt_tokens + 3 * 16,
+          crops.usage)
+
+    with open(os.path.join(image_dir, "img_a_97x73.png"), "rb") as f:
+        half = base64.b64encode(f.read()[:5000]).decode()
+    for url, words in [
+        (f"data:image/png;base64,{half}", "corrupt or truncated"),
+        ("https://example.com/cat.png", "remote image URLs are not fetched"),
+    ]:
+        try:
+            ask([{"type": "image_url", "image_url": {"url": url}}])
+            check(f"bad image {url[:20]} rejected", False)
+        except openai.BadRequestError as e:
+            check(f"bad image {url[:20]} rejected with 400", e.status_code == 400 and words in str(e)
+                  and e.body.get("param") == "messages[0].content[0].image_url", e)
 
 print("all checks passed")

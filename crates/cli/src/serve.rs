@@ -1,10 +1,12 @@
 //! `gemma serve`: the OpenAI-compatible HTTP server.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gemma_server::ServerConfig;
+use gemma_engine::gemma_media::ImageLimits;
+use gemma_server::{MediaConfig, ServerConfig};
 
 use crate::CommonArgs;
 
@@ -25,14 +27,32 @@ pub struct ServeArgs {
     /// Seconds a request may take before it is ended
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub timeout: u64,
-    /// Largest accepted request body in bytes
-    #[arg(long, default_value_t = 4 * 1024 * 1024, value_name = "BYTES")]
+    /// Largest accepted request body in bytes (images come in it as data: URLs)
+    #[arg(long, default_value_t = 32 * 1024 * 1024, value_name = "BYTES")]
     pub body_limit: usize,
+    /// Read image paths and file:// URLs of requests from this directory (and nowhere else);
+    /// without it only data: URLs are accepted
+    #[arg(long, value_name = "DIR")]
+    pub allowed_media_dir: Option<PathBuf>,
+    /// Largest image accepted, in pixels (width × height, checked before decoding)
+    #[arg(long, default_value_t = ImageLimits::default().max_pixels, value_name = "N")]
+    pub max_image_pixels: u64,
+    /// Most images per request, pan-and-scan crops counted
+    #[arg(long, default_value_t = MediaConfig::default().max_images, value_name = "N")]
+    pub max_images: usize,
 }
 
 pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     if args.parallel == 0 || args.queue_size == 0 || args.timeout == 0 {
         anyhow::bail!("--parallel, --queue-size and --timeout must be at least 1");
+    }
+    if args.max_image_pixels == 0 {
+        anyhow::bail!("--max-image-pixels must be at least 1");
+    }
+    if let Some(dir) = &args.allowed_media_dir {
+        if !dir.is_dir() {
+            anyhow::bail!("--allowed-media-dir {} is not a directory", dir.display());
+        }
     }
     let loaded = common.load(&common.load_options())?;
     let trained = loaded.model.context_length();
@@ -49,6 +69,15 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         queue_capacity: args.queue_size,
         request_timeout: Duration::from_secs(args.timeout),
         body_limit: args.body_limit,
+        media: MediaConfig {
+            allowed_dir: args.allowed_media_dir.clone(),
+            limits: ImageLimits {
+                max_pixels: args.max_image_pixels,
+                ..ImageLimits::default()
+            },
+            max_images: args.max_images,
+            ..MediaConfig::default()
+        },
     };
     gemma_server::run(loaded, config)
 }

@@ -23,6 +23,10 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Vec<Tool>>,
     #[serde(default)]
     pub tool_choice: Option<ToolChoice>,
+    /// Not in OpenAI's API: add Gemma 3's pan-and-scan crops of non-square images (more image
+    /// tokens, finer detail).
+    #[serde(default)]
+    pub pan_and_scan: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,14 +123,37 @@ pub enum MessageContent {
     Parts(Vec<ContentPart>),
 }
 
-/// One element of a content array. Every part type is accepted by the schema; only text can
-/// be answered until multimodal input lands.
+/// One element of a content array: `text` parts and `image_url` parts are answered; other
+/// types are accepted by the schema and refused with a message.
 #[derive(Debug, Deserialize)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
     #[serde(default)]
     pub text: Option<String>,
+    #[serde(default)]
+    pub image_url: Option<ImageUrl>,
+}
+
+/// `{"url": ..., "detail": ...}` as OpenAI sends it (`detail` is accepted and ignored: Gemma 3
+/// sees every image at its tower's resolution), or a bare URL string as some clients do.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ImageUrl {
+    Object {
+        url: String,
+        #[serde(default)]
+        detail: Option<String>,
+    },
+    Url(String),
+}
+
+impl ImageUrl {
+    pub fn url(&self) -> &str {
+        match self {
+            ImageUrl::Object { url, .. } | ImageUrl::Url(url) => url,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,10 +8,13 @@
 //! - [`tools`]: Gemma 3 function calling (prompt rendering, tool choice, call schemas).
 //! - [`tool_stream`]: recognizing calls in the reply as it is generated, so their
 //!   arguments stream as OpenAI `tool_calls` deltas.
+//! - [`media`]: images in chat messages (`image_url` parts): data URLs, files under
+//!   `--allowed-media-dir`, the limits on them.
 
 pub mod api;
 pub mod constrain;
 pub mod error;
+pub mod media;
 pub mod metrics;
 mod prepare;
 pub mod routes;
@@ -30,6 +33,7 @@ use gemma_engine::LoadedModel;
 use tokio::sync::oneshot;
 
 pub use constrain::GrammarCompiler;
+pub use media::MediaConfig;
 use metrics::Metrics;
 use prepare::PrepareContext;
 use routes::AppState;
@@ -48,6 +52,8 @@ pub struct ServerConfig {
     pub queue_capacity: usize,
     pub request_timeout: Duration,
     pub body_limit: usize,
+    /// Where images may come from and what they may cost.
+    pub media: MediaConfig,
 }
 
 impl Default for ServerConfig {
@@ -59,7 +65,8 @@ impl Default for ServerConfig {
             ctx_size: 4096,
             queue_capacity: 64,
             request_timeout: Duration::from_secs(600),
-            body_limit: 4 * 1024 * 1024,
+            body_limit: 32 * 1024 * 1024,
+            media: MediaConfig::default(),
         }
     }
 }
@@ -166,6 +173,8 @@ fn serve_on(
             ctx_size: config.ctx_size,
             grammar: std::sync::OnceLock::new(),
             end_token,
+            media: config.media.clone(),
+            image_work: std::sync::Mutex::new(()),
         }),
         metrics,
         model_id,

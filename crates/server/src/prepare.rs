@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gemma_engine::gemma_tokenizer::ChatMessage;
-use gemma_engine::{LoadedModel, SamplingParams};
+use gemma_engine::vision::IMAGE_MARKER;
+use gemma_engine::{LoadedModel, SamplingParams, SoftSpan};
 use llguidance::Matcher;
 
 use crate::api::{
@@ -15,11 +16,14 @@ use crate::api::{
 };
 use crate::constrain::GrammarCompiler;
 use crate::error::ApiError;
+use crate::media::{self, ImageRef, MediaConfig};
 use crate::tools::{self, ToolMode};
 
 /// Everything the scheduler and the response writer need.
 pub struct Prepared {
     pub prompt: Vec<u32>,
+    /// Image soft tokens placed on `prompt` (positions in it), in order.
+    pub soft: Vec<SoftSpan>,
     pub params: SamplingParams,
     pub logprobs: Option<usize>,
     pub grammar: Option<Matcher>,
@@ -35,6 +39,10 @@ pub struct PrepareContext {
     pub ctx_size: usize,
     pub grammar: std::sync::OnceLock<Result<GrammarCompiler, String>>,
     pub end_token: u32,
+    pub media: MediaConfig,
+    /// Held while a request's images are decoded and encoded: one request at a time, so that
+    /// concurrent image requests cannot multiply the decoders' memory.
+    pub image_work: std::sync::Mutex<()>,
 }
 
 impl PrepareContext {
@@ -51,12 +59,17 @@ impl PrepareContext {
     pub fn chat(&self, req: ChatCompletionRequest) -> Result<Prepared, ApiError> {
         let tools = req.tools.unwrap_or_default();
         let tool_mode = tools::tool_mode(&tools, req.tool_choice.as_ref())?;
-        let messages = chat_messages(&req.messages, &tools, &tool_mode)?;
+        let reserved = self.reserved_texts();
+        let (messages, image_refs) = chat_messages(&req.messages, &tools, &tool_mode, &reserved)?;
         let rendered = self.loaded.render_chat(None, &messages).map_err(|e| {
             ApiError::bad_request(format!("cannot render the conversation: {e:#}"))
                 .with_param("messages")
         })?;
-        let prompt = self.tokenize(&rendered)?;
+        let (prompt, soft) = if image_refs.is_empty() {
+            (self.tokenize(&rendered)?, Vec::new())
+        } else {
+            self.tokenize_with_images(&rendered, &image_refs, req.pan_and_scan.unwrap_or(false))?
+        };
         let top_logprobs = req.top_logprobs.unwrap_or(0);
         if top_logprobs > 20 {
             return Err(
@@ -88,6 +101,7 @@ impl PrepareContext {
             self.sampling(&req.sampling, max_tokens, prompt.len())?;
         Ok(Prepared {
             prompt,
+            soft,
             params,
             logprobs,
             grammar,
@@ -121,6 +135,7 @@ impl PrepareContext {
             self.sampling(&req.sampling, req.sampling.max_tokens, prompt.len())?;
         Ok(Prepared {
             prompt,
+            soft: Vec::new(),
             params,
             logprobs,
             grammar: None,
@@ -156,6 +171,72 @@ impl PrepareContext {
             .with_code("context_length_exceeded"));
         }
         Ok(prompt)
+    }
+
+    /// Token texts that only images may put in a prompt of a model that takes images: the
+    /// marker and the soft-token placeholder.
+    fn reserved_texts(&self) -> Vec<String> {
+        let Some(vision) = &self.loaded.vision else {
+            return Vec::new();
+        };
+        let mut texts = vec![IMAGE_MARKER.to_owned()];
+        let placeholder = self.loaded.token_text(vision.ids.image);
+        if !placeholder.is_empty() {
+            texts.push(placeholder);
+        }
+        texts
+    }
+
+    /// Reads and encodes the images (the vision tower runs here, on the preparing thread) and
+    /// tokenizes the prompt with each marker expanded to its image's tokens.
+    fn tokenize_with_images(
+        &self,
+        rendered: &str,
+        refs: &[ImageRef],
+        pan_and_scan: bool,
+    ) -> Result<(Vec<u32>, Vec<SoftSpan>), ApiError> {
+        let _busy = self.image_work.lock().unwrap_or_else(|e| e.into_inner());
+        let images = media::prepare_images(&self.loaded, &self.media, refs, pan_and_scan)?;
+        let markers = rendered.matches(IMAGE_MARKER).count();
+        if markers != images.len() {
+            // The chat template wrote image markers of its own, or dropped a message.
+            return Err(ApiError::bad_request(format!(
+                "the rendered conversation has {markers} image slot(s) for {} image(s): the \
+                 chat template does not place every image",
+                images.len()
+            ))
+            .with_param("messages"));
+        }
+        // Whether the prompt fits is known from its tokens, before the tower runs.
+        let vision = self
+            .loaded
+            .vision()
+            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        let expanded = vision
+            .expand_markers(&self.loaded.file, rendered, &images)
+            .map_err(|e| ApiError::internal(format!("cannot place the images: {e:#}")))?;
+        let ids = self
+            .loaded
+            .encode_prompt(&expanded)
+            .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e:#}")))?;
+        if ids.len() >= self.ctx_size {
+            let image_tokens = ids.iter().filter(|&&id| id == vision.ids.image).count();
+            let views: usize = images.iter().map(|i| i.views.len()).sum();
+            return Err(ApiError::bad_request(format!(
+                "the prompt has {} tokens, {image_tokens} of them for {views} image view(s), but \
+                 the context size is {}; send fewer images (or no pan-and-scan), or shorten the \
+                 text",
+                ids.len(),
+                self.ctx_size
+            ))
+            .with_param("messages")
+            .with_code("context_length_exceeded"));
+        }
+        let (prompt, soft) = self
+            .loaded
+            .encode_with_images(rendered, &images)
+            .map_err(|e| ApiError::internal(format!("cannot place the images: {e:#}")))?;
+        Ok((prompt, soft))
     }
 
     fn sampling(
@@ -234,23 +315,35 @@ impl PrepareContext {
     }
 }
 
-/// The conversation as the chat template wants it: text only, tool calls and results written
-/// out, `developer` as `system`, and consecutive turns of one side merged (Gemma's template
-/// insists on alternation).
+/// The conversation as the chat template wants it: text with an [`IMAGE_MARKER`] where each
+/// image part was, tool calls and results written out, `developer` as `system`, and
+/// consecutive turns of one side merged (Gemma's template insists on alternation). Also the
+/// image parts, in the order of their markers. `reserved`: texts that may not appear in a
+/// message (the image tokens of a model that takes images).
 fn chat_messages(
     messages: &[crate::api::RequestMessage],
     tools: &[Tool],
     mode: &ToolMode,
-) -> Result<Vec<ChatMessage>, ApiError> {
+    reserved: &[String],
+) -> Result<(Vec<ChatMessage>, Vec<ImageRef>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").with_param("messages"));
     }
     let mut out: Vec<ChatMessage> = Vec::new();
+    let mut images = Vec::new();
     if *mode != ToolMode::Off {
         out.push(ChatMessage::new("system", tools::tools_preamble(tools)));
     }
     for (i, m) in messages.iter().enumerate() {
-        let text = content_text(m.content.as_ref(), i)?;
+        let before = images.len();
+        let text = content_text(m.content.as_ref(), i, reserved, &mut images)?;
+        if images.len() > before && m.role != "user" {
+            return Err(ApiError::bad_request(format!(
+                "messages[{i}] is a {:?} message with an image: images go in user messages",
+                m.role
+            ))
+            .with_param(&images[before].param));
+        }
         let (role, text) = match m.role.as_str() {
             "system" | "developer" => ("system", text),
             "user" => ("user", text),
@@ -289,25 +382,61 @@ fn chat_messages(
     if out.len() == 1 && out[0].role == "system" {
         out.push(ChatMessage::new("user", ""));
     }
-    Ok(out)
+    Ok((out, images))
 }
 
-fn content_text(content: Option<&MessageContent>, index: usize) -> Result<String, ApiError> {
+/// A message's text, with an [`IMAGE_MARKER`] for each image part (recorded in `images`).
+fn content_text(
+    content: Option<&MessageContent>,
+    index: usize,
+    reserved: &[String],
+    images: &mut Vec<ImageRef>,
+) -> Result<String, ApiError> {
+    let checked = |t: &str, param: String| match reserved.iter().find(|r| t.contains(r.as_str())) {
+        Some(r) => Err(ApiError::bad_request(format!(
+            "{param} contains {r:?}, which stands for an image in this model's prompts: send \
+             images as image_url content parts"
+        ))
+        .with_param(&param)),
+        None => Ok(()),
+    };
     match content {
         None => Ok(String::new()),
-        Some(MessageContent::Text(t)) => Ok(t.clone()),
+        Some(MessageContent::Text(t)) => {
+            checked(t, format!("messages[{index}].content"))?;
+            Ok(t.clone())
+        }
         Some(MessageContent::Parts(parts)) => {
             let mut text = String::new();
-            for part in parts {
+            for (j, part) in parts.iter().enumerate() {
                 match part.kind.as_str() {
-                    "text" | "input_text" => text.push_str(part.text.as_deref().unwrap_or("")),
-                    "image_url" | "input_image" | "input_audio" | "audio" | "image" | "file" => {
+                    "text" | "input_text" => {
+                        let t = part.text.as_deref().unwrap_or("");
+                        checked(t, format!("messages[{index}].content[{j}].text"))?;
+                        text.push_str(t);
+                    }
+                    "image_url" => {
+                        let param = format!("messages[{index}].content[{j}].image_url");
+                        let Some(url) = &part.image_url else {
+                            return Err(ApiError::bad_request(format!(
+                                "messages[{index}].content[{j}] is an image_url part without \
+                                 an image_url"
+                            ))
+                            .with_param(&param));
+                        };
+                        text.push_str(IMAGE_MARKER);
+                        images.push(ImageRef {
+                            url: url.url().to_owned(),
+                            param,
+                        });
+                    }
+                    "input_image" | "input_audio" | "audio" | "image" | "file" => {
                         return Err(ApiError::bad_request(format!(
-                            "messages[{index}] has a {:?} content part: this server handles text only for now \
-                             (image and audio input are not supported yet)",
+                            "messages[{index}] has a {:?} content part: this server takes text \
+                             and image_url parts (audio and files are not supported yet)",
                             part.kind
                         ))
-                        .with_param("messages")
+                        .with_param(&format!("messages[{index}].content[{j}]"))
                         .with_code("unsupported_content"))
                     }
                     other => {

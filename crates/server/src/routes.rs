@@ -140,6 +140,7 @@ async fn respond(state: &AppState, p: Prepared, endpoint: Endpoint) -> Result<Re
     let (tx, mut rx) = mpsc::unbounded_channel();
     let job = Job {
         prompt: p.prompt,
+        soft: p.soft,
         params: p.params,
         logprobs: p.logprobs,
         grammar: p.grammar,

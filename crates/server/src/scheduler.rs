@@ -4,6 +4,11 @@
 //! went away is dropped before the next step; a free slot whose cached tokens share the
 //! longest prefix with a new prompt is picked so that prefix is not recomputed, and a longer
 //! prefix held by any other slot (even a busy one) is copied over instead of recomputed.
+//!
+//! Prompts may carry soft tokens (images): a prompt chunk never cuts an image block (its
+//! tokens attend to each other both ways), each step carries the part of the soft tokens
+//! inside its chunk, and the prefix cache compares positions by content — the token id and,
+//! for soft tokens, the media key — since every image sits on the same placeholder ids.
 
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
@@ -11,9 +16,11 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::Result;
+use gemma_engine::gemma_models::SoftTokens;
 use gemma_engine::gemma_models::{KvCache, ModelError, SeqStep};
 use gemma_engine::gemma_tokenizer::StreamDecoder;
-use gemma_engine::{LoadedModel, Sampler, SamplingParams};
+use gemma_engine::generate::chunk_end;
+use gemma_engine::{LoadedModel, Sampler, SamplingParams, SoftSpan};
 use llguidance::Matcher;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -67,6 +74,8 @@ pub enum JobEvent {
 /// One generation request, already tokenized and validated.
 pub struct Job {
     pub prompt: Vec<u32>,
+    /// Soft tokens on `prompt` (positions in it, sorted, disjoint): the request's images.
+    pub soft: Vec<SoftSpan>,
     pub params: SamplingParams,
     /// `Some(n)`: report each token's log-probability and its `n` best alternatives.
     pub logprobs: Option<usize>,
@@ -105,6 +114,7 @@ impl Scheduler {
         let (queue, jobs) = std::sync::mpsc::sync_channel(queue_capacity);
         let worker = Worker {
             stop_ids: loaded.stop_token_ids(),
+            hidden: loaded.model.hidden_size(),
             loaded,
             slots,
             metrics: metrics.clone(),
@@ -135,12 +145,8 @@ impl Scheduler {
 
 struct Slot {
     cache: KvCache,
-    /// The tokens whose keys and values are in `cache` (for prefix reuse).
-    cached: Vec<u32>,
-    /// Per cached position: the (start, length) of the prompt chunk it was computed in, or
-    /// (position, 1) for a token fed alone. Kernels round slightly differently for different
-    /// row counts, so only positions computed exactly as a fresh run would are reused.
-    spans: Vec<(usize, usize)>,
+    /// What `cache` holds, for prefix reuse.
+    cached: Cached,
     active: Option<Active>,
 }
 
@@ -148,11 +154,132 @@ impl Slot {
     fn new(cache: KvCache) -> Slot {
         Slot {
             cache,
-            cached: Vec::new(),
-            spans: Vec::new(),
+            cached: Cached::default(),
             active: None,
         }
     }
+}
+
+/// What a slot's cache holds, position by position.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Cached {
+    /// The tokens whose keys and values are in the cache.
+    ids: Vec<u32>,
+    /// Per position: the (start, length) of the prompt chunk it was computed in, or
+    /// (position, 1) for a token fed alone. Kernels round slightly differently for different
+    /// row counts, so only positions computed exactly as a fresh run would are reused.
+    chunks: Vec<(usize, usize)>,
+    /// Per position: what soft token replaced its embedding, if any.
+    soft_keys: Vec<SoftKey>,
+}
+
+/// The content of a soft-token position: its span's media key and its index in the span.
+/// `None` for a position that holds its token's own embedding.
+type SoftKey = Option<([u8; 32], u32)>;
+
+impl Cached {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.ids.truncate(len);
+        self.chunks.truncate(len);
+        self.soft_keys.truncate(len);
+    }
+
+    /// The first `len` positions.
+    fn prefix(&self, len: usize) -> Cached {
+        Cached {
+            ids: self.ids[..len].to_vec(),
+            chunks: self.chunks[..len].to_vec(),
+            soft_keys: self.soft_keys[..len].to_vec(),
+        }
+    }
+
+    /// Records one step: `fed` computed together, with the soft keys of their positions.
+    fn push(&mut self, fed: &[u32], keys: Vec<SoftKey>) {
+        debug_assert_eq!(fed.len(), keys.len());
+        let start = self.len();
+        self.ids.extend_from_slice(fed);
+        self.chunks.resize(self.ids.len(), (start, fed.len()));
+        self.soft_keys.extend(keys);
+    }
+
+    /// How many leading positions a new `prompt` can keep: whole chunks of the plan a fresh
+    /// run of `prompt` would follow (chunks end before an image block or take it whole),
+    /// holding the same content — the same ids and, where soft tokens replace them, the same
+    /// media — computed in the same chunks. The output is then bit-identical to a run without
+    /// the cache; another image on the same placeholder ids is never reused.
+    fn reusable_prefix(&self, prompt: &PromptView<'_>) -> usize {
+        let ids = prompt.ids;
+        let body = ids.len().saturating_sub(1);
+        let mut reuse = 0;
+        let mut start = 0;
+        while start < body {
+            let end = chunk_end(
+                prompt.soft,
+                prompt.hidden,
+                start,
+                start + prefill_chunk(body - start),
+            );
+            // The last prompt token is always computed, so that it has logits.
+            if end > body {
+                break;
+            }
+            let same = self.ids.get(start..end) == Some(&ids[start..end])
+                && self.soft_keys[start..end] == prompt.keys[start..end]
+                && self.chunks[start..end]
+                    .iter()
+                    .all(|&chunk| chunk == (start, end - start));
+            if !same {
+                break;
+            }
+            reuse = end;
+            start = end;
+        }
+        reuse
+    }
+}
+
+/// A prompt as the prefix cache sees it: ids, soft tokens and each position's [`SoftKey`].
+struct PromptView<'a> {
+    ids: &'a [u32],
+    soft: &'a [SoftSpan],
+    keys: &'a [SoftKey],
+    hidden: usize,
+}
+
+/// The [`SoftKey`] of each of positions `range` of a sequence with soft tokens `soft`.
+fn soft_keys(soft: &[SoftSpan], hidden: usize, range: std::ops::Range<usize>) -> Vec<SoftKey> {
+    let mut keys = vec![None; range.len()];
+    for s in soft {
+        let r = s.range(hidden);
+        for p in r.start.max(range.start)..r.end.min(range.end) {
+            keys[p - range.start] = Some((s.key, (p - r.start) as u32));
+        }
+    }
+    keys
+}
+
+/// The soft tokens of `soft` (positions of the sequence) that fall in `range`, with offsets
+/// relative to it: what one step of that range feeds.
+fn soft_in<'s>(
+    soft: &'s [SoftSpan],
+    hidden: usize,
+    range: std::ops::Range<usize>,
+) -> Vec<SoftTokens<'s>> {
+    soft.iter()
+        .filter_map(|s| {
+            let r = s.range(hidden);
+            let (lo, hi) = (r.start.max(range.start), r.end.min(range.end));
+            (lo < hi).then(|| SoftTokens {
+                offset: lo - range.start,
+                embeds: &s.embeds[(lo - r.start) * hidden..(hi - r.start) * hidden],
+                bidirectional: s.bidirectional,
+            })
+        })
+        .collect()
 }
 
 /// A sequence in progress.
@@ -172,6 +299,7 @@ struct Active {
 struct Worker {
     loaded: Arc<LoadedModel>,
     stop_ids: Vec<u32>,
+    hidden: usize,
     slots: Vec<Slot>,
     metrics: Arc<Metrics>,
     logits: Vec<f32>,
@@ -219,19 +347,26 @@ impl Worker {
             Metrics::add(&self.metrics.requests_cancelled, 1);
             return;
         }
+        let keys = soft_keys(&job.soft, self.hidden, 0..job.prompt.len());
+        let prompt = PromptView {
+            ids: &job.prompt,
+            soft: &job.soft,
+            keys: &keys,
+            hidden: self.hidden,
+        };
         let index = (0..self.slots.len())
             .filter(|&i| self.slots[i].active.is_none())
             .max_by_key(|&i| {
                 (
-                    reusable_prefix(&self.slots[i], &job.prompt),
+                    self.slots[i].cached.reusable_prefix(&prompt),
                     std::cmp::Reverse(i),
                 )
             });
         let Some(index) = index else {
             return;
         };
-        let mut reuse = self.keep_own_prefix(index, &job.prompt);
-        if let Some(copied) = self.copy_longer_prefix(index, &job.prompt, reuse) {
+        let mut reuse = self.keep_own_prefix(index, &prompt);
+        if let Some(copied) = self.copy_longer_prefix(index, &prompt, reuse) {
             reuse = copied;
             Metrics::add(&self.metrics.prefix_cache_copies, 1);
             Metrics::add(&self.metrics.prefix_cache_copied_tokens, copied as u64);
@@ -257,16 +392,15 @@ impl Worker {
 
     /// Rewinds slot `index` to the part of its cache that `prompt` can reuse (clearing it
     /// when a sliding-window ring no longer allows the rewind); returns that length.
-    fn keep_own_prefix(&mut self, index: usize, prompt: &[u32]) -> usize {
+    fn keep_own_prefix(&mut self, index: usize, prompt: &PromptView<'_>) -> usize {
         let slot = &mut self.slots[index];
-        let mut reuse = reusable_prefix(slot, prompt);
+        let mut reuse = slot.cached.reusable_prefix(prompt);
         if reuse > 0 && !rewind(&mut slot.cache, reuse) {
             reuse = 0;
         }
         if reuse == 0 {
             slot.cache.clear();
         }
-        slot.spans.truncate(reuse);
         slot.cached.truncate(reuse);
         reuse
     }
@@ -274,10 +408,15 @@ impl Worker {
     /// Copies into slot `target` the cache of the other slot holding the longest reusable
     /// prefix of `prompt`, if longer than `own`; returns the copied length. A donor whose
     /// sliding-window rings have moved past the prefix is passed over.
-    fn copy_longer_prefix(&mut self, target: usize, prompt: &[u32], own: usize) -> Option<usize> {
+    fn copy_longer_prefix(
+        &mut self,
+        target: usize,
+        prompt: &PromptView<'_>,
+        own: usize,
+    ) -> Option<usize> {
         let mut donors: Vec<(usize, usize)> = (0..self.slots.len())
             .filter(|&i| i != target)
-            .map(|i| (reusable_prefix(&self.slots[i], prompt), i))
+            .map(|i| (self.slots[i].cached.reusable_prefix(prompt), i))
             .filter(|&(reuse, _)| reuse > own)
             .collect();
         donors.sort_by_key(|&(reuse, i)| (std::cmp::Reverse(reuse), i));
@@ -295,8 +434,7 @@ impl Worker {
             if slot.cache.copy_prefix_from(&d.cache, reuse).is_err() {
                 continue;
             }
-            slot.cached = d.cached[..reuse].to_vec();
-            slot.spans = d.spans[..reuse].to_vec();
+            slot.cached = d.cached.prefix(reuse);
             return Some(reuse);
         }
         None
@@ -328,12 +466,15 @@ impl Worker {
             };
             // The last pending token always runs on its own (as a decode row): a prompt's
             // final token then takes the same numeric path whether or not its prefix came
-            // from the cache, so a cache hit never changes the output.
+            // from the cache, so a cache hit never changes the output. A chunk never ends
+            // inside an image block (the plan `reusable_prefix` follows).
             match active.to_feed.len() {
                 0 => {}
                 1 => decoding.push((i, std::mem::take(&mut active.to_feed))),
                 pending => {
-                    let n = prefill_chunk(pending - 1);
+                    let start = slot.cached.len();
+                    let end = start + prefill_chunk(pending - 1);
+                    let n = chunk_end(&active.job.soft, self.hidden, start, end) - start;
                     prefills.push((i, active.to_feed.drain(..n).collect::<Vec<u32>>()));
                 }
             }
@@ -357,15 +498,31 @@ impl Worker {
     fn run_group(&mut self, group: Vec<(usize, Vec<u32>)>) {
         let (stepped, feeds): (Vec<usize>, Vec<Vec<u32>>) = group.into_iter().unzip();
         let started = Instant::now();
+        let hidden = self.hidden;
         let result = {
-            let mut seqs: Vec<SeqStep<'_>> = Vec::with_capacity(stepped.len());
+            // Each sequence's soft tokens inside its chunk (none for generated tokens).
+            let mut parts = Vec::with_capacity(stepped.len());
             let mut feeds_iter = feeds.iter();
             for (i, slot) in self.slots.iter_mut().enumerate() {
                 if stepped.contains(&i) {
                     let tokens = feeds_iter.next().expect("one feed per stepped slot");
-                    seqs.push(SeqStep::text(tokens, &mut slot.cache));
+                    let start = slot.cached.len();
+                    let soft = slot
+                        .active
+                        .as_ref()
+                        .map(|a| soft_in(&a.job.soft, hidden, start..start + tokens.len()))
+                        .unwrap_or_default();
+                    parts.push((tokens.as_slice(), soft, &mut slot.cache));
                 }
             }
+            let mut seqs: Vec<SeqStep<'_>> = parts
+                .iter_mut()
+                .map(|(tokens, soft, cache)| SeqStep {
+                    tokens,
+                    soft: soft.as_slice(),
+                    cache,
+                })
+                .collect();
             forward_all(&self.loaded, &mut seqs, &mut self.logits)
         };
         Metrics::add(
@@ -376,8 +533,7 @@ impl Worker {
         if let Err(e) = result {
             for &i in &stepped {
                 self.slots[i].cache.clear();
-                self.slots[i].cached.clear();
-                self.slots[i].spans.clear();
+                self.slots[i].cached.truncate(0);
                 self.finish(i, Outcome::Failed(format!("model error: {e}")));
             }
             return;
@@ -387,12 +543,11 @@ impl Worker {
         for (row, (&i, fed)) in stepped.iter().zip(&feeds).enumerate() {
             let slot = &mut self.slots[i];
             let start = slot.cached.len();
-            slot.cached.extend_from_slice(fed);
-            if fed.len() == 1 {
-                slot.spans.push((start, 1));
-            } else {
-                slot.spans.resize(slot.cached.len(), (start, fed.len()));
-            }
+            let keys = match &slot.active {
+                Some(a) => soft_keys(&a.job.soft, hidden, start..start + fed.len()),
+                None => vec![None; fed.len()],
+            };
+            slot.cached.push(fed, keys);
             let prompt_pending = self.slots[i]
                 .active
                 .as_ref()
@@ -531,28 +686,6 @@ fn rewind(cache: &mut KvCache, len: usize) -> bool {
     cache.truncate(len).is_ok()
 }
 
-/// How many leading positions of `slot`'s cache a new `prompt` can keep: whole chunks of the
-/// plan a fresh run of `prompt` would follow, holding the same tokens computed in the same
-/// chunks. The output is then bit-identical to a run without the cache.
-fn reusable_prefix(slot: &Slot, prompt: &[u32]) -> usize {
-    let body = prompt.len() - 1;
-    let mut reuse = 0;
-    let mut start = 0;
-    while start < body {
-        let end = start + prefill_chunk(body - start);
-        let same = slot.cached.get(start..end) == Some(&prompt[start..end])
-            && slot.spans[start..end]
-                .iter()
-                .all(|&span| span == (start, end - start));
-        if !same {
-            break;
-        }
-        reuse = end;
-        start = end;
-    }
-    reuse
-}
-
 /// The next piece of `remaining` prompt tokens (last token excluded): at most
 /// `PREFILL_CHUNK`, never leaving a tail too short for the GEMM path.
 fn prefill_chunk(remaining: usize) -> usize {
@@ -610,5 +743,112 @@ fn describe_logprobs(
                 }
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A span of `len` soft tokens at `start` (hidden size 1), keyed by `key`.
+    fn span(start: usize, len: usize, key: u8) -> SoftSpan {
+        SoftSpan {
+            start,
+            embeds: vec![0.0; len].into(),
+            bidirectional: true,
+            key: [key; 32],
+        }
+    }
+
+    /// What a slot holds after a fresh run of `ids` with `soft`: the worker's chunk plan.
+    fn fed(ids: &[u32], soft: &[SoftSpan]) -> Cached {
+        let mut cached = Cached::default();
+        let mut start = 0;
+        while start < ids.len() {
+            let pending = ids.len() - start;
+            let end = if pending == 1 {
+                start + 1
+            } else {
+                chunk_end(soft, 1, start, start + prefill_chunk(pending - 1))
+            };
+            cached.push(&ids[start..end], soft_keys(soft, 1, start..end));
+            start = end;
+        }
+        cached
+    }
+
+    fn reuse(cached: &Cached, ids: &[u32], soft: &[SoftSpan]) -> usize {
+        let keys = soft_keys(soft, 1, 0..ids.len());
+        cached.reusable_prefix(&PromptView {
+            ids,
+            soft,
+            keys: &keys,
+            hidden: 1,
+        })
+    }
+
+    /// A 200-token prompt whose positions `image` hold the placeholder id 7.
+    fn prompt(image: std::ops::Range<usize>) -> Vec<u32> {
+        (0..200u32)
+            .map(|i| {
+                if image.contains(&(i as usize)) {
+                    7
+                } else {
+                    100 + i
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_never_cut_an_image() {
+        for image_start in [0, 1, 60, 63, 64, 100, 120, 150, 180] {
+            let soft = [span(image_start, 16, 1)];
+            let cached = fed(&prompt(image_start..image_start + 16), &soft);
+            let r = image_start..image_start + 16;
+            assert!(cached.chunks[r.clone()]
+                .iter()
+                .all(|&c| c == cached.chunks[r.start]));
+            let (chunk_start, len) = cached.chunks[r.start];
+            assert!(chunk_start <= r.start && chunk_start + len >= r.end);
+        }
+    }
+
+    #[test]
+    fn the_same_image_is_reused_and_another_one_is_not() {
+        for image_start in [10, 64, 100, 120, 150] {
+            let image = image_start..image_start + 16;
+            let ids = prompt(image.clone());
+            let a = [span(image_start, 16, 1)];
+            let b = [span(image_start, 16, 2)];
+            let cached = fed(&ids, &a);
+            let full = reuse(&cached, &ids, &a);
+            assert!(
+                full >= image.end,
+                "{image:?}: same image reuses only {full}"
+            );
+            let other = reuse(&cached, &ids, &b);
+            assert!(
+                other <= image.start,
+                "{image:?}: a different image reuses {other} positions"
+            );
+            // Everything before the chunk holding the image is still shared.
+            let (chunk_start, _) = cached.chunks[image.start];
+            assert_eq!(other, chunk_start, "{image:?}");
+            // The same ids with no image at all share nothing from the image on either.
+            assert!(reuse(&cached, &ids, &[]) <= image.start);
+            let text_only = fed(&ids, &[]);
+            assert!(reuse(&text_only, &ids, &a) <= image.start);
+        }
+    }
+
+    #[test]
+    fn the_prompt_end_is_always_fed() {
+        // An image running to the end of the prompt: reuse never reaches the last token.
+        let ids = prompt(184..200);
+        let soft = [span(184, 16, 1)];
+        let cached = fed(&ids, &soft);
+        let r = reuse(&cached, &ids, &soft);
+        assert!(r < ids.len() && r <= 184, "{r}");
     }
 }

@@ -321,3 +321,56 @@ pub fn streamed_tool_calls(chunks: &[Value]) -> Vec<StreamedCall> {
     }
     calls
 }
+
+/// The tiny random Gemma 3 vision model (SigLIP tower in the folder, 16 tokens per image).
+pub fn vision_model_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma3_vision_tiny/hf")
+}
+
+/// A test image of the vision fixture, by file name.
+pub fn fixture_image(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/gemma3_vision_tiny")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+pub fn load_vision_model() -> gemma_engine::LoadedModel {
+    gemma_engine::load(Some(&vision_model_dir()), &Default::default())
+        .expect("the vision fixture loads")
+}
+
+/// Starts a server on the tiny vision model (`config.port` is forced to 0).
+pub fn start_vision_server(config: ServerConfig) -> RunningServer {
+    std::env::set_var("GEMMA_THREADS", "1");
+    let config = ServerConfig { port: 0, ..config };
+    gemma_server::start(load_vision_model(), config).expect("the server starts")
+}
+
+/// `data:<mime>;base64,<bytes>`.
+pub fn data_url(mime: &str, bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    format!(
+        "data:{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// An OpenAI `image_url` content part.
+pub fn image_part(url: &str) -> Value {
+    json!({"type": "image_url", "image_url": {"url": url, "detail": "auto"}})
+}
+
+pub fn text_part(text: &str) -> Value {
+    json!({"type": "text", "text": text})
+}
+
+/// A greedy chat request whose single user message has `parts`.
+pub fn parts_body(parts: Vec<Value>, max_tokens: usize) -> Value {
+    json!({
+        "model": "gemma",
+        "messages": [{"role": "user", "content": parts}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+}
