@@ -114,6 +114,13 @@ pub fn bench(common: &CommonArgs, args: &BenchArgs) -> Result<()> {
         ..common.load_options()
     };
     let loaded = gemma_engine::load_with_matformer(model_path, &opts, common.matformer.as_deref())?;
+    let trained = loaded.model.context_length();
+    if trained > 0 && ctx_size > trained {
+        bail!(
+            "a test needs {ctx_size} positions (prompt + generation + depth), above the model's \
+             trained context of {trained}"
+        );
+    }
     let threads = configured_threads();
     let model_name = model_path
         .map(|p| p.display().to_string())

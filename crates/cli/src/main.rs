@@ -146,7 +146,21 @@ impl CommonArgs {
 
 impl SamplingArgs {
     pub fn to_params(&self) -> anyhow::Result<SamplingParams> {
+        let finite = [
+            self.temperature,
+            self.top_p,
+            self.min_p,
+            self.repeat_penalty,
+            self.frequency_penalty,
+            self.presence_penalty,
+        ]
+        .iter()
+        .all(|v| v.is_finite());
         let checks = [
+            (
+                finite,
+                "sampling options must be finite numbers (not inf or NaN)",
+            ),
             (self.temperature >= 0.0, "--temp must be at least 0"),
             (
                 (0.0..=1.0).contains(&self.top_p),
@@ -203,6 +217,14 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         if threads == 0 {
             anyhow::bail!("--threads must be at least 1");
         }
+        // More threads than cores only makes them wait for each other (0.1 token/s at 1000).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = if threads > cores {
+            eprintln!("gemma: --threads {threads} is above the {cores} cores here; using {cores}");
+            cores
+        } else {
+            threads
+        };
         // Read by the kernels' thread pool when it starts, which is after this point.
         std::env::set_var("GEMMA_THREADS", threads.to_string());
     }

@@ -172,3 +172,81 @@ fn zero_threads() {
     );
     assert_clean_error(&out, &["--threads"]);
 }
+
+fn tiny_model() -> String {
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma3_tiny");
+    dir.to_string_lossy().into_owned()
+}
+
+#[test]
+fn non_finite_sampling_options_are_refused() {
+    let dir = TempDir::new("inf");
+    let missing = dir.path().join("never-loaded.gguf");
+    for (flag, value) in [
+        ("--temp", "inf"),
+        ("--top-p", "NaN"),
+        ("--presence-penalty", "-inf"),
+    ] {
+        // `--flag=value`, so that "-inf" is not read as a flag.
+        let option = format!("{flag}={value}");
+        let out = gemma(
+            &[
+                "run",
+                "--quiet",
+                "--model",
+                missing.to_str().unwrap(),
+                &option,
+                "hi",
+            ],
+            None,
+        );
+        assert_clean_error(&out, &["finite"]);
+    }
+}
+
+#[test]
+fn threads_above_the_core_count_are_clamped_with_a_warning() {
+    let model = tiny_model();
+    let out = gemma(
+        &[
+            "logits",
+            "--quiet",
+            "--threads",
+            "1000",
+            "--model",
+            &model,
+            "--ids",
+            "2,5",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let err = common::stderr(&out);
+    assert!(
+        err.contains("--threads 1000") && err.contains("cores"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bench_depth_past_the_trained_context_is_refused() {
+    // 100 million positions of depth: a 51 GB cache on the real model, an abort before.
+    let model = tiny_model();
+    let out = gemma(
+        &[
+            "bench",
+            "--quiet",
+            "-m",
+            &model,
+            "-p",
+            "0",
+            "-n",
+            "1",
+            "-d",
+            "100000000",
+        ],
+        None,
+    );
+    assert_clean_error(&out, &["trained context"]);
+}

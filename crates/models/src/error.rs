@@ -18,6 +18,10 @@ pub enum ModelError {
     TensorType { name: String, dtype: GgmlType },
     #[error("the input needs {needed} positions but the context size is {ctx_size}")]
     ContextOverflow { needed: usize, ctx_size: usize },
+    #[error(
+        "cannot allocate {bytes} bytes for {what}: the machine refused (use a smaller --ctx-size)"
+    )]
+    OutOfMemory { what: &'static str, bytes: usize },
     #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{0}")]

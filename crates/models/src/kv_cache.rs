@@ -24,13 +24,23 @@ pub(crate) struct LayerKv {
 }
 
 impl LayerKv {
-    fn new(capacity: usize, row: usize, cache_type: CacheType) -> LayerKv {
-        LayerKv {
-            keys: KvBuffer::new(cache_type, capacity * row),
-            values: KvBuffer::new(cache_type, capacity * row),
+    fn new(capacity: usize, row: usize, cache_type: CacheType) -> Result<LayerKv, ModelError> {
+        let n = capacity.checked_mul(row).ok_or(ModelError::OutOfMemory {
+            what: "the KV cache",
+            bytes: usize::MAX,
+        })?;
+        let buffer = || {
+            KvBuffer::try_new(cache_type, n).map_err(|_| ModelError::OutOfMemory {
+                what: "the KV cache",
+                bytes: cache_type.bytes_for(n),
+            })
+        };
+        Ok(LayerKv {
+            keys: buffer()?,
+            values: buffer()?,
             capacity,
             row,
-        }
+        })
     }
 
     /// The stored positions `[max(0, len - capacity), len)` as at most two contiguous segments.
@@ -205,25 +215,33 @@ impl KvCache {
         capacities: &[usize],
         row: usize,
         cache_type: CacheType,
-    ) -> KvCache {
-        KvCache {
-            layers: capacities
-                .iter()
-                .map(|&c| LayerKv::new(c.max(1), row, cache_type))
-                .collect(),
+    ) -> Result<KvCache, ModelError> {
+        let total = KvCache::bytes_for(capacities, row, cache_type);
+        let layers = capacities
+            .iter()
+            .map(|&c| LayerKv::new(c.max(1), row, cache_type))
+            .collect::<Result<Vec<_>, _>>()
+            // Name the whole cache's size, not the one layer that failed.
+            .map_err(|_| ModelError::OutOfMemory {
+                what: "the KV cache",
+                bytes: total,
+            })?;
+        Ok(KvCache {
+            layers,
             len: 0,
             ctx_size,
             cache_type,
             scratch: Scratch::default(),
-        }
+        })
     }
 
-    /// Bytes the cache will hold for `capacities` (same rule as `new`, without allocating).
+    /// Bytes the cache will hold for `capacities` (same rule as `new`, without allocating;
+    /// saturating, so an absurd context reads as `usize::MAX`).
     pub(crate) fn bytes_for(capacities: &[usize], row: usize, cache_type: CacheType) -> usize {
-        capacities
-            .iter()
-            .map(|&c| 2 * cache_type.bytes_for(c.max(1) * row))
-            .sum()
+        capacities.iter().fold(0usize, |sum, &c| {
+            let layer = cache_type.bytes_for(c.max(1).saturating_mul(row));
+            sum.saturating_add(layer.saturating_mul(2))
+        })
     }
 
     /// How keys and values are stored.
@@ -354,7 +372,7 @@ mod tests {
 
     #[test]
     fn ring_keeps_the_newest_positions_in_order() {
-        let mut kv = LayerKv::new(4, 1, CacheType::F32);
+        let mut kv = LayerKv::new(4, 1, CacheType::F32).unwrap();
         let rows: Vec<f32> = (0..7).map(|p| p as f32).collect();
         kv.write(0, &rows[..3], &rows[..3]);
         kv.write(3, &rows[3..], &rows[3..]);
@@ -365,7 +383,7 @@ mod tests {
 
     #[test]
     fn chunk_longer_than_ring_keeps_its_tail() {
-        let mut kv = LayerKv::new(3, 2, CacheType::F32);
+        let mut kv = LayerKv::new(3, 2, CacheType::F32).unwrap();
         let rows: Vec<f32> = (0..10).map(|v| v as f32).collect();
         kv.write(0, &rows, &rows);
         let segs: Vec<_> = kv.segments(5).collect();
@@ -384,7 +402,7 @@ mod tests {
             .collect();
         let mut bytes = Vec::new();
         for cache_type in CacheType::ALL {
-            let mut kv = LayerKv::new(4, row, cache_type);
+            let mut kv = LayerKv::new(4, row, cache_type).unwrap();
             for (start, end) in [(0, 3), (3, 9), (9, 10), (10, 11)] {
                 let chunk = &all[start * row..end * row];
                 kv.write(start, chunk, chunk);
@@ -399,11 +417,23 @@ mod tests {
         assert_eq!(bytes, vec![2 * 4 * 64 * 4, 2 * 4 * 64 * 2, 2 * 4 * 2 * 34]);
     }
 
+    #[test]
+    fn an_absurd_cache_is_an_error_not_an_abort() {
+        // 2^40 positions of 2^20 values: the size overflows; 2^34 × 256 f32s: the machine
+        // refuses. Both must come back as errors naming the KV cache.
+        for (ctx, row) in [(1usize << 40, 1usize << 20), (1 << 34, 256)] {
+            let err = KvCache::new(ctx, &[ctx], row, CacheType::F32).unwrap_err();
+            assert!(err.to_string().contains("KV cache"), "{err}");
+        }
+        let bytes = KvCache::bytes_for(&[usize::MAX, usize::MAX], 1 << 20, CacheType::F16);
+        assert_eq!(bytes, usize::MAX, "sizes saturate instead of wrapping");
+    }
+
     /// A cache of one global layer (16 positions) and one ring (4), with `n` positions of
     /// values `base + position` stored.
     fn filled(cache_type: CacheType, n: usize, base: f32) -> KvCache {
         let row = 32;
-        let mut cache = KvCache::new(16, &[16, 4], row, cache_type);
+        let mut cache = KvCache::new(16, &[16, 4], row, cache_type).unwrap();
         let rows: Vec<f32> = (0..n * row).map(|i| base + (i / row) as f32).collect();
         for layer in &mut cache.layers {
             layer.write(0, &rows, &rows);

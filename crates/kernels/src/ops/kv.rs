@@ -59,11 +59,12 @@ impl CacheType {
     }
 
     /// Bytes that `n` values (a multiple of 32 for Q8_0) take in this format.
+    /// Bytes for `n` values (saturating: an absurd size reads as `usize::MAX`, never wraps).
     pub fn bytes_for(self, n: usize) -> usize {
         match self {
-            CacheType::F32 => n * 4,
-            CacheType::F16 => n * 2,
-            CacheType::Q8_0 => n / Q8_0_BLOCK * std::mem::size_of::<BlockQ8_0>(),
+            CacheType::F32 => n.saturating_mul(4),
+            CacheType::F16 => n.saturating_mul(2),
+            CacheType::Q8_0 => (n / Q8_0_BLOCK).saturating_mul(std::mem::size_of::<BlockQ8_0>()),
         }
     }
 
@@ -230,15 +231,32 @@ fn as_blocks_mut(words: &mut [u16]) -> &mut [BlockQ8_0] {
 impl KvBuffer {
     /// Room for `n_values` values (a multiple of 32 for Q8_0).
     pub fn new(cache_type: CacheType, n_values: usize) -> KvBuffer {
+        KvBuffer::try_new(cache_type, n_values).expect("KV buffer allocation")
+    }
+
+    /// [`KvBuffer::new`] that reports an allocation the machine refuses (a context size far
+    /// beyond its memory) instead of aborting the process.
+    pub fn try_new(
+        cache_type: CacheType,
+        n_values: usize,
+    ) -> Result<KvBuffer, std::collections::TryReserveError> {
+        fn zeroed<T: Clone + Default>(
+            n: usize,
+        ) -> Result<Vec<T>, std::collections::TryReserveError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n)?;
+            v.resize(n, T::default());
+            Ok(v)
+        }
         let storage = match cache_type {
-            CacheType::F32 => Storage::F32(vec![0.0; n_values]),
-            CacheType::F16 => Storage::Words(vec![0; n_values]),
-            CacheType::Q8_0 => Storage::Words(vec![0; n_values / Q8_0_BLOCK * Q8_0_WORDS]),
+            CacheType::F32 => Storage::F32(zeroed(n_values)?),
+            CacheType::F16 => Storage::Words(zeroed(n_values)?),
+            CacheType::Q8_0 => Storage::Words(zeroed(n_values / Q8_0_BLOCK * Q8_0_WORDS)?),
         };
-        KvBuffer {
+        Ok(KvBuffer {
             cache_type,
             storage,
-        }
+        })
     }
 
     pub fn cache_type(&self) -> CacheType {

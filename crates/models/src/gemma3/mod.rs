@@ -213,12 +213,12 @@ impl Gemma3 {
         if ctx_size == 0 {
             return Err(ModelError::Config("context size must be at least 1".into()));
         }
-        Ok(KvCache::new(
+        KvCache::new(
             ctx_size,
             &self.kv_capacities(ctx_size),
             self.kv_row(),
             self.cache_type,
-        ))
+        )
     }
 
     pub fn kv_cache_bytes(&self, ctx_size: usize) -> usize {
