@@ -22,6 +22,11 @@ pub enum ModelError {
         "cannot allocate {bytes} bytes for {what}: the machine refused (use a smaller --ctx-size)"
     )]
     OutOfMemory { what: &'static str, bytes: usize },
+    #[error(
+        "the forward pass produced non-finite values (NaN or infinity) first in {where_}: the \
+         model's weights or config are broken"
+    )]
+    NonFinite { where_: String },
     #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{0}")]

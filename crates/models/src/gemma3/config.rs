@@ -20,6 +20,25 @@ pub struct RopeParams {
     pub linear_factor: f32,
 }
 
+impl RopeParams {
+    /// A base of 0 (or 1, or NaN) makes every rotation NaN or zero: refuse it at load.
+    pub fn validate(&self, which: &str) -> Result<(), ModelError> {
+        if !(self.theta.is_finite() && self.theta > 1.0) {
+            return Err(ModelError::Config(format!(
+                "{which} RoPE base {} must be a finite number above 1",
+                self.theta
+            )));
+        }
+        if !(self.linear_factor.is_finite() && self.linear_factor > 0.0) {
+            return Err(ModelError::Config(format!(
+                "{which} RoPE scaling factor {} must be a positive finite number",
+                self.linear_factor
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gemma3Config {
     pub vocab_size: usize,
@@ -330,6 +349,8 @@ impl Gemma3Config {
                 self.query_pre_attn_scalar
             ));
         }
+        self.rope_local.validate("local")?;
+        self.rope_global.validate("global")?;
         Ok(())
     }
 

@@ -507,6 +507,12 @@ impl Gemma3 {
             );
             ops::rms_norm_inplace(proj, &layer.post_feedforward_layernorm, c.rms_norm_eps);
             ops::add_inplace(x, proj);
+            // Cheap next to the layer's matmuls, and it names where a broken checkpoint breaks.
+            if !ops::all_finite(x) {
+                return Err(ModelError::NonFinite {
+                    where_: format!("layer {i}"),
+                });
+            }
         }
         for s in seqs.iter_mut() {
             s.cache.advance(s.tokens.len());
@@ -534,6 +540,11 @@ impl Gemma3 {
         linear(pool, head, hidden, n_rows, out, &mut scratch.quantized);
         if let Some(cap) = c.final_logit_softcapping {
             ops::softcap_inplace(out, cap);
+        }
+        if !ops::all_finite(out) {
+            return Err(ModelError::NonFinite {
+                where_: "the LM head (the logits)".into(),
+            });
         }
         Ok(n_rows)
     }

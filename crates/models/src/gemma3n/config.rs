@@ -322,6 +322,8 @@ impl Gemma3nConfig {
         if n == 0 || n > 1024 {
             return err(format!("implausible layer count {n}"));
         }
+        self.rope_local.validate("local")?;
+        self.rope_global.validate("global")?;
         if self.vocab_size == 0
             || self.vocab_size_per_layer_input == 0
             || self.hidden_size == 0

@@ -903,6 +903,12 @@ impl Gemma3n {
             for s in 1..n_streams {
                 ops::add_inplace(&mut streams[s * plane..(s + 1) * plane], proj);
             }
+            // Cheap next to the layer's matmuls, and it names where a broken checkpoint breaks.
+            if !ops::all_finite(&streams) {
+                return Err(ModelError::NonFinite {
+                    where_: format!("layer {stored_layer}"),
+                });
+            }
         }
         for (i, kv) in shared_kv.iter().enumerate() {
             if let Some((k, v)) = kv {
@@ -942,6 +948,11 @@ impl Gemma3n {
         linear(pool, head, hidden, n_rows, out, &mut scratch.quantized);
         if let Some(cap) = c.final_logit_softcapping {
             ops::softcap_inplace(out, cap);
+        }
+        if !ops::all_finite(out) {
+            return Err(ModelError::NonFinite {
+                where_: "the LM head (the logits)".into(),
+            });
         }
         Ok(out)
     }
