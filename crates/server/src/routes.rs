@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -75,13 +75,22 @@ enum Endpoint {
     Completion,
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
-    generate(state, body, Endpoint::Chat, PrepareContext::chat).await
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate(state, &headers, body, Endpoint::Chat, PrepareContext::chat).await
 }
 
-async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     generate(
         state,
+        &headers,
         body,
         Endpoint::Completion,
         PrepareContext::completion,
@@ -92,11 +101,13 @@ async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Response
 /// Parses a request body of type `R`, prepares it off the runtime and answers it.
 async fn generate<R: DeserializeOwned + Send + 'static>(
     state: Arc<AppState>,
+    headers: &HeaderMap,
     body: Body,
     endpoint: Endpoint,
     prepare: fn(&PrepareContext, R) -> Result<Prepared, ApiError>,
 ) -> Response {
     let result = async {
+        check_declared_length(headers, state.body_limit)?;
         let req: R = parse_body(body, state.body_limit).await?;
         let ctx = state.prepare.clone();
         let prepared = blocking(move || prepare(&ctx, req)).await?;
@@ -106,13 +117,30 @@ async fn generate<R: DeserializeOwned + Send + 'static>(
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+fn too_large(limit: usize) -> ApiError {
+    ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        ..ApiError::bad_request(format!("the request body is larger than {limit} bytes"))
+    }
+}
+
+/// Refuses a body whose declared `Content-Length` is over the limit before reading any of it,
+/// so a client announcing a gigabyte gets its 413 at once instead of a stalled connection.
+fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => Err(too_large(limit)),
+        _ => Ok(()),
+    }
+}
+
 async fn parse_body<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
     let bytes: Bytes = axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            ..ApiError::bad_request(format!("the request body is larger than {limit} bytes"))
-        })?;
+        .map_err(|_| too_large(limit))?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }

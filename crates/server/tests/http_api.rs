@@ -293,3 +293,22 @@ fn content_part_arrays_are_text() {
     assert_eq!(a["choices"][0]["message"], b["choices"][0]["message"]);
     assert_eq!(a["usage"], b["usage"]);
 }
+
+/// A body announced far over the limit is refused from its headers alone: the 413 arrives
+/// while the client has sent almost nothing (before, the server waited for the body).
+#[test]
+fn an_announced_body_over_the_limit_is_refused_at_once() {
+    use std::io::{BufReader, Write};
+    let addr = server();
+    let mut stream = connect(addr);
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\
+                Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n{\"mess";
+    stream.write_all(head.as_bytes()).unwrap();
+    let started = std::time::Instant::now();
+    let (status, _) = read_head(&mut BufReader::new(&stream));
+    assert_eq!(status, 413);
+    assert!(started.elapsed().as_secs() < 5, "{:?}", started.elapsed());
+}
