@@ -40,6 +40,17 @@ pub struct ServeArgs {
     /// Most images per request, pan-and-scan crops counted
     #[arg(long, default_value_t = MediaConfig::default().max_images, value_name = "N")]
     pub max_images: usize,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health and /metrics
+    #[arg(
+        long,
+        env = "GEMMA_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /metrics
+    #[arg(long, value_name = "KEY")]
+    pub metrics_key: Option<String>,
 }
 
 pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
@@ -78,6 +89,8 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
             max_images: args.max_images,
             ..MediaConfig::default()
         },
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        metrics_key: args.metrics_key.clone().filter(|k| !k.is_empty()),
     };
     gemma_server::run(loaded, config)
 }

@@ -54,6 +54,10 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// Where images may come from and what they may cost.
     pub media: MediaConfig,
+    /// When set, every endpoint but `/health` and `/metrics` needs `Authorization: Bearer KEY`.
+    pub api_key: Option<String>,
+    /// When set, `/metrics` needs `Authorization: Bearer KEY` (it is open otherwise).
+    pub metrics_key: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +71,8 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(600),
             body_limit: 32 * 1024 * 1024,
             media: MediaConfig::default(),
+            api_key: None,
+            metrics_key: None,
         }
     }
 }
@@ -180,6 +186,8 @@ fn serve_on(
         model_id,
         body_limit: config.body_limit,
         request_timeout: config.request_timeout,
+        api_key: config.api_key.clone(),
+        metrics_key: config.metrics_key.clone(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

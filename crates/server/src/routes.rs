@@ -34,6 +34,10 @@ pub struct AppState {
     pub model_id: String,
     pub body_limit: usize,
     pub request_timeout: Duration,
+    /// `--api-key`: needed on every endpoint but `/health` and `/metrics`.
+    pub api_key: Option<String>,
+    /// `--metrics-key`: needed on `/metrics`.
+    pub metrics_key: Option<String>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -44,9 +48,61 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_key,
+        ))
         // Browser-based clients (playgrounds, notebooks) call from other origins.
         .layer(tower_http::cors::CorsLayer::permissive())
         .with_state(state)
+}
+
+/// Checks `Authorization: Bearer KEY` where a key is configured for the path: the API key
+/// everywhere but `/health` and `/metrics`, the metrics key on `/metrics`. A CORS preflight
+/// (OPTIONS) never carries credentials and passes.
+async fn require_key(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let key = match request.uri().path() {
+        "/health" => None,
+        "/metrics" => state.metrics_key.as_deref(),
+        _ => state.api_key.as_deref(),
+    };
+    if let Some(key) = key {
+        if request.method() != axum::http::Method::OPTIONS {
+            let given = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+                return ApiError {
+                    status: StatusCode::UNAUTHORIZED,
+                    ..ApiError::bad_request(
+                        "missing or wrong API key (send Authorization: Bearer KEY)",
+                    )
+                }
+                .into_response();
+            }
+        }
+    }
+    next.run(request).await
+}
+
+/// Whether `a == b`, taking the same time wherever they differ (the key's length is not
+/// secret-dependent here: the loop always runs over the longer of the two).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().max(b.len());
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..n {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= u64::from(x ^ y);
+    }
+    std::hint::black_box(diff) == 0
 }
 
 async fn health() -> Json<Value> {
