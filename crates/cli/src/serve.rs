@@ -51,11 +51,20 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on /metrics
     #[arg(long, value_name = "KEY")]
     pub metrics_key: Option<String>,
+    /// Open connections at most (more are closed on arrival)
+    #[arg(long, default_value_t = ServerConfig::default().max_connections, value_name = "N")]
+    pub max_connections: usize,
+    /// Seconds a client may take to send its first byte, and then a request's headers
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub header_timeout: u64,
 }
 
 pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     if args.parallel == 0 || args.queue_size == 0 || args.timeout == 0 {
         anyhow::bail!("--parallel, --queue-size and --timeout must be at least 1");
+    }
+    if args.max_connections == 0 || args.header_timeout == 0 {
+        anyhow::bail!("--max-connections and --header-timeout must be at least 1");
     }
     if args.max_image_pixels == 0 {
         anyhow::bail!("--max-image-pixels must be at least 1");
@@ -91,6 +100,8 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         },
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         metrics_key: args.metrics_key.clone().filter(|k| !k.is_empty()),
+        max_connections: args.max_connections,
+        header_timeout: Duration::from_secs(args.header_timeout),
     };
     gemma_server::run(loaded, config)
 }

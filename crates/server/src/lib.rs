@@ -58,6 +58,11 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// When set, `/metrics` needs `Authorization: Bearer KEY` (it is open otherwise).
     pub metrics_key: Option<String>,
+    /// Open connections at most; more are closed as they arrive.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers (and, on a kept-alive
+    /// connection, to start the next request): slow or idle clients cannot hold connections.
+    pub header_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -73,6 +78,8 @@ impl Default for ServerConfig {
             media: MediaConfig::default(),
             api_key: None,
             metrics_key: None,
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -145,6 +152,68 @@ pub fn run(loaded: LoadedModel, config: ServerConfig) -> Result<()> {
     serve_on(loaded, config, listener, shutdown_signal())
 }
 
+/// Accepts connections until `shutdown`, then lets the open ones finish their requests.
+/// Unlike `axum::serve` it bounds what a client can hold: at most `max_connections` at once
+/// (more are closed on arrival), and `header_timeout` for a new connection's first byte and
+/// for a request's headers (slowloris). (An idle kept-alive connection between two requests
+/// is not timed yet; it still counts against `max_connections`.)
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    config: &ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout);
+    let builder = Arc::new(builder);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                // Out of file descriptors and the like: wait instead of spinning.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let header_timeout = config.header_timeout;
+        tokio::spawn(async move {
+            // hyper's header timer starts at a request's first byte: a client that connects
+            // and sends nothing is timed out here.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            // Errors here are the client's (reset, timed out, malformed): nothing to report.
+            let _ = watcher.watch(conn.into_owned()).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
 fn serve_on(
     loaded: LoadedModel,
     config: ServerConfig,
@@ -196,10 +265,8 @@ fn serve_on(
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let app = routes::router(state);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("the HTTP server failed")
+        serve_connections(listener, app, &config, shutdown).await;
+        anyhow::Ok(())
     })?;
     // The router (and with it the last scheduler handle) is gone: the scheduler finishes its
     // active sequences and exits.
