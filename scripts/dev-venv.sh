@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Dev-only Python environments that produce the reference fixtures (tests never run Python).
-#   ref:   transformers + torch + torchvision + gguf (model parity, quantization and vision references)
+#   ref:   transformers + torch + torchvision + gguf (model parity, quantization and vision references),
+#          soundfile + soxr (audio references)
 #   llama: llama-cpp-python built from source (llama.cpp tokenizer ids; later the speed baseline)
 # Usage: scripts/dev-venv.sh [DIR]   (default ~/.venvs)
 set -euo pipefail
@@ -18,6 +19,9 @@ fi
 "$dir/ref/bin/pip" install -q torch==2.15.0 transformers==5.24.0 torchvision==0.29.2 pillow==13.0.0 \
   numpy==2.4.6 safetensors==0.8.0 sentencepiece==0.2.3 tokenizers==0.23.3 protobuf==7.36.2 jinja2==3.1.6 \
   accelerate==1.16.0 gguf==0.19.0 scikit-build-core==1.1.2 cmake==4.4.5 tqdm==4.70.1 pyyaml==6.0.4 requests==2.34.2
+# Audio fixtures (make_audio_fixtures.py): soundfile (bundles libsndfile: WAV/FLAC/OGG/MP3) decodes
+# and soxr resamples, the route transformers.audio_utils.load_audio takes without torchcodec.
+"$dir/ref/bin/pip" install -q soundfile==0.14.0 soxr==1.1.0
 if [ ! -x "$dir/llama/bin/python" ]; then
   python3 -m venv "$dir/llama"
   CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF" \

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Drives a running `gemma serve` with the official `openai` Python client: chat, streaming,
-a tool call round trip (plain and streamed), and `json_schema` output for 20 random schemas
-(nested objects, arrays, enums, numbers), each validated with `jsonschema`. With a second
-server running a Gemma 3 vision model: image requests (one image, two in one message,
-streamed, pan-and-scan, bad images) with base64 data URLs of the fixture images.
+a tool call round trip (plain and streamed), `json_schema` output for 20 random schemas
+(nested objects, arrays, enums, numbers), each validated with `jsonschema`, and
+`chat.completions.parse()` with unbounded pydantic models (ints, floats, nested models, lists,
+enums, optionals), greedy and sampled. With a second server running a Gemma 3 vision model:
+image requests (one image, two in one message, streamed, pan-and-scan, bad images) with base64
+data URLs of the fixture images.
 Run by `crates/server/tests/openai_client.rs` (which makes a venv with `openai` and
 `jsonschema`), or by hand: openai_client_check.py [BASE_URL [VISION_BASE_URL IMAGE_DIR]]
 Exits non-zero on the first failed check."""
@@ -13,9 +15,12 @@ import json
 import os
 import random
 import sys
+from enum import Enum
+from typing import Optional
 
 import jsonschema
 import openai
+from pydantic import BaseModel
 
 base = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8080/v1"
 # A second server, with a Gemma 3 vision model, and the folder of the test images.
@@ -189,6 +194,67 @@ for i in range(20):
     except (ValueError, jsonschema.ValidationError) as e:
         print(f"schema {i}: {json.dumps(schema)}\noutput: {content!r}\nerror: {e}")
 check("20 random json_schema outputs validate with jsonschema", valid == 20, f"{valid} of 20")
+
+# `chat.completions.parse()` with pydantic models as users write them: integers, floats,
+# nested models, lists of integers and enums, optionals, none of them bounded. The client sends strict
+# schemas (`additionalProperties: false`); every answer must end by itself and parse.
+class City(BaseModel):
+    name: str
+    population: int
+    area_km2: float
+
+
+class Color(str, Enum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class Address(BaseModel):
+    street: str
+    city: str
+    zip_code: str
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+    favorite_color: Color
+    address: Address
+
+
+class Stats(BaseModel):
+    values: list[int]
+    mean: float
+    colors: list[Color]
+    note: Optional[str]
+
+
+# No list of objects: this small model repeats list items (greedy or sampled) until the
+# server's default cap of 32 items, which takes more than 400 tokens when items are objects.
+parse_cases = [
+    ("Describe the city of Lyon.", City, (0, None)),
+    ("Invent a person.", Person, (0, None)),
+    ("Give me some numbers and their mean.", Stats, (0, None)),
+]
+for n, (prompt, response_model, temperatures) in enumerate(parse_cases):
+    for temperature in temperatures:
+        name = f"parse() {response_model.__name__} temperature={temperature}"
+        sampling = {} if temperature is None else {"temperature": temperature}
+        try:
+            r = client.chat.completions.parse(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                response_format=response_model,
+                max_tokens=400,
+                seed=n,
+                **sampling,
+            )
+        except Exception as e:  # LengthFinishReasonError, pydantic.ValidationError
+            check(name, False, f"{type(e).__name__}: {e}")
+        message = r.choices[0].message
+        check(name, isinstance(message.parsed, response_model) and r.choices[0].finish_reason == "stop",
+              message.content)
 
 r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=3, temperature=0)
 check("completions", r.choices[0].text is not None and r.usage.completion_tokens <= 3)

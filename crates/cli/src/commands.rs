@@ -242,6 +242,12 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
     if args.raw && args.system.is_some() {
         bail!("--system needs the chat template, so it cannot be combined with --raw");
     }
+    // A schema is read and checked before the model loads: a bad one fails at once.
+    let schema = args
+        .json_schema
+        .as_deref()
+        .map(crate::serve::read_json_schema)
+        .transpose()?;
     let loaded = load(common, args.batch.batch_size)?;
     let (images, slots) = args.media.prepare(&loaded)?;
     let prompt = if args.raw {
@@ -254,12 +260,12 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
         loaded.render_chat(args.system.as_deref(), &[user])?
     };
     let (ids, soft) = loaded.encode_with_images(&prompt, &images)?;
-    if let Some(path) = &args.json_schema {
+    if let Some(schema) = &schema {
         if !soft.is_empty() {
             bail!("--json-schema does not take images yet");
         }
         let ctx_size = context_size(common, &loaded);
-        return crate::serve::run_json_schema(loaded, &ids, &params, ctx_size, path);
+        return crate::serve::run_json_schema(loaded, &ids, &params, ctx_size, schema);
     }
     let mut session = Session::new(&loaded, context_size(common, &loaded))?;
     let mut out = TextSink::stdout();

@@ -106,31 +106,44 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     gemma_server::run(loaded, config)
 }
 
+/// Reads the schema of `gemma run --json-schema FILE` and checks it (references, recursion)
+/// without the model; what only the grammar compiler can judge is checked when generating.
+pub fn read_json_schema(path: &std::path::Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let schema: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    gemma_server::schema::normalize(&schema, "check_")
+        .map_err(|e| anyhow::anyhow!("unsupported JSON schema in {}: {e}", path.display()))?;
+    Ok(schema)
+}
+
 /// `gemma run --json-schema FILE`: generation constrained to the schema, printed to stdout.
+/// An answer cut short (by `-n` or the context) is printed, then reported as an error.
 pub fn run_json_schema(
     loaded: gemma_engine::LoadedModel,
     ids: &[u32],
     params: &gemma_engine::SamplingParams,
     ctx_size: usize,
-    schema_path: &std::path::Path,
+    schema: &serde_json::Value,
 ) -> Result<()> {
     use std::io::Write;
-    let text = std::fs::read_to_string(schema_path)
-        .with_context(|| format!("cannot read {}", schema_path.display()))?;
-    let schema: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", schema_path.display()))?;
     let mut stdout = std::io::stdout().lock();
-    gemma_server::constrain::generate_json(
+    let mut printed = false;
+    let result = gemma_server::constrain::generate_json(
         std::sync::Arc::new(loaded),
         ids,
         params,
         ctx_size,
-        &schema,
+        schema,
         &mut |piece| {
+            printed |= !piece.is_empty();
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
         },
-    )?;
-    writeln!(stdout)?;
-    Ok(())
+    );
+    if printed {
+        writeln!(stdout)?;
+    }
+    result.map(|_| ())
 }

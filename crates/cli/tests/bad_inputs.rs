@@ -250,3 +250,48 @@ fn bench_depth_past_the_trained_context_is_refused() {
     );
     assert_clean_error(&out, &["trained context"]);
 }
+
+/// `gemma run --json-schema FILE` with the default model and `extra` options.
+fn run_with_schema(schema: &str, extra: &[&str]) -> std::process::Output {
+    let model = real_model();
+    let dir = TempDir::new("schema");
+    let path = dir.file("cyclic.json", schema.as_bytes());
+    let mut args = vec!["run", "--quiet", "--model", &model, "--temp", "0"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--json-schema", path.to_str().unwrap(), "Invent a record."]);
+    gemma(&args, None)
+}
+
+#[test]
+fn json_schemas_without_a_finite_document_fail_before_generating() {
+    let cyclic = r##"{"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}"##;
+    let self_ref = r##"{"$ref": "#"}"##;
+    let required_recursion =
+        r##"{"type": "object", "properties": {"next": {"$ref": "#"}}, "required": ["next"]}"##;
+    for schema in [cyclic, self_ref, required_recursion] {
+        let out = run_with_schema(schema, &[]);
+        assert_clean_error(&out, &["cyclic.json", "recursive", "levels"]);
+        assert!(out.stdout.is_empty(), "{schema}: {:?}", out.stdout);
+    }
+    let dangling = r##"{"properties": {"a": {"$ref": "#/$defs/missing"}}}"##;
+    assert_clean_error(
+        &run_with_schema(dangling, &[]),
+        &["#/$defs/missing", "points nowhere"],
+    );
+    let unsupported = r##"{"type": "object", "not": {"required": ["a"]}}"##;
+    assert_clean_error(
+        &run_with_schema(unsupported, &[]),
+        &["unsupported JSON schema", "not"],
+    );
+    assert_clean_error(&run_with_schema("{\"type\": ", &[]), &["not valid JSON"]);
+}
+
+#[test]
+fn a_json_answer_cut_by_the_token_limit_is_an_error() {
+    let schema =
+        r##"{"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}"##;
+    let out = run_with_schema(schema, &["-n", "3"]);
+    assert_clean_error(&out, &["cut short after 3 tokens"]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.starts_with('{'), "{printed}");
+}

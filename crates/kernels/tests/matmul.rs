@@ -273,7 +273,9 @@ fn matmul_rejects_hand_built_malformed_matrix() {
 /// dequantized weights and the unquantized activations, on the selected ISA and on scalar.
 #[test]
 fn gemm_path_matches_dequantized_f64_reference() {
-    use gemma_kernels::gemm::{gemm_f32_with, MIN_GEMM_TOKENS, PANEL_ROWS, TILE_TOKENS};
+    use gemma_kernels::gemm::{
+        gemm_f32_with, MIN_GEMM_TOKENS, PANEL_ROWS_AVX512, TILE_TOKENS_AVX512,
+    };
     use gemma_kernels::quant::available_isas;
     let pool = ThreadPool::new(3);
     let mut rng = Rng(0xfeed);
@@ -281,16 +283,24 @@ fn gemm_path_matches_dequantized_f64_reference() {
     for dtype in [
         GgmlType::F32,
         GgmlType::F16,
+        GgmlType::BF16,
         GgmlType::Q5_0,
         GgmlType::Q8_0,
         GgmlType::Q4_K,
         GgmlType::Q6_K,
     ] {
-        // 32-value types: 320 columns, one whole and one partial packing chunk of 256.
-        let cols = if dtype.block_size() == 256 { 512 } else { 320 };
-        // Rows and tokens that are not multiples of the panel and tile sizes.
-        let rows = 2 * PANEL_ROWS + 5;
-        let n_tokens = MIN_GEMM_TOKENS.max(2 * TILE_TOKENS + 1);
+        // 32-value types: 320 columns, one whole and one partial packing chunk of 256; float
+        // types: a partial chunk that is not a multiple of the 8-column transposition or of a
+        // 16-float vector.
+        let cols = match dtype.block_size() {
+            256 => 512,
+            1 => 301,
+            _ => 320,
+        };
+        // Rows and tokens that are not multiples of any panel (16 or 32 rows) or tile (6 or
+        // 12 tokens) size.
+        let rows = 2 * PANEL_ROWS_AVX512 + 5;
+        let n_tokens = MIN_GEMM_TOKENS.max(2 * TILE_TOKENS_AVX512 + 1);
         let data = random_matrix(dtype, rows, cols, &mut rng);
         let w = WeightMatrix::new(dtype, rows, cols, &data).unwrap();
         let x = rng.floats(n_tokens * cols);

@@ -90,6 +90,69 @@ pub enum MediaError {
     /// A video source that yields nothing usable, or a bad sampling request.
     #[error("video {0}")]
     Video(String),
+
+    /// The bytes are not one of the audio formats we decode.
+    #[error("not a supported audio file: the data is not WAV, FLAC, MP3 or OGG/Vorbis{detail}")]
+    UnknownAudioFormat {
+        /// Extra words, e.g. what the demuxer said.
+        detail: String,
+    },
+
+    /// Audio longer than allowed, found from the header (before decoding) or while decoding.
+    #[error(
+        "audio is {}{} long, above the limit of {}",
+        if *from_header { "announced as " } else { "at least " },
+        human_seconds(*seconds),
+        human_seconds(*max_seconds)
+    )]
+    AudioTooLong {
+        seconds: f64,
+        max_seconds: f64,
+        /// True when the length came from the header and nothing was decoded.
+        from_header: bool,
+    },
+
+    /// Audio parameters we refuse: a sample rate of 0 or out of range, no channels, too many
+    /// channels, no samples, a rate that changes mid-stream.
+    #[error("invalid audio: {0}")]
+    BadAudio(String),
+
+    /// Truncated, corrupt or otherwise undecodable audio data.
+    #[error("corrupt or truncated {}audio: {message}", audio_kind(format))]
+    AudioCorrupt {
+        /// The container as symphonia names it ("wave", "flac", "mp3", "ogg"), or "" if unknown.
+        format: String,
+        message: String,
+    },
+}
+
+/// "WAV ", "FLAC ", "" ...: the container's usual name, to put before "audio".
+fn audio_kind(format: &str) -> String {
+    match format {
+        "" => String::new(),
+        "wave" | "wav" | "riff" => "WAV ".into(),
+        "ogg" => "OGG ".into(),
+        other => format!("{} ", other.to_ascii_uppercase()),
+    }
+}
+
+/// "12.5 s", "10 min", "2 h 5 min": how long a clip is, in words a user reads at a glance.
+pub(crate) fn human_seconds(s: f64) -> String {
+    if !s.is_finite() {
+        return format!("{s} s");
+    }
+    if s < 60.0 {
+        let t = format!("{s:.1}");
+        return format!("{} s", t.strip_suffix(".0").unwrap_or(&t));
+    }
+    let minutes = (s / 60.0).round() as u64;
+    if minutes < 60 {
+        format!("{minutes} min")
+    } else if minutes.is_multiple_of(60) {
+        format!("{} h", minutes / 60)
+    } else {
+        format!("{} h {} min", minutes / 60, minutes % 60)
+    }
 }
 
 /// "2.5 gigapixels", "64 megapixels", "1200 pixels": decimal units, as cameras count.
@@ -125,5 +188,21 @@ mod tests {
         );
         assert_eq!(human_pixels(999), "999 pixels");
         assert_eq!(human_pixels(12_345_678), "12.3 megapixels");
+    }
+
+    #[test]
+    fn audio_length_message_reads_well() {
+        let e = MediaError::AudioTooLong {
+            seconds: 36_000.0,
+            max_seconds: 600.0,
+            from_header: true,
+        };
+        assert_eq!(
+            e.to_string(),
+            "audio is announced as 10 h long, above the limit of 10 min"
+        );
+        assert_eq!(human_seconds(12.5), "12.5 s");
+        assert_eq!(human_seconds(3.0), "3 s");
+        assert_eq!(human_seconds(7500.0), "2 h 5 min");
     }
 }

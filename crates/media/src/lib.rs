@@ -11,6 +11,9 @@
 //!   [`pan_and_scan`] (Gemma 3's crops, exactly as the reference cuts them).
 //! * Video: [`sample_frames`] from a [`VideoSource`] (folder of frames, animated GIF/WebP, or any
 //!   file through the `ffmpeg` CLI), [`mmss`] for timestamps.
+//! * Audio: [`decode_audio`] (WAV, FLAC, MP3, OGG/Vorbis) and [`pcm16_to_audio`] (raw s16le) to
+//!   16 kHz mono, bounded by [`AudioLimits`]; [`log_mel`], Gemma 3n's log-mel front end, equal to
+//!   transformers' `Gemma3nAudioFeatureExtractor` (padding, truncation and mask included).
 //! * Request plumbing: [`decode_data_url`], [`resolve_allowed_path`] / [`read_allowed_file`].
 //!
 //! Reference behaviour (what transformers 5.24 does, which the fixtures in `fixtures/images/`
@@ -18,17 +21,25 @@
 //! bit-identical `pixel_values`; JPEGs differ by at most 3 levels (6/255) because our JPEG
 //! decoder's IDCT rounds differently from libjpeg-turbo's (see `src/jpeg.rs`).
 
+mod audio;
 mod decode;
 mod error;
 mod jpeg;
+pub mod mel;
+mod mel_window;
 mod preprocess;
 mod resize;
 mod source;
 mod video;
 
+pub use audio::{
+    decode_audio, pcm16_to_audio, resample_to_16k, Audio, AudioLimits, MAX_CHANNELS,
+    MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,
+};
 pub use decode::{decode_image, decode_image_with, probe_image, ImageLimits, ReferenceRoute};
 pub use error::MediaError;
 pub use image::{Rgb, RgbImage};
+pub use mel::{log_mel, LogMel, MelExtractor};
 pub use preprocess::{pan_and_scan, pixel_values, PanAndScan, Preprocess};
 pub use resize::resize_bilinear_antialias;
 pub use source::{decode_data_url, read_allowed_file, resolve_allowed_path};

@@ -36,6 +36,19 @@ pub enum Model {
     Gemma3n(Gemma3n),
 }
 
+/// Most decoder layers a config may declare. Per-layer tables are sized from the count, so the
+/// readers check it as soon as they read it, before allocating anything (`validate()` checks it
+/// again).
+pub(crate) const MAX_LAYERS: usize = 1024;
+
+/// `n` if it is a plausible decoder layer count.
+pub(crate) fn layer_count(n: usize) -> Result<usize, ModelError> {
+    if n == 0 || n > MAX_LAYERS {
+        return Err(ModelError::Config(format!("implausible layer count {n}")));
+    }
+    Ok(n)
+}
+
 /// Gemma 3 `<end_of_turn>`: chat generation stops there as well as at EOS.
 const GEMMA_END_OF_TURN: u32 = 106;
 const GEMMA_EOS: u32 = 1;

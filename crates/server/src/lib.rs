@@ -19,6 +19,7 @@ pub mod metrics;
 mod prepare;
 pub mod routes;
 pub mod scheduler;
+pub mod schema;
 pub mod tool_stream;
 pub mod tools;
 

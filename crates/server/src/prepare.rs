@@ -59,6 +59,7 @@ impl PrepareContext {
     pub fn chat(&self, req: ChatCompletionRequest) -> Result<Prepared, ApiError> {
         let tools = req.tools.unwrap_or_default();
         let tool_mode = tools::tool_mode(&tools, req.tool_choice.as_ref())?;
+        tools::check_parameters(&tools).map_err(|e| unsupported_schema(e, "tools"))?;
         let reserved = self.reserved_texts();
         let (messages, image_refs) = chat_messages(&req.messages, &tools, &tool_mode, &reserved)?;
         let rendered = self.loaded.render_chat(None, &messages).map_err(|e| {
@@ -78,10 +79,7 @@ impl PrepareContext {
         }
         let logprobs = req.logprobs.unwrap_or(false).then_some(top_logprobs);
         let grammar = match (&tool_mode, &req.response_format) {
-            (ToolMode::Required(allowed), _) => {
-                let schema = tools::call_schema(&tools, allowed);
-                Some(self.compile(&schema, "tools")?)
-            }
+            (ToolMode::Required(allowed), _) => Some(self.compile_tools(&tools, allowed)?),
             (_, Some(ResponseFormat::JsonObject)) => Some(
                 self.compiler()?
                     .json_object()
@@ -147,10 +145,29 @@ impl PrepareContext {
     }
 
     fn compile(&self, schema: &serde_json::Value, param: &str) -> Result<Matcher, ApiError> {
-        self.compiler()?.json_schema(schema).map_err(|e| {
-            ApiError::bad_request(format!("unsupported JSON schema: {e:#}"))
-                .with_param(param)
-                .with_code("unsupported_schema")
+        self.compiler()?
+            .json_schema(schema)
+            .map_err(|e| unsupported_schema(format!("{e:#}"), param))
+    }
+
+    /// The grammar of a required call to one of `allowed`. A schema llguidance refuses is
+    /// compiled again tool by tool to name the culprit.
+    fn compile_tools(&self, tools: &[Tool], allowed: &[String]) -> Result<Matcher, ApiError> {
+        let schema =
+            tools::call_schema(tools, allowed).map_err(|e| unsupported_schema(e, "tools"))?;
+        let compiler = self.compiler()?;
+        compiler.compile(schema).map_err(|e| {
+            let mut candidates = tools.iter().enumerate();
+            let culprit = candidates.find_map(|(i, tool)| {
+                if !allowed.contains(&tool.function.name) {
+                    return None;
+                }
+                let name = std::slice::from_ref(&tool.function.name);
+                let alone = tools::call_schema(std::slice::from_ref(tool), name).ok()?;
+                let error = compiler.compile(alone).err()?;
+                Some(format!("tools[{i}] ({}): {error:#}", tool.function.name))
+            });
+            unsupported_schema(culprit.unwrap_or_else(|| format!("{e:#}")), "tools")
         })
     }
 
@@ -450,6 +467,13 @@ fn content_text(
             Ok(text)
         }
     }
+}
+
+/// The 400 for a client's schema the engine cannot enforce.
+fn unsupported_schema(message: String, param: &str) -> ApiError {
+    ApiError::bad_request(format!("unsupported JSON schema: {message}"))
+        .with_param(param)
+        .with_code("unsupported_schema")
 }
 
 /// When a request must be answered by.

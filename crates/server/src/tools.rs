@@ -102,33 +102,60 @@ pub fn render_tool_result(name: Option<&str>, content: &str) -> String {
     }
 }
 
+/// Checks every tool's `parameters` the way [`call_schema`] prepares them (references,
+/// recursion), whatever `tool_choice` says: a schema no call could satisfy is the client's
+/// error even when the model is not forced to call.
+pub fn check_parameters(tools: &[Tool]) -> Result<(), String> {
+    for (i, t) in tools.iter().enumerate() {
+        if let Some(parameters) = &t.function.parameters {
+            crate::schema::normalize(parameters, "check_")
+                .map_err(|e| format!("tools[{i}] ({}): {e}", t.function.name))?;
+        }
+    }
+    Ok(())
+}
+
 /// A schema every allowed call satisfies; used to constrain output when a call is required.
-pub fn call_schema(tools: &[Tool], allowed: &[String]) -> Value {
-    let variants: Vec<Value> = tools
-        .iter()
-        .filter(|t| allowed.contains(&t.function.name))
-        .map(|t| {
-            let parameters = t
-                .function
-                .parameters
-                .clone()
-                .unwrap_or_else(|| json!({"type": "object"}));
-            json!({
-                "type": "object",
-                "properties": {
-                    "name": {"const": t.function.name},
-                    "parameters": parameters,
-                },
-                "required": ["name", "parameters"],
-                "additionalProperties": false,
-            })
-        })
-        .collect();
-    if variants.len() == 1 {
+/// Each tool's `parameters` is normalized on its own (its `$ref`s are relative to it) by
+/// [`crate::schema::normalize`]; the error names the tool.
+pub fn call_schema(tools: &[Tool], allowed: &[String]) -> Result<Value, String> {
+    let mut defs = Map::new();
+    let mut variants = Vec::new();
+    for (i, t) in tools.iter().enumerate() {
+        if !allowed.contains(&t.function.name) {
+            continue;
+        }
+        let parameters = t
+            .function
+            .parameters
+            .clone()
+            .unwrap_or_else(|| json!({"type": "object"}));
+        let normalized = crate::schema::normalize(&parameters, &format!("tool{i}_"))
+            .map_err(|e| format!("tools[{i}] ({}): {e}", t.function.name))?;
+        defs.extend(normalized.defs);
+        let mut parameters = normalized.root;
+        if let Some(object) = parameters.as_object_mut() {
+            object.retain(|key, _| key != "$schema" && key != "x-guidance");
+        }
+        variants.push(json!({
+            "type": "object",
+            "properties": {
+                "name": {"const": t.function.name},
+                "parameters": parameters,
+            },
+            "required": ["name", "parameters"],
+            "additionalProperties": false,
+        }));
+    }
+    let mut schema = if variants.len() == 1 {
         variants.into_iter().next().unwrap_or(Value::Null)
     } else {
         json!({"anyOf": variants})
+    };
+    if !defs.is_empty() {
+        schema["$defs"] = Value::Object(defs);
     }
+    Ok(schema)
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! The server driven by the official `openai` Python client: `scripts/openai_client_check.py`
-//! (chat, streaming, a tool call round trip, streamed tool calls, and 20 random `json_schema`
-//! outputs validated with `jsonschema`) against the real server with the real default model,
-//! and image requests (one image, two in a message, streamed, pan-and-scan, bad images) against
-//! a second server with the tiny Gemma 3 vision model of `fixtures/gemma3_vision_tiny/`.
+//! (chat, streaming, a tool call round trip, streamed tool calls, 20 random `json_schema`
+//! outputs validated with `jsonschema`, and `chat.completions.parse()` with unbounded pydantic
+//! models) against the real server with the real default model, and image requests (one
+//! image, two in a message, streamed, pan-and-scan, bad images) against a second server with
+//! the tiny Gemma 3 vision model of `fixtures/gemma3_vision_tiny/`.
 //!
 //! The client lives in a virtual environment under the model cache
 //! (`<cache>/venvs/openai-client`), made with `python3 -m venv` and `pip install openai

@@ -206,7 +206,8 @@ fn rewrite_generation_tags(source: &str) -> String {
     while let Some(open) = rest.find("{%") {
         out.push_str(&rest[..open]);
         let tag = &rest[open..];
-        let Some(close) = tag.find("%}") else {
+        // Search after the opening `{%`: in `{%}` the `%` must not close the tag too.
+        let Some(close) = tag[2..].find("%}").map(|i| i + 2) else {
             out.push_str(tag);
             return out;
         };

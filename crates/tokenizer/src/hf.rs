@@ -34,8 +34,22 @@ impl HfTokenizer {
             path: tokenizer_json.to_path_buf(),
             source,
         })?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(hf_error)?;
-        HfTokenizer::new(inner, tokenizer_config)
+        HfTokenizer::from_bytes(&bytes, tokenizer_config)
+    }
+
+    /// The contents of a `tokenizer.json`. The `tokenizers` crate panics on some malformed
+    /// files (e.g. a broken `decoder`); that becomes an error here.
+    pub fn from_bytes(
+        tokenizer_json: &[u8],
+        tokenizer_config: Option<&serde_json::Value>,
+    ) -> Result<HfTokenizer, TokenizerError> {
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(tokenizer_json))
+            .map_err(|_| broken())?;
+        let inner = parsed.map_err(hf_error)?;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            HfTokenizer::new(inner, tokenizer_config)
+        }))
+        .map_err(|_| broken())?
     }
 
     pub fn new(
@@ -126,7 +140,13 @@ impl HfTokenizer {
                 copy
             })
         };
-        let encoding = tokenizer.encode(text, false).map_err(hf_error)?;
+        // `tokenizers` 0.23 panics on some malformed files only when it encodes (a template
+        // naming a special token it does not define): an error here, not a crash.
+        let encoding = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tokenizer.encode(text, false)
+        }))
+        .map_err(|_| broken())?
+        .map_err(hf_error)?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
         if add_bos {
             ids.push(self.bos_id.ok_or(TokenizerError::NoBosToken)?);
@@ -137,9 +157,11 @@ impl HfTokenizer {
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
         self.check_ids(ids)?;
-        self.parsing_special
-            .decode(ids, skip_special)
-            .map_err(hf_error)
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.parsing_special.decode(ids, skip_special)
+        }))
+        .map_err(|_| broken())?
+        .map_err(hf_error)
     }
 
     /// Raw bytes of one piece: `▁` as space and `<0xNN>` as the byte for SentencePiece-style
@@ -246,4 +268,11 @@ fn byte_level_char_to_byte(c: char) -> Option<u8> {
         .filter(|&b| !is_printable(b))
         .nth(shifted_index)
         .map(|b| b as u8)
+}
+
+/// What a panic inside `tokenizers` becomes.
+fn broken() -> TokenizerError {
+    TokenizerError::HuggingFace(
+        "tokenizer.json is malformed (the tokenizers library crashed)".into(),
+    )
 }

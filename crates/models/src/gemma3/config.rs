@@ -93,7 +93,7 @@ impl Gemma3Config {
                 .map_err(|_| ModelError::Config(format!("'{}' = {v} is too large", key(k))))
         };
         let hidden_size = req("embedding_length")?;
-        let num_hidden_layers = req("block_count")?;
+        let num_hidden_layers = crate::layer_count(req("block_count")?)?;
         let num_attention_heads = req("attention.head_count")?;
         let num_key_value_heads = match f.get_u64(&key("attention.head_count_kv"))? {
             Some(v) => v as usize,
@@ -198,7 +198,7 @@ impl Gemma3Config {
                 .map(|v| v as usize)
                 .ok_or_else(|| ModelError::Config(format!("config.json lacks integer '{k}'")))
         };
-        let num_hidden_layers = req("num_hidden_layers")?;
+        let num_hidden_layers = crate::layer_count(req("num_hidden_layers")?)?;
         let hidden_size = req("hidden_size")?;
         let num_attention_heads = req("num_attention_heads")?;
         let head_dim = c

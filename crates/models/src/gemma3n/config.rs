@@ -70,7 +70,7 @@ impl Gemma3nConfig {
         if c.get("attention_bias").and_then(Value::as_bool) == Some(true) {
             return Err(err("attention biases are not supported".into()));
         }
-        let num_hidden_layers = req("num_hidden_layers")?;
+        let num_hidden_layers = crate::layer_count(req("num_hidden_layers")?)?;
         let hidden_size = req("hidden_size")?;
         let num_attention_heads = req("num_attention_heads")?;
         let n = num_hidden_layers;
@@ -223,7 +223,7 @@ impl Gemma3nConfig {
                 .and_then(|t| t.shape.first().copied())
                 .ok_or_else(|| ModelError::MissingTensor(name.into()))
         };
-        let n = req("block_count")?;
+        let n = crate::layer_count(req("block_count")?)?;
         let num_attention_heads = req("attention.head_count")?;
         let head_dim = req("attention.key_length")?;
         if let Some(v) = opt("attention.value_length")? {
