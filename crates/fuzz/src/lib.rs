@@ -5,7 +5,7 @@
 //! The same functions are driven two ways:
 //! - on stable Rust by `tests/fuzz.rs` (part of `cargo test --release --workspace`): the seed
 //!   corpus in `corpus/<target>/`, then a seeded mutation loop ([`driver`]) for
-//!   `GEMMA_FUZZ_SECONDS` (default 10) per target;
+//!   `GEMMA_FUZZ_SECONDS` (default 6) per target;
 //! - by libFuzzer from `fuzz/` at the repository root: `cargo +nightly fuzz run <target>`.
 
 pub mod driver;
