@@ -191,6 +191,7 @@ impl SamplingArgs {
             max_tokens: self.max_tokens,
             stop: self.stop.clone(),
             truncate: self.truncate,
+            logit_bias: Vec::new(),
         })
     }
 }

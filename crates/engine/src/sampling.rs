@@ -32,6 +32,9 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// If the prompt does not fit the context, keep its last tokens instead of failing.
     pub truncate: bool,
+    /// Added to a token's logit after the penalties (OpenAI's `logit_bias`: -100 all but bans
+    /// a token, +100 all but forces it). Ids must be in the vocabulary; others are ignored.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -49,6 +52,7 @@ impl Default for SamplingParams {
             max_tokens: 256,
             stop: Vec::new(),
             truncate: false,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -176,6 +180,11 @@ impl Sampler {
         self.adjusted.clear();
         self.adjusted.extend_from_slice(logits);
         self.apply_penalties(history);
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(logit) = self.adjusted.get_mut(id as usize) {
+                *logit += bias;
+            }
+        }
     }
 
     fn apply_penalties(&mut self, history: &[u32]) {
@@ -510,6 +519,33 @@ mod tests {
         s.load_penalized(&logits, &[3, 0, 1]);
         let got = s.adjusted.clone();
         assert_eq!(got, vec![1.0, -4.0, 1.0, 3.0]);
+    }
+
+    #[test]
+    fn logit_bias_is_added_after_the_penalties_and_steers_greedy_choice() {
+        let logits = [2.0f32, -2.0, 1.0, 3.0];
+        let p = SamplingParams {
+            temperature: 0.0,
+            repeat_penalty: 2.0,
+            repeat_last_n: 4,
+            logit_bias: vec![(3, -100.0), (1, 5.0), (99, 7.0)],
+            ..SamplingParams::default()
+        };
+        let mut s = Sampler::new(&p);
+        s.load_penalized(&logits, &[1]);
+        // Token 1 is penalized first (-2 * 2 = -4), then biased (+5); id 99 is not in the
+        // vocabulary and changes nothing.
+        assert_eq!(s.adjusted, vec![2.0, 1.0, 1.0, -97.0]);
+        assert_eq!(s.sample(&logits, &[1]), 0);
+        let mut forced = Sampler::new(&SamplingParams {
+            temperature: 0.8,
+            logit_bias: vec![(2, 100.0)],
+            seed: Some(7),
+            ..SamplingParams::default()
+        });
+        for _ in 0..20 {
+            assert_eq!(forced.sample(&logits, &[]), 2);
+        }
     }
 
     #[test]

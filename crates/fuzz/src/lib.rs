@@ -32,6 +32,8 @@ pub const TARGETS: &[Target] = &[
     ("data_url", data_url),
     ("image", image),
     ("animation", animation),
+    ("json_schema", json_schema),
+    ("audio", audio),
 ];
 
 fn touch(value: &MetaValue) -> usize {
@@ -244,5 +246,81 @@ pub fn animation(data: &[u8]) {
     let source = VideoSource::Animation(data.to_vec());
     if let Ok(frames) = gemma_media::sample_frames(&source, &sampling, &limits) {
         assert!(!frames.is_empty() && frames.len() <= 8);
+    }
+}
+
+/// A JSON schema (`response_format`, a tool's `parameters`, `--json-schema`): normalized by
+/// the server's rules, compiled to a grammar over one-byte tokens, and then walked for a few
+/// dozen tokens (choices taken from the input's bytes), as generation would.
+pub fn json_schema(data: &[u8]) {
+    use gemma_server::GrammarCompiler;
+    use toktrie::{ApproximateTokEnv, TokEnv};
+    thread_local! {
+        static COMPILER: (GrammarCompiler, TokEnv) = {
+            let env = ApproximateTokEnv::single_byte_env();
+            (GrammarCompiler::from_env(&env).expect("a byte-level compiler"), env)
+        };
+    }
+    let Ok(schema) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    if let Ok(normalized) = gemma_server::schema::normalize(&schema, "fuzz_") {
+        std::hint::black_box(normalized.into_document());
+    }
+    COMPILER.with(|(compiler, _env)| {
+        let Ok(mut matcher) = compiler.json_schema(&schema) else {
+            return;
+        };
+        for step in 0..48 {
+            let Ok(mask) = matcher.compute_mask() else {
+                return;
+            };
+            let allowed = mask.num_set();
+            if allowed == 0 || matcher.is_stopped() {
+                return;
+            }
+            let mut pick = data[step % data.len()] as usize % allowed;
+            let mut token = None;
+            mask.iter_set_entries(|t| {
+                if token.is_none() {
+                    if pick == 0 {
+                        token = Some(t as u32);
+                    } else {
+                        pick -= 1;
+                    }
+                }
+            });
+            let Some(token) = token else {
+                return;
+            };
+            if matcher.consume_token(token).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// An audio file (WAV, FLAC, MP3, OGG/Vorbis) decoded under small limits, then its first
+/// second through the log-mel front end; and the same bytes as raw 16-bit PCM.
+pub fn audio(data: &[u8]) {
+    use gemma_media::{decode_audio, log_mel, pcm16_to_audio, AudioLimits};
+    let limits = AudioLimits {
+        max_seconds: 4.0,
+        max_bytes: 1 << 16,
+    };
+    if let Ok(audio) = decode_audio(data, &limits) {
+        // 4 s at 16 kHz, plus the resampler's rounding.
+        assert!(audio.samples_16k.len() <= 4 * 16_000 + 64);
+        assert!(audio.samples_16k.iter().all(|x| x.is_finite()));
+        let head = &audio.samples_16k[..audio.samples_16k.len().min(16_000)];
+        let mel = log_mel(head);
+        assert!(mel.features.iter().all(|x| x.is_finite()));
+    }
+    if let Some((&first, rest)) = data.split_first() {
+        let rate = [8_000, 11_025, 16_000, 22_050, 44_100, 48_000, 0, 7][first as usize % 8];
+        let channels = (first as usize >> 3) % 4;
+        if let Ok(audio) = pcm16_to_audio(rest, rate, channels, &limits) {
+            assert!(audio.samples_16k.iter().all(|x| x.is_finite()));
+        }
     }
 }

@@ -122,6 +122,10 @@ impl Default for AudioLimits {
     }
 }
 
+/// The largest sample magnitude accepted from a float file (full scale is 1.0): far beyond
+/// any real clipping, and small enough that the log-mel front end cannot overflow.
+pub const MAX_SAMPLE_MAGNITUDE: f32 = 1.0e4;
+
 /// A decoded clip, ready for [`crate::log_mel`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Audio {
@@ -502,6 +506,21 @@ impl MonoTo16k {
             for m in &mut self.mixed {
                 *m /= count;
             }
+        }
+        // Float formats can carry NaN, infinity or absurd magnitudes (full scale is 1): they
+        // would overflow the front end and poison every feature downstream, so they are the
+        // file's error.
+        if let Some(at) = self
+            .mixed
+            .iter()
+            .position(|x| x.is_nan() || x.abs() > MAX_SAMPLE_MAGNITUDE)
+        {
+            let frame = self.frames - n as u64 + at as u64;
+            return Err(MediaError::BadAudio(format!(
+                "the audio has a NaN, infinite or out-of-range sample at {:.3} s (float \
+                 samples are at most {MAX_SAMPLE_MAGNITUDE} in magnitude; full scale is 1)",
+                frame as f64 / self.rate as f64
+            )));
         }
         match &mut self.resampler {
             None => self.out.extend_from_slice(&self.mixed),

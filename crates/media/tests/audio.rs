@@ -645,3 +645,44 @@ mod fuzz {
         }
     }
 }
+
+/// A 32-bit float WAV (format 3) holding `samples`, mono at 16 kHz.
+fn float_wav(samples: &[f32]) -> Vec<u8> {
+    let data: Vec<u8> = samples.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = Vec::new();
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&3u16.to_le_bytes()); // IEEE float
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&16_000u32.to_le_bytes());
+    out.extend_from_slice(&64_000u32.to_le_bytes());
+    out.extend_from_slice(&4u16.to_le_bytes());
+    out.extend_from_slice(&32u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&data);
+    out
+}
+
+/// Float files can hold NaN and infinity: an error naming where, never features full of NaN.
+#[test]
+fn non_finite_or_absurd_float_samples_are_an_error() {
+    let mut samples = vec![0.25f32; 8000];
+    let fine = decode_audio(&float_wav(&samples), &AudioLimits::default()).unwrap();
+    assert!(fine.samples_16k.iter().all(|x| x.is_finite()));
+    // Loud but plausible (clipped far past full scale) is still audio.
+    samples[100] = 50.0;
+    decode_audio(&float_wav(&samples), &AudioLimits::default()).unwrap();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 3.0e38, -2.0e5] {
+        samples[4000] = bad;
+        let err = decode_audio(&float_wav(&samples), &AudioLimits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("NaN, infinite or out-of-range sample at 0.250 s"),
+            "{err}"
+        );
+    }
+}

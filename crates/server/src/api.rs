@@ -72,6 +72,10 @@ pub struct SamplingFields {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// Token id (as a string, as OpenAI sends it) to a bias in [-100, 100]; checked in
+    /// `prepare` against the vocabulary.
+    #[serde(default)]
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

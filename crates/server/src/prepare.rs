@@ -312,7 +312,12 @@ impl PrepareContext {
                 ApiError::bad_request("at most 4 stop strings are allowed").with_param("stop")
             );
         }
+        let logit_bias = match &f.logit_bias {
+            Some(map) => logit_bias(map, self.loaded.model.vocab_size())?,
+            None => Vec::new(),
+        };
         let params = SamplingParams {
+            logit_bias,
             temperature: f.temperature.unwrap_or(defaults.temperature),
             top_k: f.top_k.unwrap_or(defaults.top_k),
             top_p: f.top_p.unwrap_or(defaults.top_p),
@@ -330,6 +335,47 @@ impl PrepareContext {
         let include_usage = f.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Ok((params, stream, include_usage))
     }
+}
+
+/// OpenAI's `logit_bias`: keys are token ids written as decimal strings, values numbers in
+/// [-100, 100]. Anything else is the client's mistake and is named, not ignored.
+fn logit_bias(
+    map: &serde_json::Map<String, serde_json::Value>,
+    vocab_size: usize,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    const MAX_ENTRIES: usize = 1024;
+    if map.len() > MAX_ENTRIES {
+        return Err(ApiError::bad_request(format!(
+            "logit_bias has {} entries; at most {MAX_ENTRIES} are allowed",
+            map.len()
+        ))
+        .with_param("logit_bias"));
+    }
+    map.iter()
+        .map(|(key, value)| {
+            let id = key
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| (id as usize) < vocab_size)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "logit_bias key {key:?} is not a token id of this model (a decimal \
+                         integer below {vocab_size})"
+                    ))
+                    .with_param("logit_bias")
+                })?;
+            let bias = value
+                .as_f64()
+                .filter(|b| (-100.0..=100.0).contains(b))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "logit_bias[{key:?}] must be a number between -100 and 100, not {value}"
+                    ))
+                    .with_param("logit_bias")
+                })?;
+            Ok((id, bias as f32))
+        })
+        .collect()
 }
 
 /// The conversation as the chat template wants it: text with an [`IMAGE_MARKER`] where each
@@ -351,6 +397,8 @@ fn chat_messages(
     if *mode != ToolMode::Off {
         out.push(ChatMessage::new("system", tools::tools_preamble(tools)));
     }
+    // The calls earlier assistant turns made: a `tool` message answers one of them.
+    let mut calls_made: Vec<(&str, &str)> = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         let before = images.len();
         let text = content_text(m.content.as_ref(), i, reserved, &mut images)?;
@@ -366,6 +414,12 @@ fn chat_messages(
             "user" => ("user", text),
             "assistant" => match &m.tool_calls {
                 Some(calls) if !calls.is_empty() => {
+                    check_calls(calls, i)?;
+                    calls_made.extend(
+                        calls
+                            .iter()
+                            .map(|c| (c.id.as_str(), c.function.name.as_str())),
+                    );
                     let calls = tools::render_calls(calls);
                     (
                         "assistant",
@@ -378,7 +432,25 @@ fn chat_messages(
                 }
                 _ => ("assistant", text),
             },
-            "tool" | "function" => ("user", tools::render_tool_result(m.name.as_deref(), &text)),
+            "tool" => {
+                let name = answered_call(m, i, &calls_made)?;
+                (
+                    "user",
+                    tools::render_tool_result(m.name.as_deref().or(name), &text),
+                )
+            }
+            // The legacy role: the result of the function `name`.
+            "function" => match m.name.as_deref() {
+                Some(name) if !name.is_empty() => {
+                    ("user", tools::render_tool_result(Some(name), &text))
+                }
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "messages[{i}] has role \"function\" but no name"
+                    ))
+                    .with_param(&format!("messages[{i}].name")))
+                }
+            },
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown role {other:?} in messages[{i}]"
@@ -400,6 +472,61 @@ fn chat_messages(
         out.push(ChatMessage::new("user", ""));
     }
     Ok((out, images))
+}
+
+/// An assistant message's `tool_calls` as a later request replays them: each needs an id (the
+/// `tool` message answering it names it), the type `function`, a name, and arguments that are
+/// a JSON object (they are written into the prompt as such; dropping them would change the
+/// conversation behind the client's back).
+fn check_calls(calls: &[crate::api::ToolCall], i: usize) -> Result<(), ApiError> {
+    for (j, c) in calls.iter().enumerate() {
+        let param = format!("messages[{i}].tool_calls[{j}]");
+        let problem = if c.id.is_empty() {
+            Some("has an empty id".to_string())
+        } else if c.kind != "function" {
+            Some(format!(
+                "has type {:?}; only \"function\" is supported",
+                c.kind
+            ))
+        } else if c.function.name.is_empty() {
+            Some("has an empty function name".to_string())
+        } else if !serde_json::from_str::<serde_json::Value>(&c.function.arguments)
+            .is_ok_and(|v| v.is_object())
+        {
+            Some("has function.arguments that are not a JSON object".to_string())
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(ApiError::bad_request(format!("{param} {problem}")).with_param(&param));
+        }
+    }
+    Ok(())
+}
+
+/// The function a `tool` message answers: its `tool_call_id` must name a call an earlier
+/// assistant message made (as OpenAI requires).
+fn answered_call<'a>(
+    m: &crate::api::RequestMessage,
+    i: usize,
+    calls_made: &[(&str, &'a str)],
+) -> Result<Option<&'a str>, ApiError> {
+    let param = format!("messages[{i}].tool_call_id");
+    let Some(id) = m.tool_call_id.as_deref() else {
+        return Err(ApiError::bad_request(format!(
+            "messages[{i}] has role \"tool\" but no tool_call_id: a tool message answers a \
+             call of an earlier assistant message"
+        ))
+        .with_param(&param));
+    };
+    match calls_made.iter().find(|(made, _)| *made == id) {
+        Some((_, name)) => Ok(Some(*name)),
+        None => Err(ApiError::bad_request(format!(
+            "messages[{i}].tool_call_id {id:?} does not match any tool call of an earlier \
+             assistant message"
+        ))
+        .with_param(&param)),
+    }
 }
 
 /// A message's text, with an [`IMAGE_MARKER`] for each image part (recorded in `images`).

@@ -10,7 +10,7 @@ use common::*;
 use gemma_engine::gemma_tokenizer::ChatMessage;
 use gemma_engine::LoadedModel;
 use gemma_server::RunningServer;
-use serde_json::json;
+use serde_json::{json, Value};
 
 fn server() -> SocketAddr {
     static SERVER: OnceLock<RunningServer> = OnceLock::new();
@@ -279,6 +279,136 @@ fn bad_requests_get_clear_errors() {
     );
     // The server is still fine afterwards.
     assert_eq!(post(addr, path, &chat_body("Hi", 1)).status, 200);
+}
+
+/// `logit_bias` is applied (a +100 token is what greedy decoding picks, a -100 token is never
+/// picked) and every key and value is checked against the model.
+#[test]
+fn logit_bias_steers_the_answer_and_bad_keys_are_refused() {
+    let addr = server();
+    let path = "/v1/chat/completions";
+    let plain = post(addr, path, &chat_body("Name a color.", 1)).json();
+    let first = plain["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tokenizer = reference().tokenizer.as_ref().unwrap();
+    let first_id = tokenizer.encode(&first, false, false).unwrap()[0];
+    // Banning the greedy answer's token changes the answer.
+    let mut banned = chat_body("Name a color.", 1);
+    banned["logit_bias"] = json!({ first_id.to_string(): -100 });
+    let v = post(addr, path, &banned).json();
+    assert_ne!(v["choices"][0]["message"]["content"], first.as_str(), "{v}");
+    // Forcing a token makes it the answer.
+    let forced_id = tokenizer.encode(" zebra", false, false).unwrap()[0];
+    let forced_text = tokenizer.decode(&[forced_id], true).unwrap();
+    let mut forced = chat_body("Name a color.", 1);
+    forced["logit_bias"] = json!({ forced_id.to_string(): 100 });
+    let v = post(addr, path, &forced).json();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(content.trim(), forced_text.trim(), "{v}");
+
+    for (bias, needle) in [
+        (json!({"abc": 1}), "\"abc\" is not a token id"),
+        (json!({"-3": 1}), "is not a token id"),
+        (json!({"99999999": 1}), "is not a token id"),
+        (json!({"5": 101}), "between -100 and 100"),
+        (json!({"5": "high"}), "between -100 and 100"),
+    ] {
+        let mut body = chat_body("hi", 1);
+        body["logit_bias"] = bias;
+        let r = post(addr, path, &body);
+        assert_error(&r, 400, needle);
+        assert_eq!(r.json()["error"]["param"], "logit_bias");
+    }
+}
+
+/// Tool results must answer a call the conversation made; replayed calls must be well formed.
+#[test]
+fn tool_messages_must_answer_an_earlier_call() {
+    let addr = server();
+    let path = "/v1/chat/completions";
+    let call = json!({"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}});
+    let conversation = |assistant_call: Value, tool: Value| {
+        json!({"messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [assistant_call]},
+            tool,
+        ], "max_tokens": 2, "temperature": 0})
+    };
+    let ok = post(
+        addr,
+        path,
+        &conversation(
+            call.clone(),
+            json!({"role": "tool", "tool_call_id": "call_1", "content": "sunny"}),
+        ),
+    );
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let missing = post(
+        addr,
+        path,
+        &conversation(call.clone(), json!({"role": "tool", "content": "sunny"})),
+    );
+    assert_error(&missing, 400, "no tool_call_id");
+    assert_eq!(missing.json()["error"]["param"], "messages[2].tool_call_id");
+    let unknown = post(
+        addr,
+        path,
+        &conversation(
+            call.clone(),
+            json!({"role": "tool", "tool_call_id": "call_9", "content": "sunny"}),
+        ),
+    );
+    assert_error(&unknown, 400, "\"call_9\" does not match any tool call");
+    // A tool message before any call.
+    let early = json!({"messages": [
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "user", "content": "hi"},
+    ], "max_tokens": 2});
+    assert_error(
+        &post(addr, path, &early),
+        400,
+        "does not match any tool call",
+    );
+    let mut bad_args = call.clone();
+    bad_args["function"]["arguments"] = json!("{city: Paris");
+    assert_error(
+        &post(
+            addr,
+            path,
+            &conversation(
+                bad_args,
+                json!({"role": "tool", "tool_call_id": "call_1", "content": "x"}),
+            ),
+        ),
+        400,
+        "messages[1].tool_calls[0] has function.arguments that are not a JSON object",
+    );
+    let mut bad_kind = call.clone();
+    bad_kind["type"] = json!("retrieval");
+    assert_error(
+        &post(
+            addr,
+            path,
+            &conversation(
+                bad_kind,
+                json!({"role": "tool", "tool_call_id": "call_1", "content": "x"}),
+            ),
+        ),
+        400,
+        "only \"function\" is supported",
+    );
+    let legacy = json!({"messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "function", "content": "42"},
+    ], "max_tokens": 2});
+    assert_error(
+        &post(addr, path, &legacy),
+        400,
+        "role \"function\" but no name",
+    );
 }
 
 #[test]
