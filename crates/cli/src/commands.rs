@@ -10,19 +10,23 @@ use gemma_engine::gemma_media::{
 };
 use gemma_engine::gemma_tokenizer::ChatMessage;
 use gemma_engine::{
-    Chat, GenerationStats, ImageOptions, LoadOptions, LoadedModel, PreparedImage, Session,
-    WeightMemory, DEFAULT_BATCH_SIZE,
+    Chat, GenerationStats, ImageOptions, LoadOptions, LoadedModel, PreparedImage, SamplingParams,
+    Session, Tuning, WeightMemory, DEFAULT_BATCH_SIZE,
 };
 
 use crate::{CommonArgs, SamplingArgs};
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// The prompt (a user message, unless --raw)
+    /// The prompt (a user message for instruction-tuned models; base models continue it)
     pub prompt: String,
     /// Feed the prompt as is, without the chat template
-    #[arg(long)]
+    #[arg(long, conflicts_with = "chat")]
     pub raw: bool,
+    /// Use the chat template even with a base (pretrained) model, which otherwise continues
+    /// the prompt as plain text
+    #[arg(long)]
+    pub chat: bool,
     /// System instructions (merged into the first user turn by Gemma's template)
     #[arg(long, value_name = "TEXT")]
     pub system: Option<String>,
@@ -249,8 +253,30 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
         .map(crate::serve::read_json_schema)
         .transpose()?;
     let loaded = load(common, args.batch.batch_size)?;
+    // A base model follows no instructions: it continues the prompt, with sampling that keeps
+    // a small model from looping (scripts/base_sampling.py measured it). A system prompt or a
+    // schema asks for turns, so they keep the template.
+    let continue_text = loaded.tuning == Tuning::Base
+        && !args.raw
+        && !args.chat
+        && args.system.is_none()
+        && schema.is_none();
+    let params = if continue_text {
+        if !common.quiet {
+            eprintln!(
+                "gemma: {} is a base (pretrained) model: it continues text rather than \
+                 following instructions, so the prompt is continued as written (--chat applies \
+                 the chat template; --model an instruction-tuned GGUF to ask questions)",
+                loaded.display_name
+            );
+        }
+        args.sampling
+            .to_params_over(SamplingParams::base_model_defaults())?
+    } else {
+        params
+    };
     let (images, slots) = args.media.prepare(&loaded)?;
-    let prompt = if args.raw {
+    let prompt = if args.raw || continue_text {
         format!("{slots}{}", args.prompt)
     } else {
         let user = ChatMessage {

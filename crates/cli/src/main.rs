@@ -66,8 +66,8 @@ enum Command {
     Logits(commands::LogitsArgs),
     /// Perplexity of a text file (llama.cpp's definition)
     Perplexity(commands::PerplexityArgs),
-    /// Architecture, hyper-parameters, tensors and memory needs of a model
-    Info,
+    /// Architecture, hyper-parameters, tensors and memory needs of a model (--json for scripts)
+    Info(info::InfoArgs),
     /// Prompt-processing and generation speed, llama-bench style (-m, -p, -n, -d, -t, -r, --json)
     Bench(bench::BenchArgs),
     /// OpenAI-compatible HTTP server (chat/completions, completions, models, metrics)
@@ -76,24 +76,27 @@ enum Command {
     Extract(extract::ExtractArgs),
 }
 
-/// Sampling and stopping options shared by `run` and `chat`.
+/// Sampling and stopping options shared by `run` and `chat`. The cuts and penalties left
+/// unset take the model's defaults: [`SamplingParams::default`] for instruction-tuned models,
+/// [`SamplingParams::base_model_defaults`] when `run` continues text with a base model.
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
-    /// Temperature (0 = greedy)
-    #[arg(long = "temp", default_value_t = 1.0)]
-    pub temperature: f32,
-    /// Top-k cut (0 = off)
-    #[arg(long, default_value_t = 64)]
-    pub top_k: usize,
-    /// Top-p (nucleus) cut (1 = off)
-    #[arg(long, default_value_t = 0.95)]
-    pub top_p: f32,
-    /// Min-p cut relative to the most likely token (0 = off)
-    #[arg(long, default_value_t = 0.0)]
-    pub min_p: f32,
-    /// Repetition penalty over the last --repeat-last-n tokens (1 = off)
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
+    /// Temperature (0 = greedy) [default: 1; base models 0.7]
+    #[arg(long = "temp")]
+    pub temperature: Option<f32>,
+    /// Top-k cut (0 = off) [default: 64; base models 40]
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Top-p (nucleus) cut (1 = off) [default: 0.95]
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Min-p cut relative to the most likely token (0 = off) [default: 0; base models 0.05]
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Repetition penalty over the last --repeat-last-n tokens (1 = off) [default: 1; base
+    /// models 1.1]
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
     /// Window of the penalties
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
@@ -145,45 +148,19 @@ impl CommonArgs {
 }
 
 impl SamplingArgs {
+    /// The options over the instruction-tuned defaults (checked).
     pub fn to_params(&self) -> anyhow::Result<SamplingParams> {
-        let finite = [
-            self.temperature,
-            self.top_p,
-            self.min_p,
-            self.repeat_penalty,
-            self.frequency_penalty,
-            self.presence_penalty,
-        ]
-        .iter()
-        .all(|v| v.is_finite());
-        let checks = [
-            (
-                finite,
-                "sampling options must be finite numbers (not inf or NaN)",
-            ),
-            (self.temperature >= 0.0, "--temp must be at least 0"),
-            (
-                (0.0..=1.0).contains(&self.top_p),
-                "--top-p must be between 0 and 1",
-            ),
-            (
-                (0.0..=1.0).contains(&self.min_p),
-                "--min-p must be between 0 and 1",
-            ),
-            (
-                self.repeat_penalty > 0.0,
-                "--repeat-penalty must be positive",
-            ),
-        ];
-        if let Some((_, message)) = checks.iter().find(|(ok, _)| !ok) {
-            anyhow::bail!("{message}");
-        }
-        Ok(SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
+        self.to_params_over(SamplingParams::default())
+    }
+
+    /// The options over `defaults` (checked): what the user set wins, the rest is `defaults`'.
+    pub fn to_params_over(&self, defaults: SamplingParams) -> anyhow::Result<SamplingParams> {
+        let params = SamplingParams {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            min_p: self.min_p.unwrap_or(defaults.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(defaults.repeat_penalty),
             repeat_last_n: self.repeat_last_n,
             frequency_penalty: self.frequency_penalty,
             presence_penalty: self.presence_penalty,
@@ -192,7 +169,40 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             truncate: self.truncate,
             logit_bias: Vec::new(),
-        })
+        };
+        let finite = [
+            params.temperature,
+            params.top_p,
+            params.min_p,
+            params.repeat_penalty,
+            params.frequency_penalty,
+            params.presence_penalty,
+        ]
+        .iter()
+        .all(|v| v.is_finite());
+        let checks = [
+            (
+                finite,
+                "sampling options must be finite numbers (not inf or NaN)",
+            ),
+            (params.temperature >= 0.0, "--temp must be at least 0"),
+            (
+                (0.0..=1.0).contains(&params.top_p),
+                "--top-p must be between 0 and 1",
+            ),
+            (
+                (0.0..=1.0).contains(&params.min_p),
+                "--min-p must be between 0 and 1",
+            ),
+            (
+                params.repeat_penalty > 0.0,
+                "--repeat-penalty must be positive",
+            ),
+        ];
+        if let Some((_, message)) = checks.iter().find(|(ok, _)| !ok) {
+            anyhow::bail!("{message}");
+        }
+        Ok(params)
     }
 }
 
@@ -239,7 +249,7 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         Command::Tokenize(args) => commands::tokenize(common, args),
         Command::Logits(args) => commands::logits(common, args),
         Command::Perplexity(args) => commands::perplexity(common, args),
-        Command::Info => info::info(common),
+        Command::Info(args) => info::info(common, args),
         Command::Bench(args) => bench::bench(common, args),
         Command::Serve(args) => serve::serve(common, args),
         Command::Extract(args) => extract::extract(common, args),

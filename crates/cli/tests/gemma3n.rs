@@ -128,27 +128,18 @@ fn layer_skipping_sub_model_in_place_and_extracted_matches_transformers() {
     let extracted = top5(&["--model", &out_path], &ids);
     assert_matches(&extracted, &want, "extracted skip.gguf");
 
-    let info = gemma(&["info", "--model", &out_path], None);
-    assert!(info.status.success(), "{}", stderr(&info));
-    let text = stdout(&info);
-    assert!(text.contains("layers: 5"), "{text}");
-    assert!(text.contains("ffn: 16,32,24,40,48"), "{text}");
-    assert!(text.contains("last 2 layers reuse earlier K/V"), "{text}");
-    let info = gemma(
-        &[
-            "info",
-            "--model",
-            &fixture("model.gguf"),
-            "--matformer",
-            &config,
-        ],
-        None,
-    );
-    assert!(info.status.success(), "{}", stderr(&info));
-    let text = stdout(&info);
+    let info = info_json(&["--model", &out_path]);
+    let hp = &info["hyper_parameters"];
+    assert_eq!(hp["layers"], "5", "{info}");
+    assert_eq!(hp["ffn"], "16,32,24,40,48", "{info}");
     assert!(
-        text.contains("layers: 5 (MatFormer: 8 stored, skipping 1,3,5)"),
-        "{text}"
+        info.to_string().contains("last 2 layers reuse earlier K/V"),
+        "{info}"
+    );
+    let info = info_json(&["--model", &fixture("model.gguf"), "--matformer", &config]);
+    assert_eq!(
+        info["hyper_parameters"]["layers"], "5 (MatFormer: 8 stored, skipping 1,3,5)",
+        "{info}"
     );
 }
 
@@ -244,15 +235,25 @@ fn extract_writes_a_standalone_sub_model_with_the_same_logits() {
     }
     assert!((extracted[0].1 - sliced[extracted[0].0]).abs() < 0.05);
 
-    let info = gemma(&["info", "--model", &out_path], None);
-    assert!(info.status.success(), "{}", stderr(&info));
-    let text = stdout(&info);
-    assert!(text.contains("architecture: gemma3n"), "{text}");
-    assert!(text.contains("ffn: 16,32,32,48,16,16,32,48"), "{text}");
-    assert!(text.contains("Q8_0"), "{text}");
+    let info = info_json(&["--model", &out_path]);
+    assert_eq!(info["architecture"], "gemma3n", "{info}");
+    assert_eq!(
+        info["hyper_parameters"]["ffn"], "16,32,32,48,16,16,32,48",
+        "{info}"
+    );
+    let types: Vec<&str> = info["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["type"].as_str().unwrap())
+        .collect();
+    assert!(types.contains(&"Q8_0"), "{info}");
     assert!(
-        text.contains("per-layer embeddings (memory-mapped, read per token)"),
-        "{text}"
+        info["memory"]["per_layer_embeddings_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{info}"
     );
 }
 
@@ -261,10 +262,22 @@ fn info_and_text_commands_on_the_fixture() {
     for model in [fixture("model.gguf"), fixture("")] {
         let out = gemma(&["info", "--model", &model], None);
         assert!(out.status.success(), "{}", stderr(&out));
+        // The readable table...
         let text = stdout(&out);
-        assert!(text.contains("architecture: gemma3n"), "{text}");
-        assert!(text.contains("layers: 8"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.split_whitespace().eq(["architecture", "gemma3n"])),
+            "{text}"
+        );
         assert!(text.contains("per-layer embeddings"), "{text}");
+        // ...and the same facts for scripts.
+        let info = info_json(&["--model", &model]);
+        assert_eq!(info["architecture"], "gemma3n");
+        assert_eq!(info["hyper_parameters"]["layers"], "8", "{info}");
+        assert!(
+            info["vocab_size"].is_null(),
+            "the fixture has no tokenizer: {info}"
+        );
         let run = gemma(&["run", "-q", "--model", &model, "hello"], None);
         assert_clean_error(&run, &["no tokenizer"]);
         let tokenize = gemma(&["tokenize", "-q", "--model", &model, "hello"], None);
@@ -447,4 +460,11 @@ fn tokenize_and_run_with_a_tokenizer_continue_like_transformers() {
     );
     assert!(run.status.success(), "{}", stderr(&run));
     assert_eq!(stdout(&run).trim_end(), want);
+}
+
+/// `gemma info --json` with `args`, parsed.
+fn info_json(args: &[&str]) -> serde_json::Value {
+    let out = gemma(&[&["info", "--json"], args].concat(), None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)))
 }

@@ -141,11 +141,45 @@ fn chat_answers_each_piped_line() {
 fn info_describes_gemma3() {
     let model = real_model();
     let (out, _) = ok(&["info", "--model", &model, "--ctx-size", "1024"], None);
-    assert!(out.contains("architecture: gemma3"), "{out}");
-    assert!(out.contains("layers: 18"), "{out}");
-    assert!(out.contains("GGUF v3"), "{out}");
-    assert!(out.contains("q4_K") || out.contains("Q4_K"), "{out}");
-    assert!(out.contains("KV cache at --ctx-size 1024"), "{out}");
+    let row = |key: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .unwrap_or_else(|| panic!("no {key:?} row: {out}"))
+            .trim_start()[key.len()..]
+            .trim()
+            .to_string()
+    };
+    assert_eq!(row("architecture"), "gemma3");
+    assert_eq!(row("layers"), "18");
+    assert!(row("format").starts_with("GGUF v3"), "{out}");
+    assert!(row("kind").starts_with("base (pretrained)"), "{out}");
+    assert!(
+        row("KV cache at --ctx-size 1024").ends_with("(f16)"),
+        "{out}"
+    );
+    let (json, _) = ok(
+        &["info", "--json", "--model", &model, "--ctx-size", "1024"],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["name"], "Gemma 3 270m");
+    assert_eq!(v["tuning"], "base");
+    assert_eq!(v["vocab_size"], 262144);
+    assert_eq!(v["hyper_parameters"]["layers"], "18");
+    assert!(
+        v["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["type"] == "Q4_K"),
+        "{v}"
+    );
+    let memory = &v["memory"];
+    assert_eq!(memory["ctx_size"], 1024);
+    assert_eq!(
+        memory["total_bytes"].as_u64().unwrap(),
+        memory["weights_bytes"].as_u64().unwrap() + memory["kv_cache_bytes"].as_u64().unwrap()
+    );
 }
 
 #[test]
@@ -215,4 +249,76 @@ fn perplexity_of_a_small_text() {
         .unwrap_or_else(|| panic!("no PPL in {out:?}"));
     // A repeated sentence is very predictable once seen: far below the vocabulary size.
     assert!(ppl.is_finite() && (1.0..50.0).contains(&ppl), "{out}");
+}
+
+/// The default model is a base model: `run` continues the prompt as written, with the base
+/// sampling defaults, and says so once on stderr; `--chat` and `--raw` opt out.
+#[test]
+fn a_base_model_continues_the_prompt_and_says_so() {
+    let model = real_model();
+    let prompt = "The three primary colors are";
+    let (continued, note) = ok(
+        &["run", "--model", &model, "--temp", "0", "-n", "10", prompt],
+        None,
+    );
+    let notes: Vec<&str> = note
+        .lines()
+        .filter(|l| l.contains("base (pretrained)"))
+        .collect();
+    assert_eq!(notes.len(), 1, "one line about the model's kind: {note}");
+    assert!(
+        notes[0].contains("Gemma 3 270m") && notes[0].contains("--chat"),
+        "{note}"
+    );
+    // The same as the raw prompt under the base defaults (greedy: the penalty is what shows).
+    let (raw, raw_err) = ok(
+        &[
+            "run",
+            "-q",
+            "--model",
+            &model,
+            "--raw",
+            "--temp",
+            "0",
+            "-n",
+            "10",
+            "--repeat-penalty",
+            "1.1",
+            "--min-p",
+            "0.05",
+            "--top-k",
+            "40",
+            prompt,
+        ],
+        None,
+    );
+    assert_eq!(continued, raw);
+    assert!(!raw_err.contains("base (pretrained)"), "{raw_err}");
+    // --chat renders the template: a different prompt, so (here) a different answer, no note.
+    let (chat, chat_err) = ok(
+        &[
+            "run", "--model", &model, "--chat", "--temp", "0", "-n", "10", prompt,
+        ],
+        None,
+    );
+    assert!(!chat_err.contains("base (pretrained)"), "{chat_err}");
+    let prompt_tokens = |err: &str| -> usize {
+        let line = err.lines().find(|l| l.contains("gemma: prompt ")).unwrap();
+        line.split("gemma: prompt ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // The raw prompt is BOS + 5 tokens; the template adds the turn markers.
+    assert!(
+        prompt_tokens(&chat_err) > prompt_tokens(&note) + 4,
+        "{note}\n{chat_err}"
+    );
+    assert!(!chat.trim().is_empty());
+    let both = gemma(&["run", "--model", &model, "--chat", "--raw", prompt], None);
+    assert!(!both.status.success());
 }

@@ -18,7 +18,9 @@ pub mod vision;
 
 pub use default_model::{cache_dir, default_model_path, ensure_default_model};
 pub use generate::{Chat, GenerationStats, Session, SoftSpan, StopReason, TurnOutput};
-pub use load::{human_bytes, load, LoadOptions, LoadedModel, WeightMemory, DEFAULT_BATCH_SIZE};
+pub use load::{
+    human_bytes, load, LoadOptions, LoadedModel, Tuning, WeightMemory, DEFAULT_BATCH_SIZE,
+};
 pub use matformer::{load_with_matformer, MatformerConfig};
 pub use perplexity::{perplexity, PerplexityResult};
 pub use sampling::{Sampler, SamplingParams};

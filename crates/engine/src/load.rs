@@ -91,6 +91,62 @@ pub struct LoadedModel {
     pub batch_size: usize,
     /// The image side, for models with a vision tower (read on the first image).
     pub vision: Option<Vision>,
+    /// Pretrained or instruction-tuned, as far as the files tell ([`Tuning::detect`]).
+    pub tuning: Tuning,
+    /// A name for messages: the file's `general.name` (GGUF) or the file or folder name.
+    pub display_name: String,
+}
+
+/// What a checkpoint was trained to do, as far as its files tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tuning {
+    /// Pretrained only: it continues text and does not follow instructions (the default
+    /// model, Gemma 3 270M, is one).
+    Base,
+    /// Instruction-tuned, or at least shipped with a chat template: it answers turns.
+    Instruct,
+}
+
+impl Tuning {
+    /// Words in a model's name that mark an instruction-tuned checkpoint (`gemma-3-1b-it`,
+    /// `...-Instruct`, `...-chat`).
+    const INSTRUCT_WORDS: [&'static str; 7] = [
+        "it",
+        "instruct",
+        "instruction",
+        "chat",
+        "sft",
+        "dpo",
+        "rlhf",
+    ];
+
+    /// A chat template in the file marks a model made for turns (converters copy it from
+    /// instruction-tuned checkpoints); without one, the names decide: an instruct word in any
+    /// of them (split at non-alphanumerics, case-insensitive) marks it, and otherwise it is a
+    /// base model.
+    pub fn detect(has_chat_template: bool, names: &[&str]) -> Tuning {
+        if has_chat_template {
+            return Tuning::Instruct;
+        }
+        let instruct = names.iter().any(|name| {
+            name.to_lowercase()
+                .split(|c: char| !c.is_alphanumeric())
+                .any(|word| Self::INSTRUCT_WORDS.contains(&word) || word.ends_with("instruct"))
+        });
+        if instruct {
+            Tuning::Instruct
+        } else {
+            Tuning::Base
+        }
+    }
+
+    /// `base (pretrained)` or `instruction-tuned`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Tuning::Base => "base (pretrained)",
+            Tuning::Instruct => "instruction-tuned",
+        }
+    }
 }
 
 impl LoadedModel {
@@ -155,7 +211,8 @@ fn load_from(source: &Path, weights: WeightMemory, mmproj: Option<&Path>) -> Res
     }
     let model = load_model(&file)?;
     let tokenizer = load_tokenizer(&file)?;
-    let chat_template = load_chat_template(&file, tokenizer.as_ref())?;
+    let (chat_template, template_in_file) = load_chat_template(&file, tokenizer.as_ref())?;
+    let (tuning, display_name) = identify(&file, source, template_in_file);
     let mut vision = Vision::detect(&file, mmproj)?;
     if let (Some(v), Some(t), ModelFile::Gguf(_)) = (&mut vision, &tokenizer, &file) {
         // A text GGUF names its image tokens only in its vocabulary.
@@ -182,7 +239,44 @@ fn load_from(source: &Path, weights: WeightMemory, mmproj: Option<&Path>) -> Res
         file,
         batch_size: DEFAULT_BATCH_SIZE,
         vision,
+        tuning,
+        display_name,
     })
+}
+
+/// The model's tuning ([`Tuning::detect`] over its metadata names and its file or folder
+/// name) and its display name.
+fn identify(file: &ModelFile, source: &Path, template_in_file: bool) -> (Tuning, String) {
+    let file_name = source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut names: Vec<String> = vec![file_name.clone()];
+    let mut display = None;
+    match file {
+        ModelFile::Gguf(gguf) => {
+            for key in ["general.name", "general.finetune", "general.basename"] {
+                if let Ok(Some(value)) = gguf.get_str(key) {
+                    names.push(value.to_owned());
+                    if key == "general.name" && !value.trim().is_empty() {
+                        display = Some(value.trim().to_owned());
+                    }
+                }
+            }
+        }
+        ModelFile::Hf(folder) => {
+            if let Some(name) = folder
+                .config()
+                .get("_name_or_path")
+                .and_then(|v| v.as_str())
+            {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let tuning = Tuning::detect(template_in_file, &refs);
+    (tuning, display.unwrap_or(file_name))
 }
 
 fn load_tokenizer(file: &ModelFile) -> Result<Option<Tokenizer>> {
@@ -206,8 +300,11 @@ fn load_tokenizer(file: &ModelFile) -> Result<Option<Tokenizer>> {
     }
 }
 
-/// The file's own template if it has one, else the built-in Gemma 3 template.
-fn load_chat_template(file: &ModelFile, tokenizer: Option<&Tokenizer>) -> Result<ChatTemplate> {
+/// The file's own template if it has one (and `true`), else the built-in Gemma 3 template.
+fn load_chat_template(
+    file: &ModelFile,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<(ChatTemplate, bool)> {
     let source = match file {
         ModelFile::Gguf(gguf) => gguf
             .get_str(GGUF_CHAT_TEMPLATE_KEY)
@@ -216,11 +313,13 @@ fn load_chat_template(file: &ModelFile, tokenizer: Option<&Tokenizer>) -> Result
         ModelFile::Hf(folder) => folder.chat_template(),
     };
     let Some(source) = source else {
-        return Ok(ChatTemplate::gemma3_builtin());
+        return Ok((ChatTemplate::gemma3_builtin(), false));
     };
     let bos = special_text(tokenizer, |t| t.bos_id()).unwrap_or_default();
     let eos = special_text(tokenizer, |t| t.eos_id()).unwrap_or_default();
-    ChatTemplate::new(&source, &bos, &eos).context("parsing the model's chat template")
+    let template =
+        ChatTemplate::new(&source, &bos, &eos).context("parsing the model's chat template")?;
+    Ok((template, true))
 }
 
 /// The text of a special token such as BOS, as templates write it.
@@ -343,5 +442,36 @@ mod tests {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(250 * 1024 * 1024), "250.0 MiB");
+    }
+}
+
+#[cfg(test)]
+mod tuning_tests {
+    use super::Tuning;
+
+    #[test]
+    fn names_and_templates_decide_the_tuning() {
+        // The default model: no template, names without an instruct word.
+        let default = ["gemma3-270m-q4_k_m.gguf", "Gemma 3 270m", "gemma-3"];
+        assert_eq!(Tuning::detect(false, &default), Tuning::Base);
+        assert_eq!(Tuning::detect(true, &default), Tuning::Instruct);
+        for name in [
+            "gemma-3-270m-it-Q4_K_M.gguf",
+            "Gemma 3 1b It",
+            "Qwen2.5-0.5B-Instruct",
+            "mistral-7b-instruct-v0.2.Q4_0.gguf",
+            "tinyllama-chat",
+        ] {
+            assert_eq!(Tuning::detect(false, &[name]), Tuning::Instruct, "{name}");
+        }
+        // Words that merely contain "it" or "chat" are not markers.
+        for name in [
+            "gemma-3-4b-pt",
+            "italian-poetry-base",
+            "chatter-box",
+            "unit-test",
+        ] {
+            assert_eq!(Tuning::detect(false, &[name]), Tuning::Base, "{name}");
+        }
     }
 }

@@ -58,6 +58,21 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Defaults for continuing text with a base (pretrained) model, whose samples loop far
+    /// more than an instruction-tuned model's under [`SamplingParams::default`]:
+    /// `scripts/base_sampling.py` measures the repetition of each setting (see
+    /// BENCHMARKS.md, "Sampling defaults for base models").
+    pub fn base_model_defaults() -> Self {
+        SamplingParams {
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            ..SamplingParams::default()
+        }
+    }
+
     /// Greedy decoding (temperature 0) with everything else at its default.
     pub fn greedy() -> Self {
         SamplingParams {

@@ -28,7 +28,10 @@ fn finish(reader: &mut impl BufRead) -> (String, Value, usize) {
         .filter(|d| *d != "[DONE]")
         .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("chunk {d}: {e}")))
         .collect();
-    assert!(rest.contains("data: [DONE]"), "the stream did not end properly");
+    assert!(
+        rest.contains("data: [DONE]"),
+        "the stream did not end properly"
+    );
     let usage = chunks
         .iter()
         .find(|c| !c["usage"].is_null())
@@ -75,7 +78,10 @@ fn dropping_seven_of_eight_streams_leaves_the_last_one_at_full_speed() {
     // Greedy decoding in a batch equals decoding alone (the scheduler test shows it in
     // general); here the survivor's whole answer is the alone answer.
     assert_eq!(usage["completion_tokens"], alone_usage["completion_tokens"]);
-    assert!(alone_text.ends_with(&rest_text), "{alone_text:?} vs {rest_text:?}");
+    assert!(
+        alone_text.ends_with(&rest_text),
+        "{alone_text:?} vs {rest_text:?}"
+    );
 
     // The dropped sequences stopped decoding: after the drop, the server generated the
     // survivor's remaining tokens and at most a few per dropped client (those in flight when
