@@ -29,6 +29,8 @@ pub const TARGETS: &[Target] = &[
     ("tokenizer_json", tokenizer_json),
     ("chat_template", chat_template),
     ("request_json", request_json),
+    ("ollama_request", ollama_request),
+    ("responses_request", responses_request),
     ("data_url", data_url),
     ("image", image),
     ("animation", animation),
@@ -200,6 +202,32 @@ pub fn request_json(data: &[u8]) {
     }
     if let Ok(request) = serde_json::from_slice::<CompletionRequest>(data) {
         std::hint::black_box(format!("{request:?}").len());
+    }
+}
+
+/// A request body of Ollama's `/api/chat`, `/api/generate` or `/api/show`, parsed and turned
+/// into the server's own requests as the handlers do before any model work.
+pub fn ollama_request(data: &[u8]) {
+    use gemma_server::ollama::{
+        to_chat_request, to_generate_request, OllamaChatRequest, OllamaGenerateRequest,
+        OllamaShowRequest,
+    };
+    if let Ok(request) = serde_json::from_slice::<OllamaChatRequest>(data) {
+        std::hint::black_box(format!("{:?}", to_chat_request(request)).len());
+    }
+    if let Ok(request) = serde_json::from_slice::<OllamaGenerateRequest>(data) {
+        std::hint::black_box(format!("{:?}", to_generate_request(request)).len());
+    }
+    if let Ok(request) = serde_json::from_slice::<OllamaShowRequest>(data) {
+        std::hint::black_box(format!("{request:?}").len());
+    }
+}
+
+/// A request body of `/v1/responses`, parsed and turned into the server's chat request.
+pub fn responses_request(data: &[u8]) {
+    use gemma_server::responses::{to_chat_request, ResponsesRequest};
+    if let Ok(request) = serde_json::from_slice::<ResponsesRequest>(data) {
+        std::hint::black_box(format!("{:?}", to_chat_request(&request)).len());
     }
 }
 

@@ -68,6 +68,10 @@ pub struct SamplingFields {
     pub frequency_penalty: Option<f32>,
     #[serde(default)]
     pub repeat_penalty: Option<f32>,
+    /// Not in OpenAI's API (llama.cpp's and Ollama's): how many recent tokens the penalties
+    /// look at.
+    #[serde(default)]
+    pub repeat_last_n: Option<usize>,
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]

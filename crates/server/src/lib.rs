@@ -1,7 +1,11 @@
 //! gemma-server: `gemma serve`, an OpenAI-compatible HTTP server.
 //!
 //! - [`routes`]: axum handlers for `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//!   `/health`, `/metrics`.
+//!   `/health`, `/metrics`, and the helpers every API surface shares (reading a body,
+//!   submitting a prepared request).
+//! - [`ollama`]: Ollama's API (`/api/chat`, `/api/generate`, `/api/tags`, `/api/show`,
+//!   `/api/ps`, `/api/version`, `/`) over the same preparation and scheduler.
+//! - [`responses`]: OpenAI's Responses API (`/v1/responses`), likewise.
 //! - [`scheduler`]: one thread owns the model and `parallel` KV-cache slots; all active
 //!   sequences advance together (continuous batching), with prefix reuse across requests.
 //! - [`constrain`]: llguidance token masks for `response_format` and required tool calls.
@@ -16,7 +20,9 @@ pub mod constrain;
 pub mod error;
 pub mod media;
 pub mod metrics;
+pub mod ollama;
 mod prepare;
+pub mod responses;
 pub mod routes;
 pub mod scheduler;
 pub mod schema;
@@ -258,6 +264,7 @@ fn serve_on(
         request_timeout: config.request_timeout,
         api_key: config.api_key.clone(),
         metrics_key: config.metrics_key.clone(),
+        card: std::sync::OnceLock::new(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

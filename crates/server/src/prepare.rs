@@ -323,7 +323,7 @@ impl PrepareContext {
             top_p: f.top_p.unwrap_or(defaults.top_p),
             min_p: f.min_p.unwrap_or(defaults.min_p),
             repeat_penalty: f.repeat_penalty.unwrap_or(1.0),
-            repeat_last_n: defaults.repeat_last_n,
+            repeat_last_n: f.repeat_last_n.unwrap_or(defaults.repeat_last_n),
             frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
             presence_penalty: f.presence_penalty.unwrap_or(0.0),
             seed: f.seed,

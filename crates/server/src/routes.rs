@@ -22,6 +22,7 @@ use crate::api::{FunctionCall, ToolCall};
 use crate::api::{TokenLogprob, Usage};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::ollama;
 use crate::prepare::{deadline, PrepareContext, Prepared};
 use crate::scheduler::{FinishReason, Job, JobEvent, Scheduler, SubmitError};
 use crate::tool_stream::{CallEvent, CallParser, ParsedCall};
@@ -38,6 +39,8 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// `--metrics-key`: needed on `/metrics`.
     pub metrics_key: Option<String>,
+    /// What the Ollama endpoints say about the model (computed on first use).
+    pub card: std::sync::OnceLock<Arc<crate::ollama::ModelCard>>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -45,9 +48,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/v1/responses", post(crate::responses::create))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .route("/", get(ollama::root).head(ollama::root))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/show", post(ollama::show))
+        .route("/api/version", get(ollama::version))
+        .fallback(|uri: axum::http::Uri| async move {
+            let error = ApiError::not_found("no such endpoint");
+            if is_ollama_path(uri.path()) {
+                ollama_shaped(error)
+            } else {
+                error.into_response()
+            }
+        })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_key,
@@ -66,7 +84,7 @@ async fn require_key(
     next: axum::middleware::Next,
 ) -> Response {
     let key = match request.uri().path() {
-        "/health" => None,
+        "/health" | "/" => None,
         "/metrics" => state.metrics_key.as_deref(),
         _ => state.api_key.as_deref(),
     };
@@ -79,17 +97,29 @@ async fn require_key(
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .unwrap_or("");
             if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
-                return ApiError {
+                let error = ApiError {
                     status: StatusCode::UNAUTHORIZED,
                     ..ApiError::bad_request(
                         "missing or wrong API key (send Authorization: Bearer KEY)",
                     )
+                };
+                if is_ollama_path(request.uri().path()) {
+                    return ollama_shaped(error);
                 }
-                .into_response();
+                return error.into_response();
             }
         }
     }
     next.run(request).await
+}
+
+/// Paths of Ollama's API, whose errors are `{"error": "message"}`.
+fn is_ollama_path(path: &str) -> bool {
+    path == "/api" || path.starts_with("/api/")
+}
+
+fn ollama_shaped(error: ApiError) -> Response {
+    (error.status, Json(json!({"error": error.message}))).into_response()
 }
 
 /// Whether `a == b`, taking the same time wherever they differ (the key's length is not
@@ -163,14 +193,49 @@ async fn generate<R: DeserializeOwned + Send + 'static>(
     prepare: fn(&PrepareContext, R) -> Result<Prepared, ApiError>,
 ) -> Response {
     let result = async {
-        check_declared_length(headers, state.body_limit)?;
-        let req: R = parse_body(body, state.body_limit).await?;
+        let req: R = read_request(&state, headers, body).await?;
         let ctx = state.prepare.clone();
         let prepared = blocking(move || prepare(&ctx, req)).await?;
         respond(&state, prepared, endpoint).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Reads a JSON request body of type `R` within the body limit (413 over it, 400 when it
+/// does not parse).
+pub(crate) async fn read_request<R: DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<R, ApiError> {
+    check_declared_length(headers, state.body_limit)?;
+    parse_body(body, state.body_limit).await
+}
+
+/// Queues a prepared request on the scheduler (429 when its queue is full) and returns the
+/// channel its tokens and end come back on. Every API surface generates through this.
+pub(crate) fn submit(
+    state: &AppState,
+    p: &mut Prepared,
+) -> Result<mpsc::UnboundedReceiver<JobEvent>, ApiError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let job = Job {
+        prompt: std::mem::take(&mut p.prompt),
+        soft: std::mem::take(&mut p.soft),
+        params: p.params.clone(),
+        logprobs: p.logprobs,
+        grammar: p.grammar.take(),
+        events: tx,
+        arrived: std::time::Instant::now(),
+        deadline: deadline(state.request_timeout),
+    };
+    state.scheduler.submit(job).map_err(|e| match e {
+        SubmitError::QueueFull => ApiError::queue_full(),
+        SubmitError::ShuttingDown => ApiError::unavailable("the server is shutting down"),
+    })?;
+    Metrics::add(&state.metrics.requests, 1);
+    Ok(rx)
 }
 
 fn too_large(limit: usize) -> ApiError {
@@ -193,7 +258,10 @@ fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), ApiErr
     }
 }
 
-async fn parse_body<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
+pub(crate) async fn parse_body<T: DeserializeOwned>(
+    body: Body,
+    limit: usize,
+) -> Result<T, ApiError> {
     let bytes: Bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| too_large(limit))?;
@@ -201,7 +269,7 @@ async fn parse_body<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, 
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work)
@@ -220,23 +288,12 @@ struct Reply {
     rng: SplitMix64,
 }
 
-async fn respond(state: &AppState, p: Prepared, endpoint: Endpoint) -> Result<Response, ApiError> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let job = Job {
-        prompt: p.prompt,
-        soft: p.soft,
-        params: p.params,
-        logprobs: p.logprobs,
-        grammar: p.grammar,
-        events: tx,
-        arrived: std::time::Instant::now(),
-        deadline: deadline(state.request_timeout),
-    };
-    state.scheduler.submit(job).map_err(|e| match e {
-        SubmitError::QueueFull => ApiError::queue_full(),
-        SubmitError::ShuttingDown => ApiError::unavailable("the server is shutting down"),
-    })?;
-    Metrics::add(&state.metrics.requests, 1);
+async fn respond(
+    state: &AppState,
+    mut p: Prepared,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let mut rx = submit(state, &mut p)?;
     let created = now_secs();
     let mut rng = SplitMix64::new(request_seed());
     let prefix = if endpoint == Endpoint::Chat {
@@ -275,7 +332,7 @@ async fn respond(state: &AppState, p: Prepared, endpoint: Endpoint) -> Result<Re
                 text.push_str(&piece);
                 logprobs.extend(lp);
             }
-            Some(JobEvent::Done { finish, usage }) => {
+            Some(JobEvent::Done { finish, usage, .. }) => {
                 let want_logprobs = p.logprobs.is_some();
                 return Ok(
                     Json(reply.into_full(text, logprobs, want_logprobs, finish, usage))
@@ -288,7 +345,7 @@ async fn respond(state: &AppState, p: Prepared, endpoint: Endpoint) -> Result<Re
     }
 }
 
-fn failure(message: String) -> ApiError {
+pub(crate) fn failure(message: String) -> ApiError {
     if message.contains("timed out") {
         ApiError::timeout()
     } else {
@@ -486,6 +543,7 @@ async fn forward_stream(
             Some(JobEvent::Done {
                 finish: reason,
                 usage,
+                ..
             }) => {
                 let mut finish = reason.as_str();
                 let mut pieces = Vec::new();
@@ -560,7 +618,7 @@ fn legacy_logprobs(logprobs: &[TokenLogprob]) -> Value {
 }
 
 /// A different seed per request for ids.
-fn request_seed() -> u64 {
+pub(crate) fn request_seed() -> u64 {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -572,7 +630,7 @@ fn request_seed() -> u64 {
             .rotate_left(32)
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -67,8 +67,24 @@ pub enum JobEvent {
     Done {
         finish: FinishReason,
         usage: Usage,
+        timings: Timings,
     },
     Failed(String),
+}
+
+/// When a finished job went through the scheduler, and what it reused and produced (for
+/// APIs that report durations, cached tokens or the token ids, such as Ollama's).
+#[derive(Debug, Clone)]
+pub struct Timings {
+    /// The job was put in a slot (its prompt starts being fed).
+    pub started: Instant,
+    /// The first token was sampled (the prompt is done).
+    pub first_token: Option<Instant>,
+    pub finished: Instant,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
+    /// The sampled token ids, the final stop token included when one ended the reply.
+    pub generated: Vec<u32>,
 }
 
 /// One generation request, already tokenized and validated.
@@ -294,6 +310,9 @@ struct Active {
     stops: StopStringFilter,
     generated: usize,
     first_token_seen: bool,
+    started: Instant,
+    first_token_at: Option<Instant>,
+    cached_tokens: usize,
 }
 
 struct Worker {
@@ -386,6 +405,9 @@ impl Worker {
             stops: StopStringFilter::new(&job.params.stop),
             generated: 0,
             first_token_seen: false,
+            started: Instant::now(),
+            first_token_at: None,
+            cached_tokens: reuse,
             job,
         });
     }
@@ -581,6 +603,7 @@ impl Worker {
         active.generated += 1;
         if !active.first_token_seen {
             active.first_token_seen = true;
+            active.first_token_at = Some(Instant::now());
             let ttft = active.job.arrived.elapsed().as_micros() as u64;
             Metrics::add(&self.metrics.ttft_micros_sum, ttft);
             Metrics::add(&self.metrics.ttft_count, 1);
@@ -655,7 +678,23 @@ impl Worker {
                         logprobs: None,
                     });
                 }
-                JobEvent::Done { finish, usage }
+                let generated = active
+                    .history
+                    .get(active.job.prompt.len()..)
+                    .unwrap_or_default()
+                    .to_vec();
+                let timings = Timings {
+                    started: active.started,
+                    first_token: active.first_token_at,
+                    finished: Instant::now(),
+                    cached_tokens: active.cached_tokens,
+                    generated,
+                };
+                JobEvent::Done {
+                    finish,
+                    usage,
+                    timings,
+                }
             }
             Outcome::Cancelled => {
                 Metrics::add(&self.metrics.requests_cancelled, 1);

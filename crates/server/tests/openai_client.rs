@@ -7,17 +7,16 @@
 //!
 //! The client lives in a virtual environment under the model cache
 //! (`<cache>/venvs/openai-client`), made with `python3 -m venv` and `pip install openai
-//! jsonschema` on first use, like the default model is fetched on first use.
+//! jsonschema ollama` on first use, like the default model is fetched on first use
+//! ([`common::client_venv`]).
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
 use gemma_server::ServerConfig;
-
-const PACKAGES: &[&str] = &["openai", "jsonschema"];
 
 #[test]
 fn official_openai_client_passes_every_check() {
@@ -47,37 +46,4 @@ fn official_openai_client_passes_every_check() {
     assert!(stdout.contains("all checks passed"), "{stdout}");
     server.stop().expect("the server stops");
     vision.stop().expect("the vision server stops");
-}
-
-/// The venv's python, creating the venv and installing the packages when missing. A stamp
-/// file written after a successful install marks the venv complete, so an interrupted install
-/// is redone rather than used.
-fn client_venv() -> PathBuf {
-    let dir = gemma_engine::default_model::cache_dir().join("venvs/openai-client");
-    let python = dir.join("bin/python");
-    let stamp = dir.join(".installed");
-    if stamp.exists() && python.exists() {
-        return python;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.parent().unwrap()).expect("the cache folder can be created");
-    run(Command::new("python3").arg("-m").arg("venv").arg(&dir));
-    run(Command::new(&python)
-        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-        .args(PACKAGES));
-    std::fs::write(&stamp, PACKAGES.join("\n")).expect("the stamp can be written");
-    python
-}
-
-#[track_caller]
-fn run(cmd: &mut Command) {
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (python3 with venv is required)"));
-    assert!(
-        output.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }

@@ -5,6 +5,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -373,4 +375,107 @@ pub fn parts_body(parts: Vec<Value>, max_tokens: usize) -> Value {
         "max_tokens": max_tokens,
         "temperature": 0,
     })
+}
+
+/// What the client venv holds: the official `openai` and `ollama` clients and `jsonschema`.
+pub const CLIENT_PACKAGES: &[&str] = &["openai", "jsonschema", "ollama"];
+
+/// The python of the client venv (`<cache>/venvs/openai-client`), creating the venv and
+/// installing [`CLIENT_PACKAGES`] when missing. A stamp file listing the packages, written
+/// after a successful install, marks the venv complete: an interrupted install is redone, and
+/// a venv made for fewer packages gets the missing ones.
+pub fn client_venv() -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = gemma_engine::default_model::cache_dir().join("venvs/openai-client");
+    let python = dir.join("bin/python");
+    let stamp = dir.join(".installed");
+    let wanted = CLIENT_PACKAGES.join("\n");
+    if python.exists() {
+        match std::fs::read_to_string(&stamp) {
+            Ok(installed) if installed == wanted => return python,
+            Ok(_) => {
+                // An older venv: add what is missing.
+                run_checked(
+                    Command::new(&python)
+                        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+                        .args(CLIENT_PACKAGES),
+                );
+                std::fs::write(&stamp, &wanted).expect("the stamp can be written");
+                return python;
+            }
+            Err(_) => {}
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.parent().unwrap()).expect("the cache folder can be created");
+    run_checked(Command::new("python3").arg("-m").arg("venv").arg(&dir));
+    run_checked(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .args(CLIENT_PACKAGES),
+    );
+    std::fs::write(&stamp, &wanted).expect("the stamp can be written");
+    python
+}
+
+#[track_caller]
+pub fn run_checked(cmd: &mut Command) {
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (python3 with venv is required)"));
+    assert!(
+        output.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs a client check script from `scripts/` with the client venv's python and `args`;
+/// asserts it exits 0 and prints `all checks passed`.
+pub fn run_client_script(script: &str, args: &[String]) {
+    let python = client_venv();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts")
+        .join(script);
+    let output = Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .expect("the client script runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert!(
+        output.status.success(),
+        "{} failed:\n{stdout}\n{stderr}",
+        script.display()
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+}
+
+/// The JSON objects of a newline-delimited JSON body; every line must parse.
+pub fn ndjson_lines(r: &HttpResponse) -> Vec<Value> {
+    r.text()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("line {l:?}: {e}")))
+        .collect()
+}
+
+/// `(event, data)` pairs of a server-sent-events body with `event:` lines.
+pub fn sse_events(r: &HttpResponse) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    let mut kind = String::new();
+    for line in r.text().lines() {
+        if let Some(k) = line.strip_prefix("event:") {
+            kind = k.trim().to_owned();
+        } else if let Some(d) = line.strip_prefix("data:") {
+            let data =
+                serde_json::from_str(d.trim()).unwrap_or_else(|e| panic!("event data {d:?}: {e}"));
+            out.push((std::mem::take(&mut kind), data));
+        }
+    }
+    out
 }
