@@ -167,7 +167,12 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
         None => ensure_default_model()?,
     };
     let spinner = opts.verbose.then(|| Spinner::start(&source));
-    let loaded = load_from(&source, opts.weights, opts.mmproj.as_deref());
+    let mut progress = |done: usize, total: usize| {
+        if let Some(s) = &spinner {
+            s.bytes(done, total);
+        }
+    };
+    let loaded = load_from(&source, opts.weights, opts.mmproj.as_deref(), &mut progress);
     drop(spinner);
     let mut loaded = loaded.with_context(|| format!("cannot load {}", source.display()))?;
     loaded
@@ -201,12 +206,18 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     Ok(loaded)
 }
 
-fn load_from(source: &Path, weights: WeightMemory, mmproj: Option<&Path>) -> Result<LoadedModel> {
+/// `progress(copied, total)` follows the copy of the weights into memory, when there is one.
+fn load_from(
+    source: &Path,
+    weights: WeightMemory,
+    mmproj: Option<&Path>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LoadedModel> {
     let mut file = open_model_source(source)?;
     if let ModelFile::Gguf(gguf) = &mut file {
         // An unreadable architecture is reported by `load_model` below.
         if weights.resident_for(gguf.architecture().unwrap_or_default()) {
-            gguf.make_resident()?;
+            gguf.make_resident_with_progress(progress)?;
         }
     }
     let model = load_model(&file)?;
@@ -408,20 +419,53 @@ pub fn human_bytes(n: usize) -> String {
     }
 }
 
-/// A spinner on stderr while loading, shown only on a terminal.
+/// What loading is doing, on a terminal's stderr: a spinner, then a byte bar while the weights
+/// are copied into memory. Nothing is drawn for loads under a second (most of them).
 struct Spinner {
     bar: Option<indicatif::ProgressBar>,
 }
 
 impl Spinner {
+    /// Loads shorter than this draw nothing.
+    const QUIET_FOR: Duration = Duration::from_secs(1);
+
     fn start(source: &Path) -> Spinner {
         if !std::io::stderr().is_terminal() {
             return Spinner { bar: None };
         }
-        let bar = indicatif::ProgressBar::new_spinner();
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden());
+        bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg}").expect("valid"));
         bar.set_message(format!("loading {}", source.display()));
         bar.enable_steady_tick(Duration::from_millis(100));
+        // Shown once the load has taken a second (the timer thread ends with the load).
+        let shown = bar.downgrade();
+        std::thread::spawn(move || {
+            std::thread::sleep(Self::QUIET_FOR);
+            if let Some(bar) = shown.upgrade() {
+                if !bar.is_finished() {
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                }
+            }
+        });
         Spinner { bar: Some(bar) }
+    }
+
+    /// The weights' copy into memory: `done` of `total` bytes.
+    fn bytes(&self, done: usize, total: usize) {
+        let Some(bar) = &self.bar else { return };
+        if bar.length() != Some(total as u64) {
+            bar.set_length(total as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+                )
+                .expect("valid")
+                .progress_chars("=> "),
+            );
+            bar.set_message("copying the weights into memory");
+        }
+        bar.set_position(done as u64);
     }
 }
 

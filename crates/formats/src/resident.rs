@@ -37,10 +37,27 @@ impl HugePageBytes {
 
     /// Reads `len` bytes of `file` from `offset`.
     pub fn read(file: &File, offset: u64, len: usize) -> io::Result<HugePageBytes> {
+        Self::read_with_progress(file, offset, len, &mut |_| {})
+    }
+
+    /// [`HugePageBytes::read`], calling `progress` with the bytes read so far after each
+    /// chunk (for a progress bar).
+    pub fn read_with_progress(
+        file: &File,
+        offset: u64,
+        len: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> io::Result<HugePageBytes> {
+        const CHUNK: usize = 16 << 20;
         let mut bytes = HugePageBytes::zeroed(len)?;
         let mut reader = file;
         reader.seek(SeekFrom::Start(offset))?;
-        reader.read_exact(bytes.as_mut())?;
+        let mut done = 0;
+        for chunk in bytes.as_mut().chunks_mut(CHUNK) {
+            reader.read_exact(chunk)?;
+            done += chunk.len();
+            progress(done);
+        }
         Ok(bytes)
     }
 }
@@ -82,6 +99,18 @@ mod tests {
             .unwrap()
             .as_ref()
             .is_empty());
+    }
+
+    #[test]
+    fn progress_counts_up_to_the_whole_copy() {
+        let len = (16 << 20) * 2 + 12_345;
+        let bytes: Vec<u8> = (0..len + 10).map(|i| (i % 253) as u8).collect();
+        let file = temp_file("progress", &bytes);
+        let mut seen = Vec::new();
+        let copy =
+            HugePageBytes::read_with_progress(&file, 10, len, &mut |done| seen.push(done)).unwrap();
+        assert_eq!(seen, vec![16 << 20, 32 << 20, len]);
+        assert_eq!(copy.as_ref(), &bytes[10..]);
     }
 
     #[test]

@@ -143,16 +143,27 @@ impl GgufFile {
     /// out afterwards read the copy; call it before loading a model. Returns `false` (and
     /// changes nothing) for a file built in memory or already resident.
     pub fn make_resident(&mut self) -> Result<bool, GgufError> {
+        self.make_resident_with_progress(&mut |_, _| {})
+    }
+
+    /// [`GgufFile::make_resident`], calling `progress(copied, total)` in bytes as the copy
+    /// advances.
+    pub fn make_resident_with_progress(
+        &mut self,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<bool, GgufError> {
         let Some((file, path)) = self.file.take() else {
             return Ok(false);
         };
         let len = self.file_size.saturating_sub(self.data_offset);
-        let copy = HugePageBytes::read(&file, self.data_offset as u64, len).map_err(|source| {
-            GgufError::Io {
+        let copy =
+            HugePageBytes::read_with_progress(&file, self.data_offset as u64, len, &mut |done| {
+                progress(done, len)
+            })
+            .map_err(|source| GgufError::Io {
                 path: path.clone(),
                 source,
-            }
-        })?;
+            })?;
         self.data = Arc::new(copy);
         self.data_base = self.data_offset;
         Ok(true)
