@@ -81,7 +81,7 @@ enum Command {
 /// [`SamplingParams::base_model_defaults`] when `run` continues text with a base model.
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
-    /// Temperature (0 = greedy) [default: 1; base models 0.7]
+    /// Temperature (0 = greedy) [default: 1; base models 0.8]
     #[arg(long = "temp")]
     pub temperature: Option<f32>,
     /// Top-k cut (0 = off) [default: 64; base models 40]

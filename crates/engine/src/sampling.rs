@@ -64,7 +64,7 @@ impl SamplingParams {
     /// BENCHMARKS.md, "Sampling defaults for base models").
     pub fn base_model_defaults() -> Self {
         SamplingParams {
-            temperature: 0.7,
+            temperature: 0.8,
             top_k: 40,
             top_p: 0.95,
             min_p: 0.05,
