@@ -2,7 +2,7 @@
 """How much a base (pretrained) model loops under each sampling setting: the measurement
 behind `gemma run`'s defaults for base models (outside CI; stdlib only).
 
-For every setting, each completion-style prompt is continued with `gemma run --raw` for
+For every setting, each completion-style prompt is continued with `gemma run` for
 --tokens tokens under --seeds seeds. Over the words of each continuation it computes:
   - repetition: the share of word 4-grams that already occurred earlier in the same text
     (0 = never repeats itself; a loop drives it towards 1);
@@ -33,8 +33,13 @@ PROMPTS = [
     "In 1969, the first humans to walk on the Moon",
 ]
 
-# name -> flags for `gemma run`.
+# name -> flags for `gemma run` (with `--raw`, unless the flags say `--chat` or `--auto`).
 SETTINGS = {
+    # What `gemma run PROMPT` did before base models were detected: the chat template around
+    # the prompt, the chat defaults.
+    "before: chat template, chat defaults": ["--chat"],
+    # What `gemma run PROMPT` does now with a base model (no flags: its base defaults).
+    "now: `gemma run` on a base model (its defaults)": ["--auto"],
     "greedy": ["--temp", "0"],
     "chat defaults (temp 1, top-k 64, top-p 0.95)": ["--temp", "1", "--top-k", "64", "--top-p", "0.95"],
     "temp 0.7, top-k 40, top-p 0.9, min-p 0.05": ["--temp", "0.7", "--top-k", "40", "--top-p", "0.9", "--min-p", "0.05"],
@@ -96,17 +101,22 @@ def main():
     ap.add_argument("--model")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--only", help="run only the settings whose name contains this")
     args = ap.parse_args()
     base = [args.binary, "-q"] + (["--model", args.model] if args.model else [])
-    print(f"{len(PROMPTS)} prompts x {args.seeds} seeds, {args.tokens} tokens each, `gemma run --raw`; "
+    print(f"{len(PROMPTS)} prompts x {args.seeds} seeds, {args.tokens} tokens each, `gemma run`; "
           f"CPU [{isa()}]")
     print(f"| setting | repetition (4-grams) | distinct-2 | looped |\n| --- | --- | --- | --- |")
     for name, flags in SETTINGS.items():
+        if args.only and args.only not in name:
+            continue
         reps, d2s, loops, n = 0.0, 0.0, 0, 0
+        mode = [] if flags[:1] in (["--chat"], ["--auto"]) else ["--raw"]
+        flags = [f for f in flags if f != "--auto"]
         seeds = [0] if flags[:2] == ["--temp", "0"] else range(args.seeds)
         for prompt in PROMPTS:
             for seed in seeds:
-                cmd = base + ["run", "--raw", "-n", str(args.tokens), "--seed", str(seed)] + flags + [prompt]
+                cmd = base + ["run"] + mode + ["-n", str(args.tokens), "--seed", str(seed)] + flags + [prompt]
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
                 if out.returncode != 0:
                     sys.exit(f"{' '.join(cmd)} failed: {out.stderr[-500:]}")
