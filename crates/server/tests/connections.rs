@@ -1,5 +1,5 @@
 //! Clients cannot hold the server: headers sent a byte at a time (slowloris) and connections
-//! that send nothing are closed after the header timeout, and connections past the cap are
+//! that send nothing (fresh or kept alive after a request) are closed after the header timeout, and connections past the cap are
 //! closed on arrival while the ones inside it are served.
 
 mod common;
@@ -80,5 +80,25 @@ fn slow_headers_idle_connections_and_too_many_connections_are_closed() {
     }
     let r = post(addr, "/v1/chat/completions", &chat_body("Hi", 1));
     assert_eq!(r.status, 200, "{}", r.text());
+
+    // A kept-alive connection that goes quiet after a request is closed the same way.
+    let mut kept = open(addr);
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut reader = std::io::BufReader::new(kept.try_clone().unwrap());
+    let (status, headers) = read_head(&mut reader);
+    assert_eq!(status, 200);
+    assert!(
+        !headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close")),
+        "the connection is kept alive: {headers:?}"
+    );
+    let started = Instant::now();
+    let waited = time_to_close(&mut kept, Duration::from_secs(15));
+    assert!(
+        waited < Duration::from_secs(6) && started.elapsed() >= Duration::from_secs(1),
+        "an idle kept-alive client held on for {waited:?}"
+    );
     server.stop().unwrap();
 }
