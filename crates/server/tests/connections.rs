@@ -1,6 +1,7 @@
 //! Clients cannot hold the server: headers sent a byte at a time (slowloris) and connections
-//! that send nothing (fresh or kept alive after a request) are closed after the header timeout, and connections past the cap are
-//! closed on arrival while the ones inside it are served.
+//! that send nothing (fresh, or kept alive after a request) are closed after the header
+//! timeout, and connections past the cap are closed on arrival while the ones inside it are
+//! served.
 
 mod common;
 
