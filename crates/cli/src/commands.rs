@@ -308,6 +308,13 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
     let params = args.sampling.to_params()?;
     let loaded = load(common, args.batch.batch_size)?;
     let mut chat = Chat::new(&loaded, context_size(common, &loaded), args.system.clone())?;
+    if loaded.tuning == Tuning::Base && !common.quiet {
+        eprintln!(
+            "gemma: {} is a base (pretrained) model: it was not trained to chat, so expect \
+             answers that wander or repeat (--model an instruction-tuned GGUF to chat)",
+            loaded.display_name
+        );
+    }
     let interactive = io::stdin().is_terminal();
     if interactive {
         eprintln!(
