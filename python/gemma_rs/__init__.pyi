@@ -99,9 +99,15 @@ class Model:
         self, messages: Sequence[Message], add_generation_prompt: bool = True
     ) -> str:
         """The text `chat` feeds the model for `messages`."""
-    def logits(self, ids: Union[Sequence[int], str]) -> npt.NDArray[np.float32]:
+    def logits(
+        self,
+        ids: Union[Sequence[int], str],
+        images: Optional[Sequence[Image]] = None,
+        pan_and_scan: bool = False,
+    ) -> npt.NDArray[np.float32]:
         """Next-token logits (shape [vocab_size]) after the ids (or a raw text prompt), as
-        `gemma logits --ids` computes them."""
+        `gemma logits --ids` computes them. `images` fill the image-token runs of `ids` in
+        order (before the text of a text prompt), as `gemma logits --image`."""
     def generate(
         self,
         prompt: str,

@@ -5,7 +5,7 @@
 //! of Python threads can generate at once. Everything that computes runs with the GIL
 //! released; the kernels' process-wide thread pool interleaves concurrent forward passes.
 //! Text is produced by the same engine calls as `gemma run` (`Session::generate_with`,
-//! `gemma_server::constrain::generate_json` for `json_schema=`), so the outputs match the
+//! `gemma_server::constrain::generate_json_with` for `json_schema=`), so the outputs match the
 //! CLI's for the same options.
 
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ use gemma_engine::{
     ImageOptions, LoadOptions, LoadedModel, PreparedImage, SamplingParams, Session, SoftSpan,
     StopReason,
 };
+use gemma_server::GrammarCompiler;
 use numpy::PyArray1;
 use pyo3::create_exception;
 use pyo3::exceptions::{
@@ -283,9 +284,22 @@ fn finish_reason(reason: StopReason) -> &'static str {
 struct Shared {
     loaded: Arc<LoadedModel>,
     n_ctx: usize,
+    /// The JSON-schema compiler over this model's vocabulary, built on first use (a moment).
+    grammar: Mutex<Option<Arc<GrammarCompiler>>>,
 }
 
 impl Shared {
+    fn grammar(&self) -> Result<Arc<GrammarCompiler>> {
+        let mut slot = self.grammar.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(compiler) = &*slot {
+            return Ok(compiler.clone());
+        }
+        let end = gemma_server::constrain::json_end_token(&self.loaded)?;
+        let compiler = Arc::new(GrammarCompiler::new(self.loaded.clone(), end)?);
+        *slot = Some(compiler.clone());
+        Ok(compiler)
+    }
+
     /// Reads and encodes images, renders the template and tokenizes (no GIL).
     fn prepare(&self, req: Request) -> Result<Prepared> {
         let loaded = &*self.loaded;
@@ -351,16 +365,18 @@ impl Shared {
     fn run(&self, p: &Prepared, on_text: &mut dyn FnMut(&str) -> bool) -> Result<StopReason> {
         if let Some(schema) = &p.schema {
             let mut open = true;
-            gemma_server::constrain::generate_json(
-                self.loaded.clone(),
+            gemma_server::constrain::generate_json_with(
+                &*self.grammar()?,
+                &self.loaded,
                 &p.ids,
                 &p.params,
                 self.n_ctx,
                 schema,
                 &mut |piece| {
-                    if open && !piece.is_empty() {
+                    if !piece.is_empty() {
                         open = on_text(piece);
                     }
+                    open
                 },
             )?;
             return Ok(if open {
@@ -597,6 +613,7 @@ impl Model {
             shared: Arc::new(Shared {
                 loaded: Arc::new(loaded),
                 n_ctx,
+                grammar: Mutex::new(None),
             }),
         })
     }
@@ -692,24 +709,45 @@ impl Model {
     }
 
     /// The next-token logits (float32, shape `[vocab_size]`) after `ids` (or after a raw text
-    /// prompt): `gemma logits --ids ...` before its top-k cut.
+    /// prompt): `gemma logits --ids ...` before its top-k cut. `images` fill the runs of the
+    /// image token in `ids` in order (with a text prompt: one slot each before the text), as
+    /// `gemma logits --image` does.
+    #[pyo3(signature = (ids, images=None, pan_and_scan=false))]
     fn logits<'py>(
         &self,
         py: Python<'py>,
         ids: TokensOrText,
+        images: Option<&Bound<'_, PyAny>>,
+        pan_and_scan: bool,
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let shared = &*self.shared;
+        let images = extract_images(images)?;
         let logits = py
             .detach(|| -> Result<Vec<f32>> {
-                let ids = match ids {
-                    TokensOrText::Ids(ids) => ids,
-                    TokensOrText::Text(text) => shared.loaded.encode_prompt(&text)?,
+                let loaded = &*shared.loaded;
+                let opts = ImageOptions {
+                    pan_and_scan,
+                    ..ImageOptions::default()
+                };
+                let images = images
+                    .iter()
+                    .map(|i| i.prepare(loaded, &opts))
+                    .collect::<Result<Vec<_>>>()?;
+                let (ids, soft) = match ids {
+                    TokensOrText::Ids(ids) => {
+                        let soft = loaded.place_images(&ids, &images)?;
+                        (ids, soft)
+                    }
+                    TokensOrText::Text(text) => {
+                        let slots = IMAGE_MARKER.repeat(images.len());
+                        loaded.encode_with_images(&format!("{slots}{text}"), &images)?
+                    }
                 };
                 if ids.is_empty() {
                     bail!("there are no tokens to evaluate");
                 }
-                let mut session = Session::new(&shared.loaded, shared.n_ctx)?;
-                Ok(session.evaluate(&ids, &[])?.to_vec())
+                let mut session = Session::new(loaded, shared.n_ctx)?;
+                Ok(session.evaluate(&ids, &soft)?.to_vec())
             })
             .py_err()?;
         Ok(PyArray1::from_vec(py, logits))

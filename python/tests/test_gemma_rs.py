@@ -282,6 +282,38 @@ def test_two_threads_generate_at_once(model):
     assert max(s0, s1) < min(e0, e1), spans
 
 
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_ctrl_c_stops_generation(model, streamed):
+    """A SIGINT during generation raises from the call (the handler runs while the engine
+    computes without the GIL)."""
+    import _thread
+    import signal
+
+    def handler(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    try:
+        start = time.perf_counter()
+        timer.start()
+        with pytest.raises(Interrupted):
+            prompt = ", ".join(str(i) for i in range(1, 30))
+            if streamed:
+                for _ in model.stream(prompt, max_tokens=4000, temperature=0, stop=None):
+                    pass
+            else:
+                model.generate(prompt, max_tokens=4000, temperature=0)
+        assert time.perf_counter() - start < 10
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+
+
 # --- structured output ------------------------------------------------------------------------
 
 SCHEMA = {
@@ -338,6 +370,18 @@ def test_images_equal_cli():
                        max_tokens=4) == text
     with pytest.raises(gemma_rs.GemmaError, match="image"):
         vision.generate(prompt, images=[b"not an image"], max_tokens=1)
+
+    # Logits with an image, from a text prompt and from ids with the image-token runs.
+    out, _ = gemma("--model", str(VISION_MODEL), "--ctx-size", "512", "logits", "-q",
+                   "--image", str(VISION_IMAGE), "--top", "5", prompt)
+    reference = json.loads(out)
+    for source in (prompt, reference["ids"]):
+        logits = vision.logits(source, images=[VISION_IMAGE])
+        top = np.argsort(-logits, kind="stable")[:5]
+        assert [int(i) for i in top] == [i for i, _ in reference["top"]]
+        np.testing.assert_allclose(logits[top], [v for _, v in reference["top"]], atol=1e-4)
+    with pytest.raises(gemma_rs.GemmaError, match="no image was given"):
+        vision.logits(reference["ids"])
 
 
 def test_default_model_is_the_cli_default():
