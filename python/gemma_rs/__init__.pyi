@@ -3,7 +3,7 @@
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -17,16 +17,16 @@ __all__ = [
     "default_model_path",
 ]
 
-StrPath = Union[str, "os.PathLike[str]"]
+_StrPath = Union[str, "os.PathLike[str]"]
 #: An image: a path to a JPEG, PNG, WebP, GIF or BMP file, or the file's bytes.
-Image = Union[StrPath, bytes, bytearray]
+_Image = Union[_StrPath, bytes, bytearray]
 #: A JSON schema as a dict (or bool), or as JSON text.
-JsonSchema = Union[Mapping[str, Any], bool, str]
-#: `{"type": "text", "text": ...}` or `{"type": "image", "image": Image}`.
-ContentPart = Mapping[str, Any]
-#: `{"role": "system" | "user" | "assistant", "content": str | list[ContentPart]}`.
-Message = Mapping[str, Any]
-FinishReason = Literal["stop", "length", "cancelled"]
+_JsonSchema = Union[Mapping[str, Any], bool, str]
+#: `{"type": "text", "text": ...}` or `{"type": "image", "image": _Image}`.
+_ContentPart = Mapping[str, Any]
+#: `{"role": "system" | "user" | "assistant", "content": str | list[_ContentPart]}`.
+_Message = Mapping[str, Any]
+_FinishReason = Literal["stop", "length", "cancelled"]
 
 DEFAULT_MODEL_FILE: str
 
@@ -39,6 +39,7 @@ def default_model_path() -> Path:
 def cache_dir() -> Path:
     """$GEMMA_CACHE_DIR, else $XDG_CACHE_HOME/gemma-rs, else ~/.cache/gemma-rs."""
 
+@final
 class TextStream(Iterator[str]):
     """Text pieces of a generation running on a thread of its own.
 
@@ -51,10 +52,11 @@ class TextStream(Iterator[str]):
     def close(self) -> None:
         """Stops the generation; the rest of the text is dropped."""
     @property
-    def finish_reason(self) -> Optional[FinishReason]:
+    def finish_reason(self) -> Optional[_FinishReason]:
         """"stop" (end of turn or a stop string), "length" (max_tokens or the context),
         "cancelled" (closed early), or None while the stream runs."""
 
+@final
 class Model:
     """A Gemma model loaded by the gemma-rs engine.
 
@@ -72,15 +74,15 @@ class Model:
     cannot load, ValueError for bad arguments.
     """
 
-    def __init__(
-        self,
-        path: Optional[StrPath] = None,
+    def __new__(
+        cls,
+        path: Optional[_StrPath] = None,
         n_ctx: int = 4096,
         threads: Optional[int] = None,
         cache_type: Optional[Literal["f16", "q8_0", "f32"]] = None,
-        mmproj: Optional[StrPath] = None,
+        mmproj: Optional[_StrPath] = None,
         batch_size: int = 512,
-    ) -> None: ...
+    ) -> "Model": ...
     @property
     def n_ctx(self) -> int: ...
     @property
@@ -96,13 +98,13 @@ class Model:
         `special=False` treats `<start_of_turn>` and the like as plain text)."""
     def detokenize(self, ids: Sequence[int], skip_special: bool = False) -> str: ...
     def apply_chat_template(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True
+        self, messages: Sequence[_Message], add_generation_prompt: bool = True
     ) -> str:
         """The text `chat` feeds the model for `messages`."""
     def logits(
         self,
         ids: Union[Sequence[int], str],
-        images: Optional[Sequence[Image]] = None,
+        images: Optional[Sequence[_Image]] = None,
         pan_and_scan: bool = False,
     ) -> npt.NDArray[np.float32]:
         """Next-token logits (shape [vocab_size]) after the ids (or a raw text prompt), as
@@ -122,8 +124,8 @@ class Model:
         presence_penalty: float = 0.0,
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
-        json_schema: Optional[JsonSchema] = None,
-        images: Optional[Sequence[Image]] = None,
+        json_schema: Optional[_JsonSchema] = None,
+        images: Optional[Sequence[_Image]] = None,
         raw: bool = True,
         system: Optional[str] = None,
         truncate: bool = False,
@@ -149,8 +151,8 @@ class Model:
         presence_penalty: float = 0.0,
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
-        json_schema: Optional[JsonSchema] = None,
-        images: Optional[Sequence[Image]] = None,
+        json_schema: Optional[_JsonSchema] = None,
+        images: Optional[Sequence[_Image]] = None,
         raw: bool = True,
         system: Optional[str] = None,
         truncate: bool = False,
@@ -159,7 +161,7 @@ class Model:
         """`generate` as an iterator of text pieces."""
     def chat(
         self,
-        messages: Sequence[Message],
+        messages: Sequence[_Message],
         max_tokens: int = 256,
         temperature: float = 1.0,
         top_k: int = 64,
@@ -171,17 +173,17 @@ class Model:
         presence_penalty: float = 0.0,
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
-        json_schema: Optional[JsonSchema] = None,
-        images: Optional[Sequence[Image]] = None,
+        json_schema: Optional[_JsonSchema] = None,
+        images: Optional[Sequence[_Image]] = None,
         truncate: bool = False,
         pan_and_scan: bool = False,
     ) -> str:
         """The assistant's answer to `messages`, rendered with the model's chat template.
-        Image parts sit where they are in a message's content; `images` go before the text
+        _Image parts sit where they are in a message's content; `images` go before the text
         of the last user message."""
     def stream_chat(
         self,
-        messages: Sequence[Message],
+        messages: Sequence[_Message],
         max_tokens: int = 256,
         temperature: float = 1.0,
         top_k: int = 64,
@@ -193,8 +195,8 @@ class Model:
         presence_penalty: float = 0.0,
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
-        json_schema: Optional[JsonSchema] = None,
-        images: Optional[Sequence[Image]] = None,
+        json_schema: Optional[_JsonSchema] = None,
+        images: Optional[Sequence[_Image]] = None,
         truncate: bool = False,
         pan_and_scan: bool = False,
     ) -> TextStream:
