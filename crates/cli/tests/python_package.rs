@@ -95,18 +95,18 @@ fn package_venv() -> PathBuf {
     dir
 }
 
+const NEEDS: &str = "The Python package test needs python3 with the venv module and pip (e.g. \
+                     apt install python3-venv python3-pip), a Rust toolchain for maturin, and \
+                     network access to PyPI on first use";
+
 #[track_caller]
 fn run(cmd: &mut Command) -> Output {
-    let output = cmd.output().unwrap_or_else(|e| {
-        panic!(
-            "cannot run {cmd:?}: {e}. The Python package test needs python3 with the venv \
-             module and pip (e.g. apt install python3-venv python3-pip), and network access \
-             to PyPI on first use"
-        )
-    });
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}. {NEEDS}"));
     assert!(
         output.status.success(),
-        "{cmd:?} failed:\n{}{}",
+        "{cmd:?} failed:\n{}{}\n{NEEDS}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
