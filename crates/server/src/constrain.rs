@@ -150,17 +150,50 @@ pub fn generate_json(
     schema: &Value,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<String> {
-    let tokenizer_end = loaded
+    let compiler = GrammarCompiler::new(loaded.clone(), json_end_token(&loaded)?)?;
+    generate_json_with(
+        &compiler,
+        &loaded,
+        prompt,
+        params,
+        ctx_size,
+        schema,
+        &mut |piece| {
+            on_text(piece);
+            true
+        },
+    )
+}
+
+/// The token a constrained answer ends with: `<end_of_turn>`, else EOS.
+pub fn json_end_token(loaded: &LoadedModel) -> Result<u32> {
+    loaded
         .tokenizer
         .as_ref()
         .and_then(|t| t.token_id("<end_of_turn>").or(t.eos_id()))
-        .ok_or_else(|| anyhow!("constrained output needs a tokenizer"))?;
-    let compiler = GrammarCompiler::new(loaded.clone(), tokenizer_end)?;
+        .ok_or_else(|| anyhow!("constrained output needs a tokenizer"))
+}
+
+/// [`generate_json`] with a compiler kept by the caller (building one takes a moment) for
+/// `loaded` and [`json_end_token`]. `on_text` returns `false` to stop early: the text so far
+/// is returned then, incomplete.
+pub fn generate_json_with(
+    compiler: &GrammarCompiler,
+    loaded: &LoadedModel,
+    prompt: &[u32],
+    params: &gemma_engine::SamplingParams,
+    ctx_size: usize,
+    schema: &Value,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<String> {
     let mut matcher = compiler
         .json_schema(schema)
         .map_err(|e| anyhow!("unsupported JSON schema: {e:#}"))?;
     let stop_ids = loaded.stop_token_ids();
-    let tokenizer = loaded.tokenizer.as_ref().expect("checked above");
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| anyhow!("constrained output needs a tokenizer"))?;
     let mut cache = loaded.model.new_cache(ctx_size)?;
     if prompt.is_empty() || prompt.len() >= ctx_size {
         return Err(anyhow!(
@@ -193,8 +226,10 @@ pub fn generate_json(
             .map_err(|e| anyhow!("the grammar rejected a sampled token: {e}"))?;
         history.push(id);
         let piece = decoder.push(tokenizer, id);
-        on_text(&piece);
         text.push_str(&piece);
+        if !on_text(&piece) {
+            return Ok(text);
+        }
         if matcher.is_stopped() {
             complete = !matcher.is_error();
             break;
