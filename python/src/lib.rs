@@ -500,6 +500,7 @@ fn sampling_params(
         max_tokens,
         stop,
         truncate,
+        logit_bias: Vec::new(),
     })
 }
 
