@@ -236,6 +236,46 @@ fn engine_logprobs(messages: &[ChatMessage], images: &[&str]) -> Vec<f32> {
     logits.iter().map(|&l| l - log_sum).collect()
 }
 
+/// Ollama's `/api/chat` and `/api/generate` take images as bare base64 in `images`: they go
+/// before the message's text, and the answer equals the engine's for that prompt.
+#[test]
+fn ollama_base64_images_equal_the_engine_in_process() {
+    let b64 = png_url(IMG_A)
+        .split_once(',')
+        .map(|(_, data)| data.to_string())
+        .unwrap();
+    let expected = engine_answer(
+        &[ChatMessage::new("user", format!("{MARKER}What is this?"))],
+        &[IMG_A],
+        false,
+        10,
+    );
+    let tags = request(server(), "GET", "/api/tags", None).json();
+    let name = tags["models"][0]["name"].as_str().unwrap().to_string();
+    let chat = json!({
+        "model": name, "stream": false, "options": {"temperature": 0, "num_predict": 10},
+        "messages": [{"role": "user", "content": "What is this?", "images": [b64]}],
+    });
+    let r = post(server(), "/api/chat", &chat);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["message"]["content"], expected.0.as_str(), "{v}");
+    assert_eq!(v["prompt_eval_count"], expected.1, "{v}");
+    assert_eq!(v["eval_count"], expected.2, "{v}");
+    let generate = json!({
+        "model": name, "stream": false, "options": {"temperature": 0, "num_predict": 10},
+        "prompt": "What is this?", "images": [b64],
+    });
+    let v = post(server(), "/api/generate", &generate).json();
+    assert_eq!(v["response"], expected.0.as_str(), "{v}");
+    // Not base64, or not an image: a 400 in Ollama's shape.
+    let mut bad = chat.clone();
+    bad["messages"][0]["images"] = json!(["not base64!"]);
+    let r = post(server(), "/api/chat", &bad);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.json()["error"].is_string(), "{}", r.text());
+}
+
 #[test]
 fn two_images_in_one_message_equal_the_engine_in_process() {
     let body = parts_body(
