@@ -1,13 +1,15 @@
-//! Timing of attention over a long cache in each storage format (not a test: nothing is
-//! asserted about speed). Shapes of Gemma 3 270M's global layers: 4 query heads, 1 kv head,
-//! head_dim 256.
+//! Timing of attention (not a test: nothing is asserted about speed): decoding over a long
+//! cache in each storage format, at Gemma 3 270M's global layers' shapes (4 query heads, 1 kv
+//! head, head_dim 256), and a vision tower's bidirectional attention.
 //! `cargo test --release -p gemma-kernels --test attention_bench -- --ignored --nocapture`
 
 use std::time::Instant;
 
-use gemma_kernels::ops::attention::{attention, AttentionMask, AttentionParams, KvSegment};
+use gemma_kernels::ops::attention::{
+    attention, attention_with, AttentionMask, AttentionParams, KvSegment,
+};
 use gemma_kernels::ops::kv::{CacheType, KvBuffer};
-use gemma_kernels::quant::selected_isa;
+use gemma_kernels::quant::{selected_isa, Isa};
 use gemma_kernels::ThreadPool;
 
 #[test]
@@ -22,6 +24,7 @@ fn decode_attention_at_depth() {
         scale: 0.0625,
         softcap: None,
         mask: AttentionMask::Causal,
+        tiled: false,
     };
     let values: Vec<f32> = (0..n_keys * hd)
         .map(|i| ((i as f32) * 0.013).sin())
@@ -58,4 +61,61 @@ fn decode_attention_at_depth() {
             );
         }
     }
+}
+
+/// A SigLIP layer's attention (Gemma 3's vision tower): 4096 patches, 16 heads of 72, every
+/// patch sees every other. Reports multiply-adds per second (scores plus weighted values).
+#[test]
+#[ignore = "benchmark; run explicitly"]
+// One span covering every position: a vision tower's attention.
+#[allow(clippy::single_range_in_vec_init)]
+fn vision_attention() {
+    let pool = ThreadPool::new(1);
+    let (n, nh, hd) = (4096, 16, 72);
+    let p = AttentionParams {
+        n_heads: nh,
+        n_kv_heads: nh,
+        head_dim: hd,
+        scale: (hd as f32).powf(-0.5),
+        softcap: None,
+        mask: AttentionMask::Causal,
+        tiled: false,
+    };
+    let data = |phase: f32| -> Vec<f32> {
+        (0..n * nh * hd)
+            .map(|i| ((i as f32) * 0.013 + phase).sin())
+            .collect()
+    };
+    let (q, k, v) = (data(0.0), data(1.0), data(2.0));
+    let seg = [KvSegment {
+        keys: (&k[..]).into(),
+        values: (&v[..]).into(),
+        first_pos: 0,
+        len: n,
+    }];
+    let mut out = vec![0.0; q.len()];
+    // The per-query kernel (AVX2 build) and the tiled one the vision tower uses.
+    for (tiled, isa) in [(false, Isa::Avx2), (true, Isa::Avx2), (true, Isa::Avx512)] {
+        if !isa.is_available() {
+            continue;
+        }
+        let p = AttentionParams { tiled, ..p };
+        let (start, cpu) = (Instant::now(), thread_cpu_seconds());
+        attention_with(&pool, isa, &p, &q, 0, &seg, &[0..n], &mut out);
+        let s = start.elapsed().as_secs_f64();
+        let cpu = thread_cpu_seconds().zip(cpu).map_or(s, |(b, a)| b - a);
+        let macs = 2.0 * (nh * n * n * hd) as f64;
+        println!(
+            "{isa:?}, tiled {tiled}: {s:.3} s wall, {cpu:.3} s CPU, {:.1} G multiply-adds per CPU second",
+            macs / cpu / 1e9
+        );
+    }
+}
+
+/// CPU time of the calling thread (which runs every task of a one-thread pool), from
+/// `/proc/thread-self/schedstat`; `None` off Linux. On a shared machine the wall clock
+/// also counts other processes' turns.
+fn thread_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    Some(stat.split_whitespace().next()?.parse::<f64>().ok()? / 1e9)
 }

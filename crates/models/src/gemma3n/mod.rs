@@ -694,6 +694,8 @@ impl Gemma3n {
                     LayerType::Sliding => AttentionMask::SlidingWindow(c.sliding_window),
                     LayerType::Full => AttentionMask::Causal,
                 },
+                // The per-query kernel: see `AttentionParams::tiled` for why text stays on it.
+                tiled: false,
             };
             let (rope, rotations) = match c.layer_types[i] {
                 LayerType::Sliding => (&self.rope_local, &*rot_local),
