@@ -253,6 +253,7 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
         .map(crate::serve::read_json_schema)
         .transpose()?;
     let loaded = load(common, args.batch.batch_size)?;
+    check_logit_bias(&params, &loaded)?;
     // A base model follows no instructions: it continues the prompt, with sampling that keeps
     // a small model from looping (scripts/base_sampling.py measured it). A system prompt or a
     // schema asks for turns, so they keep the template.
@@ -307,6 +308,7 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
 pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
     let params = args.sampling.to_params()?;
     let loaded = load(common, args.batch.batch_size)?;
+    check_logit_bias(&params, &loaded)?;
     let mut chat = Chat::new(&loaded, context_size(common, &loaded), args.system.clone())?;
     if loaded.tuning == Tuning::Base && !common.quiet {
         eprintln!(
@@ -450,6 +452,19 @@ pub fn perplexity(common: &CommonArgs, args: &PerplexityArgs) -> Result<()> {
         "PPL = {:.4} +/- {:.5} ({} chunks of {} tokens, {} tokens scored)",
         result.ppl, result.ppl_std_err, result.chunks, args.chunk_size, result.scored_tokens
     );
+    Ok(())
+}
+
+/// `--logit-bias` ids must be in the model's vocabulary.
+fn check_logit_bias(params: &SamplingParams, loaded: &LoadedModel) -> Result<()> {
+    let vocab = loaded.model.vocab_size();
+    if let Some((id, _)) = params
+        .logit_bias
+        .iter()
+        .find(|(id, _)| *id as usize >= vocab)
+    {
+        bail!("--logit-bias: token {id} is outside the vocabulary ({vocab} tokens)");
+    }
     Ok(())
 }
 

@@ -118,6 +118,33 @@ pub struct SamplingArgs {
     /// Keep the last tokens of a prompt that does not fit the context instead of failing
     #[arg(long)]
     pub truncate: bool,
+    /// Add BIAS to token ID's logit, as ID=BIAS or llama.cpp's ID+BIAS / ID-BIAS (repeatable;
+    /// -100 all but bans a token, +100 all but forces it)
+    #[arg(short = 'l', long = "logit-bias", value_name = "ID=BIAS", value_parser = parse_logit_bias)]
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+/// `ID=BIAS`, `ID+BIAS` or `ID-BIAS` with a finite bias in [-100, 100].
+fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
+    let at = s
+        .find(['=', '+', '-'])
+        .ok_or_else(|| format!("{s:?}: expected ID=BIAS, ID+BIAS or ID-BIAS"))?;
+    let id = s[..at]
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| format!("{s:?}: {:?} is not a token id", &s[..at]))?;
+    let bias_text = if &s[at..at + 1] == "=" {
+        &s[at + 1..]
+    } else {
+        &s[at..]
+    };
+    let bias = bias_text
+        .trim()
+        .parse::<f32>()
+        .ok()
+        .filter(|b| (-100.0..=100.0).contains(b))
+        .ok_or_else(|| format!("{s:?}: the bias must be a number between -100 and 100"))?;
+    Ok((id, bias))
 }
 
 impl CommonArgs {
@@ -168,7 +195,7 @@ impl SamplingArgs {
             max_tokens: self.max_tokens,
             stop: self.stop.clone(),
             truncate: self.truncate,
-            logit_bias: Vec::new(),
+            logit_bias: self.logit_bias.clone(),
         };
         let finite = [
             params.temperature,

@@ -322,3 +322,43 @@ fn a_base_model_continues_the_prompt_and_says_so() {
     let both = gemma(&["run", "--model", &model, "--chat", "--raw", prompt], None);
     assert!(!both.status.success());
 }
+
+/// `--logit-bias` (ID=BIAS or llama.cpp's ID+BIAS) steers greedy decoding; bad values are
+/// clean errors.
+#[test]
+fn logit_bias_forces_and_bans_tokens() {
+    let model = real_model();
+    let greedy = [
+        "run", "-q", "--model", &model, "--raw", "--temp", "0", "-n", "1",
+    ];
+    let run = |extra: &[&str]| {
+        ok(
+            &[&greedy[..], extra, &["The capital of France is"]].concat(),
+            None,
+        )
+        .0
+    };
+    let plain = run(&[]);
+    let tokenize = |text: &str| -> Vec<u32> {
+        let (out, _) = ok(
+            &["tokenize", "-q", "--model", &model, "--no-bos", text],
+            None,
+        );
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let zebra = tokenize(" zebra")[0].to_string();
+    let forced = run(&["--logit-bias", &format!("{zebra}+100")]);
+    assert_eq!(forced.trim(), "zebra", "{forced:?}");
+    let first = tokenize(plain.trim_end_matches('\n'))[0].to_string();
+    let banned = run(&["-l", &format!("{first}=-100")]);
+    assert_ne!(banned, plain);
+    for bad in ["abc=1", "5=101", "5", "999999999=1"] {
+        let out = gemma(&[&greedy[..], &["--logit-bias", bad, "x"]].concat(), None);
+        assert!(!out.status.success(), "{bad}");
+        assert!(
+            stderr(&out).contains("logit-bias") || stderr(&out).contains("logit_bias"),
+            "{bad}: {}",
+            stderr(&out)
+        );
+    }
+}
