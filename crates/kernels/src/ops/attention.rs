@@ -66,8 +66,13 @@ pub struct AttentionParams {
     /// image). The text decoders stay on the per-query kernel, with its 32-query tasks and
     /// AVX2 build, unchanged: used for Gemma 3 270M's prefill, the tiled kernel moved the
     /// real model's logits with f16 and q8_0 caches beyond the engine's real-model tolerances
-    /// (`logits_real_model`, `batch_size` perplexity, the CLI's f16-cache fixture), although it
-    /// matches the f64 reference in every kernel test; the cause is unexplained.
+    /// (`logits_real_model`, `batch_size` perplexity, the CLI's f16-cache fixture). Not a
+    /// kernel error: on those inputs its output differs from the per-query kernel's by float
+    /// rounding (at most ~7e-6 of a layer's largest output, ring caches included), and the
+    /// per-query kernel fails the same tests when its output is only re-rounded (its scalar
+    /// build) or scaled by random factors within 1 ± 5e-7: those tests sit at the edge of
+    /// their tolerances, where the quantized activations turn any rounding change into logit
+    /// moves of tenths. Switching text needs those tolerances (or references) revisited.
     pub tiled: bool,
 }
 
@@ -1559,6 +1564,104 @@ mod tests {
                             assert!(
                                 (a - b).abs() <= 1e-6 * b.abs().max(1.0),
                                 "{what}: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gemma 3 text shapes through both kernels with f16 and Q8_0 caches: head_dim 256, four
+    /// query heads on one kv head, a chunk starting mid-cache (`q_pos0` > 0) whose own keys
+    /// come as f32 after the cached ones, and on the sliding layer a ring buffer of the 512-key
+    /// window holding the history as two segments (positions are not row indices). Equal to
+    /// the f64 reference over the values read back, on every instruction set; with a chunk of
+    /// 37 tokens (two tiled tasks, keys split across tasks) and of 3 (the per-query fallback).
+    #[test]
+    fn text_model_shapes_with_f16_and_q8_0_ring_caches_match_naive_attention() {
+        let pool = ThreadPool::new(3);
+        let (nh, nkv, hd, window) = (4, 1, 256, 512);
+        let row = nkv * hd;
+        let pos0 = 900;
+        for (mask, capacity) in [
+            (AttentionMask::SlidingWindow(window), window),
+            (AttentionMask::Causal, 2048),
+        ] {
+            for n_queries in [37usize, 3] {
+                let n_keys = pos0 + n_queries;
+                let k: Vec<f32> = pseudo_random(n_keys * row, 21)
+                    .iter()
+                    .map(|x| 4.0 * x)
+                    .collect();
+                let v = pseudo_random(n_keys * row, 22);
+                let q = pseudo_random(n_queries * nh * hd, 23);
+                for cache_type in [CacheType::F16, CacheType::Q8_0] {
+                    // The cache: position `pos` in row `pos % capacity`, the newest `capacity`.
+                    let mut keys = KvBuffer::new(cache_type, capacity * row);
+                    let mut values = KvBuffer::new(cache_type, capacity * row);
+                    let first = pos0.saturating_sub(capacity);
+                    for pos in first..pos0 {
+                        let slot = pos % capacity;
+                        keys.store(Isa::Scalar, slot * row, &k[pos * row..][..row]);
+                        values.store(Isa::Scalar, slot * row, &v[pos * row..][..row]);
+                    }
+                    // What the kernel should see: the cached rows as read back, then the chunk.
+                    let (mut k_seen, mut v_seen) = (k.clone(), v.clone());
+                    for pos in first..pos0 {
+                        let slot = pos % capacity;
+                        keys.rows().read_into(
+                            Isa::Scalar,
+                            slot * row,
+                            &mut k_seen[pos * row..][..row],
+                        );
+                        values.rows().read_into(
+                            Isa::Scalar,
+                            slot * row,
+                            &mut v_seen[pos * row..][..row],
+                        );
+                    }
+                    let start_slot = first % capacity;
+                    let head = (pos0 - first).min(capacity - start_slot);
+                    let mut segs = vec![KvSegment {
+                        keys: keys.slice(start_slot * row, (start_slot + head) * row),
+                        values: values.slice(start_slot * row, (start_slot + head) * row),
+                        first_pos: first,
+                        len: head,
+                    }];
+                    let tail = pos0 - first - head;
+                    if tail > 0 {
+                        segs.push(KvSegment {
+                            keys: keys.slice(0, tail * row),
+                            values: values.slice(0, tail * row),
+                            first_pos: first + head,
+                            len: tail,
+                        });
+                    }
+                    segs.push(KvSegment {
+                        keys: k[pos0 * row..].into(),
+                        values: v[pos0 * row..].into(),
+                        first_pos: pos0,
+                        len: n_queries,
+                    });
+                    for (tiled, isa) in kernels() {
+                        let p = AttentionParams {
+                            n_heads: nh,
+                            n_kv_heads: nkv,
+                            head_dim: hd,
+                            scale: 256f32.powf(-0.5),
+                            softcap: None,
+                            mask,
+                            tiled,
+                        };
+                        let want = naive(&p, &q, pos0, &k_seen, &v_seen, n_keys);
+                        let mut out = vec![0.0; q.len()];
+                        attention_with(&pool, isa, &p, &q, pos0, &segs, &[], &mut out);
+                        for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                            assert!(
+                                (a - b).abs() <= 1e-5,
+                                "{cache_type} {mask:?} {n_queries} queries tiled {tiled} \
+                                 {isa:?}: value {i}: {a} vs {b}"
                             );
                         }
                     }
