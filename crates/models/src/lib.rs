@@ -2,6 +2,7 @@
 //!
 //! Each architecture is a config (data) plus one forward pass; kernels live in `gemma-kernels`.
 
+pub mod audio;
 mod error;
 pub mod gemma3;
 pub mod gemma3n;
@@ -9,6 +10,7 @@ mod kv_cache;
 pub mod vision;
 pub mod weights;
 
+pub use audio::{Gemma3nAudio, Gemma3nAudioConfig};
 pub use error::ModelError;
 pub use gemma3::{Gemma3, Gemma3Config};
 pub use gemma3n::{Gemma3n, Gemma3nConfig};

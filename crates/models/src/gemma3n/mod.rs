@@ -9,6 +9,7 @@
 //! layer; final logits are soft-capped.
 
 mod config;
+pub mod embedder;
 mod extract;
 mod matformer;
 mod normal;
