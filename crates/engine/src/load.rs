@@ -9,6 +9,7 @@ use gemma_formats::{open_model_source, ModelFile};
 use gemma_models::{load_model, CacheType, Model};
 use gemma_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 
+use crate::audio::Hearing;
 use crate::default_model::ensure_default_model;
 use crate::vision::Vision;
 
@@ -91,6 +92,8 @@ pub struct LoadedModel {
     pub batch_size: usize,
     /// The image side, for models with a vision tower (read on the first image).
     pub vision: Option<Vision>,
+    /// The audio side, for models with an audio tower (read on the first clip).
+    pub audio: Option<Hearing>,
     /// Pretrained or instruction-tuned, as far as the files tell ([`Tuning::detect`]).
     pub tuning: Tuning,
     /// A name for messages: the file's `general.name` (GGUF) or the file or folder name.
@@ -183,6 +186,9 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     if let Some(v) = &mut loaded.vision {
         v.verbose = opts.verbose;
     }
+    if let Some(a) = &mut loaded.audio {
+        a.verbose = opts.verbose;
+    }
     if opts.verbose {
         eprintln!(
             "gemma: {} ({}): weights {} {}{}, KV cache {} ({}) at --ctx-size {}",
@@ -224,7 +230,31 @@ fn load_from(
     let tokenizer = load_tokenizer(&file)?;
     let (chat_template, template_in_file) = load_chat_template(&file, tokenizer.as_ref())?;
     let (tuning, display_name) = identify(&file, source, template_in_file);
-    let mut vision = Vision::detect(&file, mmproj)?;
+    // Gemma 3's SigLIP tower; Gemma 3n's MobileNet-V5 tower is not supported yet.
+    let mut vision = match model.architecture() {
+        "gemma3" => Vision::detect(&file, mmproj)?,
+        arch => {
+            if mmproj.is_some() {
+                bail!("--mmproj: only Gemma 3 vision towers are supported, and this is {arch}");
+            }
+            None
+        }
+    };
+    let audio = Hearing::detect(&file)?;
+    if let Some(a) = &audio {
+        if a.config.text_vocab_size != model.vocab_size()
+            || a.config.text_hidden_size != model.hidden_size()
+        {
+            bail!(
+                "the audio tower's text sizes (vocabulary {}, width {}) do not match the \
+                 decoder's ({}, {})",
+                a.config.text_vocab_size,
+                a.config.text_hidden_size,
+                model.vocab_size(),
+                model.hidden_size()
+            );
+        }
+    }
     if let (Some(v), Some(t), ModelFile::Gguf(_)) = (&mut vision, &tokenizer, &file) {
         // A text GGUF names its image tokens only in its vocabulary.
         let ids = &mut v.ids;
@@ -250,6 +280,7 @@ fn load_from(
         file,
         batch_size: DEFAULT_BATCH_SIZE,
         vision,
+        audio,
         tuning,
         display_name,
     })

@@ -19,6 +19,7 @@ use gemma_media::{Frame, ImageLimits, PanAndScan, Preprocess, RgbImage};
 use gemma_models::vision::Gemma3Vision;
 use sha2::{Digest, Sha256};
 
+use crate::audio::PreparedAudio;
 use crate::generate::SoftSpan;
 use crate::load::LoadedModel;
 
@@ -469,6 +470,20 @@ impl LoadedModel {
         images: &[PreparedImage],
         continuation: bool,
     ) -> Result<(Vec<u32>, Vec<SoftSpan>)> {
+        self.encode_with_media(text, images, &[], continuation)
+    }
+
+    /// Tokenizes a whole prompt holding one [`IMAGE_MARKER`] per image and one
+    /// [`AUDIO_MARKER`](crate::audio::AUDIO_MARKER) per clip, expanding each to its tokens, and
+    /// places the images' and clips' soft tokens. With `continuation` the text continues a
+    /// sequence (no BOS).
+    pub fn encode_with_media(
+        &self,
+        text: &str,
+        images: &[PreparedImage],
+        audio: &[PreparedAudio],
+        continuation: bool,
+    ) -> Result<(Vec<u32>, Vec<SoftSpan>)> {
         let encode = |t: &str| {
             if continuation {
                 self.encode_continuation(t)
@@ -476,16 +491,24 @@ impl LoadedModel {
                 self.encode_prompt(t)
             }
         };
+        let mut expanded = std::borrow::Cow::Borrowed(text);
         if images.is_empty() {
             if self.vision.is_some() && text.contains(IMAGE_MARKER) {
                 bail!("the prompt has an image slot ({IMAGE_MARKER}) but no image was given");
             }
-            return Ok((encode(text)?, Vec::new()));
+        } else {
+            expanded = self
+                .vision()?
+                .expand_markers(&self.file, &expanded, images)?
+                .into();
         }
-        let vision = self.vision()?;
-        let expanded = vision.expand_markers(&self.file, text, images)?;
+        if let Some(h) = &self.audio {
+            expanded = h.expand_markers(&expanded, audio)?.into();
+        } else if !audio.is_empty() {
+            self.hearing()?;
+        }
         let ids = encode(&expanded)?;
-        let soft = vision.place(&self.file, &ids, images)?;
+        let soft = self.place_media(&ids, images, audio)?;
         Ok((ids, soft))
     }
 
@@ -503,6 +526,20 @@ impl LoadedModel {
             return Ok(Vec::new());
         }
         self.vision()?.place(&self.file, ids, images)
+    }
+
+    /// Places images and clips on `ids` (image-token runs, audio-token runs, `embed_audio`'s
+    /// hard ids), sorted by position.
+    pub fn place_media(
+        &self,
+        ids: &[u32],
+        images: &[PreparedImage],
+        audio: &[PreparedAudio],
+    ) -> Result<Vec<SoftSpan>> {
+        let mut spans = self.place_images(ids, images)?;
+        spans.extend(self.place_audio(ids, audio)?);
+        spans.sort_by_key(|s| s.start);
+        Ok(spans)
     }
 }
 

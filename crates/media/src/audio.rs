@@ -30,6 +30,7 @@
 //! whatever the source rate and channel count.
 
 use std::io::Cursor;
+use std::ops::Range;
 
 use rubato::audioadapter_buffers::direct::InterleavedSlice;
 use rubato::{
@@ -383,6 +384,48 @@ pub fn resample_to_16k(mono: &[f32], rate: u32) -> Result<Vec<f32>, MediaError> 
     r.finish()
 }
 
+/// Cuts a clip longer than `max_len` samples into windows of at most `max_len`, each cut at the
+/// quietest hop (160 samples, 10 ms: least energy) among the last `search` samples before the
+/// limit, so that words are not split where a pause is near. A short last window is avoided:
+/// when the tail would be under `search` samples, the last two windows are cut again at the
+/// quietest hop near their middle. Every sample lands in exactly one window, in order.
+pub fn split_windows(samples: &[f32], max_len: usize, search: usize) -> Vec<Range<usize>> {
+    const HOP: usize = 160;
+    let max_len = max_len.max(2 * HOP);
+    let search = search.clamp(HOP, max_len / 2);
+    let energy = |r: Range<usize>| -> f64 { samples[r].iter().map(|&x| (x as f64).powi(2)).sum() };
+    // The quietest hop starting in `lo..hi` (hops kept inside the clip); its middle is the cut.
+    let quietest = |lo: usize, hi: usize| -> usize {
+        let mut best = (f64::INFINITY, hi);
+        let mut at = lo;
+        while at + HOP <= hi.min(samples.len()) {
+            let e = energy(at..at + HOP);
+            if e < best.0 {
+                best = (e, at + HOP / 2);
+            }
+            at += HOP;
+        }
+        best.1
+    };
+    let mut windows = Vec::new();
+    let mut start = 0;
+    while samples.len() - start > max_len {
+        let end = quietest(start + max_len - search, start + max_len);
+        windows.push(start..end);
+        start = end;
+    }
+    windows.push(start..samples.len());
+    if windows.len() >= 2 && windows[windows.len() - 1].len() < search {
+        let last = windows.pop().expect("two windows");
+        let prev = windows.pop().expect("two windows");
+        let mid = (prev.start + last.end) / 2;
+        let cut = quietest(mid - search / 2, mid + search / 2);
+        windows.push(prev.start..cut);
+        windows.push(cut..last.end);
+    }
+    windows
+}
+
 fn check_rate(rate: u32) -> Result<(), MediaError> {
     if rate == 0 {
         return Err(MediaError::BadAudio("the sample rate is 0 Hz".into()));
@@ -688,6 +731,44 @@ thread_local! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn windows_cut_at_the_quiet_hop_and_cover_the_clip() {
+        // 70 s of tone with a silent 50 ms gap at 28.5 s and another at 57 s.
+        let n = 70 * 16_000;
+        let mut samples: Vec<f32> = (0..n).map(|i| (i as f32 * 0.05).sin() * 0.3).collect();
+        for gap in [28_500 * 16, 57_000 * 16] {
+            samples[gap..gap + 800].fill(0.0);
+        }
+        let w = split_windows(&samples, 480_000, 32_000);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert_eq!(w[0].start, 0);
+        assert_eq!(w[2].end, n);
+        for pair in w.windows(2) {
+            assert_eq!(pair[0].end, pair[1].start);
+        }
+        assert!(w.iter().all(|r| r.len() <= 480_000));
+        // Each cut is inside a gap.
+        assert!(
+            (28_500 * 16..28_500 * 16 + 800).contains(&w[0].end),
+            "{w:?}"
+        );
+        assert!(
+            (57_000 * 16..57_000 * 16 + 800).contains(&w[1].end),
+            "{w:?}"
+        );
+        // Short clips are one window; a tail shorter than the search span is evened out.
+        assert_eq!(
+            split_windows(&samples[..1000], 480_000, 32_000),
+            vec![0..1000]
+        );
+        let w = split_windows(&samples[..480_100], 480_000, 32_000);
+        assert_eq!(w.len(), 2);
+        assert!(
+            w.iter().all(|r| r.len() >= 32_000 && r.len() <= 480_000),
+            "{w:?}"
+        );
+    }
     use std::f64::consts::PI;
 
     /// Output sample k must be the source at k / 16000 s: two tones, every rate we test, checked

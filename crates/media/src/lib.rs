@@ -33,13 +33,13 @@ mod source;
 mod video;
 
 pub use audio::{
-    decode_audio, pcm16_to_audio, resample_to_16k, Audio, AudioLimits, MAX_CHANNELS,
+    decode_audio, pcm16_to_audio, resample_to_16k, split_windows, Audio, AudioLimits, MAX_CHANNELS,
     MAX_SAMPLE_MAGNITUDE, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,
 };
 pub use decode::{decode_image, decode_image_with, probe_image, ImageLimits, ReferenceRoute};
 pub use error::MediaError;
 pub use image::{Rgb, RgbImage};
-pub use mel::{log_mel, LogMel, MelExtractor};
+pub use mel::{log_mel, LogMel, MelExtractor, MelStream};
 pub use preprocess::{pan_and_scan, pixel_values, PanAndScan, Preprocess};
 pub use resize::resize_bilinear_antialias;
 pub use source::{decode_data_url, read_allowed_file, resolve_allowed_path};

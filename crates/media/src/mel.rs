@@ -147,46 +147,163 @@ impl MelExtractor {
 
     /// See [`log_mel`].
     pub fn log_mel(&self, samples_16k: &[f32]) -> LogMel {
-        let (kept, padded) = padded_len(samples_16k.len());
+        let (kept, _) = padded_len(samples_16k.len());
         let frames = mel_frames(samples_16k.len());
-        let sample = |i: usize| if i < kept { samples_16k[i] } else { 0.0 };
         let mut features = Vec::with_capacity(frames * MEL_BINS);
-        let mut input = self.fft.make_input_vec();
-        let mut spectrum = self.fft.make_output_vec();
-        let mut scratch = self.fft.make_scratch_vec();
-        let mut magnitude = [0f64; FFT_BINS];
-        debug_assert!(frames == 0 || (frames - 1) * HOP_LENGTH + FRAME_LENGTH < padded);
+        let mut work = FrameWork::new(self);
         for t in 0..frames {
-            let start = t * HOP_LENGTH;
-            // HTK pre-emphasis and window, in f32 as the reference rounds them.
-            let first = (1.0f64 - 0.97) as f32;
-            for (i, (slot, w)) in input.iter_mut().zip(&self.window).enumerate() {
-                let y = if i == 0 {
-                    sample(start) * first
-                } else {
-                    sample(start + i) - PREEMPHASIS * sample(start + i - 1)
-                };
-                *slot = (y * w) as f64;
-            }
-            input[FRAME_LENGTH..].fill(0.0);
-            self.fft
-                .process_with_scratch(&mut input, &mut spectrum, &mut scratch)
-                .expect("buffers come from the plan");
-            for (m, c) in magnitude.iter_mut().zip(&spectrum) {
-                // The reference's |X| is float32.
-                *m = abs(c) as f32 as f64;
-            }
-            for (start_bin, weights) in &self.filters {
-                let mel: f64 = weights
-                    .iter()
-                    .zip(&magnitude[*start_bin..])
-                    .map(|(w, m)| w * m)
-                    .sum();
-                features.push(mel.max(MEL_FLOOR).ln() as f32);
-            }
+            self.frame_into(
+                &samples_16k[..kept],
+                t * HOP_LENGTH,
+                &mut work,
+                &mut features,
+            );
         }
         let mask = (0..frames).map(|t| t * HOP_LENGTH < kept).collect();
         LogMel { features, mask }
+    }
+
+    /// Appends the 128 features of the frame starting at `start`; samples past the end of
+    /// `samples` are the reference's zero padding.
+    fn frame_into(&self, samples: &[f32], start: usize, w: &mut FrameWork, out: &mut Vec<f32>) {
+        let sample = |i: usize| samples.get(i).copied().unwrap_or(0.0);
+        // HTK pre-emphasis and window, in f32 as the reference rounds them.
+        let first = (1.0f64 - 0.97) as f32;
+        for (i, (slot, win)) in w.input.iter_mut().zip(&self.window).enumerate() {
+            let y = if i == 0 {
+                sample(start) * first
+            } else {
+                sample(start + i) - PREEMPHASIS * sample(start + i - 1)
+            };
+            *slot = (y * win) as f64;
+        }
+        w.input[FRAME_LENGTH..].fill(0.0);
+        self.fft
+            .process_with_scratch(&mut w.input, &mut w.spectrum, &mut w.scratch)
+            .expect("buffers come from the plan");
+        for (m, c) in w.magnitude.iter_mut().zip(&w.spectrum) {
+            // The reference's |X| is float32.
+            *m = abs(c) as f32 as f64;
+        }
+        for (start_bin, weights) in &self.filters {
+            let mel: f64 = weights
+                .iter()
+                .zip(&w.magnitude[*start_bin..])
+                .map(|(w, m)| w * m)
+                .sum();
+            out.push(mel.max(MEL_FLOOR).ln() as f32);
+        }
+    }
+}
+
+/// Buffers one frame's analysis reuses.
+struct FrameWork {
+    input: Vec<f64>,
+    spectrum: Vec<Complex<f64>>,
+    scratch: Vec<Complex<f64>>,
+    magnitude: [f64; FFT_BINS],
+}
+
+impl FrameWork {
+    fn new(m: &MelExtractor) -> Self {
+        FrameWork {
+            input: m.fft.make_input_vec(),
+            spectrum: m.fft.make_output_vec(),
+            scratch: m.fft.make_scratch_vec(),
+            magnitude: [0.0; FFT_BINS],
+        }
+    }
+}
+
+/// The front end over audio that arrives in pieces: [`MelStream::push`] takes 16 kHz samples and
+/// returns the frames they complete; [`MelStream::finish`] pads the end as the reference pads a
+/// whole clip (zeros up to a multiple of 128 samples) and returns the rest. The frames equal
+/// [`log_mel`]'s of the whole clip, except that a stream has no 30 s limit.
+pub struct MelStream {
+    extractor: Arc<MelExtractor>,
+    work: FrameWork,
+    /// Samples from absolute index `first` on that a later frame still reads.
+    pending: Vec<f32>,
+    first: usize,
+    /// Samples pushed so far.
+    total: usize,
+    /// Frames produced so far.
+    frames: usize,
+    finished: bool,
+}
+
+impl MelStream {
+    pub fn new(extractor: Arc<MelExtractor>) -> Self {
+        let work = FrameWork::new(&extractor);
+        MelStream {
+            extractor,
+            work,
+            pending: Vec::new(),
+            first: 0,
+            total: 0,
+            frames: 0,
+            finished: false,
+        }
+    }
+
+    /// Samples pushed so far.
+    pub fn samples_in(&self) -> usize {
+        self.total
+    }
+
+    /// Frames produced so far.
+    pub fn frames_out(&self) -> usize {
+        self.frames
+    }
+
+    /// Feeds 16 kHz mono samples; returns the completed frames, `[frames, MEL_BINS]`.
+    pub fn push(&mut self, samples: &[f32]) -> Vec<f32> {
+        if self.finished {
+            return Vec::new();
+        }
+        self.pending.extend_from_slice(samples);
+        self.total += samples.len();
+        // A frame reads FRAME_LENGTH + 1 samples (the reference's 513-sample frames).
+        let ready = if self.total >= FRAME_LENGTH + 1 {
+            (self.total - (FRAME_LENGTH + 1)) / HOP_LENGTH + 1
+        } else {
+            0
+        };
+        self.emit(ready)
+    }
+
+    /// Ends the clip: the last frames over the reference's padding.
+    pub fn finish(&mut self) -> Vec<f32> {
+        if self.finished {
+            return Vec::new();
+        }
+        let padded = self.total.div_ceil(PAD_MULTIPLE) * PAD_MULTIPLE;
+        let ready = if padded >= FRAME_LENGTH + 1 {
+            (padded - (FRAME_LENGTH + 1)) / HOP_LENGTH + 1
+        } else {
+            0
+        };
+        let out = self.emit(ready);
+        self.finished = true;
+        out
+    }
+
+    fn emit(&mut self, ready: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(ready.saturating_sub(self.frames) * MEL_BINS);
+        while self.frames < ready {
+            let start = self.frames * HOP_LENGTH - self.first;
+            self.extractor
+                .frame_into(&self.pending, start, &mut self.work, &mut out);
+            self.frames += 1;
+        }
+        // Keep the samples from the next frame's start on.
+        let next = self.frames * HOP_LENGTH;
+        if next > self.first {
+            let drop = (next - self.first).min(self.pending.len());
+            self.pending.drain(..drop);
+            self.first += drop;
+        }
+        out
     }
 }
 
@@ -233,6 +350,37 @@ fn mel_filterbank() -> Vec<(usize, Vec<f64>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_gives_the_whole_clip_frames() {
+        // A chirp with noise, 1.3 s: pushed in pieces of many sizes, including ones shorter
+        // than a hop and ones that end mid-frame.
+        let mut state = 12345u32;
+        let samples: Vec<f32> = (0..20_800)
+            .map(|i| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let noise = (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                let t = i as f32 / 16_000.0;
+                0.5 * (2.0 * std::f32::consts::PI * (200.0 + 900.0 * t) * t).sin() + 0.05 * noise
+            })
+            .collect();
+        let extractor = Arc::new(MelExtractor::new());
+        let whole = extractor.log_mel(&samples).features;
+        for piece in [1, 100, 160, 513, 2560, 16_000, 20_800] {
+            let mut s = MelStream::new(extractor.clone());
+            let mut got = Vec::new();
+            for chunk in samples.chunks(piece) {
+                got.extend(s.push(chunk));
+            }
+            got.extend(s.finish());
+            assert_eq!(got, whole, "pieces of {piece} samples");
+            assert_eq!(s.frames_out() * MEL_BINS, whole.len());
+        }
+        // Too short for a frame, even padded.
+        let mut s = MelStream::new(extractor);
+        assert!(s.push(&samples[..300]).is_empty());
+        assert!(s.finish().is_empty());
+    }
 
     #[test]
     fn frame_counts_match_the_reference() {
