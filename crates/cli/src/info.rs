@@ -69,6 +69,9 @@ fn gather(loaded: &LoadedModel, ctx_size: usize) -> Report {
     if let Some(vision) = &loaded.vision {
         hyper_parameters.extend(vision.describe());
     }
+    if let Some(audio) = &loaded.audio {
+        hyper_parameters.extend(audio.describe());
+    }
     let tensors = tensor_table(&loaded.file);
     let weights = model.weight_bytes();
     let on_demand = model.on_demand_bytes();

@@ -1,0 +1,194 @@
+//! The CLI with audio on the tiny Gemma 3n audio fixture (fixtures/gemma3n_audio_tiny, from
+//! transformers): `logits --audio --ids` fills the audio-token run and matches the reference's
+//! last-position logits from the WAV file; `info` shows the tower; bad audio and misuse end in
+//! one clear error line.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{assert_clean_error, gemma, stderr, stdout, TempDir};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn model() -> String {
+    fixtures()
+        .join("gemma3n_audio_tiny")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn wav(name: &str) -> String {
+    fixtures()
+        .join(format!("audio/{name}.wav"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn reference_prompt(clip: &str, kind: &str) -> (String, Vec<f32>, usize) {
+    let text =
+        std::fs::read_to_string(fixtures().join("gemma3n_audio_tiny/reference.json")).unwrap();
+    let r: Value = serde_json::from_str(&text).unwrap();
+    let vocab = r["vocab_size"].as_u64().unwrap() as usize;
+    let c = r["clips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == clip)
+        .unwrap();
+    let p = &c["prompts"][kind];
+    let ids: Vec<String> = p["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let logits: Vec<f32> = p["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    (
+        ids.join(","),
+        logits[logits.len() - vocab..].to_vec(),
+        vocab,
+    )
+}
+
+#[test]
+fn logits_with_audio_match_the_reference() {
+    for kind in ["audio_only", "between_text"] {
+        let (ids, want, _) = reference_prompt("speech_16k_mono", kind);
+        let out = gemma(
+            &[
+                "logits",
+                "-q",
+                "--model",
+                &model(),
+                "--cache-type",
+                "f32",
+                "--top",
+                "5",
+                "--audio",
+                &wav("speech_16k_mono"),
+                "--ids",
+                &ids,
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let mut order: Vec<usize> = (0..want.len()).collect();
+        order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+        for (rank, p) in json["top"].as_array().unwrap().iter().enumerate() {
+            let (id, logit) = (
+                p[0].as_u64().unwrap() as usize,
+                p[1].as_f64().unwrap() as f32,
+            );
+            assert_eq!(id, order[rank], "{kind}: rank {rank}");
+            assert!(
+                (logit - want[id]).abs() < 1e-2,
+                "{kind}: {logit} vs {}",
+                want[id]
+            );
+        }
+    }
+}
+
+#[test]
+fn info_shows_the_audio_tower() {
+    let out = gemma(&["info", "--model", &model()], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("USM conformer (3 blocks, width 32)"),
+        "{text}"
+    );
+    assert!(text.contains("read on the first clip"), "{text}");
+}
+
+#[test]
+fn bad_audio_and_misuse_are_clean_errors() {
+    let dir = TempDir::new("audio-cli");
+    let broken = dir.path().join("broken.wav");
+    std::fs::write(
+        &broken,
+        b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00garbage",
+    )
+    .unwrap();
+    let (ids, _, _) = reference_prompt("speech_16k_mono", "audio_only");
+    let broken = broken.to_string_lossy().into_owned();
+    let missing = dir
+        .path()
+        .join("missing.wav")
+        .to_string_lossy()
+        .into_owned();
+    let text_model = fixtures()
+        .join("gemma3_tiny")
+        .to_string_lossy()
+        .into_owned();
+    let model = model();
+    let speech = wav("speech_16k_mono");
+    for (args, needle) in [
+        (
+            vec![
+                "logits", "-q", "--model", &model, "--audio", &broken, "--ids", &ids,
+            ],
+            "audio",
+        ),
+        (
+            vec![
+                "logits", "-q", "--model", &model, "--audio", &missing, "--ids", &ids,
+            ],
+            "cannot read",
+        ),
+        (
+            // Two clips for one run of audio tokens.
+            vec![
+                "logits", "-q", "--model", &model, "--audio", &speech, "--audio", &speech, "--ids",
+                &ids,
+            ],
+            "window",
+        ),
+        (
+            // Audio ids without a clip.
+            vec!["logits", "-q", "--model", &model, "--ids", &ids],
+            "window",
+        ),
+        (
+            vec![
+                "logits",
+                "-q",
+                "--model",
+                &model,
+                "--audio",
+                &speech,
+                "--max-audio-seconds",
+                "1",
+                "--ids",
+                &ids,
+            ],
+            "long",
+        ),
+        (
+            vec![
+                "logits",
+                "-q",
+                "--model",
+                &text_model,
+                "--audio",
+                &speech,
+                "--ids",
+                "2,3",
+            ],
+            "takes no audio",
+        ),
+    ] {
+        let out = gemma(&args, None);
+        assert_clean_error(&out, &[needle]);
+    }
+}
