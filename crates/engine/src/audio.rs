@@ -393,3 +393,52 @@ impl LoadedModel {
         }
     }
 }
+
+/// What to do with speech: the instruction that follows the audio in the user's turn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AudioTask {
+    /// Speech recognition: the words as spoken.
+    Transcribe,
+    /// Speech translation into a language (a name such as "French", or a code such as "fr").
+    Translate { to: String },
+}
+
+impl AudioTask {
+    /// The instruction Google's Gemma 3n examples use for each task.
+    pub fn instruction(&self) -> String {
+        match self {
+            AudioTask::Transcribe => "Transcribe this audio.".to_string(),
+            AudioTask::Translate { to } => {
+                format!("Translate this audio into {}.", language_name(to))
+            }
+        }
+    }
+}
+
+/// An ISO 639-1 code's English name for the common languages; anything else as given.
+pub fn language_name(code_or_name: &str) -> String {
+    let name = match code_or_name.trim().to_ascii_lowercase().as_str() {
+        "en" => "English",
+        "fr" => "French",
+        "de" => "German",
+        "es" => "Spanish",
+        "it" => "Italian",
+        "pt" => "Portuguese",
+        "nl" => "Dutch",
+        "ru" => "Russian",
+        "ja" => "Japanese",
+        "zh" => "Chinese",
+        "ko" => "Korean",
+        "ar" => "Arabic",
+        "hi" => "Hindi",
+        "tr" => "Turkish",
+        "pl" => "Polish",
+        "sv" => "Swedish",
+        "uk" => "Ukrainian",
+        "vi" => "Vietnamese",
+        "id" => "Indonesian",
+        "th" => "Thai",
+        _ => return code_or_name.trim().to_string(),
+    };
+    name.to_string()
+}
