@@ -15,11 +15,27 @@ Writes fixtures/gemma3n_audio_tiny/:
                                    `model.audio_tower.*`, `model.embed_audio.*`, `model.embed_vision.*`;
                                    f32). The MobileNet-V5 vision tower is left out: its random 300M
                                    weights are not needed for audio and would weigh 1.2 GB.
+  tokenizer.json, tokenizer_config.json, chat_template.jinja
+                                   a tiny SentencePiece BPE tokenizer trained here (as
+                                   scripts/make_gemma3_vision_fixtures.py trains its own) with Gemma
+                                   3n's media pieces at this vocabulary's ids: <start_of_image>=250
+                                   <start_of_audio>=251 <end_of_image>=256 <image_soft_token>=257
+                                   <end_of_audio>=384 <audio_soft_token>=385, converted by
+                                   transformers' GemmaTokenizer; and Gemma 3n's chat template: the
+                                   Gemma 3 template of fixtures/tokenizer with the media branch of the
+                                   published google/gemma-3n-E4B-it template (an audio part writes
+                                   <audio_soft_token>, an image part <image_soft_token>)
   reference.json                   per clip: the encoder's output (`audio_tower` last_hidden_state),
                                    the SSCP output, the projected soft tokens (`get_audio_features`),
                                    and logits at every position of two prompts (float32, eager):
                                    an audio-only prompt (<start_of_audio>, the audio tokens,
                                    <end_of_audio>) and an audio clip between text.
+  reference.json "chat"            a chat request (one audio part, then a text part) rendered by the
+                                   chat template and run through Gemma3nProcessor (audio_seq_length
+                                   16): the prompt text, the processor's input_ids, logits at every
+                                   position, and the greedy continuation (model.generate, 12 tokens, EOS,
+                                   <end_of_turn> and the media ids suppressed)
+                                   with its decoded text
 The encoder's input is the reference feature extractor's output for the committed clips of
 fixtures/audio (ref/<clip>.features.f32.bin, made by scripts/make_audio_fixtures.py), so that the
 front end and the encoder are checked separately and together.
@@ -28,9 +44,12 @@ Run with the dev venv (scripts/dev-venv.sh; timm is needed because transformers 
 tower with it), then
   ~/.venvs/ref/bin/python scripts/make_gemma3n_audio_fixtures.py
 """
+import io
 import json
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +57,10 @@ import transformers
 from safetensors.torch import save_file
 from transformers import (
     Gemma3nAudioConfig,
+    Gemma3nAudioFeatureExtractor,
+    Gemma3nProcessor,
+    GemmaTokenizer,
+    SiglipImageProcessor,
     Gemma3nConfig,
     Gemma3nForConditionalGeneration,
     Gemma3nTextConfig,
@@ -62,6 +85,127 @@ BOA, EOA, AUDIO_TOKEN = 251, AUDIO_OFFSET, AUDIO_OFFSET + 1
 SOFT_TOKENS_PER_CLIP = 16
 
 CLIPS = ["speech_16k_mono", "clipping_16k_mono", "speech_8k_mono"]
+CHAT_CLIP = "speech_16k_mono"
+CHAT_TEXT = "Transcribe this audio."
+GEMMA3_TEMPLATE = os.path.join(ROOT, "fixtures", "tokenizer", "gemma3_chat_template.jinja")
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+# ---------------------------------------------------------------------------------------------
+PARAGRAPHS = [
+    """Transcribe this audio. Translate this audio into French. Translate this audio into German.
+What is said in this recording? Summarise the speech in one sentence. Who is speaking?
+The cat sat on the mat. The dog ran in the park. A bird is flying over the tree.
+one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9
+user model system hello world good morning thanks! Describe this image.
+""",
+    "<start_of_turn>user\nTranscribe this audio.<end_of_turn>\n<start_of_turn>model\nHello world.<end_of_turn>\n",
+    "First line.\nSecond line.\n\nNew paragraph.\n\nAnother one.\n",
+]
+# Media pieces at their ids; the gaps are unused pieces.
+MEDIA_PIECES = {
+    BOI: "<start_of_image>",
+    BOA: "<start_of_audio>",
+    EOI: "<end_of_image>",
+    IMAGE: "<image_soft_token>",
+    EOA: "<end_of_audio>",
+    AUDIO_TOKEN: "<audio_soft_token>",
+}
+SPECIAL_IDS = [0, 1, 2, 3, 4, 5, 6] + sorted(MEDIA_PIECES)
+
+
+def build_tokenizer(workdir):
+    """Train a tiny SentencePiece BPE model of BOI pieces, append the media and unused pieces up to
+    VOCAB, and let transformers' GemmaTokenizer convert it (tokenizer.json)."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(PARAGRAPHS * 8),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=BOI,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        byte_fallback=False,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    proto = pb.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    unused = 0
+    while len(proto.pieces) < VOCAB:
+        p = proto.pieces.add()
+        i = len(proto.pieces) - 1
+        if i in MEDIA_PIECES:
+            p.piece = MEDIA_PIECES[i]
+        else:
+            p.piece = f"<unused{unused}>"
+            unused += 1
+        p.score, p.type = 0.0, pb.ModelProto.SentencePiece.USER_DEFINED
+    assert len(proto.pieces) == VOCAB
+    spm_path = Path(workdir) / "tokenizer.model"
+    spm_path.write_bytes(proto.SerializeToString())
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": {
+            str(i): {"content": proto.pieces[i].piece, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True}
+            for i in SPECIAL_IDS
+        },
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "mask_token": "<mask>",
+        "clean_up_tokenization_spaces": False,
+        "extra_special_tokens": {
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+            "boa_token": "<start_of_audio>",
+            "eoa_token": "<end_of_audio>",
+            "audio_token": "<audio_soft_token>",
+        },
+        "model_max_length": 512,
+        "padding_side": "left",
+        "processor_class": "Gemma3nProcessor",
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "GemmaTokenizer",
+    }
+    (Path(workdir) / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    tok = GemmaTokenizer.from_pretrained(str(workdir))
+    tok.init_kwargs.pop("vocab_file", None)
+    names = [MEDIA_PIECES[i] for i in sorted(MEDIA_PIECES)]
+    assert tok.convert_tokens_to_ids(names) == sorted(MEDIA_PIECES), tok.convert_tokens_to_ids(names)
+    assert tok.audio_token_id == AUDIO_TOKEN and tok.boa_token == "<start_of_audio>"
+    return tok
+
+
+def chat_template():
+    """Gemma 3's template with the published Gemma 3n media branch."""
+    with open(GEMMA3_TEMPLATE) as f:
+        t = f.read()
+    old = """            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}"""
+    new = """            {%- if item['type'] == 'audio' -%}
+                {{ '<audio_soft_token>' }}
+            {%- elif item['type'] == 'image' -%}
+                {{ '<image_soft_token>' }}
+            {%- elif item['type'] == 'text' -%}"""
+    assert old in t
+    return t.replace(old, new)
 
 
 def build_config():
@@ -217,6 +361,42 @@ def clip_reference(model, cfg, name, rng):
     }
 
 
+def load_signal(name):
+    import soundfile as sf
+
+    signal, rate = sf.read(os.path.join(AUDIO, f"{name}.wav"), dtype="float32")
+    assert rate == 16000 and signal.ndim == 1
+    return signal
+
+
+def chat_reference(model, processor):
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": CHAT_TEXT}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # As apply_chat_template(tokenize=True) calls it: the template already wrote <bos>.
+    inputs = processor(text=prompt, audio=[load_signal(CHAT_CLIP)], return_tensors="pt",
+                       add_special_tokens=False)
+    ids = inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        out = model(**inputs, use_cache=False)
+        # The random model ends its turn at once; EOS and <end_of_turn> are suppressed so that
+        # the continuation shows 12 tokens (gemma-rs: --logit-bias 1=-100 --logit-bias 6=-100).
+        # The image and audio ids (256..399) are suppressed too: gemma-rs never samples them
+        # (`Decoder::sampleable_vocab`), since they are not text.
+        suppressed = [1, 6] + list(range(VISION_OFFSET, VOCAB))
+        gen = model.generate(**inputs, do_sample=False, max_new_tokens=12, suppress_tokens=suppressed)
+    continuation = gen[0, len(ids):].tolist()
+    return {
+        "messages": [{"role": "user", "content": [{"type": "audio", "clip": CHAT_CLIP},
+                                                  {"type": "text", "text": CHAT_TEXT}]}],
+        "prompt": prompt,
+        "input_ids": ids,
+        "logits": flat(out.logits[0]),
+        "greedy_suppressed": [1, 6, f"{VISION_OFFSET}..{VOCAB - 1}"],
+        "greedy_continuation": continuation,
+        "greedy_text": processor.tokenizer.decode(continuation, skip_special_tokens=True),
+    }
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     torch.manual_seed(SEED)
@@ -240,6 +420,24 @@ def main():
     with open(os.path.join(OUT, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
+    with tempfile.TemporaryDirectory() as td:
+        tok = build_tokenizer(td)
+    processor = Gemma3nProcessor(
+        feature_extractor=Gemma3nAudioFeatureExtractor(),
+        image_processor=SiglipImageProcessor(),
+        tokenizer=tok,
+        chat_template=chat_template(),
+        audio_seq_length=SOFT_TOKENS_PER_CLIP,
+        image_seq_length=256,
+    )
+    tok.save_pretrained(OUT)
+    with open(os.path.join(OUT, "chat_template.jinja"), "w") as f:
+        f.write(chat_template())
+    for extra in ("special_tokens_map.json", "tokenizer.model"):
+        path = os.path.join(OUT, extra)
+        if os.path.exists(path):
+            os.remove(path)
+
     rng = np.random.default_rng(SEED)
     ref = {
         "generator": "scripts/make_gemma3n_audio_fixtures.py",
@@ -249,6 +447,7 @@ def main():
         "audio_token_id": AUDIO_TOKEN,
         "soft_tokens_per_clip": SOFT_TOKENS_PER_CLIP,
         "clips": [clip_reference(model, cfg, name, rng) for name in CLIPS],
+        "chat": chat_reference(model, processor),
     }
     with open(os.path.join(OUT, "reference.json"), "w") as f:
         json.dump(ref, f)

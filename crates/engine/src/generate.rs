@@ -226,7 +226,8 @@ impl<'m> Session<'m> {
             if generated.len() >= params.max_tokens {
                 break StopReason::MaxTokens;
             }
-            let id = sampler.sample(&self.logits, &self.history);
+            let text_ids = self.loaded.model.sampleable_vocab();
+            let id = sampler.sample(&self.logits[..text_ids], &self.history);
             self.history.push(id);
             generated.push(id);
             if self.stop_ids.contains(&id) {

@@ -259,3 +259,81 @@ fn audio_for_a_model_without_an_audio_tower_is_refused() {
         .unwrap_err();
     assert!(err.to_string().contains("takes no audio"), "{err}");
 }
+
+/// The chat request of the reference (an audio part, then a text part) rendered by the model's
+/// chat template and expanded, tokenized and placed by us gives the processor's ids and the
+/// reference's logits at every position.
+#[test]
+fn chat_prompt_ids_and_logits_match_the_processor() {
+    let loaded = loaded();
+    let r = reference();
+    let chat = &r["chat"];
+    let user = gemma_engine::gemma_tokenizer::ChatMessage {
+        role: "user".into(),
+        content: format!(
+            "{AUDIO_MARKER}{}",
+            chat["messages"][0]["content"][1]["text"].as_str().unwrap()
+        ),
+    };
+    let rendered = loaded.render_chat(None, &[user]).unwrap();
+    assert_eq!(rendered, chat["prompt"].as_str().unwrap());
+    let audio = clip(
+        &loaded,
+        chat["messages"][0]["content"][0]["clip"].as_str().unwrap(),
+    );
+    let (ids_ours, soft) = loaded
+        .encode_with_media(&rendered, &[], std::slice::from_ref(&audio), false)
+        .unwrap();
+    assert_eq!(ids_ours, ids(chat), "token ids");
+    let logits = all_logits(&loaded, &ids_ours, &soft);
+    let want: Vec<f32> = chat["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let d = max_diff(&logits, &want);
+    eprintln!("chat: logits max diff {d:.2e}");
+    assert!(d < 1e-2, "chat: logits differ by {d}");
+}
+
+/// Greedy generation from the chat prompt gives the reference's continuation (EOS and
+/// `<end_of_turn>` pushed away by a logit bias, as the reference suppresses them; the media ids
+/// are never sampled).
+#[test]
+fn greedy_generation_matches_the_reference() {
+    let loaded = loaded();
+    let r = reference();
+    let chat = &r["chat"];
+    let audio = clip(&loaded, "speech_16k_mono");
+    let (ids, soft) = loaded
+        .encode_with_media(
+            chat["prompt"].as_str().unwrap(),
+            &[],
+            std::slice::from_ref(&audio),
+            false,
+        )
+        .unwrap();
+    let params = gemma_engine::SamplingParams {
+        temperature: 0.0,
+        max_tokens: 12,
+        logit_bias: [(1u32, -100.0f32), (6, -100.0)].into_iter().collect(),
+        ..gemma_engine::SamplingParams::default()
+    };
+    let mut session = gemma_engine::Session::new(&loaded, 128).unwrap();
+    let mut text = String::new();
+    let stats = session
+        .generate_with(&ids, &soft, &params, &mut |t| {
+            text.push_str(t);
+            true
+        })
+        .unwrap();
+    let want: Vec<u32> = chat["greedy_continuation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(stats.tokens, want);
+    assert_eq!(text, chat["greedy_text"].as_str().unwrap());
+}

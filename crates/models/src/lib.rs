@@ -143,6 +143,13 @@ pub trait Decoder: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// Width of an embedding row: what soft tokens must match.
     fn hidden_size(&self) -> usize;
+    /// Ids generation may produce: the whole vocabulary, except for Gemma 3n, whose image and
+    /// audio ids at its end (`<end_of_image>`, `<end_of_audio>` and the towers' own ids) are not
+    /// text: their embeddings come from a tower's embedder, and a sampled one could not be fed
+    /// back through the text path. Samplers draw from `logits[..sampleable_vocab()]`.
+    fn sampleable_vocab(&self) -> usize {
+        self.vocab_size()
+    }
     /// Trained context length.
     fn context_length(&self) -> usize;
     /// How the caches `new_cache` makes store keys and values (f32 until set; llama.cpp's
@@ -250,6 +257,12 @@ impl Decoder for Gemma3n {
     }
     fn vocab_size(&self) -> usize {
         self.config().vocab_size
+    }
+    fn sampleable_vocab(&self) -> usize {
+        let c = self.config();
+        c.first_multimodal_id
+            .unwrap_or(c.vocab_size)
+            .min(c.vocab_size)
     }
     fn hidden_size(&self) -> usize {
         self.config().hidden_size

@@ -215,7 +215,7 @@ pub fn generate_json_with(
             let error = matcher.get_error().unwrap_or_default();
             return Err(anyhow!("the grammar failed: {error}"));
         }
-        let id = sampler.sample(&logits, &history);
+        let id = sampler.sample(&logits[..loaded.model.sampleable_vocab()], &history);
         if stop_ids.contains(&id) {
             // The grammar allows the end only once the document is complete.
             complete = true;

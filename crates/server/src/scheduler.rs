@@ -598,7 +598,8 @@ impl Worker {
                 return Some(Outcome::Finished(FinishReason::Stop));
             }
         }
-        let id = active.sampler.sample(logits, &active.history);
+        let text_ids = self.loaded.model.sampleable_vocab().min(logits.len());
+        let id = active.sampler.sample(&logits[..text_ids], &active.history);
         active.history.push(id);
         active.generated += 1;
         if !active.first_token_seen {
