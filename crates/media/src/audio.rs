@@ -371,6 +371,66 @@ pub fn pcm16_to_audio(
     mono.finish()
 }
 
+/// Raw interleaved 16-bit little-endian PCM arriving in pieces (a microphone through `arecord`
+/// or `ffmpeg -f s16le`), turned into 16 kHz mono as it comes: [`Pcm16Stream::push`] returns the
+/// samples ready so far, [`Pcm16Stream::finish`] the rest. Together they are exactly what
+/// [`pcm16_to_audio`] gives for the whole input; a piece may end mid-frame.
+pub struct Pcm16Stream {
+    mono: MonoTo16k,
+    /// Bytes of an incomplete frame carried to the next push.
+    partial: Vec<u8>,
+    channels: usize,
+    planes: Vec<Vec<f32>>,
+}
+
+impl Pcm16Stream {
+    pub fn new(rate: u32, channels: usize, limits: &AudioLimits) -> Result<Self, MediaError> {
+        limits.validate()?;
+        check_rate(rate)?;
+        check_channels(channels)?;
+        Ok(Pcm16Stream {
+            mono: MonoTo16k::new(rate, channels, limits)?,
+            partial: Vec::new(),
+            channels,
+            planes: vec![Vec::new(); channels],
+        })
+    }
+
+    /// Feeds bytes; returns the 16 kHz mono samples they complete.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<f32>, MediaError> {
+        let frame_bytes = 2 * self.channels;
+        self.partial.extend_from_slice(bytes);
+        let whole = self.partial.len() / frame_bytes * frame_bytes;
+        if whole > 0 {
+            let n = whole / frame_bytes;
+            for (c, plane) in self.planes.iter_mut().enumerate() {
+                plane.clear();
+                plane.extend((0..n).map(|i| {
+                    let o = i * frame_bytes + 2 * c;
+                    i16::from_le_bytes([self.partial[o], self.partial[o + 1]]) as f32 / 32768.0
+                }));
+            }
+            self.mono.push_planar(&self.planes)?;
+            self.partial.drain(..whole);
+        }
+        Ok(self.mono.take_ready())
+    }
+
+    /// Ends the input: the last samples. A trailing incomplete frame is an error.
+    pub fn finish(mut self) -> Result<Vec<f32>, MediaError> {
+        if !self.partial.is_empty() {
+            return Err(MediaError::BadAudio(format!(
+                "the PCM input ends inside a frame ({} stray bytes of a {}-byte frame)",
+                self.partial.len(),
+                2 * self.channels
+            )));
+        }
+        let mut out = self.mono.take_ready();
+        out.extend(self.mono.finish()?.samples_16k);
+        Ok(out)
+    }
+}
+
 /// Resamples mono audio at `rate` Hz to 16 kHz: `ceil(len * 16000 / rate)` samples, as the
 /// reference's soxr path gives (see the module docs for the filter). 16 kHz input is returned as
 /// is.
@@ -572,6 +632,14 @@ impl MonoTo16k {
         Ok(())
     }
 
+    /// 16 kHz samples ready so far (the rest comes from later pushes and `finish`).
+    fn take_ready(&mut self) -> Vec<f32> {
+        match &mut self.resampler {
+            None => std::mem::take(&mut self.out),
+            Some(r) => r.take_ready(),
+        }
+    }
+
     fn finish(self) -> Result<Audio, MediaError> {
         let samples_16k = match self.resampler {
             None => self.out,
@@ -607,6 +675,10 @@ struct Resampler16k {
     pending: Vec<f32>,
     chunk_out: Vec<f32>,
     out: Vec<f32>,
+    /// Output samples handed out by `take_ready` (after the delay was dropped).
+    taken: usize,
+    /// Delay samples already dropped from the front of `out`.
+    dropped: usize,
 }
 
 impl Resampler16k {
@@ -648,6 +720,8 @@ impl Resampler16k {
             pending: Vec::with_capacity(2 * RESAMPLER_CHUNK),
             chunk_out,
             out: Vec::new(),
+            taken: 0,
+            dropped: 0,
         };
         r.push(&vec![0.0; lead])?;
         r.frames_in = 0;
@@ -696,19 +770,36 @@ impl Resampler16k {
         Ok(())
     }
 
+    /// Drops what is left of the delay from the front of `out`.
+    fn drop_delay(&mut self) {
+        let n = (self.delay - self.dropped).min(self.out.len());
+        self.out.drain(..n);
+        self.dropped += n;
+    }
+
+    /// The output produced so far and not yet taken. What a later `finish` returns continues
+    /// it; all of it together is what `finish` alone would return.
+    fn take_ready(&mut self) -> Vec<f32> {
+        self.drop_delay();
+        // Never hand out past the final length, which the source length so far bounds.
+        let expected = (self.frames_in * SAMPLE_RATE as u64).div_ceil(self.rate as u64) as usize;
+        let n = self.out.len().min(expected.saturating_sub(self.taken));
+        self.taken += n;
+        self.out.drain(..n).collect()
+    }
+
     fn finish(mut self) -> Result<Vec<f32>, MediaError> {
         let expected = (self.frames_in * SAMPLE_RATE as u64).div_ceil(self.rate as u64) as usize;
-        let delay = self.delay;
         let rest = self.pending.len();
         if rest > 0 {
             self.step(0, Some(rest))?;
         }
         self.pending.clear();
-        while self.out.len() < expected + delay {
+        while self.dropped + self.out.len() < expected - self.taken + self.delay {
             self.step(0, Some(0))?;
         }
-        self.out.drain(..delay);
-        self.out.truncate(expected);
+        self.drop_delay();
+        self.out.truncate(expected - self.taken);
         Ok(std::mem::take(&mut self.out))
     }
 }
@@ -731,6 +822,41 @@ thread_local! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pcm_stream_equals_the_whole_conversion() {
+        // 1.2 s of stereo at 44.1 kHz and of mono at 16 kHz, fed in pieces that end mid-frame.
+        for (rate, channels) in [(44_100u32, 2usize), (16_000, 1), (8_000, 1)] {
+            let frames = rate as usize * 6 / 5;
+            let mut bytes = Vec::with_capacity(frames * channels * 2);
+            for i in 0..frames {
+                for c in 0..channels {
+                    let t = i as f32 / rate as f32;
+                    let v = (0.3
+                        * (2.0 * std::f32::consts::PI * (440.0 + 100.0 * c as f32) * t).sin()
+                        * 32767.0) as i16;
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            let limits = AudioLimits::default();
+            let whole = pcm16_to_audio(&bytes, rate, channels, &limits)
+                .unwrap()
+                .samples_16k;
+            for piece in [3usize, 1000, 4097, bytes.len()] {
+                let mut s = Pcm16Stream::new(rate, channels, &limits).unwrap();
+                let mut got = Vec::new();
+                for chunk in bytes.chunks(piece) {
+                    got.extend(s.push(chunk).unwrap());
+                }
+                got.extend(s.finish().unwrap());
+                assert_eq!(got.len(), whole.len(), "{rate} Hz pieces of {piece}");
+                assert_eq!(got, whole, "{rate} Hz pieces of {piece}");
+            }
+        }
+        let mut s = Pcm16Stream::new(16_000, 2, &AudioLimits::default()).unwrap();
+        s.push(&[1, 2, 3]).unwrap();
+        assert!(s.finish().is_err(), "a stray partial frame is an error");
+    }
 
     #[test]
     fn windows_cut_at_the_quiet_hop_and_cover_the_clip() {

@@ -33,8 +33,8 @@ mod source;
 mod video;
 
 pub use audio::{
-    decode_audio, pcm16_to_audio, resample_to_16k, split_windows, Audio, AudioLimits, MAX_CHANNELS,
-    MAX_SAMPLE_MAGNITUDE, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,
+    decode_audio, pcm16_to_audio, resample_to_16k, split_windows, Audio, AudioLimits, Pcm16Stream,
+    MAX_CHANNELS, MAX_SAMPLE_MAGNITUDE, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,
 };
 pub use decode::{decode_image, decode_image_with, probe_image, ImageLimits, ReferenceRoute};
 pub use error::MediaError;
