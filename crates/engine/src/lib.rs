@@ -10,6 +10,7 @@
 pub mod audio;
 pub mod default_model;
 pub mod generate;
+pub mod live_audio;
 pub mod load;
 pub mod matformer;
 pub mod perplexity;
@@ -20,6 +21,7 @@ pub mod vision;
 pub use audio::{AudioOptions, Hearing, PreparedAudio};
 pub use default_model::{cache_dir, default_model_path, ensure_default_model};
 pub use generate::{Chat, GenerationStats, Session, SoftSpan, StopReason, TurnOutput};
+pub use live_audio::LiveAudio;
 pub use load::{
     human_bytes, load, LoadOptions, LoadedModel, Tuning, WeightMemory, DEFAULT_BATCH_SIZE,
 };

@@ -337,3 +337,98 @@ fn greedy_generation_matches_the_reference() {
     assert_eq!(stats.tokens, want);
     assert_eq!(text, chat["greedy_text"].as_str().unwrap());
 }
+
+/// Streaming: the clip pushed as it would arrive (160 ms, 480 ms and 1 s pieces, and odd
+/// sizes), its tokens fed to the KV cache as they come, answers exactly as the same prompt fed
+/// at once with the whole-clip encoder's tokens (no padding: a stream's prompt holds the tokens
+/// the audio produced).
+#[test]
+fn streamed_audio_answers_as_the_prompt_fed_at_once() {
+    use gemma_engine::audio::AudioTask;
+    let loaded = loaded();
+    let hearing = loaded.hearing().unwrap();
+    let c = &hearing.config;
+    let bytes = std::fs::read(root().join("fixtures/audio/speech_16k_mono.wav")).unwrap();
+    let samples = gemma_engine::gemma_media::decode_audio(&bytes, &Default::default())
+        .unwrap()
+        .samples_16k;
+    let params = gemma_engine::SamplingParams {
+        temperature: 0.0,
+        max_tokens: 10,
+        logit_bias: vec![(1, -100.0), (6, -100.0)],
+        ..gemma_engine::SamplingParams::default()
+    };
+    let instruction = AudioTask::Transcribe.instruction();
+
+    // At once: the prompt with exactly the clip's tokens.
+    let tower = hearing.tower(&loaded.file).unwrap();
+    let feats = gemma_engine::gemma_media::log_mel(&samples).features;
+    let encoded = tower.encoder().encode(&feats).unwrap();
+    let n = encoded.len() / tower.config().usm.hidden_size;
+    let user = gemma_engine::gemma_tokenizer::ChatMessage {
+        role: "user".into(),
+        content: format!("{AUDIO_MARKER}{instruction}"),
+    };
+    let rendered = loaded.render_chat(None, &[user]).unwrap();
+    let block = format!(
+        "\n\n<start_of_audio>{}<end_of_audio>\n\n",
+        AUDIO_MARKER.repeat(n)
+    );
+    let ids = loaded
+        .encode_prompt(&rendered.replace(AUDIO_MARKER, &block))
+        .unwrap();
+    let start = ids.iter().position(|&i| i == c.audio_token_id).unwrap();
+    let eoa = ids.iter().position(|&i| i == c.eoa_token_id).unwrap();
+    assert_eq!(eoa - start, n);
+    let soft = vec![
+        SoftSpan {
+            start,
+            embeds: tower.project(&encoded).into(),
+            bidirectional: false,
+            key: [1; 32],
+        },
+        SoftSpan {
+            start: eoa,
+            embeds: tower.embed_hard(&[c.eoa_token_id]).unwrap().into(),
+            bidirectional: false,
+            key: [2; 32],
+        },
+    ];
+    let mut session = gemma_engine::Session::new(&loaded, 128).unwrap();
+    let at_once = session
+        .generate_with(&ids, &soft, &params, &mut |_| true)
+        .unwrap()
+        .tokens;
+    assert_eq!(at_once.len(), 10);
+
+    for piece in [2560, 7680, 16_000, 333] {
+        let mut live = gemma_engine::LiveAudio::new(&loaded, &instruction, 128).unwrap();
+        let mut max_behind = 0usize;
+        let mut fed = 0;
+        for chunk in samples.chunks(piece) {
+            assert_eq!(live.push(chunk).unwrap(), chunk.len());
+            fed += chunk.len();
+            // Tokens lag the audio by at most the look-ahead (token k needs 16k + 7 frames).
+            let due = (fed.saturating_sub(513) / 160 + 1) / 16;
+            max_behind = max_behind.max(due.saturating_sub(live.tokens()));
+        }
+        assert!(
+            max_behind <= 1,
+            "pieces of {piece}: tokens lag by {max_behind}"
+        );
+        let mut text = String::new();
+        let streamed = live
+            .answer(&params, &mut |t| {
+                text.push_str(t);
+                true
+            })
+            .unwrap();
+        assert_eq!(streamed.tokens, at_once, "pieces of {piece}");
+        // Only the look-ahead's tokens and the suffix were left to prefill.
+        assert!(streamed.prompt_tokens < 12, "{}", streamed.prompt_tokens);
+        // The next window starts afresh and gives the same answer.
+        live.push(&samples).unwrap();
+        let again = live.answer(&params, &mut |_| true).unwrap();
+        assert_eq!(again.tokens, at_once);
+    }
+}
