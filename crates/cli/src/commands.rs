@@ -176,7 +176,7 @@ struct Prepared {
 /// which streams it, so only images and animations count here).
 const MAX_MEDIA_BYTES: u64 = 256 << 20;
 
-fn read_media(path: &std::path::Path) -> Result<Vec<u8>> {
+pub(crate) fn read_media(path: &std::path::Path) -> Result<Vec<u8>> {
     let len = std::fs::metadata(path)
         .with_context(|| format!("cannot read {}", path.display()))?
         .len();
@@ -252,6 +252,11 @@ pub struct PerplexityArgs {
     pub batch: BatchArgs,
 }
 
+/// The model with the default batch size.
+pub(crate) fn load_for(common: &CommonArgs) -> Result<LoadedModel> {
+    load(common, DEFAULT_BATCH_SIZE)
+}
+
 fn load(common: &CommonArgs, batch_size: usize) -> Result<LoadedModel> {
     if batch_size == 0 {
         bail!("--batch-size must be at least 1");
@@ -263,7 +268,7 @@ fn load(common: &CommonArgs, batch_size: usize) -> Result<LoadedModel> {
 }
 
 /// `--ctx-size`, capped at what the model was trained for.
-fn context_size(common: &CommonArgs, loaded: &LoadedModel) -> usize {
+pub(crate) fn context_size(common: &CommonArgs, loaded: &LoadedModel) -> usize {
     let trained = loaded.model.context_length();
     if trained > 0 && common.ctx_size > trained {
         if !common.quiet {
@@ -526,14 +531,14 @@ fn report(stats: &GenerationStats) {
 }
 
 /// Streams generated text to stdout. A closed pipe (e.g. `| head`) ends generation quietly.
-struct TextSink {
+pub(crate) struct TextSink {
     out: io::Stdout,
     at_line_start: bool,
     broken: bool,
 }
 
 impl TextSink {
-    fn stdout() -> Self {
+    pub(crate) fn stdout() -> Self {
         TextSink {
             out: io::stdout(),
             at_line_start: true,
@@ -542,7 +547,7 @@ impl TextSink {
     }
 
     /// Returns false once stdout is gone, which asks the generator to stop.
-    fn write(&mut self, text: &str) -> bool {
+    pub(crate) fn write(&mut self, text: &str) -> bool {
         if self.broken {
             return false;
         }
@@ -562,7 +567,7 @@ impl TextSink {
     }
 
     /// Ends the answer with a newline unless it already has one.
-    fn end_line(&mut self) {
+    pub(crate) fn end_line(&mut self) {
         if !self.at_line_start {
             self.write("\n");
         }

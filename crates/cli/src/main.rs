@@ -5,6 +5,7 @@ mod commands;
 mod extract;
 mod info;
 mod serve;
+mod transcribe;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +75,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Gemma 3n: write a MatFormer sub-model (and/or a requantized PLE table) as a new GGUF
     Extract(extract::ExtractArgs),
+    /// Gemma 3n: speech to text, or to another language (--translate-to); `-` streams PCM from
+    /// stdin
+    Transcribe(transcribe::TranscribeArgs),
 }
 
 /// Sampling and stopping options shared by `run` and `chat`. The cuts and penalties left
@@ -280,6 +284,7 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::bench(common, args),
         Command::Serve(args) => serve::serve(common, args),
         Command::Extract(args) => extract::extract(common, args),
+        Command::Transcribe(args) => transcribe::transcribe(common, args),
     }
 }
 

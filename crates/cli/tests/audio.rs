@@ -1,13 +1,14 @@
 //! The CLI with audio on the tiny Gemma 3n audio fixture (fixtures/gemma3n_audio_tiny, from
 //! transformers): `logits --audio --ids` fills the audio-token run and matches the reference's
-//! last-position logits from the WAV file; `info` shows the tower; bad audio and misuse end in
-//! one clear error line.
+//! last-position logits from the WAV file; `run --audio` and `transcribe` generate the
+//! reference's greedy text; `transcribe -` streams PCM from stdin; `info` shows the tower; bad
+//! audio and misuse end in one clear error line.
 
 mod common;
 
 use std::path::PathBuf;
 
-use common::{assert_clean_error, gemma, stderr, stdout, TempDir};
+use common::{assert_clean_error, gemma, gemma_bytes, stderr, stdout, TempDir};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -191,4 +192,120 @@ fn bad_audio_and_misuse_are_clean_errors() {
         let out = gemma(&args, None);
         assert_clean_error(&out, &[needle]);
     }
+}
+
+fn greedy_text() -> String {
+    let text =
+        std::fs::read_to_string(fixtures().join("gemma3n_audio_tiny/reference.json")).unwrap();
+    let r: Value = serde_json::from_str(&text).unwrap();
+    r["chat"]["greedy_text"].as_str().unwrap().to_string()
+}
+
+/// The reference suppressed EOS and `<end_of_turn>`; a bias of -100 does the same here.
+const GREEDY: [&str; 8] = ["--temp", "0", "-n", "12", "-l", "1=-100", "-l", "6=-100"];
+
+#[test]
+fn run_and_transcribe_generate_the_reference_text() {
+    let model = model();
+    let speech = wav("speech_16k_mono");
+    let mut args = vec![
+        "run",
+        "-q",
+        "--model",
+        &model,
+        "--audio",
+        &speech,
+        "Transcribe this audio.",
+    ];
+    args.extend(GREEDY);
+    let out = gemma(&args, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim_end(), greedy_text());
+
+    // `transcribe` asks the same question ("Transcribe this audio.") of each window.
+    let mut args = vec!["transcribe", "-q", "--model", &model, &speech];
+    args.extend(GREEDY);
+    let out = gemma(&args, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim_end(), greedy_text().trim());
+    args.push("--timestamps");
+    let out = gemma(&args, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("[00:00.00 - 00:02.01] "),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// Raw PCM of a 16-bit WAV: the bytes of its `data` chunk.
+fn pcm_of(name: &str) -> Vec<u8> {
+    let wav = std::fs::read(wav(name)).unwrap();
+    let at = wav.windows(4).position(|w| w == b"data").unwrap();
+    let len = u32::from_le_bytes(wav[at + 4..at + 8].try_into().unwrap()) as usize;
+    wav[at + 8..at + 8 + len].to_vec()
+}
+
+#[test]
+fn transcribe_streams_pcm_from_stdin() {
+    let model = model();
+    let pcm = pcm_of("speech_16k_mono");
+    let mut texts = Vec::new();
+    for chunk_ms in ["160", "1000", "7"] {
+        let mut args = vec![
+            "transcribe",
+            "-q",
+            "--model",
+            &model,
+            "-",
+            "--chunk-ms",
+            chunk_ms,
+        ];
+        args.extend(GREEDY);
+        let out = gemma_bytes(&args, Some(&pcm));
+        assert!(out.status.success(), "{}", stderr(&out));
+        texts.push(stdout(&out));
+    }
+    assert!(!texts[0].trim().is_empty());
+    assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+    // Stereo at 44.1 kHz through the streaming resampler, translated.
+    let stereo = pcm_of("speech_44k1_stereo");
+    let mut args = vec![
+        "transcribe",
+        "-q",
+        "--model",
+        &model,
+        "-",
+        "--rate",
+        "44100",
+        "--channels",
+        "2",
+        "--translate-to",
+        "fr",
+    ];
+    args.extend(GREEDY);
+    let out = gemma_bytes(&args, Some(&stereo));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Bad streams.
+    let base = ["transcribe", "-q", "--model", model.as_str(), "-"];
+    assert_clean_error(&gemma_bytes(&base, Some(&[])), &["no audio"]);
+    assert_clean_error(&gemma_bytes(&base, Some(&pcm[..pcm.len() - 1])), &["frame"]);
+    let mut args = base.to_vec();
+    args.extend(["--rate", "0"]);
+    assert_clean_error(&gemma_bytes(&args, Some(&pcm)), &["0 Hz"]);
+    let text_model = fixtures()
+        .join("gemma3_tiny")
+        .to_string_lossy()
+        .into_owned();
+    let out = gemma(
+        &[
+            "transcribe",
+            "-q",
+            "--model",
+            &text_model,
+            &wav("speech_16k_mono"),
+        ],
+        None,
+    );
+    assert_clean_error(&out, &["takes no audio"]);
 }

@@ -442,3 +442,80 @@ pub fn language_name(code_or_name: &str) -> String {
     };
     name.to_string()
 }
+
+impl PreparedAudio {
+    /// Window `i` alone, as a clip of its own.
+    pub fn window(&self, i: usize) -> PreparedAudio {
+        let end = self.starts.get(i + 1).copied().unwrap_or(self.seconds);
+        PreparedAudio {
+            windows: vec![self.windows[i].clone()],
+            keys: vec![self.keys[i]],
+            starts: vec![self.starts[i]],
+            seconds: end - self.starts[i],
+        }
+    }
+
+    /// Where window `i` ends, in seconds.
+    pub fn window_end(&self, i: usize) -> f64 {
+        self.starts.get(i + 1).copied().unwrap_or(self.seconds)
+    }
+}
+
+/// One window's text from [`LoadedModel::transcribe`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TranscriptSegment {
+    pub start: f64,
+    pub end: f64,
+    pub text: String,
+}
+
+impl LoadedModel {
+    /// The rendered chat prompt that asks `instruction` about one clip.
+    pub fn audio_prompt(&self, instruction: &str) -> Result<String> {
+        let user = gemma_tokenizer::ChatMessage {
+            role: "user".into(),
+            content: format!("{AUDIO_MARKER}{instruction}"),
+        };
+        self.render_chat(None, &[user])
+    }
+
+    /// Transcribes (or translates: `instruction`) a clip window by window, each window a
+    /// prompt of its own as the reference processes a clip: `on_window(i, start, end)` before
+    /// each window, `on_text` with the text as it is generated (returning `false` stops). Returns
+    /// each window's text.
+    pub fn transcribe(
+        &self,
+        clip: &PreparedAudio,
+        instruction: &str,
+        params: &crate::SamplingParams,
+        ctx_size: usize,
+        on_window: &mut dyn FnMut(usize, f64, f64),
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Vec<TranscriptSegment>> {
+        let prompt = self.audio_prompt(instruction)?;
+        let mut session = crate::Session::new(self, ctx_size)?;
+        let mut segments = Vec::with_capacity(clip.windows.len());
+        for i in 0..clip.windows.len() {
+            let (start, end) = (clip.starts[i], clip.window_end(i));
+            on_window(i, start, end);
+            let (ids, soft) = self.encode_with_media(&prompt, &[], &[clip.window(i)], false)?;
+            session.reset();
+            let mut text = String::new();
+            let mut stopped = false;
+            session.generate_with(&ids, &soft, params, &mut |piece| {
+                text.push_str(piece);
+                stopped = !on_text(piece);
+                !stopped
+            })?;
+            segments.push(TranscriptSegment {
+                start,
+                end,
+                text: text.trim().to_string(),
+            });
+            if stopped {
+                break;
+            }
+        }
+        Ok(segments)
+    }
+}

@@ -99,11 +99,15 @@ pub fn padded_len(len: usize) -> (usize, usize) {
 
 /// Frames the reference produces for a clip of `len` samples (at most 2997, for 30 s).
 pub fn mel_frames(len: usize) -> usize {
-    let (_, padded) = padded_len(len);
-    if padded < FRAME_LENGTH + 1 {
+    frames_in(padded_len(len).1)
+}
+
+/// Whole 513-sample frames at hop 160 in `n` samples.
+fn frames_in(n: usize) -> usize {
+    if n <= FRAME_LENGTH {
         0
     } else {
-        (padded - (FRAME_LENGTH + 1)) / HOP_LENGTH + 1
+        (n - (FRAME_LENGTH + 1)) / HOP_LENGTH + 1
     }
 }
 
@@ -264,12 +268,7 @@ impl MelStream {
         self.pending.extend_from_slice(samples);
         self.total += samples.len();
         // A frame reads FRAME_LENGTH + 1 samples (the reference's 513-sample frames).
-        let ready = if self.total >= FRAME_LENGTH + 1 {
-            (self.total - (FRAME_LENGTH + 1)) / HOP_LENGTH + 1
-        } else {
-            0
-        };
-        self.emit(ready)
+        self.emit(frames_in(self.total))
     }
 
     /// Ends the clip: the last frames over the reference's padding.
@@ -278,12 +277,7 @@ impl MelStream {
             return Vec::new();
         }
         let padded = self.total.div_ceil(PAD_MULTIPLE) * PAD_MULTIPLE;
-        let ready = if padded >= FRAME_LENGTH + 1 {
-            (padded - (FRAME_LENGTH + 1)) / HOP_LENGTH + 1
-        } else {
-            0
-        };
-        let out = self.emit(ready);
+        let out = self.emit(frames_in(padded));
         self.finished = true;
         out
     }

@@ -10,6 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// Runs `gemma` with `args`, feeding `stdin` if given. One compute thread per process keeps
 /// parallel tests from fighting over the two cores.
 pub fn gemma(args: &[&str], stdin: Option<&str>) -> Output {
+    gemma_bytes(args, stdin.map(str::as_bytes))
+}
+
+/// [`gemma`] with binary stdin (raw PCM), written from a thread so that a large input cannot
+/// dead-lock against the child's output.
+pub fn gemma_bytes(args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gemma"));
     cmd.args(args)
         .env("GEMMA_THREADS", "1")
@@ -19,11 +25,14 @@ pub fn gemma(args: &[&str], stdin: Option<&str>) -> Output {
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("the gemma binary runs");
     let mut pipe = child.stdin.take().unwrap();
-    if let Some(input) = stdin {
-        pipe.write_all(input.as_bytes()).unwrap();
-    }
-    drop(pipe);
-    child.wait_with_output().unwrap()
+    let input = stdin.map(<[u8]>::to_vec).unwrap_or_default();
+    let writer = std::thread::spawn(move || {
+        // The child may exit early on an error: a broken pipe is its answer, not ours.
+        let _ = pipe.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
 }
 
 pub fn stdout(out: &Output) -> String {
