@@ -10,7 +10,8 @@
 //! 160 ms chunks through the whole live path (log-mel front end, streaming encoder,
 //! `embed_audio`, the decoder's forward pass appending the tokens to its KV cache) and prints one
 //! JSON line: per-chunk time from the chunk's arrival to its tokens being in the cache (median,
-//! p90, max), the whole-clip encode time of the same 30 s, and the tower's weight bytes. The
+//! p90, max; and the median of its front end + encoder + embedder part), the whole-clip encode
+//! time of the same 30 s, and the tower's weight bytes. The
 //! thread count is `GEMMA_THREADS`.
 
 use std::io::Write;
@@ -168,6 +169,7 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
     let mut mel = MelStream::new(extractor.clone());
     let mut stream = tower.stream();
     let mut times = Vec::new();
+    let mut encoder_times = Vec::new();
     let mut tokens = 0usize;
     for chunk in samples.chunks(2560) {
         let started = Instant::now();
@@ -176,6 +178,7 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
         let n = encoded.len() / D;
         if n > 0 {
             let embeds = tower.project(&encoded);
+            encoder_times.push(started.elapsed().as_secs_f64() * 1e3);
             let soft = [SoftTokens {
                 offset: 0,
                 embeds: &embeds,
@@ -190,6 +193,7 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
     }
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
+    encoder_times.sort_by(f64::total_cmp);
 
     let started = Instant::now();
     let whole = tower.encode_clip(&log_mel(&samples).features).map_err(|e| e.to_string())?;
@@ -204,6 +208,7 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
             "chunk_ms_median": percentile(&sorted, 0.5),
             "chunk_ms_p90": percentile(&sorted, 0.9),
             "chunk_ms_max": sorted[sorted.len() - 1],
+            "encoder_ms_median": percentile(&encoder_times, 0.5),
             "whole_clip_30s_encode_ms": whole_ms,
             "tower_weight_bytes": tower.weight_bytes(),
         })
