@@ -65,6 +65,22 @@ impl LayerKv {
         .flatten()
     }
 
+    /// The history a chunk starting at `pos0` attends to: the stored positions before it (at
+    /// most two ring segments), then the chunk's own keys and values `fresh`.
+    pub(crate) fn history_then<'a>(&'a self, pos0: usize, fresh: KvSegment<'a>) -> KvSegments<'a> {
+        let mut segments = [fresh; 3];
+        let mut len = 0;
+        for seg in self.segments(pos0) {
+            segments[len] = seg;
+            len += 1;
+        }
+        segments[len] = fresh;
+        KvSegments {
+            segments,
+            len: len + 1,
+        }
+    }
+
     /// Stores `n` rows of keys and values for positions `first_pos..first_pos + n`; a ring keeps
     /// only the newest `capacity` of them.
     pub(crate) fn write(&mut self, first_pos: usize, keys: &[f32], values: &[f32]) {
@@ -94,6 +110,19 @@ impl LayerKv {
     /// stored: results do not depend on how a prompt is cut into chunks.
     pub(crate) fn round_to_storage(&self, x: &mut [f32]) {
         self.keys.cache_type().round_trip(selected_isa(), x);
+    }
+}
+
+/// Up to three segments of keys and values, in position order ([`LayerKv::history_then`]).
+pub(crate) struct KvSegments<'a> {
+    segments: [KvSegment<'a>; 3],
+    len: usize,
+}
+
+impl<'a> std::ops::Deref for KvSegments<'a> {
+    type Target = [KvSegment<'a>];
+    fn deref(&self) -> &Self::Target {
+        &self.segments[..self.len]
     }
 }
 

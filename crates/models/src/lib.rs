@@ -2,6 +2,7 @@
 //!
 //! Each architecture is a config (data) plus one forward pass; kernels live in `gemma-kernels`.
 
+mod decoder;
 mod error;
 pub mod gemma3;
 pub mod gemma3n;

@@ -9,14 +9,17 @@ mod config;
 
 pub use config::{Gemma3Config, LayerType, RopeParams};
 
-use gemma_kernels::matmul;
-use gemma_kernels::ops::attention::{attention_spans, AttentionMask, AttentionParams, KvSegment};
+use gemma_kernels::ops::attention::{AttentionMask, AttentionParams};
 use gemma_kernels::ops::kv::CacheType;
 use gemma_kernels::ops::{self, Rope};
 use gemma_kernels::pool::ThreadPool;
 
-use crate::kv_cache::{check_soft_tokens, is_soft, sized, KvCache, Scratch, SeqStep, SoftTokens};
-use crate::weights::{linear, linear_shared_input, Linear, Loader, WeightLayout};
+use crate::decoder::{
+    bidirectional_spans, check_steps, embed_tokens, embedding_scale, gather_logit_rows, positions,
+    rotations, CachePlan, CachedAttention, GatedMlp, Names, OutputHead,
+};
+use crate::kv_cache::{sized, KvCache, Scratch, SeqStep, SoftTokens};
+use crate::weights::{linear, linear_shared_input, Linear, Loader};
 use crate::{Logits, ModelError};
 
 struct Attention {
@@ -29,15 +32,9 @@ struct Attention {
     k_norm: Vec<f32>,
 }
 
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
 struct DecoderLayer {
     self_attn: Attention,
-    mlp: Mlp,
+    mlp: GatedMlp,
     input_layernorm: Vec<f32>,
     post_attention_layernorm: Vec<f32>,
     pre_feedforward_layernorm: Vec<f32>,
@@ -59,57 +56,6 @@ pub struct Gemma3 {
     cache_type: CacheType,
 }
 
-/// Tensor names of one checkpoint layout.
-struct Names {
-    layout: WeightLayout,
-}
-
-impl Names {
-    fn embed(&self) -> String {
-        match self.layout {
-            WeightLayout::Gguf => "token_embd.weight".into(),
-            WeightLayout::HuggingFace { prefix } => format!("{prefix}embed_tokens.weight"),
-        }
-    }
-    fn final_norm(&self) -> String {
-        match self.layout {
-            WeightLayout::Gguf => "output_norm.weight".into(),
-            WeightLayout::HuggingFace { prefix } => format!("{prefix}norm.weight"),
-        }
-    }
-    fn lm_head(&self) -> String {
-        match self.layout {
-            WeightLayout::Gguf => "output.weight".into(),
-            WeightLayout::HuggingFace { .. } => "lm_head.weight".into(),
-        }
-    }
-    /// `hf` is the transformers suffix inside `layers.N.`; the GGUF name is derived from it.
-    fn layer(&self, i: usize, hf: &str) -> String {
-        match self.layout {
-            WeightLayout::HuggingFace { prefix } => format!("{prefix}layers.{i}.{hf}.weight"),
-            WeightLayout::Gguf => {
-                let gguf = match hf {
-                    "self_attn.q_proj" => "attn_q",
-                    "self_attn.k_proj" => "attn_k",
-                    "self_attn.v_proj" => "attn_v",
-                    "self_attn.o_proj" => "attn_output",
-                    "self_attn.q_norm" => "attn_q_norm",
-                    "self_attn.k_norm" => "attn_k_norm",
-                    "input_layernorm" => "attn_norm",
-                    "post_attention_layernorm" => "post_attention_norm",
-                    "pre_feedforward_layernorm" => "ffn_norm",
-                    "post_feedforward_layernorm" => "post_ffw_norm",
-                    "mlp.gate_proj" => "ffn_gate",
-                    "mlp.up_proj" => "ffn_up",
-                    "mlp.down_proj" => "ffn_down",
-                    other => unreachable!("no GGUF name for {other}"),
-                };
-                format!("blk.{i}.{gguf}.weight")
-            }
-        }
-    }
-}
-
 impl Gemma3 {
     pub fn load(config: Gemma3Config, loader: &Loader<'_>) -> Result<Gemma3, ModelError> {
         config.validate()?;
@@ -120,7 +66,7 @@ impl Gemma3 {
         let (h, hd) = (c.hidden_size, c.head_dim);
         let q_dim = c.num_attention_heads * hd;
         let kv_dim = c.num_key_value_heads * hd;
-        let embed_tokens = loader.linear(&n.embed(), c.vocab_size, h)?;
+        let embed_tokens = loader.linear(&n.top("embed_tokens"), c.vocab_size, h)?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| -> Result<DecoderLayer, ModelError> {
                 let lin = |name: &str, rows, cols| loader.linear(&n.layer(i, name), rows, cols);
@@ -134,11 +80,7 @@ impl Gemma3 {
                         q_norm: norm("self_attn.q_norm", hd)?,
                         k_norm: norm("self_attn.k_norm", hd)?,
                     },
-                    mlp: Mlp {
-                        gate_proj: lin("mlp.gate_proj", c.intermediate_size, h)?,
-                        up_proj: lin("mlp.up_proj", c.intermediate_size, h)?,
-                        down_proj: lin("mlp.down_proj", h, c.intermediate_size)?,
-                    },
+                    mlp: GatedMlp::load(loader, &n, i, h, c.intermediate_size)?,
                     input_layernorm: norm("input_layernorm", h)?,
                     post_attention_layernorm: norm("post_attention_layernorm", h)?,
                     pre_feedforward_layernorm: norm("pre_feedforward_layernorm", h)?,
@@ -146,31 +88,17 @@ impl Gemma3 {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let lm_head = match loader.source.tensor(&n.lm_head()) {
-            Some(_) => Some(loader.linear(&n.lm_head(), c.vocab_size, h)?),
-            None => None,
-        };
-        // transformers multiplies by `sqrt(hidden)` cast to the embedding's dtype (bf16 turns
-        // 25.298 into 25.25 for the 270M); llama.cpp scales GGUF embeddings by the f32 value.
-        let scale = (h as f32).sqrt();
-        let embed_scale = match (loader.layout, embed_tokens.dtype) {
-            (WeightLayout::HuggingFace { .. }, gemma_formats::GgmlType::BF16) => {
-                half::bf16::from_f32(scale).to_f32()
-            }
-            (WeightLayout::HuggingFace { .. }, gemma_formats::GgmlType::F16) => {
-                half::f16::from_f32(scale).to_f32()
-            }
-            _ => scale,
-        };
         Ok(Gemma3 {
             rope_local: Rope::new(hd, c.rope_local.theta, c.rope_local.linear_factor),
             rope_global: Rope::new(hd, c.rope_global.theta, c.rope_global.linear_factor),
-            norm: loader.gemma_norm(&n.final_norm(), h)?,
+            norm: loader.gemma_norm(&n.top("norm"), h)?,
+            lm_head: n.optional_lm_head(loader, c.vocab_size, h)?,
+            // transformers multiplies by `sqrt(hidden)` cast to the embedding's dtype (bf16
+            // turns 25.298 into 25.25 for the 270M); llama.cpp uses the f32 value.
+            embed_scale: embedding_scale(h, &embed_tokens, loader.layout),
             config,
             embed_tokens,
-            embed_scale,
             layers,
-            lm_head,
             cache_type: CacheType::F32,
         })
     }
@@ -179,20 +107,14 @@ impl Gemma3 {
         &self.config
     }
 
-    /// Ring capacity per layer: the window for sliding layers, the context for global ones.
-    fn kv_capacities(&self, ctx_size: usize) -> Vec<usize> {
-        self.config
-            .layer_types
-            .iter()
-            .map(|t| match t {
-                LayerType::Sliding => self.config.sliding_window.min(ctx_size),
-                LayerType::Full => ctx_size,
-            })
-            .collect()
-    }
-
-    fn kv_row(&self) -> usize {
-        self.config.num_key_value_heads * self.config.head_dim
+    /// One ring per layer: the window for sliding layers, the context for global ones.
+    fn cache_plan(&self) -> CachePlan<'_> {
+        let c = &self.config;
+        CachePlan {
+            layer_types: &c.layer_types,
+            sliding_window: c.sliding_window,
+            row: c.num_key_value_heads * c.head_dim,
+        }
     }
 
     /// Storage format of the caches `new_cache` makes from now on (caches already made keep
@@ -210,41 +132,21 @@ impl Gemma3 {
     }
 
     pub fn new_cache(&self, ctx_size: usize) -> Result<KvCache, ModelError> {
-        if ctx_size == 0 {
-            return Err(ModelError::Config("context size must be at least 1".into()));
-        }
-        KvCache::new(
-            ctx_size,
-            &self.kv_capacities(ctx_size),
-            self.kv_row(),
-            self.cache_type,
-        )
+        self.cache_plan().new_cache(ctx_size, self.cache_type)
     }
 
     pub fn kv_cache_bytes(&self, ctx_size: usize) -> usize {
-        KvCache::bytes_for(
-            &self.kv_capacities(ctx_size),
-            self.kv_row(),
-            self.cache_type,
-        )
+        self.cache_plan().bytes(ctx_size, self.cache_type)
     }
 
     pub fn weight_bytes(&self) -> usize {
         let layer_bytes = |l: &DecoderLayer| {
             let a = &l.self_attn;
-            let m = &l.mlp;
-            [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ]
-            .iter()
-            .map(|w| w.bytes())
-            .sum::<usize>()
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
+                .iter()
+                .map(|w| w.bytes())
+                .sum::<usize>()
+                + l.mlp.bytes()
         };
         self.embed_tokens.bytes()
             + self.lm_head.as_ref().map_or(0, Linear::bytes)
@@ -318,103 +220,60 @@ impl Gemma3 {
         logits: Logits,
     ) -> Result<usize, ModelError> {
         let c = &self.config;
-        // Check everything before touching any cache, so a rejected batch changes nothing.
-        for s in seqs.iter() {
-            if s.tokens.is_empty() {
-                return Err(ModelError::Config(
-                    "forward needs at least one token".into(),
-                ));
-            }
-            check_soft_tokens(s.soft, s.tokens.len(), c.hidden_size)?;
-            // A replaced position's id is a placeholder and never looked up.
-            let out_of_range = s.tokens.iter().enumerate().find(|&(i, &id)| {
-                id as usize >= c.vocab_size && !is_soft(s.soft, c.hidden_size, i)
-            });
-            if let Some((_, &id)) = out_of_range {
-                return Err(ModelError::TokenOutOfRange {
-                    id,
-                    vocab: c.vocab_size,
-                });
-            }
-            s.cache.reserve(s.tokens.len())?;
-        }
+        check_steps(seqs, c.vocab_size, c.hidden_size)?;
         let pool = ThreadPool::global();
         let n_tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         let (h, hd) = (c.hidden_size, c.head_dim);
         let q_dim = c.num_attention_heads * hd;
-        let kv_dim = self.kv_row();
-        let ffn = c.intermediate_size;
+        let kv_dim = c.num_key_value_heads * hd;
 
-        // Embedding lookup, scaled by sqrt(hidden); soft tokens are taken as they are (the
-        // reference scatters the projector's output over the scaled embeddings, unscaled).
-        let x = sized(&mut scratch.x, n_tokens * h);
-        let embed = self.embed_tokens.matrix();
-        let mut rows = x.chunks_exact_mut(h);
+        // Embedding lookup, scaled by sqrt(hidden); image soft tokens are taken as they are.
+        // The hidden states leave `scratch` for the pass, so the blocks can use its buffers.
+        let mut hidden = std::mem::take(&mut scratch.x);
+        let mut rows = sized(&mut hidden, n_tokens * h);
         for s in seqs.iter() {
-            let mut soft = s.soft.iter().peekable();
-            let mut t = 0;
-            while t < s.tokens.len() {
-                if let Some(run) = soft.next_if(|r| r.offset == t) {
-                    for src in run.embeds.chunks_exact(h) {
-                        rows.next().expect("one row per token").copy_from_slice(src);
-                    }
-                    t = run.rows(h).end;
-                    continue;
-                }
-                let row = rows.next().expect("one row per token");
-                matmul::dequantize_row(&embed, s.tokens[t] as usize, row);
-                ops::scale_inplace(row, self.embed_scale);
-                t += 1;
-            }
+            let (step, rest) = rows.split_at_mut(s.tokens.len() * h);
+            embed_tokens(&self.embed_tokens, self.embed_scale, s.tokens, s.soft, step);
+            rows = rest;
         }
-        // Each sequence's bidirectional runs, as absolute positions.
-        let spans: Vec<Vec<std::ops::Range<usize>>> = seqs
-            .iter()
-            .map(|s| {
-                let pos0 = s.cache.len();
-                s.soft
-                    .iter()
-                    .filter(|r| r.bidirectional)
-                    .map(|r| {
-                        let rows = r.rows(h);
-                        pos0 + rows.start..pos0 + rows.end
-                    })
-                    .collect()
-            })
-            .collect();
+        let spans = bidirectional_spans(seqs, h);
 
         // Each token's rotations, shared by all layers of a kind.
         let rot_local = sized(&mut scratch.rope_local, n_tokens * hd);
+        rotations(&self.rope_local, positions(seqs), rot_local);
         let rot_global = sized(&mut scratch.rope_global, n_tokens * hd);
-        let positions = seqs
-            .iter()
-            .flat_map(|s| (0..s.tokens.len()).map(|t| s.cache.len() + t));
-        for ((pos, local), global) in positions
-            .zip(rot_local.chunks_exact_mut(hd))
-            .zip(rot_global.chunks_exact_mut(hd))
-        {
-            self.rope_local.rotation(pos, local);
-            self.rope_global.rotation(pos, global);
-        }
+        rotations(&self.rope_global, positions(seqs), rot_global);
 
         let scale = c.query_pre_attn_scalar.powf(-0.5);
         for (i, layer) in self.layers.iter().enumerate() {
-            let attn_params = AttentionParams {
-                n_heads: c.num_attention_heads,
-                n_kv_heads: c.num_key_value_heads,
-                head_dim: hd,
-                scale,
-                softcap: c.attn_logit_softcapping,
-                mask: match c.layer_types[i] {
-                    LayerType::Sliding => AttentionMask::SlidingWindow(c.sliding_window),
-                    LayerType::Full => AttentionMask::Causal,
-                },
-                // The per-query kernel: see `AttentionParams::tiled` for why text stays on it.
-                tiled: false,
+            let x = &mut hidden[..n_tokens * h];
+            let (mask, rope, rotations) = match c.layer_types[i] {
+                LayerType::Sliding => (
+                    AttentionMask::SlidingWindow(c.sliding_window),
+                    &self.rope_local,
+                    &scratch.rope_local[..n_tokens * hd],
+                ),
+                LayerType::Full => (
+                    AttentionMask::Causal,
+                    &self.rope_global,
+                    &scratch.rope_global[..n_tokens * hd],
+                ),
             };
-            let (rope, rotations) = match c.layer_types[i] {
-                LayerType::Sliding => (&self.rope_local, &*rot_local),
-                LayerType::Full => (&self.rope_global, &*rot_global),
+            let attention = CachedAttention {
+                params: AttentionParams {
+                    n_heads: c.num_attention_heads,
+                    n_kv_heads: c.num_key_value_heads,
+                    head_dim: hd,
+                    scale,
+                    softcap: c.attn_logit_softcapping,
+                    mask,
+                    // The per-query kernel: see `AttentionParams::tiled` for why text stays on it.
+                    tiled: false,
+                },
+                rope,
+                rotations,
+                layer: i,
+                spans: &spans,
             };
             let a = &layer.self_attn;
 
@@ -433,45 +292,11 @@ impl Gemma3 {
                 [&mut *q, &mut *k, &mut *v],
                 &mut scratch.quantized,
             );
+            // Gemma 3's per-head q/k norms, before RoPE.
             ops::rms_norm_inplace(q, &a.q_norm, c.rms_norm_eps);
             ops::rms_norm_inplace(k, &a.k_norm, c.rms_norm_eps);
             let attn_out = sized(&mut scratch.attn, n_tokens * q_dim);
-            let mut row = 0;
-            for (s, spans) in seqs.iter_mut().zip(&spans) {
-                let (n, pos0) = (s.tokens.len(), s.cache.len());
-                let q = &mut q[row * q_dim..(row + n) * q_dim];
-                let k = &mut k[row * kv_dim..(row + n) * kv_dim];
-                let v = &mut v[row * kv_dim..(row + n) * kv_dim];
-                for t in 0..n {
-                    let rotation = &rotations[(row + t) * hd..(row + t + 1) * hd];
-                    rope.apply_rotation(&mut q[t * q_dim..(t + 1) * q_dim], rotation);
-                    rope.apply_rotation(&mut k[t * kv_dim..(t + 1) * kv_dim], rotation);
-                }
-                let kv = &mut s.cache.layers[i];
-                kv.round_to_storage(k);
-                kv.round_to_storage(v);
-                {
-                    let fresh = KvSegment {
-                        keys: (&*k).into(),
-                        values: (&*v).into(),
-                        first_pos: pos0,
-                        len: n,
-                    };
-                    // Cached history (at most two ring segments) followed by this chunk's keys.
-                    let mut segments = [fresh; 3];
-                    let mut n_segments = 0;
-                    for seg in kv.segments(pos0) {
-                        segments[n_segments] = seg;
-                        n_segments += 1;
-                    }
-                    segments[n_segments] = fresh;
-                    let out = &mut attn_out[row * q_dim..(row + n) * q_dim];
-                    let segments = &segments[..=n_segments];
-                    attention_spans(pool, &attn_params, q, pos0, segments, spans, out);
-                }
-                kv.write(pos0, k, v);
-                row += n;
-            }
+            attention.run(pool, seqs, q, k, v, attn_out);
             let proj = sized(&mut scratch.proj, n_tokens * h);
             linear(
                 pool,
@@ -485,32 +310,17 @@ impl Gemma3 {
             ops::add_inplace(x, proj);
 
             // MLP block: x += post_norm(down(gelu_tanh(gate(norm(x))) * up(norm(x)))).
-            let m = &layer.mlp;
-            normed.copy_from_slice(x);
-            ops::rms_norm_inplace(normed, &layer.pre_feedforward_layernorm, c.rms_norm_eps);
-            let gate = sized(&mut scratch.gate, n_tokens * ffn);
-            let up = sized(&mut scratch.up, n_tokens * ffn);
-            linear_shared_input(
+            layer.mlp.residual(
                 pool,
-                [&m.gate_proj, &m.up_proj],
-                normed,
-                n_tokens,
-                [&mut *gate, &mut *up],
-                &mut scratch.quantized,
+                x,
+                &layer.pre_feedforward_layernorm,
+                &layer.post_feedforward_layernorm,
+                c.rms_norm_eps,
+                scratch,
             );
-            ops::gelu_tanh_mul_parallel(pool, gate, up);
-            linear(
-                pool,
-                &m.down_proj,
-                gate,
-                n_tokens,
-                proj,
-                &mut scratch.quantized,
-            );
-            ops::rms_norm_inplace(proj, &layer.post_feedforward_layernorm, c.rms_norm_eps);
-            ops::add_inplace(x, proj);
             // Cheap next to the layer's matmuls, and it names where a broken checkpoint breaks.
             if !ops::all_finite(x) {
+                scratch.x = hidden;
                 return Err(ModelError::NonFinite {
                     where_: format!("layer {i}"),
                 });
@@ -520,35 +330,22 @@ impl Gemma3 {
             s.cache.advance(s.tokens.len());
         }
 
-        // Gather the rows whose logits are wanted, then final norm and LM head on those only.
-        let mut n_rows = 0;
-        let mut row = 0;
-        for s in seqs.iter() {
-            let n = s.tokens.len();
-            let wanted = match logits {
-                Logits::Last => row + n - 1..row + n,
-                Logits::All => row..row + n,
-            };
-            for r in wanted {
-                scratch.x.copy_within(r * h..(r + 1) * h, n_rows * h);
-                n_rows += 1;
-            }
-            row += n;
-        }
-        let hidden = &mut scratch.x[..n_rows * h];
-        ops::rms_norm_inplace(hidden, &self.norm, c.rms_norm_eps);
-        let out = sized(&mut scratch.logits, n_rows * c.vocab_size);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        linear(pool, head, hidden, n_rows, out, &mut scratch.quantized);
-        if let Some(cap) = c.final_logit_softcapping {
-            ops::softcap_inplace(out, cap);
-        }
-        if !ops::all_finite(out) {
-            return Err(ModelError::NonFinite {
-                where_: "the LM head (the logits)".into(),
-            });
-        }
-        Ok(n_rows)
+        // Final norm and LM head on the rows whose logits are wanted only.
+        let n_rows = gather_logit_rows(seqs, logits, &mut hidden, h);
+        let head = OutputHead {
+            norm: &self.norm,
+            eps: c.rms_norm_eps,
+            head: self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
+            softcap: c.final_logit_softcapping,
+        };
+        let result = head.logits(
+            pool,
+            &mut hidden[..n_rows * h],
+            &mut scratch.logits,
+            &mut scratch.quantized,
+        );
+        scratch.x = hidden;
+        result.map(|_| n_rows)
     }
 
     pub fn describe(&self) -> Vec<(String, String)> {

@@ -6,7 +6,7 @@ use serde_json::Value;
 use gemma_formats::{GgufFile, MetaValue};
 
 use super::normal_quantile;
-use crate::gemma3::{LayerType, RopeParams};
+use crate::decoder::{LayerType, RopeParams};
 use crate::ModelError;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -93,24 +93,9 @@ impl Gemma3nConfig {
             None => return Err(err("config.json lacks 'intermediate_size'".into())),
         };
         let layer_types = match c.get("layer_types").and_then(Value::as_array) {
-            Some(items) => items
-                .iter()
-                .map(|v| match v.as_str() {
-                    Some("sliding_attention") => Ok(LayerType::Sliding),
-                    Some("full_attention") => Ok(LayerType::Full),
-                    _ => Err(err(format!("unknown layer type {v}"))),
-                })
-                .collect::<Result<Vec<_>, _>>()?,
+            Some(items) => LayerType::from_hf(items)?,
             // transformers' default: 4 sliding layers, then a full one.
-            None => (0..n)
-                .map(|i| {
-                    if (i + 1) % 5 == 0 {
-                        LayerType::Full
-                    } else {
-                        LayerType::Sliding
-                    }
-                })
-                .collect(),
+            None => LayerType::pattern(n, 5),
         };
         let sparsity_pattern = match c.get("activation_sparsity_pattern") {
             Some(Value::Array(items)) => items
@@ -244,16 +229,7 @@ impl Gemma3nConfig {
             _ => vec![req("feed_forward_length")?; n],
         };
         let layer_types = match f.get(&key("attention.sliding_window_pattern")) {
-            Some(MetaValue::Array(items)) => items
-                .iter()
-                .map(|v| match v {
-                    MetaValue::Bool(true) => Ok(LayerType::Sliding),
-                    MetaValue::Bool(false) => Ok(LayerType::Full),
-                    other => Err(err(format!(
-                        "sliding_window_pattern holds {other:?}, expected bools"
-                    ))),
-                })
-                .collect::<Result<Vec<_>, _>>()?,
+            Some(MetaValue::Array(items)) => LayerType::from_gguf_flags(items)?,
             _ => {
                 return Err(err(format!(
                     "GGUF metadata lacks the per-layer '{}'",
