@@ -14,7 +14,9 @@ use gemma_kernels::ops::{self, Rope};
 use gemma_kernels::pool::ThreadPool;
 use serde_json::Value;
 
-use crate::kv_cache::{check_soft_tokens, is_soft, sized, KvCache, Scratch, SeqStep, SoftTokens};
+use crate::kv_cache::{
+    check_soft_tokens, is_soft, sized, KvCache, Scratch, SeqStep, SoftTokens, Work,
+};
 use crate::weights::{linear, linear_shared_input, Linear, Loader, WeightLayout};
 use crate::{Logits, ModelError};
 
@@ -256,6 +258,16 @@ pub(crate) fn embed_tokens(
     }
 }
 
+/// [`embed_tokens`] for every step of a batch, stacked row after row into `x`.
+pub(crate) fn embed_batch(table: &Linear, scale: f32, seqs: &[SeqStep<'_>], x: &mut [f32]) {
+    let mut rows = x;
+    for s in seqs {
+        let (step, rest) = rows.split_at_mut(s.tokens.len() * table.cols);
+        embed_tokens(table, scale, s.tokens, s.soft, step);
+        rows = rest;
+    }
+}
+
 /// Checks a batch before any cache changes, so a rejected batch changes nothing: every step has
 /// tokens, well-formed soft tokens, ids inside the vocabulary (a replaced position's id is a
 /// placeholder and never looked up), and room in its cache.
@@ -407,7 +419,7 @@ impl GatedMlp {
         self.gate_proj.bytes() + self.up_proj.bytes() + self.down_proj.bytes()
     }
 
-    /// The MLP half of a sandwich-norm layer (Gemma 2, Gemma 3), on `x`'s `n_tokens` rows:
+    /// The MLP half of a sandwich-norm layer (Gemma 2, Gemma 3), on `x`'s rows:
     /// `x += post_norm(down(gelu_tanh(gate(h)) * up(h)))` with `h = pre_norm(x)`.
     pub fn residual(
         &self,
@@ -416,35 +428,129 @@ impl GatedMlp {
         pre_norm: &[f32],
         post_norm: &[f32],
         eps: f32,
-        scratch: &mut Scratch,
+        work: &mut Work,
     ) {
         let h = self.down_proj.rows;
         let ffn = self.gate_proj.rows;
         let n_tokens = x.len() / h;
-        let normed = sized(&mut scratch.normed, n_tokens * h);
+        let normed = sized(&mut work.normed, n_tokens * h);
         normed.copy_from_slice(x);
         ops::rms_norm_inplace(normed, pre_norm, eps);
-        let gate = sized(&mut scratch.gate, n_tokens * ffn);
-        let up = sized(&mut scratch.up, n_tokens * ffn);
+        let gate = sized(&mut work.gate, n_tokens * ffn);
+        let up = sized(&mut work.up, n_tokens * ffn);
         linear_shared_input(
             pool,
             [&self.gate_proj, &self.up_proj],
             normed,
             n_tokens,
             [&mut *gate, &mut *up],
-            &mut scratch.quantized,
+            &mut work.quantized,
         );
         ops::gelu_tanh_mul_parallel(pool, gate, up);
-        let proj = sized(&mut scratch.proj, n_tokens * h);
+        let proj = sized(&mut work.proj, n_tokens * h);
         linear(
             pool,
             &self.down_proj,
             gate,
             n_tokens,
             proj,
-            &mut scratch.quantized,
+            &mut work.quantized,
         );
         ops::rms_norm_inplace(proj, post_norm, eps);
+        ops::add_inplace(x, proj);
+    }
+}
+
+/// A layer's `self_attn.{q,k,v,o}_proj`.
+pub(crate) struct AttentionWeights {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+/// The attention half of a sandwich-norm layer (Gemma 2, Gemma 3), besides its weights.
+pub(crate) struct SandwichAttention<'a> {
+    /// `input_layernorm`, on the block's input.
+    pub pre_norm: &'a [f32],
+    /// `post_attention_layernorm`, on the block's output before the residual add.
+    pub post_norm: &'a [f32],
+    pub eps: f32,
+    /// Per-head RMSNorm multipliers of q and k, applied before RoPE (Gemma 3; Gemma 2 has none).
+    pub qk_norms: Option<[&'a [f32]; 2]>,
+    pub attention: CachedAttention<'a>,
+}
+
+impl AttentionWeights {
+    /// Layer `i`'s projections for `hidden` inputs, `q_dim` query and `kv_dim` key/value values.
+    pub fn load(
+        loader: &Loader<'_>,
+        names: &Names,
+        i: usize,
+        hidden: usize,
+        q_dim: usize,
+        kv_dim: usize,
+    ) -> Result<AttentionWeights, ModelError> {
+        let lin = |name: &str, rows, cols| loader.linear(&names.layer(i, name), rows, cols);
+        Ok(AttentionWeights {
+            q_proj: lin("self_attn.q_proj", q_dim, hidden)?,
+            k_proj: lin("self_attn.k_proj", kv_dim, hidden)?,
+            v_proj: lin("self_attn.v_proj", kv_dim, hidden)?,
+            o_proj: lin("self_attn.o_proj", hidden, q_dim)?,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+            .iter()
+            .map(|w| w.bytes())
+            .sum()
+    }
+
+    /// `x += post_norm(o_proj(attention(rope(q), rope(k), v)))` on `x`'s rows (the batch of
+    /// `seqs`), with `q, k, v` projected from `pre_norm(x)` and, where the block has them,
+    /// normalised per head before RoPE.
+    pub fn residual(
+        &self,
+        pool: &ThreadPool,
+        x: &mut [f32],
+        block: &SandwichAttention<'_>,
+        seqs: &mut [SeqStep<'_>],
+        work: &mut Work,
+    ) {
+        let h = self.o_proj.rows;
+        let (q_dim, kv_dim) = (self.q_proj.rows, self.k_proj.rows);
+        let n_tokens = x.len() / h;
+        let normed = sized(&mut work.normed, n_tokens * h);
+        normed.copy_from_slice(x);
+        ops::rms_norm_inplace(normed, block.pre_norm, block.eps);
+        let q = sized(&mut work.q, n_tokens * q_dim);
+        let k = sized(&mut work.k, n_tokens * kv_dim);
+        let v = sized(&mut work.v, n_tokens * kv_dim);
+        linear_shared_input(
+            pool,
+            [&self.q_proj, &self.k_proj, &self.v_proj],
+            normed,
+            n_tokens,
+            [&mut *q, &mut *k, &mut *v],
+            &mut work.quantized,
+        );
+        if let Some([q_norm, k_norm]) = block.qk_norms {
+            ops::rms_norm_inplace(q, q_norm, block.eps);
+            ops::rms_norm_inplace(k, k_norm, block.eps);
+        }
+        let attn_out = sized(&mut work.attn, n_tokens * q_dim);
+        block.attention.run(pool, seqs, q, k, v, attn_out);
+        let proj = sized(&mut work.proj, n_tokens * h);
+        linear(
+            pool,
+            &self.o_proj,
+            attn_out,
+            n_tokens,
+            proj,
+            &mut work.quantized,
+        );
+        ops::rms_norm_inplace(proj, block.post_norm, block.eps);
         ops::add_inplace(x, proj);
     }
 }
@@ -506,4 +612,52 @@ impl OutputHead<'_> {
         }
         Ok(out)
     }
+}
+
+/// `forward_embeds` of a decoder whose batched pass is `run(seqs, scratch, logits)` (leaving
+/// logits in `scratch.logits` and returning how many rows): one sequence, the cache's own
+/// scratch buffers.
+pub(crate) fn forward_one<'c>(
+    run: impl FnOnce(&mut [SeqStep<'_>], &mut Scratch, Logits) -> Result<usize, ModelError>,
+    vocab: usize,
+    tokens: &[u32],
+    soft: &[SoftTokens<'_>],
+    cache: &'c mut KvCache,
+    logits: Logits,
+) -> Result<&'c [f32], ModelError> {
+    let mut scratch = std::mem::take(&mut cache.scratch);
+    let result = run(
+        &mut [SeqStep {
+            tokens,
+            soft,
+            cache: &mut *cache,
+        }],
+        &mut scratch,
+        logits,
+    );
+    cache.scratch = scratch;
+    let n_rows = result?;
+    Ok(&cache.scratch.logits[..n_rows * vocab])
+}
+
+/// `forward_batch` of such a decoder: the first sequence's scratch buffers serve the batch, and
+/// each sequence's last-token logits go, in order, to `logits_out`.
+pub(crate) fn forward_many(
+    run: impl FnOnce(&mut [SeqStep<'_>], &mut Scratch, Logits) -> Result<usize, ModelError>,
+    vocab: usize,
+    seqs: &mut [SeqStep<'_>],
+    logits_out: &mut Vec<f32>,
+) -> Result<(), ModelError> {
+    let Some(first) = seqs.first_mut() else {
+        logits_out.clear();
+        return Ok(());
+    };
+    let mut scratch = std::mem::take(&mut first.cache.scratch);
+    let result = run(seqs, &mut scratch, Logits::Last);
+    if result.is_ok() {
+        logits_out.clear();
+        logits_out.extend_from_slice(&scratch.logits[..seqs.len() * vocab]);
+    }
+    seqs[0].cache.scratch = scratch;
+    result.map(|_| ())
 }

@@ -129,7 +129,20 @@ impl<'a> std::ops::Deref for KvSegments<'a> {
 /// Reusable activation buffers for a forward pass (grown on demand, never shrunk).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Scratch {
+    /// The hidden states, `tokens × hidden`.
     pub x: Vec<f32>,
+    /// Each token's local and global RoPE rotation (`head_dim` values per token).
+    pub rope_local: Vec<f32>,
+    pub rope_global: Vec<f32>,
+    pub logits: Vec<f32>,
+    /// What the blocks use in passing: a block borrows these while `x` and the rotations are
+    /// borrowed elsewhere.
+    pub work: Work,
+}
+
+/// Intermediate buffers of the decoder blocks.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Work {
     pub normed: Vec<f32>,
     pub q: Vec<f32>,
     pub k: Vec<f32>,
@@ -138,11 +151,7 @@ pub(crate) struct Scratch {
     pub proj: Vec<f32>,
     pub gate: Vec<f32>,
     pub up: Vec<f32>,
-    pub logits: Vec<f32>,
     pub quantized: Vec<u8>,
-    /// Each token's local and global RoPE rotation (`head_dim` values per token).
-    pub rope_local: Vec<f32>,
-    pub rope_global: Vec<f32>,
 }
 
 /// One sequence's share of a batched forward pass: its new tokens, the soft tokens that

@@ -1,9 +1,12 @@
-//! Gemma 3 text decoder (270M, 1B, 4B, 12B, 27B), read top to bottom in `forward`.
+//! Gemma 3 text decoder (270M, 1B, 4B, 12B, 27B), read top to bottom in `run`.
 //!
 //! Quirks, each applied where it happens: embeddings scaled by `sqrt(hidden)`; RMSNorm
 //! multiplies by `1 + w`; sandwich norms around attention and MLP; per-head q/k norms before
 //! RoPE; scores scaled by `query_pre_attn_scalar^-0.5`; 5 sliding-window layers per global
 //! one, with different RoPE bases; GELU-tanh gated MLP; LM head tied to the embedding.
+//!
+//! What it shares with Gemma 2 (names, cache plan, embedding, attention over the cache, the
+//! sandwich-norm blocks, output head) lives in `crate::decoder`.
 
 mod config;
 
@@ -15,25 +18,20 @@ use gemma_kernels::ops::{self, Rope};
 use gemma_kernels::pool::ThreadPool;
 
 use crate::decoder::{
-    bidirectional_spans, check_steps, embed_tokens, embedding_scale, gather_logit_rows, positions,
-    rotations, CachePlan, CachedAttention, GatedMlp, Names, OutputHead,
+    bidirectional_spans, check_steps, embed_batch, embedding_scale, forward_many, forward_one,
+    gather_logit_rows, positions, rotations, AttentionWeights, CachePlan, CachedAttention,
+    GatedMlp, Names, OutputHead, SandwichAttention,
 };
 use crate::kv_cache::{sized, KvCache, Scratch, SeqStep, SoftTokens};
-use crate::weights::{linear, linear_shared_input, Linear, Loader};
+use crate::weights::{Linear, Loader};
 use crate::{Logits, ModelError};
 
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    /// Per-head RMSNorm multipliers (`1 + w`), `head_dim` long.
+struct DecoderLayer {
+    self_attn: AttentionWeights,
+    /// `self_attn.q_norm` and `self_attn.k_norm`: per-head RMSNorm multipliers (`1 + w`),
+    /// `head_dim` long.
     q_norm: Vec<f32>,
     k_norm: Vec<f32>,
-}
-
-struct DecoderLayer {
-    self_attn: Attention,
     mlp: GatedMlp,
     input_layernorm: Vec<f32>,
     post_attention_layernorm: Vec<f32>,
@@ -69,17 +67,11 @@ impl Gemma3 {
         let embed_tokens = loader.linear(&n.top("embed_tokens"), c.vocab_size, h)?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| -> Result<DecoderLayer, ModelError> {
-                let lin = |name: &str, rows, cols| loader.linear(&n.layer(i, name), rows, cols);
                 let norm = |name: &str, len| loader.gemma_norm(&n.layer(i, name), len);
                 Ok(DecoderLayer {
-                    self_attn: Attention {
-                        q_proj: lin("self_attn.q_proj", q_dim, h)?,
-                        k_proj: lin("self_attn.k_proj", kv_dim, h)?,
-                        v_proj: lin("self_attn.v_proj", kv_dim, h)?,
-                        o_proj: lin("self_attn.o_proj", h, q_dim)?,
-                        q_norm: norm("self_attn.q_norm", hd)?,
-                        k_norm: norm("self_attn.k_norm", hd)?,
-                    },
+                    self_attn: AttentionWeights::load(loader, &n, i, h, q_dim, kv_dim)?,
+                    q_norm: norm("self_attn.q_norm", hd)?,
+                    k_norm: norm("self_attn.k_norm", hd)?,
                     mlp: GatedMlp::load(loader, &n, i, h, c.intermediate_size)?,
                     input_layernorm: norm("input_layernorm", h)?,
                     post_attention_layernorm: norm("post_attention_layernorm", h)?,
@@ -140,14 +132,7 @@ impl Gemma3 {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        let layer_bytes = |l: &DecoderLayer| {
-            let a = &l.self_attn;
-            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
-                .iter()
-                .map(|w| w.bytes())
-                .sum::<usize>()
-                + l.mlp.bytes()
-        };
+        let layer_bytes = |l: &DecoderLayer| l.self_attn.bytes() + l.mlp.bytes();
         self.embed_tokens.bytes()
             + self.lm_head.as_ref().map_or(0, Linear::bytes)
             + self.layers.iter().map(layer_bytes).sum::<usize>()
@@ -173,19 +158,8 @@ impl Gemma3 {
         cache: &'c mut KvCache,
         logits: Logits,
     ) -> Result<&'c [f32], ModelError> {
-        let mut scratch = std::mem::take(&mut cache.scratch);
-        let result = self.run(
-            &mut [SeqStep {
-                tokens,
-                soft,
-                cache: &mut *cache,
-            }],
-            &mut scratch,
-            logits,
-        );
-        cache.scratch = scratch;
-        let n_rows = result?;
-        Ok(&cache.scratch.logits[..n_rows * self.config.vocab_size])
+        let run = |seqs: &mut [SeqStep<'_>], s: &mut Scratch, l| self.run(seqs, s, l);
+        forward_one(run, self.config.vocab_size, tokens, soft, cache, logits)
     }
 
     /// Runs the new tokens of several sequences in one pass (the matmuls are shared, attention
@@ -196,18 +170,8 @@ impl Gemma3 {
         seqs: &mut [SeqStep<'_>],
         logits_out: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        let Some(first) = seqs.first_mut() else {
-            logits_out.clear();
-            return Ok(());
-        };
-        let mut scratch = std::mem::take(&mut first.cache.scratch);
-        let result = self.run(seqs, &mut scratch, Logits::Last);
-        if result.is_ok() {
-            logits_out.clear();
-            logits_out.extend_from_slice(&scratch.logits[..seqs.len() * self.config.vocab_size]);
-        }
-        seqs[0].cache.scratch = scratch;
-        result.map(|_| ())
+        let run = |seqs: &mut [SeqStep<'_>], s: &mut Scratch, l| self.run(seqs, s, l);
+        forward_many(run, self.config.vocab_size, seqs, logits_out)
     }
 
     /// The forward pass over a batch of sequences. Tokens of all sequences are stacked row after
@@ -224,18 +188,10 @@ impl Gemma3 {
         let pool = ThreadPool::global();
         let n_tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let q_dim = c.num_attention_heads * hd;
-        let kv_dim = c.num_key_value_heads * hd;
 
         // Embedding lookup, scaled by sqrt(hidden); image soft tokens are taken as they are.
-        // The hidden states leave `scratch` for the pass, so the blocks can use its buffers.
-        let mut hidden = std::mem::take(&mut scratch.x);
-        let mut rows = sized(&mut hidden, n_tokens * h);
-        for s in seqs.iter() {
-            let (step, rest) = rows.split_at_mut(s.tokens.len() * h);
-            embed_tokens(&self.embed_tokens, self.embed_scale, s.tokens, s.soft, step);
-            rows = rest;
-        }
+        let x = sized(&mut scratch.x, n_tokens * h);
+        embed_batch(&self.embed_tokens, self.embed_scale, seqs, x);
         let spans = bidirectional_spans(seqs, h);
 
         // Each token's rotations, shared by all layers of a kind.
@@ -244,70 +200,46 @@ impl Gemma3 {
         let rot_global = sized(&mut scratch.rope_global, n_tokens * hd);
         rotations(&self.rope_global, positions(seqs), rot_global);
 
-        let scale = c.query_pre_attn_scalar.powf(-0.5);
         for (i, layer) in self.layers.iter().enumerate() {
-            let x = &mut hidden[..n_tokens * h];
+            // Local layers: a window and the local RoPE base; global ones: everything, the
+            // global base (with its linear scaling).
             let (mask, rope, rotations) = match c.layer_types[i] {
                 LayerType::Sliding => (
                     AttentionMask::SlidingWindow(c.sliding_window),
                     &self.rope_local,
-                    &scratch.rope_local[..n_tokens * hd],
+                    &*rot_local,
                 ),
-                LayerType::Full => (
-                    AttentionMask::Causal,
-                    &self.rope_global,
-                    &scratch.rope_global[..n_tokens * hd],
-                ),
+                LayerType::Full => (AttentionMask::Causal, &self.rope_global, &*rot_global),
             };
-            let attention = CachedAttention {
-                params: AttentionParams {
-                    n_heads: c.num_attention_heads,
-                    n_kv_heads: c.num_key_value_heads,
-                    head_dim: hd,
-                    scale,
-                    softcap: c.attn_logit_softcapping,
-                    mask,
-                    // The per-query kernel: see `AttentionParams::tiled` for why text stays on it.
-                    tiled: false,
+            // Attention block: x += post_norm(o_proj(attn(rope(norm(q)), rope(norm(k)), v))),
+            // q, k, v projected from norm(x).
+            let block = SandwichAttention {
+                pre_norm: &layer.input_layernorm,
+                post_norm: &layer.post_attention_layernorm,
+                eps: c.rms_norm_eps,
+                // Gemma 3's per-head q/k norms, before RoPE.
+                qk_norms: Some([&layer.q_norm, &layer.k_norm]),
+                attention: CachedAttention {
+                    params: AttentionParams {
+                        n_heads: c.num_attention_heads,
+                        n_kv_heads: c.num_key_value_heads,
+                        head_dim: hd,
+                        scale: c.query_pre_attn_scalar.powf(-0.5),
+                        softcap: c.attn_logit_softcapping,
+                        mask,
+                        // The per-query kernel: see `AttentionParams::tiled` for why text
+                        // stays on it.
+                        tiled: false,
+                    },
+                    rope,
+                    rotations,
+                    layer: i,
+                    spans: &spans,
                 },
-                rope,
-                rotations,
-                layer: i,
-                spans: &spans,
             };
-            let a = &layer.self_attn;
-
-            // Attention block: x += post_norm(o_proj(attn(rope(norm(q)), rope(norm(k)), v))).
-            let normed = sized(&mut scratch.normed, n_tokens * h);
-            normed.copy_from_slice(x);
-            ops::rms_norm_inplace(normed, &layer.input_layernorm, c.rms_norm_eps);
-            let q = sized(&mut scratch.q, n_tokens * q_dim);
-            let k = sized(&mut scratch.k, n_tokens * kv_dim);
-            let v = sized(&mut scratch.v, n_tokens * kv_dim);
-            linear_shared_input(
-                pool,
-                [&a.q_proj, &a.k_proj, &a.v_proj],
-                normed,
-                n_tokens,
-                [&mut *q, &mut *k, &mut *v],
-                &mut scratch.quantized,
-            );
-            // Gemma 3's per-head q/k norms, before RoPE.
-            ops::rms_norm_inplace(q, &a.q_norm, c.rms_norm_eps);
-            ops::rms_norm_inplace(k, &a.k_norm, c.rms_norm_eps);
-            let attn_out = sized(&mut scratch.attn, n_tokens * q_dim);
-            attention.run(pool, seqs, q, k, v, attn_out);
-            let proj = sized(&mut scratch.proj, n_tokens * h);
-            linear(
-                pool,
-                &a.o_proj,
-                attn_out,
-                n_tokens,
-                proj,
-                &mut scratch.quantized,
-            );
-            ops::rms_norm_inplace(proj, &layer.post_attention_layernorm, c.rms_norm_eps);
-            ops::add_inplace(x, proj);
+            layer
+                .self_attn
+                .residual(pool, x, &block, seqs, &mut scratch.work);
 
             // MLP block: x += post_norm(down(gelu_tanh(gate(norm(x))) * up(norm(x)))).
             layer.mlp.residual(
@@ -316,11 +248,10 @@ impl Gemma3 {
                 &layer.pre_feedforward_layernorm,
                 &layer.post_feedforward_layernorm,
                 c.rms_norm_eps,
-                scratch,
+                &mut scratch.work,
             );
             // Cheap next to the layer's matmuls, and it names where a broken checkpoint breaks.
             if !ops::all_finite(x) {
-                scratch.x = hidden;
                 return Err(ModelError::NonFinite {
                     where_: format!("layer {i}"),
                 });
@@ -331,21 +262,20 @@ impl Gemma3 {
         }
 
         // Final norm and LM head on the rows whose logits are wanted only.
-        let n_rows = gather_logit_rows(seqs, logits, &mut hidden, h);
+        let n_rows = gather_logit_rows(seqs, logits, x, h);
         let head = OutputHead {
             norm: &self.norm,
             eps: c.rms_norm_eps,
             head: self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
             softcap: c.final_logit_softcapping,
         };
-        let result = head.logits(
+        head.logits(
             pool,
-            &mut hidden[..n_rows * h],
+            &mut x[..n_rows * h],
             &mut scratch.logits,
-            &mut scratch.quantized,
-        );
-        scratch.x = hidden;
-        result.map(|_| n_rows)
+            &mut scratch.work.quantized,
+        )?;
+        Ok(n_rows)
     }
 
     pub fn describe(&self) -> Vec<(String, String)> {

@@ -539,7 +539,7 @@ impl Gemma3n {
             soft,
             &mut embeds,
         );
-        let ple = self.per_layer_inputs(pool, tokens, &embeds, &mut scratch.quantized);
+        let ple = self.per_layer_inputs(pool, tokens, &embeds, &mut scratch.work.quantized);
 
         // AltUp streams `[stream, token, hidden]`: the embedding, then projections of it
         // rescaled to its RMS magnitude.
@@ -547,7 +547,14 @@ impl Gemma3n {
         streams[..plane].copy_from_slice(&embeds);
         for (s, proj) in self.altup_projections.iter().enumerate() {
             let dst = &mut streams[(s + 1) * plane..(s + 2) * plane];
-            linear(pool, proj, &embeds, n_tokens, dst, &mut scratch.quantized);
+            linear(
+                pool,
+                proj,
+                &embeds,
+                n_tokens,
+                dst,
+                &mut scratch.work.quantized,
+            );
             rescale_to_magnitude(dst, &embeds, h);
         }
 
@@ -596,7 +603,7 @@ impl Gemma3n {
                 .altup
                 .predict(&streams, &mut predictions, n_tokens, h, c.rms_norm_eps);
             active.copy_from_slice(&predictions[..plane]);
-            let normed = sized(&mut scratch.normed, plane);
+            let normed = sized(&mut scratch.work.normed, plane);
             normed.copy_from_slice(&active);
             ops::rms_norm_inplace(normed, &layer.input_layernorm, c.rms_norm_eps);
 
@@ -605,9 +612,9 @@ impl Gemma3n {
             // computes them) quantizes it once and runs as one pool job.
             let lr = &layer.laurel;
             let a = &layer.self_attn;
-            let q = sized(&mut scratch.q, n_tokens * q_dim);
-            let k = sized(&mut scratch.k, n_tokens * kv_dim);
-            let v = sized(&mut scratch.v, n_tokens * kv_dim);
+            let q = sized(&mut scratch.work.q, n_tokens * q_dim);
+            let k = sized(&mut scratch.work.k, n_tokens * kv_dim);
+            let v = sized(&mut scratch.work.v, n_tokens * kv_dim);
             match &a.kv {
                 Some(kv) => linear_shared_input(
                     pool,
@@ -615,7 +622,7 @@ impl Gemma3n {
                     normed,
                     n_tokens,
                     [&mut laurel_low[..], &mut *q, &mut *k, &mut *v],
-                    &mut scratch.quantized,
+                    &mut scratch.work.quantized,
                 ),
                 None => linear_shared_input(
                     pool,
@@ -623,7 +630,7 @@ impl Gemma3n {
                     normed,
                     n_tokens,
                     [&mut laurel_low[..], &mut *q],
-                    &mut scratch.quantized,
+                    &mut scratch.work.quantized,
                 ),
             }
             linear(
@@ -632,7 +639,7 @@ impl Gemma3n {
                 &laurel_low,
                 n_tokens,
                 &mut laurel,
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             ops::rms_norm_inplace(&mut laurel, &lr.post_laurel_norm, c.rms_norm_eps);
             ops::add_inplace(&mut laurel, normed);
@@ -655,7 +662,7 @@ impl Gemma3n {
                     stored_kv.round_to_storage(v);
                 }
             }
-            let attn_out = sized(&mut scratch.attn, n_tokens * q_dim);
+            let attn_out = sized(&mut scratch.work.attn, n_tokens * q_dim);
             {
                 let (keys, values): (&[f32], &[f32]) = match &shared_kv[kv_src] {
                     Some((sk, sv)) if kv_src != i => (sk, sv),
@@ -682,7 +689,7 @@ impl Gemma3n {
                 attn_out,
                 n_tokens,
                 x,
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             ops::rms_norm_inplace(x, &layer.post_attention_layernorm, c.rms_norm_eps);
 
@@ -694,25 +701,25 @@ impl Gemma3n {
             // MLP with optional Gaussian top-k sparsity on the gate.
             let m = &layer.mlp;
             let ffn = m.gate_proj.rows;
-            let normed = sized(&mut scratch.normed, plane);
+            let normed = sized(&mut scratch.work.normed, plane);
             normed.copy_from_slice(x);
             ops::rms_norm_inplace(normed, &layer.pre_feedforward_layernorm, c.rms_norm_eps);
-            let gate = sized(&mut scratch.gate, n_tokens * ffn);
-            let up = sized(&mut scratch.up, n_tokens * ffn);
+            let gate = sized(&mut scratch.work.gate, n_tokens * ffn);
+            let up = sized(&mut scratch.work.up, n_tokens * ffn);
             linear_shared_input(
                 pool,
                 [&m.gate_proj, &m.up_proj],
                 normed,
                 n_tokens,
                 [&mut *gate, &mut *up],
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             if let Some(z) = m.sparsity_std_multiplier {
                 gate.chunks_exact_mut(ffn)
                     .for_each(|row| gaussian_top_k(row, z));
             }
             ops::gelu_tanh_mul_inplace(gate, up);
-            let proj = sized(&mut scratch.proj, plane);
+            let proj = sized(&mut scratch.work.proj, plane);
             let stored = m.down_proj.cols;
             let padded: Vec<f32>;
             let activation: &[f32] = if stored > ffn {
@@ -732,7 +739,7 @@ impl Gemma3n {
                 activation,
                 n_tokens,
                 proj,
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             ops::rms_norm_inplace(proj, &layer.post_feedforward_layernorm, c.rms_norm_eps);
             ops::add_inplace(x, proj);
@@ -744,7 +751,7 @@ impl Gemma3n {
 
             // Per-layer input: gate the corrected active stream, multiply by this layer's PLE,
             // project back and add to the other streams.
-            let first = sized(&mut scratch.normed, plane);
+            let first = sized(&mut scratch.work.normed, plane);
             first.copy_from_slice(&streams[..plane]);
             if c.altup_correct_scale {
                 for row in first.chunks_exact_mut(h) {
@@ -759,7 +766,7 @@ impl Gemma3n {
                 first,
                 n_tokens,
                 &mut gate_ple,
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             let width = self.layers.len() * p;
             for (t, row) in gate_ple.chunks_exact_mut(p).enumerate() {
@@ -768,14 +775,14 @@ impl Gemma3n {
                     *g = ops::gelu_tanh(*g) * e;
                 }
             }
-            let proj = sized(&mut scratch.proj, plane);
+            let proj = sized(&mut scratch.work.proj, plane);
             linear(
                 pool,
                 &layer.per_layer_projection,
                 &gate_ple,
                 n_tokens,
                 proj,
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             ops::rms_norm_inplace(proj, &layer.post_per_layer_input_norm, c.rms_norm_eps);
             for s in 1..n_streams {
@@ -814,7 +821,7 @@ impl Gemma3n {
                 src,
                 n_rows,
                 &mut unembedded,
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             rescale_to_magnitude(&mut unembedded, &streams[span.clone()], h);
             ops::add_inplace(hidden, &unembedded);
@@ -826,7 +833,12 @@ impl Gemma3n {
             head: self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
             softcap: c.final_logit_softcapping,
         };
-        Ok(head.logits(pool, hidden, &mut scratch.logits, &mut scratch.quantized)?)
+        Ok(head.logits(
+            pool,
+            hidden,
+            &mut scratch.logits,
+            &mut scratch.work.quantized,
+        )?)
     }
 
     pub fn describe(&self) -> Vec<(String, String)> {
