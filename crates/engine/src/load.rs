@@ -40,7 +40,7 @@ pub struct LoadOptions {
 /// Where a GGUF model's weights live while it runs (llama.cpp's `--mmap` / `--no-mmap`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightMemory {
-    /// `Resident` for architectures that read every weight for every token (Gemma 3);
+    /// `Resident` for architectures that read every weight for every token (Gemma 2 and 3);
     /// `Mapped` for Gemma 3n, whose per-layer embeddings are read a row per token and whose
     /// other weights may go unused.
     #[default]
@@ -57,7 +57,7 @@ impl WeightMemory {
     /// Whether a GGUF file of architecture `arch` is copied into memory.
     pub fn resident_for(self, arch: &str) -> bool {
         match self {
-            WeightMemory::Auto => arch == "gemma3",
+            WeightMemory::Auto => matches!(arch, "gemma2" | "gemma3"),
             WeightMemory::Mapped => false,
             WeightMemory::Resident => true,
         }
@@ -224,6 +224,9 @@ fn load_from(
     let tokenizer = load_tokenizer(&file)?;
     let (chat_template, template_in_file) = load_chat_template(&file, tokenizer.as_ref())?;
     let (tuning, display_name) = identify(&file, source, template_in_file);
+    if mmproj.is_some() && matches!(model, Model::Gemma2(_)) {
+        bail!("--mmproj adds a vision tower to Gemma 3; Gemma 2 is a text-only model");
+    }
     let mut vision = Vision::detect(&file, mmproj)?;
     if let (Some(v), Some(t), ModelFile::Gguf(_)) = (&mut vision, &tokenizer, &file) {
         // A text GGUF names its image tokens only in its vocabulary.

@@ -86,3 +86,51 @@ pub fn real_model() -> String {
     let path = gemma_engine::ensure_default_model().expect("the default model is available");
     path.to_string_lossy().into_owned()
 }
+
+/// Token `id` of the synthetic vocabulary: ids 0-3 are pad/eos/bos/unk, every other id one
+/// CJK character, so a string of those characters encodes to exactly those ids.
+pub fn synthetic_char(id: u32) -> char {
+    char::from_u32(0x4E00 + id).unwrap()
+}
+
+/// The GGUF at `src` (a tiny fixture of 256 tokens) plus a 256-token SentencePiece vocabulary
+/// of [`synthetic_char`]s in its metadata, written into `dir`.
+pub fn gguf_with_synthetic_tokenizer(src: &str, dir: &TempDir) -> String {
+    use gemma_formats::{GgufFile, GgufWriter, MetaValue};
+    let src = GgufFile::open(Path::new(src)).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in src.metadata() {
+        w.add_metadata(k.clone(), v.clone()).unwrap();
+    }
+    let specials = ["<pad>", "<eos>", "<bos>", "<unk>"];
+    let tokens = (0..256u32)
+        .map(|id| match specials.get(id as usize) {
+            Some(s) => MetaValue::String(s.to_string()),
+            None => MetaValue::String(synthetic_char(id).to_string()),
+        })
+        .collect();
+    let types = (0..256)
+        .map(|id| MetaValue::I32(if id < 4 { 3 } else { 1 }))
+        .collect();
+    let meta = [
+        ("tokenizer.ggml.model", MetaValue::String("llama".into())),
+        ("tokenizer.ggml.tokens", MetaValue::Array(tokens)),
+        ("tokenizer.ggml.token_type", MetaValue::Array(types)),
+        ("tokenizer.ggml.padding_token_id", MetaValue::U32(0)),
+        ("tokenizer.ggml.eos_token_id", MetaValue::U32(1)),
+        ("tokenizer.ggml.bos_token_id", MetaValue::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", MetaValue::U32(3)),
+        ("tokenizer.ggml.add_space_prefix", MetaValue::Bool(false)),
+    ];
+    for (k, v) in meta {
+        w.add_metadata(k, v).unwrap();
+    }
+    for info in src.tensors() {
+        let data = src.tensor_data(info).bytes().to_vec();
+        w.add_tensor(info.name.clone(), info.dtype, &info.shape, data)
+            .unwrap();
+    }
+    let path = dir.path().join("with_tokenizer.gguf");
+    w.write_file(&path).unwrap();
+    path.to_string_lossy().into_owned()
+}
