@@ -8,8 +8,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::{
-    assert_clean_error, gemma, gguf_with_synthetic_tokenizer, stderr, stdout, synthetic_char,
-    TempDir,
+    assert_clean_error, assert_top5_logits_match, gemma, gguf_with_synthetic_tokenizer, stderr,
+    stdout, synthetic_char, TempDir,
 };
 use serde_json::Value;
 
@@ -34,53 +34,8 @@ fn ids(r: &Value, key: &str) -> Vec<u32> {
 #[test]
 fn logits_by_ids_match_transformers_for_gguf_and_hf() {
     let r = reference();
-    let input: Vec<String> = ids(&r, "input_ids").iter().map(u32::to_string).collect();
-    let last: Vec<f64> = r["logits"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    let mut want: Vec<usize> = (0..last.len()).collect();
-    want.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
-    want.truncate(5);
     for model in [fixture("model.gguf"), fixture("")] {
-        let out = gemma(
-            &[
-                "logits",
-                "-q",
-                "--model",
-                &model,
-                "--top",
-                "5",
-                "--ids",
-                &input.join(","),
-            ],
-            None,
-        );
-        assert!(out.status.success(), "{}", stderr(&out));
-        let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
-        let top = json["top"].as_array().unwrap();
-        let got: Vec<usize> = top
-            .iter()
-            .map(|p| p[0].as_u64().unwrap() as usize)
-            .collect();
-        assert_eq!(got, want, "{model}");
-        for pair in top {
-            let (id, logit) = (
-                pair[0].as_u64().unwrap() as usize,
-                pair[1].as_f64().unwrap(),
-            );
-            assert!(
-                (logit - last[id]).abs() < 1e-3,
-                "{model}: {logit} vs {}",
-                last[id]
-            );
-        }
+        assert_top5_logits_match(&model, &r);
     }
 }
 

@@ -98,6 +98,44 @@ impl RopeParams {
     }
 }
 
+/// Refuses a configuration with any of `sizes` (name, value) at zero, naming them all.
+pub(crate) fn check_nonzero(sizes: &[(&str, usize)]) -> Result<(), ModelError> {
+    if sizes.iter().all(|&(_, v)| v > 0) {
+        return Ok(());
+    }
+    let listed: Vec<String> = sizes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    Err(ModelError::Config(format!(
+        "zero size ({})",
+        listed.join(", ")
+    )))
+}
+
+/// Refuses attention heads the forward pass cannot run: none, query heads that do not group
+/// over the key/value heads, an odd head dimension (RoPE rotates pairs), or a query width that
+/// overflows.
+pub(crate) fn check_attention_heads(
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+) -> Result<(), ModelError> {
+    if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+        return Err(ModelError::Config(format!(
+            "{n_heads} attention heads cannot share {n_kv_heads} key/value heads"
+        )));
+    }
+    if !head_dim.is_multiple_of(2) {
+        return Err(ModelError::Config(format!(
+            "head_dim {head_dim} must be even for RoPE"
+        )));
+    }
+    if n_heads.checked_mul(head_dim).is_none() {
+        return Err(ModelError::Config(format!(
+            "{n_heads} heads of {head_dim} values overflow"
+        )));
+    }
+    Ok(())
+}
+
 /// How a decoder's KV cache is laid out: one ring per layer, as long as the window for sliding
 /// layers and as the context for global ones.
 pub(crate) struct CachePlan<'a> {

@@ -5,6 +5,10 @@
 //! token, or in chunks that straddle the window; plus the GGUF reader's defaults and its
 //! refusals of broken files.
 
+mod common;
+
+use common::{argmax, max_diff, Reference};
+
 use std::path::{Path, PathBuf};
 
 use gemma_formats::{open_model_source, GgufFile, GgufWriter, MetaValue};
@@ -17,42 +21,8 @@ fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma2_tiny")
 }
 
-struct Reference {
-    ids: Vec<u32>,
-    vocab: usize,
-    logits: Vec<Vec<f32>>,
-    greedy: Vec<u32>,
-}
-
 fn reference() -> Reference {
-    let text =
-        std::fs::read_to_string(fixture_dir().join("reference.json")).expect("reference.json");
-    let v: Value = serde_json::from_str(&text).unwrap();
-    let ids = |key: &str| -> Vec<u32> {
-        v[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    Reference {
-        ids: ids("input_ids"),
-        vocab: v["vocab_size"].as_u64().unwrap() as usize,
-        logits: v["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|row| {
-                row.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect()
-            })
-            .collect(),
-        greedy: ids("greedy_continuation"),
-    }
+    Reference::read(&fixture_dir())
 }
 
 fn try_load(path: &Path) -> Result<Model, String> {
@@ -62,14 +32,6 @@ fn try_load(path: &Path) -> Result<Model, String> {
 
 fn load(path: &Path) -> Model {
     try_load(path).unwrap_or_else(|e| panic!("load {}: {e}", path.display()))
-}
-
-fn max_diff(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len(), "logits length");
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max)
 }
 
 fn assert_close(what: &str, pos: usize, got: &[f32], want: &[f32], tolerance: f32) {
@@ -118,16 +80,6 @@ fn check_model(what: &str, model: &Model, tolerance: f32) {
         generated.push(next);
     }
     assert_eq!(generated, r.greedy, "{what}: greedy continuation");
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[test]

@@ -134,3 +134,58 @@ pub fn gguf_with_synthetic_tokenizer(src: &str, dir: &TempDir) -> String {
     w.write_file(&path).unwrap();
     path.to_string_lossy().into_owned()
 }
+
+/// `gemma logits --top 5 --ids <the reference prompt>` on `model` gives the five best ids of
+/// the reference's last position, in order, each within 1e-3 of its logit. `reference` is a
+/// fixture's `reference.json` (`input_ids`, `logits` per position).
+pub fn assert_top5_logits_match(model: &str, reference: &serde_json::Value) {
+    let ids: Vec<String> = reference["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let last_row: Vec<f64> = reference["logits"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let mut want: Vec<usize> = (0..last_row.len()).collect();
+    want.sort_by(|&a, &b| last_row[b].total_cmp(&last_row[a]));
+    want.truncate(5);
+    let out = gemma(
+        &[
+            "logits",
+            "-q",
+            "--model",
+            model,
+            "--top",
+            "5",
+            "--ids",
+            &ids.join(","),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let top = json["top"].as_array().unwrap();
+    let got: Vec<usize> = top
+        .iter()
+        .map(|p| p[0].as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(got, want, "model {model}");
+    for pair in top {
+        let id = pair[0].as_u64().unwrap() as usize;
+        let logit = pair[1].as_f64().unwrap();
+        assert!(
+            (logit - last_row[id]).abs() < 1e-3,
+            "{model}: {logit} vs {}",
+            last_row[id]
+        );
+    }
+}

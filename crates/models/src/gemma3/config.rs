@@ -3,6 +3,7 @@
 use gemma_formats::GgufFile;
 use serde_json::Value;
 
+use crate::decoder::{check_attention_heads, check_nonzero};
 pub use crate::decoder::{LayerType, RopeParams};
 use crate::ModelError;
 
@@ -242,36 +243,18 @@ impl Gemma3Config {
     /// Rejects configurations the forward pass cannot run (zero sizes, heads that do not group).
     pub fn validate(&self) -> Result<(), ModelError> {
         let err = |m: String| Err(ModelError::Config(m));
-        if self.vocab_size == 0
-            || self.hidden_size == 0
-            || self.intermediate_size == 0
-            || self.head_dim == 0
-        {
-            return err(format!(
-                "zero size (vocab {}, hidden {}, ffn {}, head_dim {})",
-                self.vocab_size, self.hidden_size, self.intermediate_size, self.head_dim
-            ));
-        }
-        if self.num_hidden_layers == 0 || self.num_hidden_layers > 1024 {
-            return err(format!(
-                "implausible layer count {}",
-                self.num_hidden_layers
-            ));
-        }
-        if self.num_attention_heads == 0
-            || self.num_key_value_heads == 0
-            || !self
-                .num_attention_heads
-                .is_multiple_of(self.num_key_value_heads)
-        {
-            return err(format!(
-                "{} attention heads cannot share {} key/value heads",
-                self.num_attention_heads, self.num_key_value_heads
-            ));
-        }
-        if !self.head_dim.is_multiple_of(2) {
-            return err(format!("head_dim {} must be even for RoPE", self.head_dim));
-        }
+        check_nonzero(&[
+            ("vocab", self.vocab_size),
+            ("hidden", self.hidden_size),
+            ("ffn", self.intermediate_size),
+            ("head_dim", self.head_dim),
+        ])?;
+        crate::layer_count(self.num_hidden_layers)?;
+        check_attention_heads(
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        )?;
         if self.layer_types.len() != self.num_hidden_layers {
             return err(format!(
                 "{} layer types for {} layers",

@@ -6,7 +6,7 @@ use serde_json::Value;
 use gemma_formats::{GgufFile, MetaValue};
 
 use super::normal_quantile;
-use crate::decoder::{LayerType, RopeParams};
+use crate::decoder::{check_attention_heads, check_nonzero, LayerType, RopeParams};
 use crate::ModelError;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -300,23 +300,14 @@ impl Gemma3nConfig {
         }
         self.rope_local.validate("local")?;
         self.rope_global.validate("global")?;
-        if self.vocab_size == 0
-            || self.vocab_size_per_layer_input == 0
-            || self.hidden_size == 0
-            || self.hidden_size_per_layer_input == 0
-            || self.head_dim == 0
-            || self.laurel_rank == 0
-        {
-            return err(format!(
-                "zero size (vocab {}, per-layer vocab {}, hidden {}, per-layer hidden {}, head_dim {}, laurel rank {})",
-                self.vocab_size,
-                self.vocab_size_per_layer_input,
-                self.hidden_size,
-                self.hidden_size_per_layer_input,
-                self.head_dim,
-                self.laurel_rank
-            ));
-        }
+        check_nonzero(&[
+            ("vocab", self.vocab_size),
+            ("per-layer vocab", self.vocab_size_per_layer_input),
+            ("hidden", self.hidden_size),
+            ("per-layer hidden", self.hidden_size_per_layer_input),
+            ("head_dim", self.head_dim),
+            ("laurel rank", self.laurel_rank),
+        ])?;
         for (what, len) in [
             ("intermediate_size", self.intermediate_size.len()),
             ("layer_types", self.layer_types.len()),
@@ -340,20 +331,11 @@ impl Gemma3nConfig {
         {
             return err(format!("activation sparsity multiplier {z} is not finite"));
         }
-        if self.num_attention_heads == 0
-            || self.num_key_value_heads == 0
-            || !self
-                .num_attention_heads
-                .is_multiple_of(self.num_key_value_heads)
-        {
-            return err(format!(
-                "{} attention heads cannot share {} key/value heads",
-                self.num_attention_heads, self.num_key_value_heads
-            ));
-        }
-        if !self.head_dim.is_multiple_of(2) {
-            return err(format!("head_dim {} must be even for RoPE", self.head_dim));
-        }
+        check_attention_heads(
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        )?;
         if self.sliding_window == 0 {
             return err("sliding window of 0".into());
         }
