@@ -8,8 +8,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::{
-    assert_clean_error, assert_top5_logits_match, gemma, gguf_with_synthetic_tokenizer, stderr,
-    stdout, synthetic_char, TempDir,
+    assert_clean_error, assert_tokenize_and_run_continue, assert_top5_logits_match, gemma, stderr,
+    stdout,
 };
 use serde_json::Value;
 
@@ -20,15 +20,6 @@ fn fixture(name: &str) -> String {
 
 fn reference() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("reference.json")).unwrap()).unwrap()
-}
-
-fn ids(r: &Value, key: &str) -> Vec<u32> {
-    r[key]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
 }
 
 #[test]
@@ -71,31 +62,7 @@ fn info_names_the_architecture_and_its_soft_caps() {
 
 #[test]
 fn tokenize_and_run_continue_like_transformers() {
-    let dir = TempDir::new("g2-tok");
-    let model = gguf_with_synthetic_tokenizer(&fixture("model.gguf"), &dir);
-    let r = reference();
-    let input = ids(&r, "input_ids");
-    assert_eq!(input[0], 2, "the reference prompt starts with BOS");
-    let prompt: String = input[1..].iter().map(|&id| synthetic_char(id)).collect();
-    let want: String = ids(&r, "greedy_continuation")
-        .iter()
-        .map(|&id| synthetic_char(id))
-        .collect();
-
-    let tokenized = gemma(&["tokenize", "-q", "--model", &model, &prompt], None);
-    assert!(tokenized.status.success(), "{}", stderr(&tokenized));
-    let got: Vec<u32> = serde_json::from_str(stdout(&tokenized).trim()).unwrap();
-    assert_eq!(got, input);
-
-    let n = want.chars().count().to_string();
-    let run = gemma(
-        &[
-            "run", "-q", "--model", &model, "--raw", "--temp", "0", "-n", &n, &prompt,
-        ],
-        None,
-    );
-    assert!(run.status.success(), "{}", stderr(&run));
-    assert_eq!(stdout(&run).trim_end(), want);
+    assert_tokenize_and_run_continue(&fixture("model.gguf"), &reference());
 }
 
 #[test]

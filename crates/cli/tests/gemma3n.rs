@@ -9,8 +9,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::{
-    assert_clean_error, gemma, gguf_with_synthetic_tokenizer, stderr, stdout, synthetic_char,
-    TempDir,
+    assert_clean_error, assert_tokenize_and_run_continue, gemma, stderr, stdout, TempDir,
 };
 use serde_json::Value;
 
@@ -382,40 +381,9 @@ fn bad_matformer_inputs_are_one_clear_error() {
 
 #[test]
 fn tokenize_and_run_with_a_tokenizer_continue_like_transformers() {
-    let dir = TempDir::new("g3n-tok");
-    let model = gguf_with_synthetic_tokenizer(&fixture("model.gguf"), &dir);
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("reference.json")).unwrap()).unwrap();
-    let ids = |key: &str| -> Vec<u32> {
-        r[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let input = ids("input_ids");
-    assert_eq!(input[0], 2, "the reference prompt starts with BOS");
-    let prompt: String = input[1..].iter().map(|&id| synthetic_char(id)).collect();
-    let want: String = ids("greedy_continuation")
-        .iter()
-        .map(|&id| synthetic_char(id))
-        .collect();
-
-    let tokenized = gemma(&["tokenize", "-q", "--model", &model, &prompt], None);
-    assert!(tokenized.status.success(), "{}", stderr(&tokenized));
-    let got: Vec<u32> = serde_json::from_str(stdout(&tokenized).trim()).unwrap();
-    assert_eq!(got, input);
-
-    let n = want.chars().count().to_string();
-    let run = gemma(
-        &[
-            "run", "-q", "--model", &model, "--raw", "--temp", "0", "-n", &n, &prompt,
-        ],
-        None,
-    );
-    assert!(run.status.success(), "{}", stderr(&run));
-    assert_eq!(stdout(&run).trim_end(), want);
+    assert_tokenize_and_run_continue(&fixture("model.gguf"), &r);
 }
 
 /// `gemma info --json` with `args`, parsed.

@@ -189,3 +189,42 @@ pub fn assert_top5_logits_match(model: &str, reference: &serde_json::Value) {
         );
     }
 }
+
+/// With the synthetic vocabulary added to `fixture_gguf` (see
+/// [`gguf_with_synthetic_tokenizer`]), `gemma tokenize` turns the reference prompt's text back
+/// into its ids and `gemma run --raw --temp 0` continues it with the reference's greedy
+/// continuation. `reference` is the fixture's `reference.json`.
+pub fn assert_tokenize_and_run_continue(fixture_gguf: &str, reference: &serde_json::Value) {
+    let dir = TempDir::new("tok-run");
+    let model = gguf_with_synthetic_tokenizer(fixture_gguf, &dir);
+    let ids = |key: &str| -> Vec<u32> {
+        reference[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let input = ids("input_ids");
+    assert_eq!(input[0], 2, "the reference prompt starts with BOS");
+    let prompt: String = input[1..].iter().map(|&id| synthetic_char(id)).collect();
+    let want: String = ids("greedy_continuation")
+        .iter()
+        .map(|&id| synthetic_char(id))
+        .collect();
+
+    let tokenized = gemma(&["tokenize", "-q", "--model", &model, &prompt], None);
+    assert!(tokenized.status.success(), "{}", stderr(&tokenized));
+    let got: Vec<u32> = serde_json::from_str(stdout(&tokenized).trim()).unwrap();
+    assert_eq!(got, input);
+
+    let n = want.chars().count().to_string();
+    let run = gemma(
+        &[
+            "run", "-q", "--model", &model, "--raw", "--temp", "0", "-n", &n, &prompt,
+        ],
+        None,
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(stdout(&run).trim_end(), want);
+}
