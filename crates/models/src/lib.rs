@@ -1,6 +1,12 @@
 //! Model definitions for the Gemma families: configs, weights, forward passes, KV caches.
 //!
 //! Each architecture is a config (data) plus one forward pass; kernels live in `gemma-kernels`.
+//! Three text families: [`gemma2`] (Gemma 2 and ShieldGemma: soft-capped attention and logits),
+//! [`gemma3`] (plus its SigLIP tower in [`vision`]) and [`gemma3n`]. What more than one family
+//! does alike (checkpoint names, the sliding/global cache plan, the embedding lookup, attention
+//! over the KV cache, the sandwich-norm attention and MLP blocks, the output head) is written once
+//! in the private `decoder` module; each family's forward pass calls it and spells out its own
+//! quirks.
 
 mod decoder;
 mod error;
