@@ -631,7 +631,7 @@ impl Model {
         self.shared.loaded.source.clone()
     }
 
-    /// `gemma3`, `gemma3n`, ...
+    /// `gemma2`, `gemma3`, `gemma3n`, ...
     #[getter]
     fn architecture(&self) -> String {
         self.shared.loaded.model.architecture().to_string()

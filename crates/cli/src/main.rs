@@ -47,7 +47,7 @@ pub struct CommonArgs {
     #[arg(long, global = true, conflicts_with = "no_mmap")]
     pub mmap: bool,
     /// Copy GGUF weights into memory, in huge pages where the OS allows (the default for
-    /// Gemma 3: faster generation)
+    /// Gemma 2 and 3: faster generation)
     #[arg(long, global = true)]
     pub no_mmap: bool,
     /// llama.cpp's multimodal projector GGUF (vision tower) for a text GGUF

@@ -8,7 +8,9 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{assert_clean_error, gemma, stderr, stdout, TempDir};
+use common::{
+    assert_clean_error, assert_tokenize_and_run_continue, gemma, stderr, stdout, TempDir,
+};
 use serde_json::Value;
 
 fn fixture(name: &str) -> String {
@@ -377,89 +379,11 @@ fn bad_matformer_inputs_are_one_clear_error() {
     assert_clean_error(&out, &["Gemma 3n"]);
 }
 
-/// Token `id` of the synthetic vocabulary: ids 0-3 are pad/eos/bos/unk, every other id one
-/// CJK character, so a string of those characters encodes to exactly those ids.
-fn synthetic_char(id: u32) -> char {
-    char::from_u32(0x4E00 + id).unwrap()
-}
-
-/// The fixture GGUF plus a 256-token SentencePiece vocabulary in its metadata.
-fn fixture_with_tokenizer(dir: &TempDir) -> String {
-    use gemma_formats::{GgufFile, GgufWriter, MetaValue};
-    let src = GgufFile::open(std::path::Path::new(&fixture("model.gguf"))).unwrap();
-    let mut w = GgufWriter::new();
-    for (k, v) in src.metadata() {
-        w.add_metadata(k.clone(), v.clone()).unwrap();
-    }
-    let specials = ["<pad>", "<eos>", "<bos>", "<unk>"];
-    let tokens = (0..256u32)
-        .map(|id| match specials.get(id as usize) {
-            Some(s) => MetaValue::String(s.to_string()),
-            None => MetaValue::String(synthetic_char(id).to_string()),
-        })
-        .collect();
-    let types = (0..256)
-        .map(|id| MetaValue::I32(if id < 4 { 3 } else { 1 }))
-        .collect();
-    let meta = [
-        ("tokenizer.ggml.model", MetaValue::String("llama".into())),
-        ("tokenizer.ggml.tokens", MetaValue::Array(tokens)),
-        ("tokenizer.ggml.token_type", MetaValue::Array(types)),
-        ("tokenizer.ggml.padding_token_id", MetaValue::U32(0)),
-        ("tokenizer.ggml.eos_token_id", MetaValue::U32(1)),
-        ("tokenizer.ggml.bos_token_id", MetaValue::U32(2)),
-        ("tokenizer.ggml.unknown_token_id", MetaValue::U32(3)),
-        ("tokenizer.ggml.add_space_prefix", MetaValue::Bool(false)),
-    ];
-    for (k, v) in meta {
-        w.add_metadata(k, v).unwrap();
-    }
-    for info in src.tensors() {
-        let data = src.tensor_data(info).bytes().to_vec();
-        w.add_tensor(info.name.clone(), info.dtype, &info.shape, data)
-            .unwrap();
-    }
-    let path = dir.path().join("with_tokenizer.gguf");
-    w.write_file(&path).unwrap();
-    path.to_string_lossy().into_owned()
-}
-
 #[test]
 fn tokenize_and_run_with_a_tokenizer_continue_like_transformers() {
-    let dir = TempDir::new("g3n-tok");
-    let model = fixture_with_tokenizer(&dir);
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("reference.json")).unwrap()).unwrap();
-    let ids = |key: &str| -> Vec<u32> {
-        r[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let input = ids("input_ids");
-    assert_eq!(input[0], 2, "the reference prompt starts with BOS");
-    let prompt: String = input[1..].iter().map(|&id| synthetic_char(id)).collect();
-    let want: String = ids("greedy_continuation")
-        .iter()
-        .map(|&id| synthetic_char(id))
-        .collect();
-
-    let tokenized = gemma(&["tokenize", "-q", "--model", &model, &prompt], None);
-    assert!(tokenized.status.success(), "{}", stderr(&tokenized));
-    let got: Vec<u32> = serde_json::from_str(stdout(&tokenized).trim()).unwrap();
-    assert_eq!(got, input);
-
-    let n = want.chars().count().to_string();
-    let run = gemma(
-        &[
-            "run", "-q", "--model", &model, "--raw", "--temp", "0", "-n", &n, &prompt,
-        ],
-        None,
-    );
-    assert!(run.status.success(), "{}", stderr(&run));
-    assert_eq!(stdout(&run).trim_end(), want);
+    assert_tokenize_and_run_continue(&fixture("model.gguf"), &r);
 }
 
 /// `gemma info --json` with `args`, parsed.

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{assert_clean_error, gemma, stderr, stdout};
+use common::{assert_clean_error, assert_top5_logits_match, gemma};
 use serde_json::Value;
 
 fn fixture(name: &str) -> String {
@@ -20,57 +20,8 @@ fn reference() -> Value {
 #[test]
 fn logits_by_ids_match_transformers_for_gguf_and_hf() {
     let reference = reference();
-    let ids: Vec<String> = reference["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_string())
-        .collect();
-    let last_row: Vec<f64> = reference["logits"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    let mut want: Vec<usize> = (0..last_row.len()).collect();
-    want.sort_by(|&a, &b| last_row[b].total_cmp(&last_row[a]));
-    want.truncate(5);
-
     for model in [fixture("model.gguf"), fixture("")] {
-        let out = gemma(
-            &[
-                "logits",
-                "-q",
-                "--model",
-                &model,
-                "--top",
-                "5",
-                "--ids",
-                &ids.join(","),
-            ],
-            None,
-        );
-        assert!(out.status.success(), "{}", stderr(&out));
-        let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
-        let top = json["top"].as_array().unwrap();
-        let got: Vec<usize> = top
-            .iter()
-            .map(|p| p[0].as_u64().unwrap() as usize)
-            .collect();
-        assert_eq!(got, want, "model {model}");
-        for pair in top {
-            let id = pair[0].as_u64().unwrap() as usize;
-            let logit = pair[1].as_f64().unwrap();
-            assert!(
-                (logit - last_row[id]).abs() < 1e-3,
-                "{model}: {logit} vs {}",
-                last_row[id]
-            );
-        }
+        assert_top5_logits_match(&model, &reference);
     }
 }
 

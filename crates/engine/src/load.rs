@@ -41,7 +41,7 @@ pub struct LoadOptions {
 /// Where a GGUF model's weights live while it runs (llama.cpp's `--mmap` / `--no-mmap`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightMemory {
-    /// `Resident` for architectures that read every weight for every token (Gemma 3);
+    /// `Resident` for architectures that read every weight for every token (Gemma 2 and 3);
     /// `Mapped` for Gemma 3n, whose per-layer embeddings are read a row per token and whose
     /// other weights may go unused.
     #[default]
@@ -58,7 +58,7 @@ impl WeightMemory {
     /// Whether a GGUF file of architecture `arch` is copied into memory.
     pub fn resident_for(self, arch: &str) -> bool {
         match self {
-            WeightMemory::Auto => arch == "gemma3",
+            WeightMemory::Auto => matches!(arch, "gemma2" | "gemma3"),
             WeightMemory::Mapped => false,
             WeightMemory::Resident => true,
         }
@@ -235,7 +235,12 @@ fn load_from(
         "gemma3" => Vision::detect(&file, mmproj)?,
         arch => {
             if mmproj.is_some() {
-                bail!("--mmproj: only Gemma 3 vision towers are supported, and this is {arch}");
+                let family = match arch {
+                    "gemma2" => "Gemma 2, a text-only model",
+                    "gemma3n" => "Gemma 3n, whose MobileNet-V5 tower is not supported yet",
+                    other => other,
+                };
+                bail!("--mmproj adds a SigLIP vision tower to Gemma 3; this is {family}");
             }
             None
         }

@@ -64,6 +64,11 @@ fn main() {
         false,
     );
     shrink(
+        &f("gemma2_tiny/model.gguf"),
+        &out.join("gemma2_1layer_f16.bin"),
+        true,
+    );
+    shrink(
         &f("gemma3n_tiny/model.gguf"),
         &out.join("gemma3n_metadata_only.bin"),
         false,

@@ -152,6 +152,7 @@ pub fn config_json(data: &[u8]) {
     let Ok(root) = serde_json::from_slice::<serde_json::Value>(data) else {
         return;
     };
+    let _ = gemma_models::Gemma2Config::from_hf_config(&root);
     let _ = gemma_models::Gemma3Config::from_hf_config(&root);
     let _ = gemma_models::Gemma3nConfig::from_hf_config(&root);
     let _ = gemma_models::Gemma3VisionConfig::from_hf_config(&root);

@@ -223,6 +223,10 @@ impl Rope {
         Rope { inv_freq, head_dim }
     }
 
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
     /// Rotate every head of one token (`x` = `n_heads * head_dim` values) at `pos`.
     #[track_caller]
     pub fn apply(&self, x: &mut [f32], pos: usize) {

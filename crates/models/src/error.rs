@@ -2,7 +2,7 @@ use gemma_formats::GgmlType;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("unsupported architecture '{0}' (supported: gemma3, gemma3n)")]
+    #[error("unsupported architecture '{0}' (supported: gemma2, gemma3, gemma3n)")]
     UnknownArchitecture(String),
     #[error("model config: {0}")]
     Config(String),

@@ -65,6 +65,22 @@ impl LayerKv {
         .flatten()
     }
 
+    /// The history a chunk starting at `pos0` attends to: the stored positions before it (at
+    /// most two ring segments), then the chunk's own keys and values `fresh`.
+    pub(crate) fn history_then<'a>(&'a self, pos0: usize, fresh: KvSegment<'a>) -> KvSegments<'a> {
+        let mut segments = [fresh; 3];
+        let mut len = 0;
+        for seg in self.segments(pos0) {
+            segments[len] = seg;
+            len += 1;
+        }
+        segments[len] = fresh;
+        KvSegments {
+            segments,
+            len: len + 1,
+        }
+    }
+
     /// Stores `n` rows of keys and values for positions `first_pos..first_pos + n`; a ring keeps
     /// only the newest `capacity` of them.
     pub(crate) fn write(&mut self, first_pos: usize, keys: &[f32], values: &[f32]) {
@@ -97,10 +113,36 @@ impl LayerKv {
     }
 }
 
+/// Up to three segments of keys and values, in position order ([`LayerKv::history_then`]).
+pub(crate) struct KvSegments<'a> {
+    segments: [KvSegment<'a>; 3],
+    len: usize,
+}
+
+impl<'a> std::ops::Deref for KvSegments<'a> {
+    type Target = [KvSegment<'a>];
+    fn deref(&self) -> &Self::Target {
+        &self.segments[..self.len]
+    }
+}
+
 /// Reusable activation buffers for a forward pass (grown on demand, never shrunk).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Scratch {
+    /// The hidden states, `tokens × hidden`.
     pub x: Vec<f32>,
+    /// Each token's local and global RoPE rotation (`head_dim` values per token).
+    pub rope_local: Vec<f32>,
+    pub rope_global: Vec<f32>,
+    pub logits: Vec<f32>,
+    /// What the blocks use in passing: a block borrows these while `x` and the rotations are
+    /// borrowed elsewhere.
+    pub work: Work,
+}
+
+/// Intermediate buffers of the decoder blocks.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Work {
     pub normed: Vec<f32>,
     pub q: Vec<f32>,
     pub k: Vec<f32>,
@@ -109,11 +151,7 @@ pub(crate) struct Scratch {
     pub proj: Vec<f32>,
     pub gate: Vec<f32>,
     pub up: Vec<f32>,
-    pub logits: Vec<f32>,
     pub quantized: Vec<u8>,
-    /// Each token's local and global RoPE rotation (`head_dim` values per token).
-    pub rope_local: Vec<f32>,
-    pub rope_global: Vec<f32>,
 }
 
 /// One sequence's share of a batched forward pass: its new tokens, the soft tokens that

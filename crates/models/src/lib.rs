@@ -1,9 +1,17 @@
 //! Model definitions for the Gemma families: configs, weights, forward passes, KV caches.
 //!
 //! Each architecture is a config (data) plus one forward pass; kernels live in `gemma-kernels`.
+//! Three text families: [`gemma2`] (Gemma 2 and ShieldGemma: soft-capped attention and logits),
+//! [`gemma3`] (plus its SigLIP tower in [`vision`]) and [`gemma3n`]. What more than one family
+//! does alike (checkpoint names, the sliding/global cache plan, the embedding lookup, attention
+//! over the KV cache, the sandwich-norm attention and MLP blocks, the output head) is written once
+//! in the private `decoder` module; each family's forward pass calls it and spells out its own
+//! quirks.
 
 pub mod audio;
+mod decoder;
 mod error;
+pub mod gemma2;
 pub mod gemma3;
 pub mod gemma3n;
 mod kv_cache;
@@ -12,6 +20,7 @@ pub mod weights;
 
 pub use audio::{Gemma3nAudio, Gemma3nAudioConfig};
 pub use error::ModelError;
+pub use gemma2::{Gemma2, Gemma2Config};
 pub use gemma3::{Gemma3, Gemma3Config};
 pub use gemma3n::{Gemma3n, Gemma3nConfig};
 pub use gemma_kernels::ops::kv::CacheType;
@@ -34,6 +43,7 @@ pub enum Logits {
 // One per process, never moved in a hot loop: variant sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 pub enum Model {
+    Gemma2(Gemma2),
     Gemma3(Gemma3),
     Gemma3n(Gemma3n),
 }
@@ -51,7 +61,7 @@ pub(crate) fn layer_count(n: usize) -> Result<usize, ModelError> {
     Ok(n)
 }
 
-/// Gemma 3 `<end_of_turn>`: chat generation stops there as well as at EOS.
+/// Gemma 3 `<end_of_turn>`: chat generation stops there as well as at EOS (Gemma 2's is 107).
 const GEMMA_END_OF_TURN: u32 = 106;
 const GEMMA_EOS: u32 = 1;
 
@@ -65,6 +75,14 @@ pub fn load_model(file: &ModelFile) -> Result<Model, ModelError> {
 
 fn load_gguf(f: &GgufFile) -> Result<Model, ModelError> {
     match f.architecture()? {
+        "gemma2" => {
+            let cfg = Gemma2Config::from_gguf(f)?;
+            let loader = Loader {
+                source: f,
+                layout: WeightLayout::Gguf,
+            };
+            Ok(Model::Gemma2(Gemma2::load(cfg, &loader)?))
+        }
         "gemma3" => {
             let cfg = Gemma3Config::from_gguf(f)?;
             let loader = Loader {
@@ -93,6 +111,14 @@ const HF_PREFIXES: [&str; 4] = [
     "",
 ];
 
+/// The prefix under which `folder` keeps the text decoder (where `embed_tokens` is).
+fn hf_prefix(folder: &HfFolder) -> Result<&'static str, ModelError> {
+    HF_PREFIXES
+        .into_iter()
+        .find(|p| folder.tensor(&format!("{p}embed_tokens.weight")).is_some())
+        .ok_or_else(|| ModelError::MissingTensor("model.embed_tokens.weight".into()))
+}
+
 fn load_hf(folder: &HfFolder) -> Result<Model, ModelError> {
     let cfg = folder.config();
     let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
@@ -103,27 +129,40 @@ fn load_hf(folder: &HfFolder) -> Result<Model, ModelError> {
         .and_then(|v| v.as_str())
         .unwrap_or("");
     match model_type {
-        "gemma3_text" | "gemma3" => {
-            let config = Gemma3Config::from_hf_config(cfg)?;
-            let prefix = HF_PREFIXES
-                .into_iter()
-                .find(|p| folder.tensor(&format!("{p}embed_tokens.weight")).is_some())
-                .ok_or_else(|| ModelError::MissingTensor("model.embed_tokens.weight".into()))?;
+        "gemma2" => {
+            // The classification heads put `score` where the LM head would be: refuse them
+            // rather than read the tied embedding as a head.
+            if arch.contains("Classification") {
+                return Err(ModelError::Config(format!(
+                    "{arch} is a classifier head, not a causal LM (Gemma2ForCausalLM)"
+                )));
+            }
+            let config = Gemma2Config::from_hf_config(cfg)?;
             let loader = Loader {
                 source: folder,
-                layout: WeightLayout::HuggingFace { prefix },
+                layout: WeightLayout::HuggingFace {
+                    prefix: hf_prefix(folder)?,
+                },
+            };
+            Ok(Model::Gemma2(Gemma2::load(config, &loader)?))
+        }
+        "gemma3_text" | "gemma3" => {
+            let config = Gemma3Config::from_hf_config(cfg)?;
+            let loader = Loader {
+                source: folder,
+                layout: WeightLayout::HuggingFace {
+                    prefix: hf_prefix(folder)?,
+                },
             };
             Ok(Model::Gemma3(Gemma3::load(config, &loader)?))
         }
         "gemma3n_text" | "gemma3n" => {
             let config = Gemma3nConfig::from_hf_config(cfg)?;
-            let prefix = HF_PREFIXES
-                .into_iter()
-                .find(|p| folder.tensor(&format!("{p}embed_tokens.weight")).is_some())
-                .ok_or_else(|| ModelError::MissingTensor("model.embed_tokens.weight".into()))?;
             let loader = Loader {
                 source: folder,
-                layout: WeightLayout::HuggingFace { prefix },
+                layout: WeightLayout::HuggingFace {
+                    prefix: hf_prefix(folder)?,
+                },
             };
             Ok(Model::Gemma3n(Gemma3n::load(config, &loader)?))
         }
@@ -199,6 +238,59 @@ pub trait Decoder: Send + Sync {
             .into_iter()
             .filter(|&id| (id as usize) < self.vocab_size())
             .collect()
+    }
+}
+
+impl Decoder for Gemma2 {
+    fn architecture(&self) -> &'static str {
+        "gemma2"
+    }
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
+    }
+    fn hidden_size(&self) -> usize {
+        self.config().hidden_size
+    }
+    fn context_length(&self) -> usize {
+        self.config().max_position_embeddings
+    }
+    fn set_cache_type(&mut self, cache_type: CacheType) -> Result<(), ModelError> {
+        Gemma2::set_cache_type(self, cache_type)
+    }
+    fn cache_type(&self) -> CacheType {
+        Gemma2::cache_type(self)
+    }
+    fn new_cache(&self, ctx_size: usize) -> Result<KvCache, ModelError> {
+        Gemma2::new_cache(self, ctx_size)
+    }
+    fn kv_cache_bytes(&self, ctx_size: usize) -> usize {
+        Gemma2::kv_cache_bytes(self, ctx_size)
+    }
+    fn forward_embeds<'c>(
+        &self,
+        tokens: &[u32],
+        soft: &[SoftTokens<'_>],
+        cache: &'c mut KvCache,
+        logits: Logits,
+    ) -> Result<&'c [f32], ModelError> {
+        Gemma2::forward_embeds(self, tokens, soft, cache, logits)
+    }
+    fn forward_batch(
+        &self,
+        seqs: &mut [SeqStep<'_>],
+        logits_out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        Gemma2::forward_batch(self, seqs, logits_out)
+    }
+    fn describe(&self) -> Vec<(String, String)> {
+        Gemma2::describe(self)
+    }
+    fn weight_bytes(&self) -> usize {
+        Gemma2::weight_bytes(self)
+    }
+    /// `<eos>` and Gemma 2's `<end_of_turn>` (107; the default's 106 is its `<start_of_turn>`).
+    fn stop_token_ids(&self) -> Vec<u32> {
+        Gemma2::stop_token_ids(self)
     }
 }
 
@@ -307,6 +399,7 @@ impl Model {
     /// (Gemma 3n's MatFormer switching).
     pub fn decoder(&self) -> &(dyn Decoder + 'static) {
         match self {
+            Model::Gemma2(m) => m,
             Model::Gemma3(m) => m,
             Model::Gemma3n(m) => m,
         }
@@ -314,6 +407,7 @@ impl Model {
 
     pub fn decoder_mut(&mut self) -> &mut (dyn Decoder + 'static) {
         match self {
+            Model::Gemma2(m) => m,
             Model::Gemma3(m) => m,
             Model::Gemma3n(m) => m,
         }

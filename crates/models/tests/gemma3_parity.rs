@@ -4,11 +4,14 @@
 //! by token, or in uneven chunks that straddle the sliding window. The same checks run with an
 //! f16 KV cache at a tolerance derived from f16's precision (see [`F16_TOLERANCE`]).
 
+mod common;
+
+use common::{argmax, Reference};
+
 use std::path::PathBuf;
 
 use gemma_formats::open_model_source;
 use gemma_models::{load_model, CacheType, Logits, Model};
-use serde_json::Value;
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -31,42 +34,8 @@ fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma3_tiny")
 }
 
-struct Reference {
-    ids: Vec<u32>,
-    vocab: usize,
-    logits: Vec<Vec<f32>>,
-    greedy: Vec<u32>,
-}
-
 fn reference() -> Reference {
-    let text =
-        std::fs::read_to_string(fixture_dir().join("reference.json")).expect("reference.json");
-    let v: Value = serde_json::from_str(&text).unwrap();
-    let ids = |key: &str| -> Vec<u32> {
-        v[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    Reference {
-        ids: ids("input_ids"),
-        vocab: v["vocab_size"].as_u64().unwrap() as usize,
-        logits: v["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|row| {
-                row.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect()
-            })
-            .collect(),
-        greedy: ids("greedy_continuation"),
-    }
+    Reference::read(&fixture_dir())
 }
 
 fn load(path: PathBuf) -> Model {
@@ -156,16 +125,6 @@ fn check_model_within(what: &str, model: &Model, tolerance: f32) {
         generated.push(next);
     }
     assert_eq!(generated, r.greedy, "{what}: greedy continuation");
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[test]

@@ -3,6 +3,10 @@
 //! fed at once, token by token, or in uneven chunks that straddle the sliding window; the greedy
 //! continuation; and clear errors for broken checkpoints.
 
+mod common;
+
+use common::{argmax, max_diff, Reference};
+
 use std::path::{Path, PathBuf};
 
 use gemma_formats::open_model_source;
@@ -16,42 +20,8 @@ fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma3n_tiny")
 }
 
-struct Reference {
-    ids: Vec<u32>,
-    vocab: usize,
-    logits: Vec<Vec<f32>>,
-    greedy: Vec<u32>,
-}
-
 fn reference() -> Reference {
-    let text =
-        std::fs::read_to_string(fixture_dir().join("reference.json")).expect("reference.json");
-    let v: Value = serde_json::from_str(&text).unwrap();
-    let ids = |key: &str| -> Vec<u32> {
-        v[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    Reference {
-        ids: ids("input_ids"),
-        vocab: v["vocab_size"].as_u64().unwrap() as usize,
-        logits: v["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|row| {
-                row.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect()
-            })
-            .collect(),
-        greedy: ids("greedy_continuation"),
-    }
+    Reference::read(&fixture_dir())
 }
 
 fn try_load(path: &Path) -> Result<Model, ModelError> {
@@ -61,15 +31,6 @@ fn try_load(path: &Path) -> Result<Model, ModelError> {
 
 fn load(path: &Path) -> Model {
     try_load(path).unwrap_or_else(|e| panic!("load {}: {e}", path.display()))
-}
-
-/// Largest |difference| between our logits and the reference over `positions`.
-fn max_diff(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len(), "logits length");
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max)
 }
 
 /// Feeds the prompt in chunks of the given sizes; returns the worst difference over all positions.
@@ -95,16 +56,6 @@ fn chunked_max_diff(model: &Model, r: &Reference, chunks: &[usize]) -> f32 {
     assert_eq!(pos, r.ids.len(), "chunks must cover the prompt");
     assert_eq!(cache.len(), r.ids.len());
     worst
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn check_logits(what: &str, model: &Model) {

@@ -3,41 +3,9 @@
 use gemma_formats::GgufFile;
 use serde_json::Value;
 
+use crate::decoder::{check_attention_heads, check_nonzero};
+pub use crate::decoder::{LayerType, RopeParams};
 use crate::ModelError;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LayerType {
-    /// Local attention over the last `sliding_window` positions, RoPE base `rope_local.theta`.
-    Sliding,
-    /// Global attention over the whole context, RoPE `rope_global`.
-    Full,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RopeParams {
-    pub theta: f32,
-    /// Linear scaling: positions are divided by this (1.0 = none).
-    pub linear_factor: f32,
-}
-
-impl RopeParams {
-    /// A base of 0 (or 1, or NaN) makes every rotation NaN or zero: refuse it at load.
-    pub fn validate(&self, which: &str) -> Result<(), ModelError> {
-        if !(self.theta.is_finite() && self.theta > 1.0) {
-            return Err(ModelError::Config(format!(
-                "{which} RoPE base {} must be a finite number above 1",
-                self.theta
-            )));
-        }
-        if !(self.linear_factor.is_finite() && self.linear_factor > 0.0) {
-            return Err(ModelError::Config(format!(
-                "{which} RoPE scaling factor {} must be a positive finite number",
-                self.linear_factor
-            )));
-        }
-        Ok(())
-    }
-}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gemma3Config {
@@ -65,18 +33,6 @@ pub struct Gemma3Config {
 const DEFAULT_SLIDING_WINDOW_PATTERN: usize = 6;
 const DEFAULT_LOCAL_ROPE_THETA: f32 = 10_000.0;
 const DEFAULT_GLOBAL_ROPE_THETA: f32 = 1_000_000.0;
-
-fn pattern_layer_types(n_layers: usize, period: usize) -> Vec<LayerType> {
-    (0..n_layers)
-        .map(|i| {
-            if period > 0 && (i + 1) % period == 0 {
-                LayerType::Full
-            } else {
-                LayerType::Sliding
-            }
-        })
-        .collect()
-}
 
 impl Gemma3Config {
     /// Reads `gemma3.*` metadata. The GGUF leaves some values out; they are the published
@@ -112,20 +68,11 @@ impl Gemma3Config {
         }
         let layer_types = match f.get(&key("attention.sliding_window_pattern")) {
             // Newer llama.cpp files store one bool per layer (true = sliding).
-            Some(gemma_formats::MetaValue::Array(items)) => items
-                .iter()
-                .map(|v| match v {
-                    gemma_formats::MetaValue::Bool(true) => Ok(LayerType::Sliding),
-                    gemma_formats::MetaValue::Bool(false) => Ok(LayerType::Full),
-                    other => Err(ModelError::Config(format!(
-                        "sliding_window_pattern holds {other:?}, expected bools"
-                    ))),
-                })
-                .collect::<Result<Vec<_>, _>>()?,
+            Some(gemma_formats::MetaValue::Array(items)) => LayerType::from_gguf_flags(items)?,
             Some(_) => {
-                pattern_layer_types(num_hidden_layers, req("attention.sliding_window_pattern")?)
+                LayerType::pattern(num_hidden_layers, req("attention.sliding_window_pattern")?)
             }
-            None => pattern_layer_types(num_hidden_layers, DEFAULT_SLIDING_WINDOW_PATTERN),
+            None => LayerType::pattern(num_hidden_layers, DEFAULT_SLIDING_WINDOW_PATTERN),
         };
         let linear_factor = match f.get_str(&key("rope.scaling.type"))? {
             None | Some("none") => 1.0,
@@ -207,15 +154,8 @@ impl Gemma3Config {
             .map(|v| v as usize)
             .unwrap_or(256);
         let layer_types = match c.get("layer_types").and_then(Value::as_array) {
-            Some(items) => items
-                .iter()
-                .map(|v| match v.as_str() {
-                    Some("sliding_attention") => Ok(LayerType::Sliding),
-                    Some("full_attention") => Ok(LayerType::Full),
-                    _ => Err(ModelError::Config(format!("unknown layer type {v}"))),
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-            None => pattern_layer_types(
+            Some(items) => LayerType::from_hf(items)?,
+            None => LayerType::pattern(
                 num_hidden_layers,
                 c.get("sliding_window_pattern")
                     .and_then(Value::as_u64)
@@ -303,36 +243,18 @@ impl Gemma3Config {
     /// Rejects configurations the forward pass cannot run (zero sizes, heads that do not group).
     pub fn validate(&self) -> Result<(), ModelError> {
         let err = |m: String| Err(ModelError::Config(m));
-        if self.vocab_size == 0
-            || self.hidden_size == 0
-            || self.intermediate_size == 0
-            || self.head_dim == 0
-        {
-            return err(format!(
-                "zero size (vocab {}, hidden {}, ffn {}, head_dim {})",
-                self.vocab_size, self.hidden_size, self.intermediate_size, self.head_dim
-            ));
-        }
-        if self.num_hidden_layers == 0 || self.num_hidden_layers > 1024 {
-            return err(format!(
-                "implausible layer count {}",
-                self.num_hidden_layers
-            ));
-        }
-        if self.num_attention_heads == 0
-            || self.num_key_value_heads == 0
-            || !self
-                .num_attention_heads
-                .is_multiple_of(self.num_key_value_heads)
-        {
-            return err(format!(
-                "{} attention heads cannot share {} key/value heads",
-                self.num_attention_heads, self.num_key_value_heads
-            ));
-        }
-        if !self.head_dim.is_multiple_of(2) {
-            return err(format!("head_dim {} must be even for RoPE", self.head_dim));
-        }
+        check_nonzero(&[
+            ("vocab", self.vocab_size),
+            ("hidden", self.hidden_size),
+            ("ffn", self.intermediate_size),
+            ("head_dim", self.head_dim),
+        ])?;
+        crate::layer_count(self.num_hidden_layers)?;
+        check_attention_heads(
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        )?;
         if self.layer_types.len() != self.num_hidden_layers {
             return err(format!(
                 "{} layer types for {} layers",

@@ -6,7 +6,7 @@ use serde_json::Value;
 use gemma_formats::{GgufFile, MetaValue};
 
 use super::normal_quantile;
-use crate::gemma3::{LayerType, RopeParams};
+use crate::decoder::{check_attention_heads, check_nonzero, LayerType, RopeParams};
 use crate::ModelError;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -93,24 +93,9 @@ impl Gemma3nConfig {
             None => return Err(err("config.json lacks 'intermediate_size'".into())),
         };
         let layer_types = match c.get("layer_types").and_then(Value::as_array) {
-            Some(items) => items
-                .iter()
-                .map(|v| match v.as_str() {
-                    Some("sliding_attention") => Ok(LayerType::Sliding),
-                    Some("full_attention") => Ok(LayerType::Full),
-                    _ => Err(err(format!("unknown layer type {v}"))),
-                })
-                .collect::<Result<Vec<_>, _>>()?,
+            Some(items) => LayerType::from_hf(items)?,
             // transformers' default: 4 sliding layers, then a full one.
-            None => (0..n)
-                .map(|i| {
-                    if (i + 1) % 5 == 0 {
-                        LayerType::Full
-                    } else {
-                        LayerType::Sliding
-                    }
-                })
-                .collect(),
+            None => LayerType::pattern(n, 5),
         };
         let sparsity_pattern = match c.get("activation_sparsity_pattern") {
             Some(Value::Array(items)) => items
@@ -244,16 +229,7 @@ impl Gemma3nConfig {
             _ => vec![req("feed_forward_length")?; n],
         };
         let layer_types = match f.get(&key("attention.sliding_window_pattern")) {
-            Some(MetaValue::Array(items)) => items
-                .iter()
-                .map(|v| match v {
-                    MetaValue::Bool(true) => Ok(LayerType::Sliding),
-                    MetaValue::Bool(false) => Ok(LayerType::Full),
-                    other => Err(err(format!(
-                        "sliding_window_pattern holds {other:?}, expected bools"
-                    ))),
-                })
-                .collect::<Result<Vec<_>, _>>()?,
+            Some(MetaValue::Array(items)) => LayerType::from_gguf_flags(items)?,
             _ => {
                 return Err(err(format!(
                     "GGUF metadata lacks the per-layer '{}'",
@@ -324,23 +300,14 @@ impl Gemma3nConfig {
         }
         self.rope_local.validate("local")?;
         self.rope_global.validate("global")?;
-        if self.vocab_size == 0
-            || self.vocab_size_per_layer_input == 0
-            || self.hidden_size == 0
-            || self.hidden_size_per_layer_input == 0
-            || self.head_dim == 0
-            || self.laurel_rank == 0
-        {
-            return err(format!(
-                "zero size (vocab {}, per-layer vocab {}, hidden {}, per-layer hidden {}, head_dim {}, laurel rank {})",
-                self.vocab_size,
-                self.vocab_size_per_layer_input,
-                self.hidden_size,
-                self.hidden_size_per_layer_input,
-                self.head_dim,
-                self.laurel_rank
-            ));
-        }
+        check_nonzero(&[
+            ("vocab", self.vocab_size),
+            ("per-layer vocab", self.vocab_size_per_layer_input),
+            ("hidden", self.hidden_size),
+            ("per-layer hidden", self.hidden_size_per_layer_input),
+            ("head_dim", self.head_dim),
+            ("laurel rank", self.laurel_rank),
+        ])?;
         for (what, len) in [
             ("intermediate_size", self.intermediate_size.len()),
             ("layer_types", self.layer_types.len()),
@@ -364,20 +331,11 @@ impl Gemma3nConfig {
         {
             return err(format!("activation sparsity multiplier {z} is not finite"));
         }
-        if self.num_attention_heads == 0
-            || self.num_key_value_heads == 0
-            || !self
-                .num_attention_heads
-                .is_multiple_of(self.num_key_value_heads)
-        {
-            return err(format!(
-                "{} attention heads cannot share {} key/value heads",
-                self.num_attention_heads, self.num_key_value_heads
-            ));
-        }
-        if !self.head_dim.is_multiple_of(2) {
-            return err(format!("head_dim {} must be even for RoPE", self.head_dim));
-        }
+        check_attention_heads(
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        )?;
         if self.sliding_window == 0 {
             return err("sliding window of 0".into());
         }

@@ -25,7 +25,9 @@ use gemma_kernels::ops::kv::CacheType;
 use gemma_kernels::ops::{self, Rope};
 use gemma_kernels::pool::ThreadPool;
 
-use crate::gemma3::LayerType;
+use crate::decoder::{
+    embed_tokens, embedding_scale, rotations, CachePlan, LayerType, Names, OutputHead,
+};
 use crate::kv_cache::{check_soft_tokens, is_soft, sized, KvCache, SoftTokens};
 use crate::weights::{linear, linear_shared_input, Linear, Loader, WeightLayout};
 use crate::{Logits, ModelError};
@@ -121,88 +123,20 @@ pub struct Gemma3n {
     cache_type: CacheType,
 }
 
-/// Tensor names of one checkpoint layout; callers speak transformers' names.
-struct Names {
-    layout: WeightLayout,
-}
-
-impl Names {
-    /// A model-level tensor, by its transformers module name (`embed_tokens`, `norm`, ...).
-    fn top(&self, hf: &str) -> String {
-        match self.layout {
-            WeightLayout::HuggingFace { prefix } => format!("{prefix}{hf}.weight"),
-            WeightLayout::Gguf => {
-                let gguf = match hf {
-                    "embed_tokens" => "token_embd",
-                    "embed_tokens_per_layer" => "per_layer_token_embd",
-                    "per_layer_model_projection" => "per_layer_model_proj",
-                    "per_layer_projection_norm" => "per_layer_proj_norm",
-                    "norm" => "output_norm",
-                    "altup_projections" => "altup_proj",
-                    "altup_unembed_projections" => "altup_unembd_proj",
-                    other => unreachable!("no GGUF name for {other}"),
-                };
-                format!("{gguf}.weight")
-            }
-        }
-    }
-
-    /// A tensor of layer `i`, by its transformers module path inside the layer.
-    fn layer(&self, i: usize, hf: &str) -> String {
-        match self.layout {
-            // A bare parameter, not a module's weight.
-            WeightLayout::HuggingFace { prefix } if hf == "altup.correct_output_scale" => {
-                format!("{prefix}layers.{i}.{hf}")
-            }
-            WeightLayout::HuggingFace { prefix } => format!("{prefix}layers.{i}.{hf}.weight"),
-            WeightLayout::Gguf => {
-                let gguf = match hf {
-                    "self_attn.q_proj" => "attn_q",
-                    "self_attn.k_proj" => "attn_k",
-                    "self_attn.v_proj" => "attn_v",
-                    "self_attn.o_proj" => "attn_output",
-                    "self_attn.q_norm" => "attn_q_norm",
-                    "self_attn.k_norm" => "attn_k_norm",
-                    "input_layernorm" => "attn_norm",
-                    "post_attention_layernorm" => "post_attention_norm",
-                    "pre_feedforward_layernorm" => "ffn_norm",
-                    "post_feedforward_layernorm" => "post_ffw_norm",
-                    "mlp.gate_proj" => "ffn_gate",
-                    "mlp.up_proj" => "ffn_up",
-                    "mlp.down_proj" => "ffn_down",
-                    "per_layer_input_gate" => "inp_gate",
-                    "per_layer_projection" => "proj",
-                    "post_per_layer_input_norm" => "post_norm",
-                    "altup.correction_coefs" => "altup_correct_coef",
-                    "altup.correct_output_scale" => "altup_correct_scale",
-                    "altup.prediction_coefs" => "altup_predict_coef",
-                    "altup.modality_router" => "altup_router",
-                    "altup.router_norm" => "altup_router_norm",
-                    "laurel.linear_left" => "laurel_l",
-                    "laurel.linear_right" => "laurel_r",
-                    "laurel.post_laurel_norm" => "laurel_post_norm",
-                    other => unreachable!("no GGUF name for {other}"),
-                };
-                format!("blk.{i}.{gguf}.weight")
-            }
-        }
-    }
-
-    /// The `count` AltUp stream projections: one tensor each in transformers checkpoints,
-    /// stacked into one `[count, H, H]` tensor by llama.cpp.
-    fn stream_projections(
-        &self,
-        loader: &Loader<'_>,
-        hf: &str,
-        count: usize,
-        h: usize,
-    ) -> Result<Vec<Linear>, ModelError> {
-        match self.layout {
-            WeightLayout::HuggingFace { prefix } => (0..count)
-                .map(|i| loader.linear(&format!("{prefix}{hf}.{i}.weight"), h, h))
-                .collect(),
-            WeightLayout::Gguf => loader.stacked_linears(&self.top(hf), count, h, h),
-        }
+/// The `count` AltUp stream projections: one tensor each in transformers checkpoints,
+/// stacked into one `[count, H, H]` tensor by llama.cpp.
+fn stream_projections(
+    loader: &Loader<'_>,
+    names: &Names,
+    hf: &str,
+    count: usize,
+    h: usize,
+) -> Result<Vec<Linear>, ModelError> {
+    match names.layout {
+        WeightLayout::HuggingFace { prefix } => (0..count)
+            .map(|i| loader.linear(&format!("{prefix}{hf}.{i}.weight"), h, h))
+            .collect(),
+        WeightLayout::Gguf => loader.stacked_linears(&names.top(hf), count, h, h),
     }
 }
 
@@ -214,21 +148,6 @@ fn dense(w: &Linear) -> Vec<f32> {
         matmul::dequantize_row(&m, r, row);
     }
     out
-}
-
-/// `sqrt(n)` as the checkpoint's reference multiplies embeddings by it: transformers casts it to
-/// the table's dtype (bf16 turns sqrt(2048) into 45.25); llama.cpp uses the f32 value.
-fn embedding_scale(n: usize, table: &Linear, layout: WeightLayout) -> f32 {
-    let s = (n as f32).sqrt();
-    match (layout, table.dtype) {
-        (WeightLayout::HuggingFace { .. }, gemma_formats::GgmlType::BF16) => {
-            half::bf16::from_f32(s).to_f32()
-        }
-        (WeightLayout::HuggingFace { .. }, gemma_formats::GgmlType::F16) => {
-            half::f16::from_f32(s).to_f32()
-        }
-        _ => s,
-    }
 }
 
 impl Gemma3n {
@@ -343,15 +262,8 @@ impl Gemma3n {
             c.vocab_size_per_layer_input,
             n_layers * p,
         )?;
-        let streams = |name: &str| n.stream_projections(loader, name, k_streams - 1, h);
-        let lm_head_name = match loader.layout {
-            WeightLayout::HuggingFace { .. } => "lm_head.weight",
-            WeightLayout::Gguf => "output.weight",
-        };
-        let lm_head = match loader.source.tensor(lm_head_name) {
-            Some(_) => Some(loader.linear(lm_head_name, c.vocab_size, h)?),
-            None => None,
-        };
+        let streams = |name: &str| stream_projections(loader, &n, name, k_streams - 1, h);
+        let lm_head = n.optional_lm_head(loader, c.vocab_size, h)?;
         Ok(Gemma3n {
             embed_scale: embedding_scale(h, &embed_tokens, loader.layout),
             per_layer_embed_scale: embedding_scale(p, &embed_tokens_per_layer, loader.layout),
@@ -420,16 +332,15 @@ impl Gemma3n {
         Ok(())
     }
 
-    /// Cache rows per KV-producing layer (consumers hold none).
-    fn kv_capacities(&self, ctx_size: usize) -> Vec<usize> {
+    /// One ring per KV-producing layer (consumers hold none): the window for sliding layers,
+    /// the context for global ones.
+    fn cache_plan(&self) -> CachePlan<'_> {
         let c = &self.config;
-        c.layer_types[..c.first_kv_shared_layer()]
-            .iter()
-            .map(|t| match t {
-                LayerType::Sliding => c.sliding_window.min(ctx_size),
-                LayerType::Full => ctx_size,
-            })
-            .collect()
+        CachePlan {
+            layer_types: &c.layer_types[..c.first_kv_shared_layer()],
+            sliding_window: c.sliding_window,
+            row: self.kv_row(),
+        }
     }
 
     fn kv_row(&self) -> usize {
@@ -450,23 +361,11 @@ impl Gemma3n {
     }
 
     pub fn new_cache(&self, ctx_size: usize) -> Result<KvCache, ModelError> {
-        if ctx_size == 0 {
-            return Err(ModelError::Config("context size must be at least 1".into()));
-        }
-        KvCache::new(
-            ctx_size,
-            &self.kv_capacities(ctx_size),
-            self.kv_row(),
-            self.cache_type,
-        )
+        self.cache_plan().new_cache(ctx_size, self.cache_type)
     }
 
     pub fn kv_cache_bytes(&self, ctx_size: usize) -> usize {
-        KvCache::bytes_for(
-            &self.kv_capacities(ctx_size),
-            self.kv_row(),
-            self.cache_type,
-        )
+        self.cache_plan().bytes(ctx_size, self.cache_type)
     }
 
     /// Bytes of the weights the forward pass reads for every token (the PLE table is read one
@@ -634,18 +533,14 @@ impl Gemma3n {
 
         // Embeddings scaled by sqrt(H), and the per-layer inputs derived from them.
         let mut embeds = vec![0.0; plane];
-        let embed = self.embed_tokens.matrix();
-        for (t, (row, &id)) in embeds.chunks_exact_mut(h).zip(tokens).enumerate() {
-            if !is_soft(soft, h, t) {
-                matmul::dequantize_row(&embed, id as usize, row);
-                ops::scale_inplace(row, self.embed_scale);
-            }
-        }
-        for run in soft {
-            let rows = run.rows(h);
-            embeds[rows.start * h..rows.end * h].copy_from_slice(run.embeds);
-        }
-        let ple = self.per_layer_inputs(pool, tokens, &embeds, &mut scratch.quantized);
+        embed_tokens(
+            &self.embed_tokens,
+            self.embed_scale,
+            tokens,
+            soft,
+            &mut embeds,
+        );
+        let ple = self.per_layer_inputs(pool, tokens, &embeds, &mut scratch.work.quantized);
 
         // AltUp streams `[stream, token, hidden]`: the embedding, then projections of it
         // rescaled to its RMS magnitude.
@@ -653,7 +548,14 @@ impl Gemma3n {
         streams[..plane].copy_from_slice(&embeds);
         for (s, proj) in self.altup_projections.iter().enumerate() {
             let dst = &mut streams[(s + 1) * plane..(s + 2) * plane];
-            linear(pool, proj, &embeds, n_tokens, dst, &mut scratch.quantized);
+            linear(
+                pool,
+                proj,
+                &embeds,
+                n_tokens,
+                dst,
+                &mut scratch.work.quantized,
+            );
             rescale_to_magnitude(dst, &embeds, h);
         }
 
@@ -668,15 +570,9 @@ impl Gemma3n {
 
         // Each token's rotations, shared by all layers of a kind.
         let rot_local = sized(&mut scratch.rope_local, n_tokens * hd);
+        rotations(&self.rope_local, pos0..pos0 + n_tokens, rot_local);
         let rot_global = sized(&mut scratch.rope_global, n_tokens * hd);
-        for (t, (local, global)) in rot_local
-            .chunks_exact_mut(hd)
-            .zip(rot_global.chunks_exact_mut(hd))
-            .enumerate()
-        {
-            self.rope_local.rotation(pos0 + t, local);
-            self.rope_global.rotation(pos0 + t, global);
-        }
+        rotations(&self.rope_global, pos0..pos0 + n_tokens, rot_global);
 
         // `i` numbers the active layers (config, KV cache); `stored_layer` picks the weights and
         // the layer's PLE columns, which keep their place in the stored table.
@@ -708,7 +604,7 @@ impl Gemma3n {
                 .altup
                 .predict(&streams, &mut predictions, n_tokens, h, c.rms_norm_eps);
             active.copy_from_slice(&predictions[..plane]);
-            let normed = sized(&mut scratch.normed, plane);
+            let normed = sized(&mut scratch.work.normed, plane);
             normed.copy_from_slice(&active);
             ops::rms_norm_inplace(normed, &layer.input_layernorm, c.rms_norm_eps);
 
@@ -717,9 +613,9 @@ impl Gemma3n {
             // computes them) quantizes it once and runs as one pool job.
             let lr = &layer.laurel;
             let a = &layer.self_attn;
-            let q = sized(&mut scratch.q, n_tokens * q_dim);
-            let k = sized(&mut scratch.k, n_tokens * kv_dim);
-            let v = sized(&mut scratch.v, n_tokens * kv_dim);
+            let q = sized(&mut scratch.work.q, n_tokens * q_dim);
+            let k = sized(&mut scratch.work.k, n_tokens * kv_dim);
+            let v = sized(&mut scratch.work.v, n_tokens * kv_dim);
             match &a.kv {
                 Some(kv) => linear_shared_input(
                     pool,
@@ -727,7 +623,7 @@ impl Gemma3n {
                     normed,
                     n_tokens,
                     [&mut laurel_low[..], &mut *q, &mut *k, &mut *v],
-                    &mut scratch.quantized,
+                    &mut scratch.work.quantized,
                 ),
                 None => linear_shared_input(
                     pool,
@@ -735,7 +631,7 @@ impl Gemma3n {
                     normed,
                     n_tokens,
                     [&mut laurel_low[..], &mut *q],
-                    &mut scratch.quantized,
+                    &mut scratch.work.quantized,
                 ),
             }
             linear(
@@ -744,7 +640,7 @@ impl Gemma3n {
                 &laurel_low,
                 n_tokens,
                 &mut laurel,
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             ops::rms_norm_inplace(&mut laurel, &lr.post_laurel_norm, c.rms_norm_eps);
             ops::add_inplace(&mut laurel, normed);
@@ -767,7 +663,7 @@ impl Gemma3n {
                     stored_kv.round_to_storage(v);
                 }
             }
-            let attn_out = sized(&mut scratch.attn, n_tokens * q_dim);
+            let attn_out = sized(&mut scratch.work.attn, n_tokens * q_dim);
             {
                 let (keys, values): (&[f32], &[f32]) = match &shared_kv[kv_src] {
                     Some((sk, sv)) if kv_src != i => (sk, sv),
@@ -779,21 +675,8 @@ impl Gemma3n {
                     first_pos: pos0,
                     len: n_tokens,
                 };
-                let mut segments = [fresh; 3];
-                let mut n_segments = 0;
-                for seg in kv_layers[kv_src].segments(pos0) {
-                    segments[n_segments] = seg;
-                    n_segments += 1;
-                }
-                segments[n_segments] = fresh;
-                attention(
-                    pool,
-                    &attn_params,
-                    q,
-                    pos0,
-                    &segments[..=n_segments],
-                    attn_out,
-                );
+                let segments = kv_layers[kv_src].history_then(pos0, fresh);
+                attention(pool, &attn_params, q, pos0, &segments, attn_out);
             }
             if is_source {
                 shared_kv[i] = Some((k.to_vec(), v.to_vec()));
@@ -807,7 +690,7 @@ impl Gemma3n {
                 attn_out,
                 n_tokens,
                 x,
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             ops::rms_norm_inplace(x, &layer.post_attention_layernorm, c.rms_norm_eps);
 
@@ -819,25 +702,25 @@ impl Gemma3n {
             // MLP with optional Gaussian top-k sparsity on the gate.
             let m = &layer.mlp;
             let ffn = m.gate_proj.rows;
-            let normed = sized(&mut scratch.normed, plane);
+            let normed = sized(&mut scratch.work.normed, plane);
             normed.copy_from_slice(x);
             ops::rms_norm_inplace(normed, &layer.pre_feedforward_layernorm, c.rms_norm_eps);
-            let gate = sized(&mut scratch.gate, n_tokens * ffn);
-            let up = sized(&mut scratch.up, n_tokens * ffn);
+            let gate = sized(&mut scratch.work.gate, n_tokens * ffn);
+            let up = sized(&mut scratch.work.up, n_tokens * ffn);
             linear_shared_input(
                 pool,
                 [&m.gate_proj, &m.up_proj],
                 normed,
                 n_tokens,
                 [&mut *gate, &mut *up],
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             if let Some(z) = m.sparsity_std_multiplier {
                 gate.chunks_exact_mut(ffn)
                     .for_each(|row| gaussian_top_k(row, z));
             }
             ops::gelu_tanh_mul_inplace(gate, up);
-            let proj = sized(&mut scratch.proj, plane);
+            let proj = sized(&mut scratch.work.proj, plane);
             let stored = m.down_proj.cols;
             let padded: Vec<f32>;
             let activation: &[f32] = if stored > ffn {
@@ -857,7 +740,7 @@ impl Gemma3n {
                 activation,
                 n_tokens,
                 proj,
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             ops::rms_norm_inplace(proj, &layer.post_feedforward_layernorm, c.rms_norm_eps);
             ops::add_inplace(x, proj);
@@ -869,7 +752,7 @@ impl Gemma3n {
 
             // Per-layer input: gate the corrected active stream, multiply by this layer's PLE,
             // project back and add to the other streams.
-            let first = sized(&mut scratch.normed, plane);
+            let first = sized(&mut scratch.work.normed, plane);
             first.copy_from_slice(&streams[..plane]);
             if c.altup_correct_scale {
                 for row in first.chunks_exact_mut(h) {
@@ -884,7 +767,7 @@ impl Gemma3n {
                 first,
                 n_tokens,
                 &mut gate_ple,
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             let width = self.layers.len() * p;
             for (t, row) in gate_ple.chunks_exact_mut(p).enumerate() {
@@ -893,14 +776,14 @@ impl Gemma3n {
                     *g = ops::gelu_tanh(*g) * e;
                 }
             }
-            let proj = sized(&mut scratch.proj, plane);
+            let proj = sized(&mut scratch.work.proj, plane);
             linear(
                 pool,
                 &layer.per_layer_projection,
                 &gate_ple,
                 n_tokens,
                 proj,
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             ops::rms_norm_inplace(proj, &layer.post_per_layer_input_norm, c.rms_norm_eps);
             for s in 1..n_streams {
@@ -939,25 +822,24 @@ impl Gemma3n {
                 src,
                 n_rows,
                 &mut unembedded,
-                &mut scratch.quantized,
+                &mut scratch.work.quantized,
             );
             rescale_to_magnitude(&mut unembedded, &streams[span.clone()], h);
             ops::add_inplace(hidden, &unembedded);
         }
         ops::scale_inplace(hidden, 1.0 / n_streams as f32);
-        ops::rms_norm_inplace(hidden, &self.norm, c.rms_norm_eps);
-        let out = sized(&mut scratch.logits, n_rows * c.vocab_size);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        linear(pool, head, hidden, n_rows, out, &mut scratch.quantized);
-        if let Some(cap) = c.final_logit_softcapping {
-            ops::softcap_inplace(out, cap);
-        }
-        if !ops::all_finite(out) {
-            return Err(ModelError::NonFinite {
-                where_: "the LM head (the logits)".into(),
-            });
-        }
-        Ok(out)
+        let head = OutputHead {
+            norm: &self.norm,
+            eps: c.rms_norm_eps,
+            head: self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
+            softcap: c.final_logit_softcapping,
+        };
+        Ok(head.logits(
+            pool,
+            hidden,
+            &mut scratch.logits,
+            &mut scratch.work.quantized,
+        )?)
     }
 
     pub fn describe(&self) -> Vec<(String, String)> {
