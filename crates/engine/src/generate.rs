@@ -180,40 +180,8 @@ impl<'m> Session<'m> {
         params: &SamplingParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
-        let hidden = self.loaded.model.hidden_size();
-        self.check_vocab(new_ids, soft)?;
-        if !soft.is_empty() || !self.soft.is_empty() {
-            let total = self.history.len() + new_ids.len();
-            if total > self.cache.ctx_size() {
-                bail!(
-                    "the prompt with its media needs {total} tokens but the context size is {} \
-                     (use a larger --ctx-size or fewer images; media is never truncated)",
-                    self.cache.ctx_size()
-                );
-            }
-        }
-        let base = self.history.len();
-        self.fit_into_context(new_ids, params)?;
-        self.soft.extend(soft.iter().map(|s| SoftSpan {
-            start: base + s.start,
-            ..s.clone()
-        }));
-
         let prompt_start = Instant::now();
-        let fed_before = self.cache.len();
-        let end = self.history.len();
-        if fed_before == end {
-            bail!("nothing to generate from: the prompt is empty");
-        }
-        // Pieces of `batch_size` tokens bound the activation memory; an image is never cut.
-        let mut start = fed_before;
-        while start < end {
-            let stop = (start + self.loaded.batch_size.max(1)).min(end);
-            let stop = chunk_end(&self.soft, hidden, start, stop);
-            self.feed(start..stop)?;
-            start = stop;
-        }
-        let to_feed = end - fed_before;
+        let to_feed = self.prefill(new_ids, soft, params, Logits::Last)?;
         let prompt_secs = prompt_start.elapsed().as_secs_f64();
 
         let gen_start = Instant::now();
@@ -247,7 +215,7 @@ impl<'m> Session<'m> {
                 break StopReason::ContextFull;
             }
             let at = self.history.len() - 1;
-            self.feed(at..at + 1)?;
+            self.feed(at..at + 1, Logits::Last)?;
         };
         if matches!(
             stop_reason,
@@ -271,6 +239,58 @@ impl<'m> Session<'m> {
             stop_reason,
             tokens: generated,
         })
+    }
+
+    /// Feeds `ids` (with `soft` placed on them) after what the session holds, computing no
+    /// logits: a prompt's prefix, or streamed audio, whose answer comes later.
+    pub fn append(&mut self, ids: &[u32], soft: &[SoftSpan]) -> Result<()> {
+        self.prefill(ids, soft, &SamplingParams::default(), Logits::None)?;
+        Ok(())
+    }
+
+    /// Appends `new_ids` (and their soft tokens) to the sequence and feeds them, in pieces of
+    /// the batch size, with `last` logits of the final piece. Returns how many tokens were fed.
+    fn prefill(
+        &mut self,
+        new_ids: &[u32],
+        soft: &[SoftSpan],
+        params: &SamplingParams,
+        last: Logits,
+    ) -> Result<usize> {
+        let hidden = self.loaded.model.hidden_size();
+        self.check_vocab(new_ids, soft)?;
+        if !soft.is_empty() || !self.soft.is_empty() {
+            let total = self.history.len() + new_ids.len();
+            if total > self.cache.ctx_size() {
+                bail!(
+                    "the prompt with its media needs {total} tokens but the context size is {} \
+                     (use a larger --ctx-size or fewer images; media is never truncated)",
+                    self.cache.ctx_size()
+                );
+            }
+        }
+        let base = self.history.len();
+        self.fit_into_context(new_ids, params)?;
+        self.soft.extend(soft.iter().map(|s| SoftSpan {
+            start: base + s.start,
+            ..s.clone()
+        }));
+        let fed_before = self.cache.len();
+        let end = self.history.len();
+        if fed_before == end {
+            bail!("nothing to generate from: the prompt is empty");
+        }
+        // Pieces of `batch_size` tokens bound the activation memory; an image is never cut.
+        let mut start = fed_before;
+        while start < end {
+            let stop = (start + self.loaded.batch_size.max(1)).min(end);
+            let stop = chunk_end(&self.soft, hidden, start, stop);
+            // Only the last piece's last logits can be sampled from.
+            let wanted = if stop == end { last } else { Logits::None };
+            self.feed(start..stop, wanted)?;
+            start = stop;
+        }
+        Ok(end - fed_before)
     }
 
     /// Feeds `ids` (with `soft` placed on them) after what the session holds and returns the
@@ -335,7 +355,7 @@ impl<'m> Session<'m> {
 
     /// Runs the model on the history's positions `range` (the next ones the cache lacks) and
     /// keeps the logits of the last one.
-    fn feed(&mut self, range: std::ops::Range<usize>) -> Result<()> {
+    fn feed(&mut self, range: std::ops::Range<usize>, logits: Logits) -> Result<()> {
         let hidden = self.loaded.model.hidden_size();
         let soft: Vec<SoftTokens<'_>> = self
             .soft
@@ -354,7 +374,7 @@ impl<'m> Session<'m> {
             &self.history[range],
             &soft,
             &mut self.cache,
-            Logits::Last,
+            logits,
         )?;
         self.logits.clear();
         self.logits.extend_from_slice(logits);

@@ -117,7 +117,7 @@ impl<'m> LiveAudio<'m> {
         }
         if self.session.history().is_empty() {
             let prefix = self.prefix.clone();
-            self.session.evaluate(&prefix, &[])?;
+            self.session.append(&prefix, &[])?;
         }
         self.window_samples += take;
         let frames = self.mel.push(&samples[..take]);
@@ -147,7 +147,7 @@ impl<'m> LiveAudio<'m> {
             bidirectional: false,
             key: key.finalize().into(),
         };
-        self.session.evaluate(&vec![c.audio_token_id; n], &[span])?;
+        self.session.append(&vec![c.audio_token_id; n], &[span])?;
         self.tokens += n;
         Ok(())
     }

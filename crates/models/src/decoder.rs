@@ -608,6 +608,7 @@ pub(crate) fn gather_logit_rows(
         let wanted = match logits {
             Logits::Last => row + n - 1..row + n,
             Logits::All => row..row + n,
+            Logits::None => row..row,
         };
         for r in wanted {
             x.copy_within(r * hidden..(r + 1) * hidden, n_rows * hidden);

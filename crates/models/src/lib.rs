@@ -37,6 +37,9 @@ pub enum Logits {
     Last,
     /// Every token's (`tokens × vocab_size` values): scoring, perplexity, parity checks.
     All,
+    /// None (an empty slice): the tokens only fill the cache, as a prompt's earlier chunks or
+    /// streamed audio do. Saves the LM head, a read of the whole embedding table.
+    None,
 }
 
 /// A loaded decoder of any supported architecture: [`Decoder`] through `Deref`.

@@ -808,6 +808,7 @@ impl Gemma3n {
         let rows = match logits {
             Logits::Last => n_tokens - 1..n_tokens,
             Logits::All => 0..n_tokens,
+            Logits::None => 0..0,
         };
         let n_rows = rows.len();
         let span = rows.start * h..rows.end * h;
