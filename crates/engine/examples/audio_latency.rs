@@ -105,7 +105,7 @@ fn write(dir: &Path) -> Result<(), String> {
         offset += bytes;
     }
     let mut header = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let file = std::fs::File::create(dir.join("model.safetensors")).map_err(|e| e.to_string())?;
