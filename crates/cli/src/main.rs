@@ -53,6 +53,35 @@ pub struct CommonArgs {
     /// llama.cpp's multimodal projector GGUF (vision tower) for a text GGUF
     #[arg(long, global = true, value_name = "FILE")]
     pub mmproj: Option<PathBuf>,
+    /// Gemma 3n: store the audio encoder's matrices as q8_0 (half the bytes of the published
+    /// bf16 per streamed chunk, int8 dot products; close to, not equal to, the reference) or
+    /// f16, f32; `stored` keeps the checkpoint's type
+    #[arg(long, global = true, default_value = "stored", value_name = "TYPE")]
+    pub audio_weights: AudioWeights,
+}
+
+/// `--audio-weights`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AudioWeights {
+    Stored,
+    #[value(name = "q8_0")]
+    Q8_0,
+    F16,
+    Bf16,
+    F32,
+}
+
+impl AudioWeights {
+    fn dtype(self) -> Option<gemma_engine::gemma_formats::GgmlType> {
+        use gemma_engine::gemma_formats::GgmlType;
+        match self {
+            AudioWeights::Stored => None,
+            AudioWeights::Q8_0 => Some(GgmlType::Q8_0),
+            AudioWeights::F16 => Some(GgmlType::F16),
+            AudioWeights::Bf16 => Some(GgmlType::BF16),
+            AudioWeights::F32 => Some(GgmlType::F32),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -173,6 +202,7 @@ impl CommonArgs {
                 _ => gemma_engine::WeightMemory::Auto,
             },
             mmproj: self.mmproj.clone(),
+            audio_weights: self.audio_weights.dtype(),
             ..gemma_engine::LoadOptions::default()
         }
     }

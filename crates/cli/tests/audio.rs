@@ -309,3 +309,50 @@ fn transcribe_streams_pcm_from_stdin() {
     );
     assert_clean_error(&out, &["takes no audio"]);
 }
+
+/// `--audio-weights q8_0` runs the tower on int8 dot products: close to the reference, not
+/// equal (the top logits keep their order here).
+#[test]
+fn q8_0_audio_weights_stay_close() {
+    let (ids, want, _) = reference_prompt("speech_16k_mono", "between_text");
+    let model = model();
+    let speech = wav("speech_16k_mono");
+    let args = [
+        "logits",
+        "-q",
+        "--model",
+        &model,
+        "--cache-type",
+        "f32",
+        "--top",
+        "3",
+        "--audio",
+        &speech,
+        "--ids",
+        &ids,
+        "--audio-weights",
+        "q8_0",
+    ];
+    let out = gemma(&args, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let mut moved = 0.0f32;
+    for p in json["top"].as_array().unwrap() {
+        let (id, logit) = (
+            p[0].as_u64().unwrap() as usize,
+            p[1].as_f64().unwrap() as f32,
+        );
+        assert!(
+            (logit - want[id]).abs() < 0.1,
+            "{id}: {logit} vs {}",
+            want[id]
+        );
+        moved = moved.max((logit - want[id]).abs());
+    }
+    // The weights really were requantized (as stored, the logits agree within 1e-4).
+    assert!(moved > 1e-3, "{moved}");
+    let mut bad = args.to_vec();
+    *bad.last_mut().unwrap() = "q3";
+    let out = gemma(&bad, None);
+    assert!(!out.status.success());
+}

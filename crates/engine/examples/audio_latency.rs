@@ -12,7 +12,8 @@
 //! JSON line: per-chunk time from the chunk's arrival to its tokens being in the cache (median,
 //! p90, max; and the median of its front end + encoder + embedder part), the whole-clip encode
 //! time of the same 30 s, and the tower's weight bytes. The
-//! thread count is `GEMMA_THREADS`.
+//! thread count is `GEMMA_THREADS`; `AUDIO_WEIGHTS=bf16|f16|q8_0` stores the tower's matrices
+//! so (default bf16, as published); `AUDIO_CHUNK_MS` sets the push size (default 160).
 
 use std::io::Write;
 use std::path::Path;
@@ -168,7 +169,18 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
     let folder = HfFolder::open(dir).map_err(|e| e.to_string())?;
-    let tower = Gemma3nAudio::from_hf(&folder).map_err(|e| e.to_string())?;
+    let mut tower = Gemma3nAudio::from_hf(&folder).map_err(|e| e.to_string())?;
+    let weights = std::env::var("AUDIO_WEIGHTS").unwrap_or_else(|_| "bf16".into());
+    match weights.as_str() {
+        "bf16" => {}
+        "q8_0" => tower.requantize(gemma_engine::gemma_formats::GgmlType::Q8_0),
+        "f16" => tower.requantize(gemma_engine::gemma_formats::GgmlType::F16),
+        other => return Err(format!("AUDIO_WEIGHTS={other}: bf16, f16 or q8_0")),
+    }
+    let chunk_ms: usize = std::env::var("AUDIO_CHUNK_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(160);
     let file: ModelFile = open_model_source(decoder).map_err(|e| e.to_string())?;
     let model = load_model(&file).map_err(|e| e.to_string())?;
     let samples = signal(30);
@@ -190,7 +202,7 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
     let mut times = Vec::new();
     let mut encoder_times = Vec::new();
     let mut tokens = 0usize;
-    for chunk in samples.chunks(2560) {
+    for chunk in samples.chunks(16 * chunk_ms) {
         let started = Instant::now();
         let frames = mel.push(chunk);
         let encoded = stream.push(&frames).map_err(|e| e.to_string())?;
@@ -224,6 +236,8 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
         "{}",
         serde_json::json!({
             "threads": std::env::var("GEMMA_THREADS").unwrap_or_default(),
+            "tower_weights": weights,
+            "chunk_ms": chunk_ms,
             "chunks": times.len(),
             "tokens": tokens,
             "chunk_ms_median": percentile(&sorted, 0.5),

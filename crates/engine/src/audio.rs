@@ -137,6 +137,8 @@ pub struct Hearing {
     encoded: Mutex<HashMap<[u8; 32], Arc<[f32]>>>,
     /// Print each window's encode time on stderr (`LoadOptions::verbose`).
     pub verbose: bool,
+    /// The type the encoder's matrices are stored as once read (`LoadOptions::audio_weights`).
+    pub weights: Option<gemma_formats::GgmlType>,
 }
 
 /// How many encoded windows `Hearing` keeps (each `188 × hidden` floats: 1.5 MiB for E2B).
@@ -164,6 +166,7 @@ impl Hearing {
             loading: Mutex::new(()),
             encoded: Mutex::new(HashMap::new()),
             verbose: false,
+            weights: None,
         }))
     }
 
@@ -199,8 +202,11 @@ impl Hearing {
         let ModelFile::Hf(folder) = file else {
             bail!("audio towers are read from Hugging Face folders only");
         };
-        let tower = Gemma3nAudio::from_hf(folder)
+        let mut tower = Gemma3nAudio::from_hf(folder)
             .context("cannot load the audio tower from the model folder")?;
+        if let Some(dtype) = self.weights {
+            tower.requantize(dtype);
+        }
         Ok(self.tower.get_or_init(|| tower))
     }
 

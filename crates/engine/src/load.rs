@@ -36,6 +36,9 @@ pub struct LoadOptions {
     pub weights: WeightMemory,
     /// llama.cpp's mmproj GGUF holding the vision tower of a text GGUF (`--mmproj`).
     pub mmproj: Option<PathBuf>,
+    /// Store Gemma 3n's audio-encoder matrices as this type when the tower is read (`None`:
+    /// as the checkpoint stores them). See `UsmEncoder::requantize`.
+    pub audio_weights: Option<gemma_formats::GgmlType>,
 }
 
 /// Where a GGUF model's weights live while it runs (llama.cpp's `--mmap` / `--no-mmap`).
@@ -74,6 +77,7 @@ impl Default for LoadOptions {
             batch_size: DEFAULT_BATCH_SIZE,
             weights: WeightMemory::Auto,
             mmproj: None,
+            audio_weights: None,
         }
     }
 }
@@ -188,6 +192,7 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     if let Some(a) = &mut loaded.audio {
         a.verbose = opts.verbose;
+        a.weights = opts.audio_weights;
     }
     if opts.verbose {
         eprintln!(

@@ -304,6 +304,36 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The same matrix stored as `dtype` (dequantized and requantized row by row with ggml's
+    /// reference quantizers into an owned buffer): a tower kept at bf16 in its checkpoint can
+    /// run on int8 dot products. A matrix already of `dtype`, or whose rows are not whole
+    /// blocks of it, is returned as it is.
+    pub fn requantized(&self, dtype: GgmlType) -> Linear {
+        if self.dtype == dtype || !self.cols.is_multiple_of(dtype.block_size()) {
+            return self.clone();
+        }
+        let Some(row_bytes) = dtype.bytes_for(self.cols) else {
+            return self.clone();
+        };
+        let m = self.matrix();
+        let mut row = vec![0.0f32; self.cols];
+        let mut out = vec![0u8; row_bytes * self.rows];
+        for (r, dst) in out.chunks_exact_mut(row_bytes).enumerate() {
+            matmul::dequantize_row(&m, r, &mut row);
+            if quant::quantize(dtype, &row, dst).is_err() {
+                return self.clone();
+            }
+        }
+        Linear {
+            dtype,
+            rows: self.rows,
+            cols: self.cols,
+            data: Blob::from_vec(out),
+        }
+    }
+}
+
 /// `y = x · Wᵀ` for `n_tokens` rows of `x`.
 pub(crate) fn linear(
     pool: &ThreadPool,

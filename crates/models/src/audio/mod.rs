@@ -211,6 +211,11 @@ impl Gemma3nAudio {
         &self.encoder
     }
 
+    /// See [`UsmEncoder::requantize`].
+    pub fn requantize(&mut self, dtype: gemma_formats::GgmlType) {
+        self.encoder.requantize(dtype);
+    }
+
     pub fn embedder(&self) -> &MultimodalEmbedder {
         &self.embed_audio
     }

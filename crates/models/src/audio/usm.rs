@@ -487,6 +487,26 @@ impl UsmEncoder {
                 .sum::<usize>()
     }
 
+    /// Stores every matrix the encoder multiplies by per frame as `dtype` (e.g. Q8_0: half the
+    /// bytes of the published bf16, read once per pushed chunk, on int8 dot products). The
+    /// convolutions and the embedder stay as stored.
+    pub fn requantize(&mut self, dtype: gemma_formats::GgmlType) {
+        let q = |l: &mut Linear| *l = l.requantized(dtype);
+        q(&mut self.input_proj_linear);
+        for b in &mut self.conformer {
+            for f in [&mut b.ffw_layer_start, &mut b.ffw_layer_end] {
+                q(&mut f.ffw_layer_1);
+                q(&mut f.ffw_layer_2);
+            }
+            let a = &mut b.attention;
+            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.post] {
+                q(l);
+            }
+            q(&mut b.lconv1d.linear_start);
+            q(&mut b.lconv1d.linear_end);
+        }
+    }
+
     /// A fresh stream: no audio seen yet.
     pub fn stream(&self) -> AudioStream<'_> {
         let c = &self.config;
