@@ -19,10 +19,11 @@ use anyhow::{bail, Context, Result};
 use gemma_engine::gemma_formats::FormatError;
 use gemma_engine::gemma_models::CacheType;
 use gemma_engine::gemma_tokenizer::{ChatMessage, Tokenizer};
+use gemma_engine::audio::{AudioTask, AUDIO_MARKER};
 use gemma_engine::vision::IMAGE_MARKER;
 use gemma_engine::{
-    ImageOptions, LoadOptions, LoadedModel, PreparedImage, SamplingParams, Session, SoftSpan,
-    StopReason,
+    AudioOptions, ImageOptions, LoadOptions, LoadedModel, PreparedAudio, PreparedImage,
+    SamplingParams, Session, SoftSpan, StopReason,
 };
 use gemma_server::GrammarCompiler;
 use numpy::PyArray1;
@@ -124,13 +125,30 @@ impl MediaArg {
     }
 }
 
+impl MediaArg {
+    /// Reads and prepares the audio clip for `loaded`, as `gemma run --audio` does.
+    fn prepare_audio(&self, loaded: &LoadedModel) -> Result<PreparedAudio> {
+        let read;
+        let bytes = match self {
+            MediaArg::Bytes(b) => b.as_slice(),
+            MediaArg::Path(p) => {
+                read = read_media(p)?;
+                read.as_slice()
+            }
+        };
+        loaded
+            .prepare_audio(bytes, &AudioOptions::default())
+            .with_context(|| format!("audio {}", self.describe()))
+    }
+}
+
 fn read_media(path: &Path) -> Result<Vec<u8>> {
     let len = std::fs::metadata(path)
         .with_context(|| format!("cannot read {}", path.display()))?
         .len();
     if len > MAX_MEDIA_BYTES {
         bail!(
-            "{} is {len} bytes, above the {MAX_MEDIA_BYTES} byte limit for an image",
+            "{} is {len} bytes, above the {MAX_MEDIA_BYTES} byte limit for a media file",
             path.display()
         );
     }
@@ -168,15 +186,18 @@ fn extract_schema(schema: Option<&Bound<'_, PyAny>>) -> PyResult<Option<serde_js
     Ok(Some(value))
 }
 
-/// One chat message with its images, in the order of their slots in `content`.
+/// One chat message with its images and audio clips, each kind in the order of its slots in
+/// `content`.
 struct Message {
     role: String,
     content: String,
     images: Vec<MediaArg>,
+    audio: Vec<MediaArg>,
 }
 
 /// `[{"role": ..., "content": ...}]`; content is text or a list of parts
-/// `{"type": "text", "text": ...}` / `{"type": "image", "image": path-or-bytes}`.
+/// `{"type": "text", "text": ...}` / `{"type": "image", "image": path-or-bytes}` /
+/// `{"type": "audio", "audio": path-or-bytes}` (Gemma 3n).
 fn extract_messages(messages: &Bound<'_, PyAny>) -> PyResult<Vec<Message>> {
     let mut out = Vec::new();
     for (i, item) in messages.try_iter()?.enumerate() {
@@ -196,6 +217,7 @@ fn extract_messages(messages: &Bound<'_, PyAny>) -> PyResult<Vec<Message>> {
             role,
             content: String::new(),
             images: Vec::new(),
+            audio: Vec::new(),
         };
         if let Ok(text) = content.cast::<PyString>() {
             message.content = text.to_str()?.to_owned();
@@ -228,9 +250,17 @@ fn extract_messages(messages: &Bound<'_, PyAny>) -> PyResult<Vec<Message>> {
                         message.images.push(MediaArg::extract(&image)?);
                         message.content.push_str(IMAGE_MARKER);
                     }
+                    "audio" => {
+                        let clip = part.get_item("audio")?.ok_or_else(|| {
+                            PyValueError::new_err(format!("{where_} has no \"audio\""))
+                        })?;
+                        message.audio.push(MediaArg::extract(&clip)?);
+                        message.content.push_str(AUDIO_MARKER);
+                    }
                     other => {
                         return Err(PyValueError::new_err(format!(
-                            "{where_} has type {other:?}; \"text\" and \"image\" are known"
+                            "{where_} has type {other:?}; \"text\", \"image\" and \"audio\" \
+                             are known"
                         )))
                     }
                 }
@@ -309,6 +339,7 @@ impl Shared {
         };
         let slots = IMAGE_MARKER.repeat(req.images.len());
         let mut images = Vec::new();
+        let mut audio = Vec::new();
         let text = match req.prompt {
             Prompt::Raw(text) => format!("{slots}{text}"),
             Prompt::User { text, system } => {
@@ -336,6 +367,9 @@ impl Shared {
                     for image in &m.images {
                         images.push(image.prepare(loaded, &opts)?);
                     }
+                    for clip in &m.audio {
+                        audio.push(clip.prepare_audio(loaded)?);
+                    }
                     rendered.push(ChatMessage {
                         role: m.role,
                         content,
@@ -349,9 +383,9 @@ impl Shared {
                 images.push(image.prepare(loaded, &opts)?);
             }
         }
-        let (ids, soft) = loaded.encode_with_images(&text, &images)?;
+        let (ids, soft) = loaded.encode_with_media(&text, &images, &audio, false)?;
         if req.schema.is_some() && !soft.is_empty() {
-            bail!("json_schema does not take images yet");
+            bail!("json_schema does not take images or audio yet");
         }
         Ok(Prepared {
             ids,
@@ -649,6 +683,68 @@ impl Model {
         self.shared.loaded.vision.is_some()
     }
 
+    /// Whether the model takes audio (`audio=`, audio message parts, `transcribe`): Gemma 3n
+    /// from its Hugging Face folder.
+    #[getter]
+    fn has_audio(&self) -> bool {
+        self.shared.loaded.audio.is_some()
+    }
+
+    /// Speech to text (or to `translate_to`, a language name or code), as `gemma transcribe`:
+    /// a clip over 30 s is cut into 30 s windows at pauses, each window one prompt asking the
+    /// transcription (or `prompt`) instruction, the windows' texts joined by newlines. Greedy
+    /// by default. `logit_bias` maps token ids to biases added to their logits.
+    #[pyo3(signature = (audio, translate_to=None, prompt=None, max_tokens=512, temperature=0.0,
+        seed=None, logit_bias=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn transcribe(
+        &self,
+        py: Python<'_>,
+        audio: &Bound<'_, PyAny>,
+        translate_to: Option<String>,
+        prompt: Option<String>,
+        max_tokens: usize,
+        temperature: f32,
+        seed: Option<u64>,
+        logit_bias: Option<std::collections::HashMap<u32, f32>>,
+    ) -> PyResult<String> {
+        let clip = MediaArg::extract(audio)?;
+        if translate_to.is_some() && prompt.is_some() {
+            return Err(PyValueError::new_err(
+                "give translate_to or prompt, not both",
+            ));
+        }
+        let instruction = match (prompt, translate_to) {
+            (Some(p), _) => p,
+            (None, Some(to)) => AudioTask::Translate { to }.instruction(),
+            (None, None) => AudioTask::Transcribe.instruction(),
+        };
+        let mut params = sampling_params(
+            max_tokens, temperature, 64, 0.95, 0.0, 1.0, 64, 0.0, 0.0, seed, None, false,
+        )?;
+        params.logit_bias = logit_bias.unwrap_or_default().into_iter().collect();
+        params.logit_bias.sort_unstable_by_key(|&(id, _)| id);
+        let shared = &*self.shared;
+        py.detach(|| -> Result<String> {
+            let loaded = &*shared.loaded;
+            let clip = clip.prepare_audio(loaded)?;
+            let segments = loaded.transcribe(
+                &clip,
+                &instruction,
+                &params,
+                shared.n_ctx,
+                &mut |_, _, _| {},
+                &mut |_| true,
+            )?;
+            Ok(segments
+                .iter()
+                .map(|s| s.text.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"))
+        })
+        .py_err()
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "gemma_rs.Model(path={:?}, architecture={:?}, n_ctx={})",
@@ -712,17 +808,20 @@ impl Model {
     /// The next-token logits (float32, shape `[vocab_size]`) after `ids` (or after a raw text
     /// prompt): `gemma logits --ids ...` before its top-k cut. `images` fill the runs of the
     /// image token in `ids` in order (with a text prompt: one slot each before the text), as
-    /// `gemma logits --image` does.
-    #[pyo3(signature = (ids, images=None, pan_and_scan=false))]
+    /// `gemma logits --image` does; `audio` (Gemma 3n) fills the runs of the audio token, one
+    /// per 30 s window, as `gemma logits --audio`.
+    #[pyo3(signature = (ids, images=None, pan_and_scan=false, audio=None))]
     fn logits<'py>(
         &self,
         py: Python<'py>,
         ids: TokensOrText,
         images: Option<&Bound<'_, PyAny>>,
         pan_and_scan: bool,
+        audio: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let shared = &*self.shared;
         let images = extract_images(images)?;
+        let audio = extract_images(audio)?;
         let logits = py
             .detach(|| -> Result<Vec<f32>> {
                 let loaded = &*shared.loaded;
@@ -734,14 +833,22 @@ impl Model {
                     .iter()
                     .map(|i| i.prepare(loaded, &opts))
                     .collect::<Result<Vec<_>>>()?;
+                let audio = audio
+                    .iter()
+                    .map(|a| a.prepare_audio(loaded))
+                    .collect::<Result<Vec<_>>>()?;
                 let (ids, soft) = match ids {
                     TokensOrText::Ids(ids) => {
-                        let soft = loaded.place_images(&ids, &images)?;
+                        let soft = loaded.place_media(&ids, &images, &audio)?;
                         (ids, soft)
                     }
                     TokensOrText::Text(text) => {
-                        let slots = IMAGE_MARKER.repeat(images.len());
-                        loaded.encode_with_images(&format!("{slots}{text}"), &images)?
+                        let slots = format!(
+                            "{}{}",
+                            IMAGE_MARKER.repeat(images.len()),
+                            AUDIO_MARKER.repeat(audio.len())
+                        );
+                        loaded.encode_with_media(&format!("{slots}{text}"), &images, &audio, false)?
                     }
                 };
                 if ids.is_empty() {
