@@ -45,7 +45,8 @@ fn bf16(v: f32) -> [u8; 2] {
 fn write(dir: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let mut tensors: Vec<(String, Vec<usize>, f32)> = Vec::new();
-    let mut t = |name: String, shape: &[usize], scale: f32| tensors.push((name, shape.to_vec(), scale));
+    let mut t =
+        |name: String, shape: &[usize], scale: f32| tensors.push((name, shape.to_vec(), scale));
     let p = "model.audio_tower.";
     let s = "subsample_conv_projection.";
     t(format!("{p}{s}conv_0.conv.weight"), &[128, 1, 3, 3], 0.3);
@@ -63,7 +64,12 @@ fn write(dir: &Path) -> Result<(), String> {
         }
         let a = format!("{b}attention.");
         t(format!("{a}pre_attn_norm.weight"), &[D], 0.0);
-        for m in ["q_proj", "k_proj", "v_proj", "relative_position_embedding.pos_proj"] {
+        for m in [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "relative_position_embedding.pos_proj",
+        ] {
             t(format!("{a}attn.{m}.weight"), &[D, D], 0.025);
         }
         t(format!("{a}attn.per_dim_scale"), &[D / 8], -1.0);
@@ -81,7 +87,11 @@ fn write(dir: &Path) -> Result<(), String> {
     t(format!("{e}embedding.weight"), &[128, D], 1.0);
     t(format!("{e}hard_embedding_norm.weight"), &[D], 0.0);
     t(format!("{e}soft_embedding_norm.weight"), &[D], 0.0);
-    t(format!("{e}embedding_projection.weight"), &[TEXT_HIDDEN, D], 0.025);
+    t(
+        format!("{e}embedding_projection.weight"),
+        &[TEXT_HIDDEN, D],
+        0.025,
+    );
 
     // safetensors: u64 header length, the JSON header, then the data in order.
     let mut header = serde_json::Map::new();
@@ -101,7 +111,8 @@ fn write(dir: &Path) -> Result<(), String> {
     let file = std::fs::File::create(dir.join("model.safetensors")).map_err(|e| e.to_string())?;
     let mut w = std::io::BufWriter::new(file);
     let io = |e: std::io::Error| e.to_string();
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
     w.write_all(&header).map_err(io)?;
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     for (_, shape, scale) in &tensors {
@@ -125,7 +136,12 @@ fn write(dir: &Path) -> Result<(), String> {
         "audio_soft_tokens_per_image": 188,
     });
     std::fs::write(dir.join("config.json"), config.to_string()).map_err(|e| e.to_string())?;
-    eprintln!("wrote {} ({} tensors, {} bytes)", dir.display(), tensors.len(), offset);
+    eprintln!(
+        "wrote {} ({} tensors, {} bytes)",
+        dir.display(),
+        tensors.len(),
+        offset
+    );
     Ok(())
 }
 
@@ -159,7 +175,10 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
     let extractor = std::sync::Arc::new(MelExtractor::new());
 
     // Warm-up: one encode of 1 s (page in the weights, settle the thread pool).
-    tower.encoder().encode(&log_mel(&samples[..16_000]).features).map_err(|e| e.to_string())?;
+    tower
+        .encoder()
+        .encode(&log_mel(&samples[..16_000]).features)
+        .map_err(|e| e.to_string())?;
 
     let mut cache = model.new_cache(1024).map_err(|e| e.to_string())?;
     // The prompt's prefix, as a live session feeds it before the audio.
@@ -196,7 +215,9 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
     encoder_times.sort_by(f64::total_cmp);
 
     let started = Instant::now();
-    let whole = tower.encode_clip(&log_mel(&samples).features).map_err(|e| e.to_string())?;
+    let whole = tower
+        .encode_clip(&log_mel(&samples).features)
+        .map_err(|e| e.to_string())?;
     let whole_ms = started.elapsed().as_secs_f64() * 1e3;
     assert_eq!(whole.len(), 188 * TEXT_HIDDEN);
     println!(

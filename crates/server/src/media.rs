@@ -179,7 +179,7 @@ pub fn clip(
         return Err(e);
     }
     let opts = AudioOptions {
-        limits: config.audio_limits.clone(),
+        limits: config.audio_limits,
     };
     loaded.prepare_audio(bytes, &opts).map_err(|e| {
         let mut message = format!("{param} is not usable audio: {e:#}");

@@ -4,7 +4,8 @@
 //!
 //! Gemma 3n hears 30 s per clip. Each window of the file (cut at pauses, as the engine cuts
 //! them) is one generation through the scheduler: a user turn holding the window's audio and
-//! the task's instruction ([`AudioTask::instruction`]), rendered by the model's chat template.
+//! the task's instruction ([`AudioTask::instruction`]), rendered by the model's chat template
+//! (`LoadedModel::audio_prompt`, as `gemma transcribe` does).
 //! The windows run in order; their texts, trimmed, are joined with a space, and in
 //! `verbose_json` each is one segment. Greedy unless `temperature` says otherwise.
 
@@ -16,9 +17,7 @@ use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use gemma_engine::audio::{language_name, AudioTask, AUDIO_MARKER};
-use gemma_engine::gemma_tokenizer::ChatMessage;
-use gemma_engine::PreparedAudio;
+use gemma_engine::audio::{language_name, AudioTask};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -302,8 +301,7 @@ fn prepare(ctx: &PrepareContext, req: AudioRequest) -> Result<AudioJob, ApiError
     if let Some(l) = &req.language {
         check_reserved(l, "language", &reserved)?;
     }
-    let user = ChatMessage::new("user", format!("{AUDIO_MARKER}{}", instruction(&req)));
-    let rendered = ctx.loaded.render_chat(None, &[user]).map_err(|e| {
+    let rendered = ctx.loaded.audio_prompt(&instruction(&req)).map_err(|e| {
         ApiError::internal(format!("cannot render the transcription prompt: {e:#}"))
     })?;
     let _busy = ctx.media_work.lock().unwrap_or_else(|e| e.into_inner());
@@ -312,13 +310,7 @@ fn prepare(ctx: &PrepareContext, req: AudioRequest) -> Result<AudioJob, ApiError
     let mut windows = Vec::with_capacity(n);
     let mut spans = Vec::with_capacity(n);
     for i in 0..n {
-        let one = PreparedAudio {
-            windows: vec![clip.windows[i].clone()],
-            keys: vec![clip.keys[i]],
-            starts: vec![clip.starts[i]],
-            seconds: clip.seconds,
-        };
-        let (prompt, soft) = ctx.encode_media(&rendered, &[], &[one], "file")?;
+        let (prompt, soft) = ctx.encode_media(&rendered, &[], &[clip.window(i)], "file")?;
         let fields = SamplingFields {
             temperature: Some(req.temperature),
             ..SamplingFields::default()
@@ -336,8 +328,7 @@ fn prepare(ctx: &PrepareContext, req: AudioRequest) -> Result<AudioJob, ApiError
             stream: req.stream,
             include_usage: false,
         });
-        let end = clip.starts.get(i + 1).copied().unwrap_or(clip.seconds);
-        spans.push((clip.starts[i], end));
+        spans.push((clip.starts[i], clip.window_end(i)));
     }
     Ok(AudioJob {
         windows,
@@ -436,10 +427,10 @@ async fn run_windows(
     let mut outcome = Outcome::default();
     let mut joiner = Joiner::default();
     let mut events = Some(first);
-    for i in 0..windows.len() {
+    for window in &mut windows {
         let mut rx = match events.take() {
             Some(rx) => rx,
-            None => match submit(&state, &mut windows[i]) {
+            None => match submit(&state, window) {
                 Ok(rx) => rx,
                 Err(e) => {
                     let _ = tx.send(Progress::Failed(e)).await;
