@@ -685,11 +685,18 @@ pub(crate) fn check_reserved(
     reserved: &[(String, &str)],
 ) -> Result<(), ApiError> {
     match reserved.iter().find(|(r, _)| text.contains(r.as_str())) {
-        Some((r, what)) => Err(ApiError::bad_request(format!(
-            "{param} contains {r:?}, which stands for {what} in this model's prompts: send \
-             images as image_url and audio as input_audio content parts"
-        ))
-        .with_param(param)),
+        Some((r, what)) => {
+            let part = if *what == "audio" {
+                "audio as input_audio"
+            } else {
+                "images as image_url"
+            };
+            Err(ApiError::bad_request(format!(
+                "{param} contains {r:?}, which stands for {what} in this model's prompts: send \
+                 {part} content parts"
+            ))
+            .with_param(param))
+        }
         None => Ok(()),
     }
 }
