@@ -100,7 +100,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Prompt-processing and generation speed, llama-bench style (-m, -p, -n, -d, -t, -r, --json)
     Bench(bench::BenchArgs),
-    /// OpenAI-compatible HTTP server (chat/completions, completions, models, metrics)
+    /// OpenAI-compatible HTTP server (chat/completions, completions, responses, audio
+    /// transcriptions and translations, models, metrics; Ollama's API)
     Serve(serve::ServeArgs),
     /// Gemma 3n: write a MatFormer sub-model (and/or a requantized PLE table) as a new GGUF
     Extract(extract::ExtractArgs),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gemma_engine::gemma_media::ImageLimits;
+use gemma_engine::gemma_media::{AudioLimits, ImageLimits};
 use gemma_server::{MediaConfig, ServerConfig};
 
 use crate::CommonArgs;
@@ -27,7 +27,7 @@ pub struct ServeArgs {
     /// Seconds a request may take before it is ended
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub timeout: u64,
-    /// Largest accepted request body in bytes (images come in it as data: URLs)
+    /// Largest accepted request body in bytes (images and audio come in it)
     #[arg(long, default_value_t = 32 * 1024 * 1024, value_name = "BYTES")]
     pub body_limit: usize,
     /// Read image paths and file:// URLs of requests from this directory (and nowhere else);
@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Most images per request, pan-and-scan crops counted
     #[arg(long, default_value_t = MediaConfig::default().max_images, value_name = "N")]
     pub max_images: usize,
+    /// Longest audio clip accepted, in seconds (clips over 30 s are cut into 30 s windows)
+    #[arg(long, default_value_t = AudioLimits::DEFAULT_MAX_SECONDS, value_name = "S")]
+    pub max_audio_seconds: f64,
     /// Require `Authorization: Bearer KEY` on every endpoint but /health and /metrics
     #[arg(
         long,
@@ -69,6 +72,9 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     if args.max_image_pixels == 0 {
         anyhow::bail!("--max-image-pixels must be at least 1");
     }
+    if !(args.max_audio_seconds.is_finite() && args.max_audio_seconds > 0.0) {
+        anyhow::bail!("--max-audio-seconds must be a positive number of seconds");
+    }
     if let Some(dir) = &args.allowed_media_dir {
         if !dir.is_dir() {
             anyhow::bail!("--allowed-media-dir {} is not a directory", dir.display());
@@ -96,6 +102,10 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
                 ..ImageLimits::default()
             },
             max_images: args.max_images,
+            audio_limits: AudioLimits {
+                max_seconds: args.max_audio_seconds,
+                ..AudioLimits::default()
+            },
             ..MediaConfig::default()
         },
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),

@@ -131,8 +131,8 @@ pub enum MessageContent {
     Parts(Vec<ContentPart>),
 }
 
-/// One element of a content array: `text` parts and `image_url` parts are answered; other
-/// types are accepted by the schema and refused with a message.
+/// One element of a content array: `text`, `image_url` and `input_audio` parts are answered;
+/// other types are accepted by the schema and refused with a message.
 #[derive(Debug, Deserialize)]
 pub struct ContentPart {
     #[serde(rename = "type")]
@@ -141,6 +141,16 @@ pub struct ContentPart {
     pub text: Option<String>,
     #[serde(default)]
     pub image_url: Option<ImageUrl>,
+    #[serde(default)]
+    pub input_audio: Option<InputAudio>,
+}
+
+/// `{"data": <base64>, "format": "wav"}` as OpenAI sends audio in a chat message.
+#[derive(Debug, Deserialize)]
+pub struct InputAudio {
+    pub data: String,
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 /// `{"url": ..., "detail": ...}` as OpenAI sends it (`detail` is accepted and ignored: Gemma 3

@@ -12,8 +12,10 @@
 //! - [`tools`]: Gemma 3 function calling (prompt rendering, tool choice, call schemas).
 //! - [`tool_stream`]: recognizing calls in the reply as it is generated, so their
 //!   arguments stream as OpenAI `tool_calls` deltas.
-//! - [`media`]: images in chat messages (`image_url` parts): data URLs, files under
-//!   `--allowed-media-dir`, the limits on them.
+//! - [`media`]: images and audio in chat messages (`image_url` and `input_audio` parts): data
+//!   URLs, files under `--allowed-media-dir`, base64 audio, the limits on them.
+//! - [`transcribe`]: `/v1/audio/transcriptions` and `/v1/audio/translations` (Gemma 3n), one
+//!   generation per 30 s window through the same scheduler.
 
 pub mod api;
 pub mod constrain;
@@ -28,6 +30,7 @@ pub mod scheduler;
 pub mod schema;
 pub mod tool_stream;
 pub mod tools;
+pub mod transcribe;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -59,7 +62,7 @@ pub struct ServerConfig {
     pub queue_capacity: usize,
     pub request_timeout: Duration,
     pub body_limit: usize,
-    /// Where images may come from and what they may cost.
+    /// Where images may come from and what images and audio may cost.
     pub media: MediaConfig,
     /// When set, every endpoint but `/health` and `/metrics` needs `Authorization: Bearer KEY`.
     pub api_key: Option<String>,
@@ -256,7 +259,7 @@ fn serve_on(
             grammar: std::sync::OnceLock::new(),
             end_token,
             media: config.media.clone(),
-            image_work: std::sync::Mutex::new(()),
+            media_work: std::sync::Mutex::new(()),
         }),
         metrics,
         model_id,

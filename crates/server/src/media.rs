@@ -1,11 +1,13 @@
-//! Images in chat requests: where their bytes may come from (`data:` URLs always, local files
-//! only under `--allowed-media-dir`, never the network), the limits on them, and turning them
-//! into prepared images. Runs on the blocking thread that prepares the request.
+//! Images and audio in requests: where image bytes may come from (`data:` URLs always, local
+//! files only under `--allowed-media-dir`, never the network), audio (base64 in the request or
+//! an uploaded file), the limits on both, and turning them into prepared images and clips. Runs
+//! on the blocking thread that prepares the request.
 
 use std::path::{Path, PathBuf};
 
-use gemma_engine::gemma_media::{self, ImageLimits, MediaError};
-use gemma_engine::{ImageOptions, LoadedModel, PreparedImage};
+use base64::Engine as _;
+use gemma_engine::gemma_media::{self, AudioLimits, ImageLimits, MediaError};
+use gemma_engine::{AudioOptions, ImageOptions, LoadedModel, PreparedAudio, PreparedImage};
 
 use crate::error::ApiError;
 
@@ -21,6 +23,9 @@ pub struct MediaConfig {
     pub max_images: usize,
     /// Largest encoded image (a data URL's decoded payload or a file), in bytes.
     pub max_image_bytes: usize,
+    /// Bounds on one audio clip: `max_seconds` is `--max-audio-seconds` (longer clips are a
+    /// 400; clips over the model's 30 s are cut into windows up to it).
+    pub audio_limits: AudioLimits,
 }
 
 impl Default for MediaConfig {
@@ -30,6 +35,7 @@ impl Default for MediaConfig {
             limits: ImageLimits::default(),
             max_images: 16,
             max_image_bytes: 32 * 1024 * 1024,
+            audio_limits: AudioLimits::default(),
         }
     }
 }
@@ -103,6 +109,125 @@ fn too_many(n: usize, max: usize, crops: bool) -> ApiError {
     ))
     .with_param("messages")
     .with_code("too_many_images")
+}
+
+/// An audio part of a request (`input_audio`), in the order its marker appears in the
+/// rendered prompt.
+#[derive(Debug)]
+pub struct AudioRef {
+    /// Base64 (or a `data:audio/...;base64,` URL, which some clients send).
+    pub data: String,
+    /// The `format` the client named (`wav`, `mp3`, ...), if any.
+    pub format: Option<String>,
+    /// Where it is in the request, for error messages (`messages[0].content[1].input_audio`).
+    pub param: String,
+}
+
+/// The audio formats the decoder reads, as `input_audio.format` names them (the bytes are
+/// sniffed; the name only has to be one of these).
+pub const AUDIO_FORMATS: &[&str] = &["wav", "mp3", "flac", "ogg", "oga", "x-wav", "wave", "mpeg"];
+
+/// The refusal of audio for a model without an audio tower.
+pub fn no_hearing(loaded: &LoadedModel, param: &str) -> Option<ApiError> {
+    loaded.hearing().err().map(|e| {
+        ApiError::bad_request(format!("{e:#}"))
+            .with_param(param)
+            .with_code("audio_not_supported")
+    })
+}
+
+/// Decodes every audio part of a request, in order: base64, then the file (WAV, FLAC, MP3,
+/// OGG/Vorbis) under the configured limits, cut into the model's windows.
+pub fn prepare_audio(
+    loaded: &LoadedModel,
+    config: &MediaConfig,
+    refs: &[AudioRef],
+) -> Result<Vec<PreparedAudio>, ApiError> {
+    if let Some(r) = refs.first() {
+        if let Some(e) = no_hearing(loaded, &r.param) {
+            return Err(e);
+        }
+    }
+    refs.iter()
+        .map(|r| {
+            if let Some(format) = &r.format {
+                let f = format.trim().to_ascii_lowercase();
+                if !AUDIO_FORMATS.contains(&f.as_str()) {
+                    return Err(ApiError::bad_request(format!(
+                        "{}.format is {format:?}; this server reads wav, mp3, flac and ogg audio",
+                        r.param
+                    ))
+                    .with_param(&r.param)
+                    .with_code("invalid_audio"));
+                }
+            }
+            let bytes = audio_bytes(config, &r.data).map_err(|e| e.with_param(&r.param))?;
+            clip(loaded, config, &bytes, &r.param)
+        })
+        .collect()
+}
+
+/// Decodes and prepares one audio file's bytes; every failure is the client's (a 400 naming
+/// `param`), as the model's hearing was checked before.
+pub fn clip(
+    loaded: &LoadedModel,
+    config: &MediaConfig,
+    bytes: &[u8],
+    param: &str,
+) -> Result<PreparedAudio, ApiError> {
+    if let Some(e) = no_hearing(loaded, param) {
+        return Err(e);
+    }
+    let opts = AudioOptions {
+        limits: config.audio_limits,
+    };
+    loaded.prepare_audio(bytes, &opts).map_err(|e| {
+        let mut message = format!("{param} is not usable audio: {e:#}");
+        if matches!(
+            e.downcast_ref::<MediaError>(),
+            Some(MediaError::AudioTooLong { .. })
+        ) {
+            message.push_str(" (--max-audio-seconds)");
+        }
+        ApiError::bad_request(message)
+            .with_param(param)
+            .with_code("invalid_audio")
+    })
+}
+
+/// The bytes of base64 audio data: plain base64 as OpenAI sends it (padding optional,
+/// whitespace ignored), or a `data:` URL.
+fn audio_bytes(config: &MediaConfig, data: &str) -> Result<Vec<u8>, ApiError> {
+    let invalid = |m: String| ApiError::bad_request(m).with_code("invalid_audio");
+    let data = data.trim();
+    if data.is_empty() {
+        return Err(invalid("the audio data is empty".into()));
+    }
+    let limit = config.audio_limits.max_bytes.min(usize::MAX as u64) as usize;
+    if data.len() > 5 && data[..5].eq_ignore_ascii_case("data:") {
+        let (mime, bytes) =
+            gemma_media::decode_data_url(data, limit).map_err(|e| invalid(format!("{e}")))?;
+        if !(mime.starts_with("audio/") || mime == "application/octet-stream") {
+            return Err(invalid(format!(
+                "the data URL holds {mime}, not audio (expected data:audio/...;base64,...)"
+            )));
+        }
+        return Ok(bytes);
+    }
+    if data.len() / 4 * 3 > limit {
+        return Err(invalid(format!(
+            "the audio data is over the limit of {limit} bytes"
+        )));
+    }
+    let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    engine
+        .decode(compact.as_bytes())
+        .map_err(|e| invalid(format!("the audio data is not valid base64 ({e})")))
 }
 
 const REMOTE: &str = "remote image URLs are not fetched: send the image as a data: URL \

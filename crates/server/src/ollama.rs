@@ -282,12 +282,14 @@ fn content(text: String, images: Option<&Vec<String>>) -> MessageContent {
                     kind: "image_url".into(),
                     text: None,
                     image_url: Some(ImageUrl::Url(image_url(i))),
+                    input_audio: None,
                 })
                 .collect();
             parts.push(ContentPart {
                 kind: "text".into(),
                 text: Some(text),
                 image_url: None,
+                input_audio: None,
             });
             MessageContent::Parts(parts)
         }

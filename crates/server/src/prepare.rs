@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gemma_engine::audio::AUDIO_MARKER;
 use gemma_engine::gemma_tokenizer::ChatMessage;
 use gemma_engine::vision::IMAGE_MARKER;
-use gemma_engine::{LoadedModel, SamplingParams, SoftSpan};
+use gemma_engine::{LoadedModel, PreparedAudio, SamplingParams, SoftSpan};
 use llguidance::Matcher;
 
 use crate::api::{
@@ -16,13 +17,13 @@ use crate::api::{
 };
 use crate::constrain::GrammarCompiler;
 use crate::error::ApiError;
-use crate::media::{self, ImageRef, MediaConfig};
+use crate::media::{self, AudioRef, ImageRef, MediaConfig};
 use crate::tools::{self, ToolMode};
 
 /// Everything the scheduler and the response writer need.
 pub struct Prepared {
     pub prompt: Vec<u32>,
-    /// Image soft tokens placed on `prompt` (positions in it), in order.
+    /// Image and audio soft tokens placed on `prompt` (positions in it), in order.
     pub soft: Vec<SoftSpan>,
     pub params: SamplingParams,
     pub logprobs: Option<usize>,
@@ -40,9 +41,9 @@ pub struct PrepareContext {
     pub grammar: std::sync::OnceLock<Result<GrammarCompiler, String>>,
     pub end_token: u32,
     pub media: MediaConfig,
-    /// Held while a request's images are decoded and encoded: one request at a time, so that
-    /// concurrent image requests cannot multiply the decoders' memory.
-    pub image_work: std::sync::Mutex<()>,
+    /// Held while a request's images or audio are decoded and encoded: one request at a time,
+    /// so that concurrent media requests cannot multiply the decoders' and towers' memory.
+    pub media_work: std::sync::Mutex<()>,
 }
 
 impl PrepareContext {
@@ -61,15 +62,15 @@ impl PrepareContext {
         let tool_mode = tools::tool_mode(&tools, req.tool_choice.as_ref())?;
         tools::check_parameters(&tools).map_err(|e| unsupported_schema(e, "tools"))?;
         let reserved = self.reserved_texts();
-        let (messages, image_refs) = chat_messages(&req.messages, &tools, &tool_mode, &reserved)?;
+        let (messages, refs) = chat_messages(&req.messages, &tools, &tool_mode, &reserved)?;
         let rendered = self.loaded.render_chat(None, &messages).map_err(|e| {
             ApiError::bad_request(format!("cannot render the conversation: {e:#}"))
                 .with_param("messages")
         })?;
-        let (prompt, soft) = if image_refs.is_empty() {
+        let (prompt, soft) = if refs.images.is_empty() && refs.audio.is_empty() {
             (self.tokenize(&rendered)?, Vec::new())
         } else {
-            self.tokenize_with_images(&rendered, &image_refs, req.pan_and_scan.unwrap_or(false))?
+            self.tokenize_with_media(&rendered, &refs, req.pan_and_scan.unwrap_or(false))?
         };
         let top_logprobs = req.top_logprobs.unwrap_or(0);
         if top_logprobs > 20 {
@@ -190,73 +191,127 @@ impl PrepareContext {
         Ok(prompt)
     }
 
-    /// Token texts that only images may put in a prompt of a model that takes images: the
-    /// marker and the soft-token placeholder.
-    fn reserved_texts(&self) -> Vec<String> {
-        let Some(vision) = &self.loaded.vision else {
-            return Vec::new();
-        };
-        let mut texts = vec![IMAGE_MARKER.to_owned()];
-        let placeholder = self.loaded.token_text(vision.ids.image);
-        if !placeholder.is_empty() {
-            texts.push(placeholder);
+    /// Texts that only media may put in a prompt, with what they stand for: for a model that
+    /// takes images, the image marker and the soft-token placeholder; for one that takes audio,
+    /// the audio marker (which is its soft-token placeholder too).
+    pub(crate) fn reserved_texts(&self) -> Vec<(String, &'static str)> {
+        let mut texts = Vec::new();
+        if let Some(vision) = &self.loaded.vision {
+            texts.push((IMAGE_MARKER.to_owned(), "an image"));
+            let placeholder = self.loaded.token_text(vision.ids.image);
+            if !placeholder.is_empty() {
+                texts.push((placeholder, "an image"));
+            }
+        }
+        if let Some(hearing) = &self.loaded.audio {
+            texts.push((AUDIO_MARKER.to_owned(), "audio"));
+            let placeholder = self.loaded.token_text(hearing.config.audio_token_id);
+            if !placeholder.is_empty() && placeholder != AUDIO_MARKER {
+                texts.push((placeholder, "audio"));
+            }
         }
         texts
     }
 
-    /// Reads and encodes the images (the vision tower runs here, on the preparing thread) and
-    /// tokenizes the prompt with each marker expanded to its image's tokens.
-    fn tokenize_with_images(
+    /// Reads and encodes the images and audio clips (the towers run here, on the preparing
+    /// thread) and tokenizes the prompt with each marker expanded to its tokens.
+    fn tokenize_with_media(
         &self,
         rendered: &str,
-        refs: &[ImageRef],
+        refs: &MediaRefs,
         pan_and_scan: bool,
     ) -> Result<(Vec<u32>, Vec<SoftSpan>), ApiError> {
-        let _busy = self.image_work.lock().unwrap_or_else(|e| e.into_inner());
-        let images = media::prepare_images(&self.loaded, &self.media, refs, pan_and_scan)?;
-        let markers = rendered.matches(IMAGE_MARKER).count();
-        if markers != images.len() {
-            // The chat template wrote image markers of its own, or dropped a message.
-            return Err(ApiError::bad_request(format!(
-                "the rendered conversation has {markers} image slot(s) for {} image(s): the \
-                 chat template does not place every image",
-                images.len()
-            ))
-            .with_param("messages"));
+        let _busy = self.media_work.lock().unwrap_or_else(|e| e.into_inner());
+        let images = media::prepare_images(&self.loaded, &self.media, &refs.images, pan_and_scan)?;
+        let audio = media::prepare_audio(&self.loaded, &self.media, &refs.audio)?;
+        for (marker, what, n) in [
+            (IMAGE_MARKER, "image", images.len()),
+            (AUDIO_MARKER, "audio", audio.len()),
+        ] {
+            let markers = rendered.matches(marker).count();
+            if markers != n {
+                // The chat template wrote markers of its own, or dropped a message.
+                return Err(ApiError::bad_request(format!(
+                    "the rendered conversation has {markers} {what} slot(s) for {n} {what} \
+                     part(s): the chat template does not place every one"
+                ))
+                .with_param("messages"));
+            }
         }
-        // Whether the prompt fits is known from its tokens, before the tower runs.
-        let vision = self
-            .loaded
-            .vision()
-            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
-        let expanded = vision
-            .expand_markers(&self.loaded.file, rendered, &images)
-            .map_err(|e| ApiError::internal(format!("cannot place the images: {e:#}")))?;
+        self.encode_media(rendered, &images, &audio, "messages")
+    }
+
+    /// Tokenizes `rendered` with its markers expanded, refusing a prompt that does not fit
+    /// before the towers run, then places the media's soft tokens (running the towers).
+    pub(crate) fn encode_media(
+        &self,
+        rendered: &str,
+        images: &[gemma_engine::PreparedImage],
+        audio: &[PreparedAudio],
+        param: &str,
+    ) -> Result<(Vec<u32>, Vec<SoftSpan>), ApiError> {
+        let mut expanded = std::borrow::Cow::Borrowed(rendered);
+        let mut image_id = 0;
+        if !images.is_empty() {
+            let vision = self
+                .loaded
+                .vision()
+                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            expanded = vision
+                .expand_markers(&self.loaded.file, &expanded, images)
+                .map_err(|e| ApiError::internal(format!("cannot place the images: {e:#}")))?
+                .into();
+            image_id = vision.ids.image;
+        }
+        if !audio.is_empty() {
+            let hearing = self
+                .loaded
+                .hearing()
+                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            expanded = hearing
+                .expand_markers(&expanded, audio)
+                .map_err(|e| ApiError::internal(format!("cannot place the audio: {e:#}")))?
+                .into();
+        }
         let ids = self
             .loaded
             .encode_prompt(&expanded)
             .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e:#}")))?;
         if ids.len() >= self.ctx_size {
-            let image_tokens = ids.iter().filter(|&&id| id == vision.ids.image).count();
-            let views: usize = images.iter().map(|i| i.views.len()).sum();
+            let mut parts = Vec::new();
+            if !images.is_empty() {
+                let n = ids.iter().filter(|&&id| id == image_id).count();
+                let views: usize = images.iter().map(|i| i.views.len()).sum();
+                parts.push(format!("{n} for {views} image view(s)"));
+            }
+            if !audio.is_empty() {
+                let windows: usize = audio.iter().map(|a| a.windows.len()).sum();
+                let seconds: f64 = audio.iter().map(|a| a.seconds).sum();
+                parts.push(format!(
+                    "at least {} for {seconds:.1} s of audio ({windows} window(s) of up to 30 s)",
+                    windows
+                        * self
+                            .loaded
+                            .hearing()
+                            .map_or(0, |h| h.config.soft_tokens_per_clip)
+                ));
+            }
             return Err(ApiError::bad_request(format!(
-                "the prompt has {} tokens, {image_tokens} of them for {views} image view(s), but \
-                 the context size is {}; send fewer images (or no pan-and-scan), or shorten the \
-                 text",
+                "the prompt has {} tokens, {}, but the context size is {}; send less media (or \
+                 no pan-and-scan), or shorten the text",
                 ids.len(),
+                parts.join(" and "),
                 self.ctx_size
             ))
-            .with_param("messages")
+            .with_param(param)
             .with_code("context_length_exceeded"));
         }
-        let (prompt, soft) = self
-            .loaded
-            .encode_with_images(rendered, &images)
-            .map_err(|e| ApiError::internal(format!("cannot place the images: {e:#}")))?;
-        Ok((prompt, soft))
+        self.loaded
+            .encode_with_media(rendered, images, audio, false)
+            .map_err(|e| ApiError::internal(format!("cannot place the media: {e:#}")))
     }
 
-    fn sampling(
+    pub(crate) fn sampling(
         &self,
         f: &SamplingFields,
         max_tokens: Option<usize>,
@@ -378,36 +433,52 @@ fn logit_bias(
         .collect()
 }
 
+/// The media parts of a conversation, each list in the order of its markers.
+#[derive(Debug, Default)]
+struct MediaRefs {
+    images: Vec<ImageRef>,
+    audio: Vec<AudioRef>,
+}
+
 /// The conversation as the chat template wants it: text with an [`IMAGE_MARKER`] where each
-/// image part was, tool calls and results written out, `developer` as `system`, and
-/// consecutive turns of one side merged (Gemma's template insists on alternation). Also the
-/// image parts, in the order of their markers. `reserved`: texts that may not appear in a
-/// message (the image tokens of a model that takes images).
+/// image part was and an [`AUDIO_MARKER`] where each audio part was, tool calls and results
+/// written out, `developer` as `system`, and consecutive turns of one side merged (Gemma's
+/// template insists on alternation). Also the media parts, in the order of their markers.
+/// `reserved`: texts that may not appear in a message (the media tokens of the model).
 fn chat_messages(
     messages: &[crate::api::RequestMessage],
     tools: &[Tool],
     mode: &ToolMode,
-    reserved: &[String],
-) -> Result<(Vec<ChatMessage>, Vec<ImageRef>), ApiError> {
+    reserved: &[(String, &str)],
+) -> Result<(Vec<ChatMessage>, MediaRefs), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").with_param("messages"));
     }
     let mut out: Vec<ChatMessage> = Vec::new();
-    let mut images = Vec::new();
+    let mut media = MediaRefs::default();
     if *mode != ToolMode::Off {
         out.push(ChatMessage::new("system", tools::tools_preamble(tools)));
     }
     // The calls earlier assistant turns made: a `tool` message answers one of them.
     let mut calls_made: Vec<(&str, &str)> = Vec::new();
     for (i, m) in messages.iter().enumerate() {
-        let before = images.len();
-        let text = content_text(m.content.as_ref(), i, reserved, &mut images)?;
-        if images.len() > before && m.role != "user" {
-            return Err(ApiError::bad_request(format!(
-                "messages[{i}] is a {:?} message with an image: images go in user messages",
-                m.role
-            ))
-            .with_param(&images[before].param));
+        let before = (media.images.len(), media.audio.len());
+        let text = content_text(m.content.as_ref(), i, reserved, &mut media)?;
+        if m.role != "user" {
+            let what = if media.images.len() > before.0 {
+                Some(("an image", "images", &media.images[before.0].param))
+            } else if media.audio.len() > before.1 {
+                Some(("audio", "audio parts", &media.audio[before.1].param))
+            } else {
+                None
+            };
+            if let Some((one, many, param)) = what {
+                return Err(ApiError::bad_request(format!(
+                    "messages[{i}] is a {:?} message with {one}: {many} go in user messages",
+                    m.role
+                ))
+                .with_param(param));
+            }
         }
         let (role, text) = match m.role.as_str() {
             "system" | "developer" => ("system", text),
@@ -471,7 +542,7 @@ fn chat_messages(
     if out.len() == 1 && out[0].role == "system" {
         out.push(ChatMessage::new("user", ""));
     }
-    Ok((out, images))
+    Ok((out, media))
 }
 
 /// An assistant message's `tool_calls` as a later request replays them: each needs an id (the
@@ -529,21 +600,15 @@ fn answered_call<'a>(
     }
 }
 
-/// A message's text, with an [`IMAGE_MARKER`] for each image part (recorded in `images`).
+/// A message's text, with an [`IMAGE_MARKER`] for each image part and an [`AUDIO_MARKER`]
+/// for each audio part (recorded in `media`).
 fn content_text(
     content: Option<&MessageContent>,
     index: usize,
-    reserved: &[String],
-    images: &mut Vec<ImageRef>,
+    reserved: &[(String, &str)],
+    media: &mut MediaRefs,
 ) -> Result<String, ApiError> {
-    let checked = |t: &str, param: String| match reserved.iter().find(|r| t.contains(r.as_str())) {
-        Some(r) => Err(ApiError::bad_request(format!(
-            "{param} contains {r:?}, which stands for an image in this model's prompts: send \
-             images as image_url content parts"
-        ))
-        .with_param(&param)),
-        None => Ok(()),
-    };
+    let checked = |t: &str, param: String| check_reserved(t, &param, reserved);
     match content {
         None => Ok(String::new()),
         Some(MessageContent::Text(t)) => {
@@ -569,15 +634,32 @@ fn content_text(
                             .with_param(&param));
                         };
                         text.push_str(IMAGE_MARKER);
-                        images.push(ImageRef {
+                        media.images.push(ImageRef {
                             url: url.url().to_owned(),
                             param,
                         });
                     }
-                    "input_image" | "input_audio" | "audio" | "image" | "file" => {
+                    "input_audio" => {
+                        let param = format!("messages[{index}].content[{j}].input_audio");
+                        let Some(audio) = &part.input_audio else {
+                            return Err(ApiError::bad_request(format!(
+                                "messages[{index}].content[{j}] is an input_audio part without \
+                                 an input_audio object ({{\"data\": <base64>, \"format\": \
+                                 \"wav\"}})"
+                            ))
+                            .with_param(&param));
+                        };
+                        text.push_str(AUDIO_MARKER);
+                        media.audio.push(AudioRef {
+                            data: audio.data.clone(),
+                            format: audio.format.clone(),
+                            param,
+                        });
+                    }
+                    "input_image" | "audio" | "image" | "file" => {
                         return Err(ApiError::bad_request(format!(
-                            "messages[{index}] has a {:?} content part: this server takes text \
-                             and image_url parts (audio and files are not supported yet)",
+                            "messages[{index}] has a {:?} content part: this server takes text, \
+                             image_url and input_audio parts (files are not supported)",
                             part.kind
                         ))
                         .with_param(&format!("messages[{index}].content[{j}]"))
@@ -593,6 +675,29 @@ fn content_text(
             }
             Ok(text)
         }
+    }
+}
+
+/// A 400 when `text` holds a text that only media may put in a prompt.
+pub(crate) fn check_reserved(
+    text: &str,
+    param: &str,
+    reserved: &[(String, &str)],
+) -> Result<(), ApiError> {
+    match reserved.iter().find(|(r, _)| text.contains(r.as_str())) {
+        Some((r, what)) => {
+            let part = if *what == "audio" {
+                "audio as input_audio"
+            } else {
+                "images as image_url"
+            };
+            Err(ApiError::bad_request(format!(
+                "{param} contains {r:?}, which stands for {what} in this model's prompts: send \
+                 {part} content parts"
+            ))
+            .with_param(param))
+        }
+        None => Ok(()),
     }
 }
 

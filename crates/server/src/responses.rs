@@ -21,9 +21,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::api::{
-    ChatCompletionRequest, ContentPart, FunctionCall, FunctionDef, ImageUrl, JsonSchemaSpec,
-    MessageContent, NamedFunction, NamedToolChoice, RequestMessage, ResponseFormat, SamplingFields,
-    Tool, ToolCall, ToolChoice, Usage,
+    ChatCompletionRequest, ContentPart, FunctionCall, FunctionDef, ImageUrl, InputAudio,
+    JsonSchemaSpec, MessageContent, NamedFunction, NamedToolChoice, RequestMessage, ResponseFormat,
+    SamplingFields, Tool, ToolCall, ToolChoice, Usage,
 };
 use crate::error::ApiError;
 use crate::routes::{blocking, failure, now_secs, read_request, request_seed, submit, AppState};
@@ -318,6 +318,7 @@ fn content_part(part: &Value, at: &str) -> Result<ContentPart, ApiError> {
             kind: "text".into(),
             text: Some(str_field(part, key, at)?.into()),
             image_url: None,
+            input_audio: None,
         })
     };
     match kind {
@@ -340,10 +341,36 @@ fn content_part(part: &Value, at: &str) -> Result<ContentPart, ApiError> {
                 kind: "image_url".into(),
                 text: None,
                 image_url: Some(ImageUrl::Url(url.into())),
+                input_audio: None,
+            })
+        }
+        // The same shape as in chat completions: `{"data": <base64>, "format": "wav"}`.
+        "input_audio" => {
+            let audio = part
+                .get("input_audio")
+                .cloned()
+                .and_then(|v| serde_json::from_value::<InputAudio>(v).ok())
+                .ok_or_else(|| {
+                    bad(
+                        format!(
+                            "{at}.input_audio must be an object with base64 \"data\" and a \
+                             \"format\""
+                        ),
+                        at,
+                    )
+                })?;
+            Ok(ContentPart {
+                kind: "input_audio".into(),
+                text: None,
+                image_url: None,
+                input_audio: Some(audio),
             })
         }
         other => Err(bad(
-            format!("{at} has type {other:?}: this server takes input_text and input_image parts"),
+            format!(
+                "{at} has type {other:?}: this server takes input_text, input_image and \
+                 input_audio parts"
+            ),
             at,
         )
         .with_code("unsupported_content")),

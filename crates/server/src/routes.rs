@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -49,6 +49,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/responses", post(crate::responses::create))
+        // Multipart uploads: axum's form reader enforces the body limit as it reads.
+        .route(
+            "/v1/audio/transcriptions",
+            post(crate::transcribe::transcriptions).layer(DefaultBodyLimit::max(state.body_limit)),
+        )
+        .route(
+            "/v1/audio/translations",
+            post(crate::transcribe::translations).layer(DefaultBodyLimit::max(state.body_limit)),
+        )
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/", get(ollama::root).head(ollama::root))
@@ -238,7 +247,7 @@ pub(crate) fn submit(
     Ok(rx)
 }
 
-fn too_large(limit: usize) -> ApiError {
+pub(crate) fn too_large(limit: usize) -> ApiError {
     ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         ..ApiError::bad_request(format!("the request body is larger than {limit} bytes"))
@@ -247,7 +256,7 @@ fn too_large(limit: usize) -> ApiError {
 
 /// Refuses a body whose declared `Content-Length` is over the limit before reading any of it,
 /// so a client announcing a gigabyte gets its 413 at once instead of a stalled connection.
-fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
+pub(crate) fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

@@ -87,10 +87,21 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
 }
 
 pub fn send_request(stream: &mut TcpStream, method: &str, path: &str, body: Option<&[u8]>) {
+    send_typed_request(stream, method, path, "application/json", body)
+}
+
+/// [`send_request`] with a body of another content type.
+pub fn send_typed_request(
+    stream: &mut TcpStream,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Option<&[u8]>,
+) {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     if let Some(body) = body {
         head.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
             body.len()
         ));
     }
@@ -136,8 +147,19 @@ pub fn request_raw(
     path: &str,
     body: Option<&[u8]>,
 ) -> HttpResponse {
+    request_typed(addr, method, path, "application/json", body)
+}
+
+/// A request whose body has `content_type` (multipart forms).
+pub fn request_typed(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Option<&[u8]>,
+) -> HttpResponse {
     let mut stream = connect(addr);
-    send_request(&mut stream, method, path, body);
+    send_typed_request(&mut stream, method, path, content_type, body);
     let mut reader = BufReader::new(stream);
     let (status, headers) = read_head(&mut reader);
     let chunked = headers
