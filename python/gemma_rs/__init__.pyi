@@ -93,6 +93,20 @@ class Model:
     def vocab_size(self) -> int: ...
     @property
     def has_vision(self) -> bool: ...
+    @property
+    def has_audio(self) -> bool: ...
+    def transcribe(
+        self,
+        audio: _Image,
+        translate_to: Optional[str] = None,
+        prompt: Optional[str] = None,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+        seed: Optional[int] = None,
+        logit_bias: Optional[dict[int, float]] = None,
+    ) -> str:
+        """Gemma 3n speech to text (or to `translate_to`), as `gemma transcribe`: 30 s
+        windows cut at pauses, one prompt each, texts joined by newlines; greedy by default."""
     def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
         """Token ids as `gemma tokenize` prints them (BOS only if the tokenizer adds one;
         `special=False` treats `<start_of_turn>` and the like as plain text)."""
@@ -106,10 +120,12 @@ class Model:
         ids: Union[Sequence[int], str],
         images: Optional[Sequence[_Image]] = None,
         pan_and_scan: bool = False,
+        audio: Optional[Sequence[_Image]] = None,
     ) -> npt.NDArray[np.float32]:
         """Next-token logits (shape [vocab_size]) after the ids (or a raw text prompt), as
         `gemma logits --ids` computes them. `images` fill the image-token runs of `ids` in
-        order (before the text of a text prompt), as `gemma logits --image`."""
+        order (before the text of a text prompt), as `gemma logits --image`; `audio` (paths
+        or bytes of audio files) the audio-token runs, as `gemma logits --audio`."""
     def generate(
         self,
         prompt: str,

@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use gemma_engine::audio::{AudioTask, AUDIO_MARKER};
 use gemma_engine::gemma_formats::FormatError;
 use gemma_engine::gemma_models::CacheType;
 use gemma_engine::gemma_tokenizer::{ChatMessage, Tokenizer};
-use gemma_engine::audio::{AudioTask, AUDIO_MARKER};
 use gemma_engine::vision::IMAGE_MARKER;
 use gemma_engine::{
     AudioOptions, ImageOptions, LoadOptions, LoadedModel, PreparedAudio, PreparedImage,
@@ -720,7 +720,18 @@ impl Model {
             (None, None) => AudioTask::Transcribe.instruction(),
         };
         let mut params = sampling_params(
-            max_tokens, temperature, 64, 0.95, 0.0, 1.0, 64, 0.0, 0.0, seed, None, false,
+            max_tokens,
+            temperature,
+            64,
+            0.95,
+            0.0,
+            1.0,
+            64,
+            0.0,
+            0.0,
+            seed,
+            None,
+            false,
         )?;
         params.logit_bias = logit_bias.unwrap_or_default().into_iter().collect();
         params.logit_bias.sort_unstable_by_key(|&(id, _)| id);
@@ -848,7 +859,12 @@ impl Model {
                             IMAGE_MARKER.repeat(images.len()),
                             AUDIO_MARKER.repeat(audio.len())
                         );
-                        loaded.encode_with_media(&format!("{slots}{text}"), &images, &audio, false)?
+                        loaded.encode_with_media(
+                            &format!("{slots}{text}"),
+                            &images,
+                            &audio,
+                            false,
+                        )?
                     }
                 };
                 if ids.is_empty() {

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
 VISION_MODEL = FIXTURES / "gemma3_vision_tiny" / "hf"
 VISION_IMAGE = FIXTURES / "gemma3_vision_tiny" / "img_a_97x73.png"
+AUDIO_MODEL = FIXTURES / "gemma3n_audio_tiny"
+AUDIO_CLIP = FIXTURES / "audio" / "speech_16k_mono.wav"
 
 GEMMA_BIN = os.environ.get("GEMMA_BIN")
 MODEL_PATH = os.environ.get("GEMMA_TEST_MODEL") or str(gemma_rs.default_model_path())
@@ -385,6 +387,46 @@ def test_images_equal_cli():
         np.testing.assert_allclose(logits[top], [v for _, v in reference["top"]], atol=1e-4)
     with pytest.raises(gemma_rs.GemmaError, match="no image was given"):
         vision.logits(reference["ids"])
+
+
+# --- audio (the tiny Gemma 3n audio fixture) ---------------------------------------------------
+
+
+def test_audio_equals_cli_and_the_reference():
+    hearing = gemma_rs.Model(AUDIO_MODEL, n_ctx=256)
+    assert hearing.has_audio and not hearing.has_vision
+    reference = json.loads((AUDIO_MODEL / "reference.json").read_text())["chat"]
+    # EOS and <end_of_turn> suppressed, as the reference's greedy continuation was made.
+    bias = {1: -100.0, 6: -100.0}
+    text = hearing.transcribe(AUDIO_CLIP, max_tokens=12, logit_bias=bias)
+    assert text == reference["greedy_text"].strip()
+    out, _ = gemma("--model", str(AUDIO_MODEL), "transcribe", "-q", str(AUDIO_CLIP), "-n", "12",
+                   "-l", "1=-100", "-l", "6=-100")
+    assert as_printed(text) == out
+    assert hearing.transcribe(AUDIO_CLIP.read_bytes(), max_tokens=12, logit_bias=bias) == text
+    # A chat message with an audio part asks the same question.
+    message = {"role": "user", "content": [{"type": "audio", "audio": str(AUDIO_CLIP)},
+                                           {"type": "text", "text": "Transcribe this audio."}]}
+    assert hearing.apply_chat_template([message]) == reference["prompt"]
+    out, _ = gemma("--model", str(AUDIO_MODEL), "run", "-q", "--audio", str(AUDIO_CLIP),
+                   "--temp", "0", "-n", "4", "Transcribe this audio.")
+    assert as_printed(hearing.chat([message], temperature=0, max_tokens=4)) == out
+    # Logits from the reference's ids with the audio run filled.
+    ids = reference["input_ids"]
+    vocab = hearing.vocab_size
+    want = np.array(reference["logits"][-vocab:], dtype=np.float32)
+    got = hearing.logits(ids, audio=[AUDIO_CLIP])
+    np.testing.assert_allclose(got, want, atol=1e-2)
+    with pytest.raises(gemma_rs.GemmaError, match="window"):
+        hearing.logits(ids)
+    with pytest.raises(gemma_rs.GemmaError, match="audio"):
+        hearing.transcribe(b"not audio at all")
+
+
+def test_audio_for_a_text_model_is_refused(model):
+    assert not model.has_audio
+    with pytest.raises(gemma_rs.GemmaError, match="takes no audio"):
+        model.transcribe(AUDIO_CLIP)
 
 
 def test_default_model_is_the_cli_default():
