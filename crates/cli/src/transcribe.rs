@@ -35,8 +35,10 @@ pub struct TranscribeArgs {
     /// Channels of the PCM on stdin (interleaved)
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub channels: usize,
-    /// How much stdin audio to take in at a time, in milliseconds
-    #[arg(long, default_value_t = 160, value_name = "MS")]
+    /// Most stdin audio taken in at a time, in milliseconds. Each push takes what has arrived
+    /// (a microphone's pipe delivers a few ms at a time), so a machine slower than real time
+    /// catches up with larger pushes instead of falling further behind
+    #[arg(long, default_value_t = 2000, value_name = "MS")]
     pub chunk_ms: u32,
     /// Longest audio accepted, in seconds (for stdin: in total)
     #[arg(long, default_value_t = 3600.0, value_name = "S")]
