@@ -11,9 +11,9 @@
 //! `embed_audio`, the decoder's forward pass appending the tokens to its KV cache) and prints one
 //! JSON line: per-chunk time from the chunk's arrival to its tokens being in the cache (median,
 //! p90, max; and the median of its front end + encoder + embedder part); the same 30 s arriving
-//! live (at 16 000 samples a second, each push taking what has arrived): the lag from a push's
-//! last sample to its tokens being in the cache (median, p90, and at the end of the audio); the
-//! whole-clip encode time of the same 30 s, and the tower's weight bytes. The
+//! live (at 16 000 samples a second, each push taking what has arrived): each token's lag from
+//! the arrival of the last sample it needs to its being in the cache (median, p90, and the last
+//! token's); the whole-clip encode time of the same 30 s, and the tower's weight bytes. The
 //! thread count is `GEMMA_THREADS`; `AUDIO_WEIGHTS=bf16|f16|q8_0` stores the tower's matrices
 //! so (default bf16, as published); `AUDIO_CHUNK_MS` sets the push size (default 160).
 
@@ -242,6 +242,7 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
     let mut taken = 0usize;
     let mut lags = Vec::new();
     let mut pushes = 0usize;
+    let mut live_tokens = 0usize;
     while taken < samples.len() {
         let arrived = ((start.elapsed().as_secs_f64() * 16_000.0) as usize).min(samples.len());
         if arrived == taken {
@@ -262,9 +263,16 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
             model
                 .forward_embeds(&vec![AUDIO_TOKEN; n], &soft, &mut cache, Logits::None)
                 .map_err(|e| e.to_string())?;
+            // Token k needs mel frames up to 16k + 6, i.e. samples up to 160 (16k + 6) + 513:
+            // its lag runs from that sample's arrival to now.
+            let done = start.elapsed().as_secs_f64();
+            for k in live_tokens..live_tokens + n {
+                let needed = (160 * (16 * k + 6) + 513).min(samples.len());
+                lags.push((done - needed as f64 / 16_000.0) * 1e3);
+            }
+            live_tokens += n;
         }
         pushes += 1;
-        lags.push((start.elapsed().as_secs_f64() - taken as f64 / 16_000.0) * 1e3);
     }
     let final_lag = *lags.last().unwrap_or(&0.0);
     lags.sort_by(f64::total_cmp);
