@@ -233,13 +233,7 @@ fn bad_inputs_are_refused() {
         .to_string();
     assert!(err.contains("image classifier"), "{err}");
     // A model without a tokenizer is no classifier.
-    let gemma2 = load_model(
-        &fixture_dir()
-            .join("../gemma2_tiny/model.safetensors")
-            .parent()
-            .unwrap()
-            .to_path_buf(),
-    );
+    let gemma2 = load_model(&fixture_dir().join("../gemma2_tiny"));
     let err = Shield::new(&gemma2, 4096).err().unwrap().to_string();
     assert!(err.contains("no tokenizer"), "{err}");
 }
