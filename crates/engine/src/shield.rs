@@ -485,7 +485,10 @@ impl<'m> Shield<'m> {
             }
             _ => clone_template(loaded, SHIELDGEMMA2_TEMPLATE)?,
         };
-        let ctx_limit = ctx_size.min(loaded.model.context_length());
+        let ctx_limit = match loaded.model.context_length() {
+            0 => ctx_size,
+            trained => ctx_size.min(trained),
+        };
         if ctx_limit == 0 {
             bail!("the context size must be at least 1");
         }
