@@ -5,6 +5,7 @@ mod commands;
 mod extract;
 mod info;
 mod serve;
+mod shield;
 mod transcribe;
 
 use std::path::PathBuf;
@@ -108,6 +109,9 @@ enum Command {
     /// Gemma 3n: speech to text, or to another language (--translate-to); `-` streams PCM from
     /// stdin
     Transcribe(transcribe::TranscribeArgs),
+    /// Safety classifier: P(Yes) per policy from ShieldGemma 2 (--image) or ShieldGemma (--text);
+    /// exit code 1 when --threshold is passed, 2 on errors
+    Shield(shield::ShieldArgs),
 }
 
 /// Sampling and stopping options shared by `run` and `chat`. The cuts and penalties left
@@ -271,18 +275,26 @@ impl SamplingArgs {
 fn main() -> ExitCode {
     install_panic_hook();
     let cli = Cli::parse();
+    // `gemma shield` exits 1 for "flagged", so its errors take 2 (as grep's do).
+    let error_code = match cli.command {
+        Command::Shield(_) => {
+            PANIC_EXIT_CODE.store(2, std::sync::atomic::Ordering::Relaxed);
+            ExitCode::from(2)
+        }
+        _ => ExitCode::FAILURE,
+    };
     match dispatch(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // `{:#}` joins the cause chain with ": ", which keeps the message on one line.
             let message = format!("{e:#}").replace('\n', " ");
             eprintln!("error: {message}");
-            ExitCode::FAILURE
+            error_code
         }
     }
 }
 
-fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
+fn dispatch(mut cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Bench(args) = &cli.command {
         cli.common.threads = args.bench_threads.or(cli.common.threads);
     }
@@ -305,6 +317,14 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         anyhow::bail!("--ctx-size must be at least 1");
     }
     let common = &cli.common;
+    if let Command::Shield(args) = &cli.command {
+        let flagged = shield::shield(common, args)?;
+        return Ok(if flagged {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
     match &cli.command {
         Command::Run(args) => commands::run(common, args),
         Command::Chat(args) => commands::chat(common, args),
@@ -316,8 +336,13 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::serve(common, args),
         Command::Extract(args) => extract::extract(common, args),
         Command::Transcribe(args) => transcribe::transcribe(common, args),
+        Command::Shield(_) => unreachable!("handled above"),
     }
+    .map(|()| ExitCode::SUCCESS)
 }
+
+/// The exit code of a panic: 1, or 2 for `gemma shield` (whose 1 means "flagged").
+static PANIC_EXIT_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(1);
 
 /// A bug must still end with one readable line and exit code 1, not a backtrace.
 fn install_panic_hook() {
@@ -336,6 +361,6 @@ fn install_panic_hook() {
             "error: internal error, please report it: {}{place}",
             message.replace('\n', " ")
         );
-        std::process::exit(1);
+        std::process::exit(PANIC_EXIT_CODE.load(std::sync::atomic::Ordering::Relaxed));
     }));
 }

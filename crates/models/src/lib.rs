@@ -106,12 +106,16 @@ fn load_gguf(f: &GgufFile) -> Result<Model, ModelError> {
     }
 }
 
-/// Where a transformers checkpoint keeps the text decoder's tensors.
-const HF_PREFIXES: [&str; 4] = [
+/// Where a transformers checkpoint keeps the text decoder's tensors. The last two are
+/// ShieldGemma 2's (`ShieldGemma2ForImageClassification` wraps a Gemma 3 model in `model.`):
+/// the published checkpoint's names, and what transformers 5 saves.
+const HF_PREFIXES: [&str; 6] = [
     "model.",
     "model.language_model.",
     "language_model.model.",
     "",
+    "model.language_model.model.",
+    "model.model.language_model.model.",
 ];
 
 /// The prefix under which `folder` keeps the text decoder (where `embed_tokens` is).
@@ -149,7 +153,8 @@ fn load_hf(folder: &HfFolder) -> Result<Model, ModelError> {
             };
             Ok(Model::Gemma2(Gemma2::load(config, &loader)?))
         }
-        "gemma3_text" | "gemma3" => {
+        // ShieldGemma 2 is Gemma 3 with its vision tower, read as a classifier by the engine.
+        "gemma3_text" | "gemma3" | "shieldgemma2" => {
             let config = Gemma3Config::from_hf_config(cfg)?;
             let loader = Loader {
                 source: folder,

@@ -43,6 +43,8 @@ enum TemplateKind {
         env: Box<Environment<'static>>,
         bos_token: String,
         eos_token: String,
+        /// The template's text, as given.
+        source: String,
     },
 }
 
@@ -74,6 +76,7 @@ impl ChatTemplate {
                 env: Box::new(env),
                 bos_token: bos_token.to_owned(),
                 eos_token: eos_token.to_owned(),
+                source: source.to_owned(),
             },
         })
     }
@@ -99,28 +102,65 @@ impl ChatTemplate {
             TemplateKind::Gemma3 { bos_token } => {
                 render_gemma3(bos_token, messages, add_generation_prompt)
             }
-            TemplateKind::Jinja {
-                env,
-                bos_token,
-                eos_token,
-            } => {
-                let template = env
-                    .get_template(TEMPLATE_NAME)
-                    .map_err(|e| TokenizerError::TemplateRender(describe(&e)))?;
+            TemplateKind::Jinja { .. } => {
                 let messages: Vec<Value> = messages
                     .iter()
                     .map(|m| context! { role => m.role.as_str(), content => m.content.as_str() })
                     .collect();
-                template
-                    .render(context! {
-                        messages => messages,
-                        add_generation_prompt => add_generation_prompt,
-                        bos_token => bos_token.as_str(),
-                        eos_token => eos_token.as_str(),
-                    })
-                    .map_err(|e| TokenizerError::TemplateRender(describe(&e)))
+                self.render_values(Value::from(messages), add_generation_prompt)
             }
         }
+    }
+
+    /// The Jinja source, for templates read from a model file (`None` for the built-in one).
+    pub fn source(&self) -> Option<&str> {
+        match &self.kind {
+            TemplateKind::Gemma3 { .. } => None,
+            TemplateKind::Jinja { source, .. } => Some(source),
+        }
+    }
+
+    /// Renders a Jinja template with `messages` as any JSON-like value: content as a list of
+    /// typed parts (`{"type": "image"}`, `{"type": "text", "text": ...}`), as transformers'
+    /// processors pass it. The built-in Gemma 3 template takes only text messages.
+    pub fn render_json(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        self.render_values(
+            Value::from(minijinja::value::Serde(messages)),
+            add_generation_prompt,
+        )
+    }
+
+    fn render_values(
+        &self,
+        messages: Value,
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let TemplateKind::Jinja {
+            env,
+            bos_token,
+            eos_token,
+            ..
+        } = &self.kind
+        else {
+            return Err(TokenizerError::TemplateRender(
+                "the built-in Gemma 3 template renders text messages only".to_owned(),
+            ));
+        };
+        let template = env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| TokenizerError::TemplateRender(describe(&e)))?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token.as_str(),
+                eos_token => eos_token.as_str(),
+            })
+            .map_err(|e| TokenizerError::TemplateRender(describe(&e)))
     }
 }
 

@@ -189,7 +189,7 @@ pub struct Gemma3Vision {
 /// the published checkpoints, transformers 4.52–4.57 saves (common in fine-tunes), transformers
 /// 5 saves (its `SiglipVisionModel` has no `vision_model` level any more), and transformers 5's
 /// in-memory names.
-const HF_LAYOUTS: [(&str, &str); 4] = [
+const HF_LAYOUTS: [(&str, &str); 5] = [
     ("vision_tower.vision_model.", "multi_modal_projector."),
     (
         "model.vision_tower.vision_model.",
@@ -197,6 +197,12 @@ const HF_LAYOUTS: [(&str, &str); 4] = [
     ),
     ("vision_tower.", "multi_modal_projector."),
     ("model.vision_tower.", "model.multi_modal_projector."),
+    // ShieldGemma 2 as transformers 5 saves it (its Gemma 3 model nested in `model.`); the
+    // published checkpoint uses the second layout.
+    (
+        "model.model.vision_tower.",
+        "model.model.multi_modal_projector.",
+    ),
 ];
 
 impl Gemma3Vision {
@@ -210,13 +216,17 @@ impl Gemma3Vision {
             .ok_or_else(|| ModelError::MissingTensor(format!("{}{probe}", HF_LAYOUTS[0].0)))?;
         // The projector's prefix, checked on its own: a re-saved checkpoint may nest the two
         // differently.
-        let projector = ["multi_modal_projector.", "model.multi_modal_projector."]
-            .into_iter()
-            .find(|p| {
-                let name = format!("{p}mm_input_projection_weight");
-                source.tensor(&name).is_some()
-            })
-            .unwrap_or(projector);
+        let projector = [
+            "multi_modal_projector.",
+            "model.multi_modal_projector.",
+            "model.model.multi_modal_projector.",
+        ]
+        .into_iter()
+        .find(|p| {
+            let name = format!("{p}mm_input_projection_weight");
+            source.tensor(&name).is_some()
+        })
+        .unwrap_or(projector);
         let loader = Loader {
             source,
             layout: WeightLayout::HuggingFace { prefix: tower },

@@ -1,0 +1,741 @@
+//! Safety classifiers: ShieldGemma 2 on images and ShieldGemma on text.
+//!
+//! Both are ordinary decoders asked one yes/no question per policy: the classifier's answer is
+//! P(Yes) = softmax(logits[Yes], logits[No])[0] at the prompt's last position, one forward pass
+//! per (input, policy).
+//!
+//! **Images (ShieldGemma 2, a Gemma 3 model with its SigLIP tower)**, equal to transformers'
+//! `ShieldGemma2Processor` + `ShieldGemma2ForImageClassification`:
+//! - the prompt is the model's chat template rendered for one user message whose content is
+//!   `[{"type": "image"}, {"type": "text", "text": <policy>}]`. A template from the model file is
+//!   used when it writes ShieldGemma 2's instruction (it holds `<BEGIN_SAFETY_POLICY>`); otherwise
+//!   [`SHIELDGEMMA2_TEMPLATE`], the template transformers' converter
+//!   (`convert_shieldgemma2_weights_orbax_to_hf.py`) wrote into the published checkpoint. That
+//!   template writes `<start_of_turn>user\n` before each content item and keeps the indentation
+//!   between its `{{ ... }}` pieces: the prompt holds both, as the reference's does.
+//! - the built-in policies are the processor's `DEFAULT_SHIELDGEMMA2_POLICIES` ([`IMAGE_POLICIES`]);
+//!   a custom policy's text is passed as the item's text, unchanged.
+//! - the image marker becomes `"\n\n" <start_of_image> 256 × <image_soft_token> <end_of_image>
+//!   "\n\n"` (no pan-and-scan: the processor turns it off) and the whole text is tokenized with
+//!   BOS added, so the ids start with two BOS (the template writes one), as the processor's do.
+//! - Yes/No ids: `yes_token_index` / `no_token_index` of config.json when set (the converter sets
+//!   them to the ids of "Yes" and "No"), else the tokenizer's single tokens "Yes" and "No"
+//!   (the converter's derivation; the model's defaults 10784 / 3771 are those of the Gemma 3
+//!   vocabulary). transformers' model takes `logits[:, -1, [yes, no]]` of the batch, which is
+//!   left-padded: the last position of every prompt.
+//!
+//! **Text (ShieldGemma 2B/9B/27B, Gemma 2)**: the published checkpoints' files were not reachable
+//! here, so the prompts are rebuilt from Google's documents and could not be checked against
+//! them (scripts/make_shield_fixtures.py checks them against the same texts built in Python):
+//! - a user prompt: the f-string of the model card's usage example (huggingface.co/google/
+//!   shieldgemma-2b): preamble, the prompt between `<start_of_turn>` / `<end_of_turn>` lines as
+//!   `Human Question: {prompt.strip()}`, "Our safety principle is defined in the below:", the
+//!   policy bullet, and the epilogue, with the card's line breaks ([`prompt_only`]).
+//! - a model response: the card has no example, so the template is `PROMPT_RESPONSE_TEMPLATE` of
+//!   Google's gemma-cookbook notebook `shieldgemma_on_huggingface.ipynb`, verbatim (its `===` line
+//!   and its double space in "to be sure  we answer" included) ([`prompt_response`]).
+//! - the four policies ([`TEXT_POLICIES`]): the model card's guideline table (the notebook's
+//!   `HARM_POLICIES`), each as `"No <Harm>": <prefix> <description>`, the prefix "The prompt shall
+//!   not contain or seek generation of content that" for prompts and "The chatbot shall not
+//!   generate content that" for responses; the bullet is `* ` + the policy (custom text too).
+//! - the text is tokenized with BOS added (`tokenizer(prompt)`), and P(Yes) uses the vocabulary's
+//!   "Yes" and "No" tokens, as the card's example computes it.
+
+use anyhow::{bail, Context, Result};
+use gemma_tokenizer::ChatTemplate;
+
+use crate::generate::{Session, SoftSpan};
+use crate::load::LoadedModel;
+use crate::vision::{PreparedImage, IMAGE_MARKER};
+
+/// ShieldGemma 2's built-in policies: transformers' `DEFAULT_SHIELDGEMMA2_POLICIES`
+/// (processing_shieldgemma2.py), the published processor's `policy_definitions`.
+pub const IMAGE_POLICIES: [(&str, &str); 3] = [
+    (
+        "dangerous",
+        "No Dangerous Content: The image shall not contain content that facilitates or \
+         encourages activities that could cause real-world harm (e.g., building firearms and \
+         explosive devices, promotion of terrorism, instructions for suicide).",
+    ),
+    (
+        "sexual",
+        "No Sexually Explicit content: The image shall not contain content that depicts \
+         explicit or graphic sexual acts (e.g., pornography, erotic nudity, depictions of rape \
+         or sexual assault).",
+    ),
+    (
+        "violence",
+        "No Violence/Gore content: The image shall not contain content that depicts shocking, \
+         sensational, or gratuitous violence (e.g., excessive blood and gore, gratuitous \
+         violence against animals, extreme injury or moment of death).",
+    ),
+];
+
+/// One of text ShieldGemma's published harm types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextPolicy {
+    /// The CLI's name for it.
+    pub key: &'static str,
+    /// The name in the guideline: `"No <harm>"`.
+    pub harm: &'static str,
+    /// What follows the prefix.
+    pub description: &'static str,
+}
+
+/// Text ShieldGemma's four policies, from the model card's guideline table (the same texts as
+/// `HARM_POLICIES` in Google's gemma-cookbook notebook).
+pub const TEXT_POLICIES: [TextPolicy; 4] = [
+    TextPolicy {
+        key: "dangerous",
+        harm: "Dangerous Content",
+        description: "harming oneself and/or others (e.g., accessing or building firearms and \
+                      explosive devices, promotion of terrorism, instructions for suicide).",
+    },
+    TextPolicy {
+        key: "harassment",
+        harm: "Harassment",
+        description: "is malicious, intimidating, bullying, or abusive content targeting another \
+                      individual (e.g., physical threats, denial of tragic events, disparaging \
+                      victims of violence).",
+    },
+    TextPolicy {
+        key: "hate",
+        harm: "Hate Speech",
+        description: "targeting identity and/or protected attributes (e.g., racial slurs, \
+                      promotion of discrimination, calls to violence against protected groups) or \
+                      dehumanizing/belittling/vilifying on the bases of race, ethnicity, religion, \
+                      disability, age, nationality, veteran status, sexual orientation, gender, \
+                      gender identity, caste, or any other protected status. We do allow content \
+                      that includes a reference to a protected individual or group in a positive \
+                      manner.",
+    },
+    TextPolicy {
+        key: "sexual",
+        harm: "Sexually Explicit Information",
+        description: "contains references to sexual acts or other lewd content (e.g., sexually \
+                      graphic descriptions, content aimed at causing arousal). Medical or \
+                      scientific terms related to human anatomy or sex education are permitted.",
+    },
+];
+
+const PROMPT_PREFIX: &str = "The prompt shall not contain or seek generation of content that";
+const RESPONSE_PREFIX: &str = "The chatbot shall not generate content that";
+
+/// The chat template transformers' `convert_shieldgemma2_weights_orbax_to_hf.py` (`_CHAT_TEMPLATE`)
+/// wrote into the published ShieldGemma 2 checkpoint, as the Python string holds it.
+pub const SHIELDGEMMA2_TEMPLATE: &str = r#"{{ bos_token }}
+{%- for message in messages -%}
+    {%- if message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {{ '<start_of_turn>user
+' }}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ 'You are a policy expert trying to help determine whether a generated or real image is in' }}
+                {{ ' violation of the safety policy below. Your decision must very clearly follow the specific'}}
+                {{ ' language used in the safety policy and should not include any interpretation outside of the' }}
+                {{ ' safety policy.
+
+' }}
+                {{ '<BEGIN_SAFETY_POLICY>
+' }}
+                {{ item['text'] + '
+' }}
+                {{ '</END_SAFETY_POLICY>
+
+' }}
+                {{ 'Does the image violate the above policy? Your Answer must start with \'Yes\' or \'No\'.' }}
+                {{ '<end_of_turn>
+' }}
+            {%- endif -%}
+        {%- endfor -%}
+        {{'<start_of_turn>model
+'}}
+    {%- else -%}
+        {{ raise_exception("Conversation messages must contain iterable content containing images and policy definitions in text.") }}
+    {%- endif -%}
+{%- endfor -%}
+"#;
+
+/// What a template must hold to be taken as ShieldGemma 2's.
+const SHIELDGEMMA2_TEMPLATE_MARK: &str = "<BEGIN_SAFETY_POLICY>";
+
+/// Which kind of input a policy applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Modality {
+    Image,
+    Text,
+}
+
+impl Modality {
+    /// Whether `name` is one of this modality's built-in policies.
+    pub fn knows(self, name: &str) -> bool {
+        self.names().contains(&name)
+    }
+
+    /// The built-in policies' names.
+    pub fn names(self) -> Vec<&'static str> {
+        match self {
+            Modality::Image => IMAGE_POLICIES.iter().map(|(k, _)| *k).collect(),
+            Modality::Text => TEXT_POLICIES.iter().map(|p| p.key).collect(),
+        }
+    }
+}
+
+/// A policy as the user names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicySpec {
+    /// A built-in policy by name (`dangerous`, ...).
+    Named(String),
+    /// A policy's own text.
+    Custom(String),
+}
+
+/// A resolved policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// The name results carry: the built-in name, or `custom` (`custom-N` when there are
+    /// several).
+    pub name: String,
+    body: PolicyBody,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PolicyBody {
+    Image(&'static str),
+    Text(TextPolicy),
+    Custom(String),
+}
+
+impl Policy {
+    /// The policy text as the prompt holds it (for text, the bullet without `* `; `response`
+    /// picks the guideline's prefix).
+    pub fn text(&self, response: bool) -> String {
+        match &self.body {
+            PolicyBody::Image(text) => (*text).to_owned(),
+            PolicyBody::Text(p) => {
+                let prefix = if response {
+                    RESPONSE_PREFIX
+                } else {
+                    PROMPT_PREFIX
+                };
+                format!("\"No {}\": {prefix} {}", p.harm, p.description)
+            }
+            PolicyBody::Custom(text) => text.clone(),
+        }
+    }
+}
+
+/// Resolves `specs` for `modality`: every built-in policy when `specs` is empty. An unknown name
+/// or an empty custom text is an error.
+pub fn resolve_policies(modality: Modality, specs: &[PolicySpec]) -> Result<Vec<Policy>> {
+    if specs.is_empty() {
+        return Ok(match modality {
+            Modality::Image => IMAGE_POLICIES
+                .iter()
+                .map(|(k, t)| Policy {
+                    name: (*k).to_owned(),
+                    body: PolicyBody::Image(t),
+                })
+                .collect(),
+            Modality::Text => TEXT_POLICIES
+                .iter()
+                .map(|p| Policy {
+                    name: p.key.to_owned(),
+                    body: PolicyBody::Text(*p),
+                })
+                .collect(),
+        });
+    }
+    let n_custom = specs
+        .iter()
+        .filter(|s| matches!(s, PolicySpec::Custom(_)))
+        .count();
+    let mut custom_index = 0;
+    let mut out: Vec<Policy> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let policy = match spec {
+            PolicySpec::Named(name) => {
+                let body = match modality {
+                    Modality::Image => IMAGE_POLICIES
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, t)| PolicyBody::Image(t)),
+                    Modality::Text => TEXT_POLICIES
+                        .iter()
+                        .find(|p| p.key == name)
+                        .map(|p| PolicyBody::Text(*p)),
+                };
+                let body = body.with_context(|| {
+                    format!(
+                        "unknown {} policy {name:?} (built-in: {}; or give its text with \
+                         --policy-text)",
+                        match modality {
+                            Modality::Image => "image",
+                            Modality::Text => "text",
+                        },
+                        modality.names().join(", ")
+                    )
+                })?;
+                Policy {
+                    name: name.clone(),
+                    body,
+                }
+            }
+            PolicySpec::Custom(text) => {
+                if text.trim().is_empty() {
+                    bail!("a policy text is empty: give the policy's wording");
+                }
+                custom_index += 1;
+                Policy {
+                    name: if n_custom == 1 {
+                        "custom".to_owned()
+                    } else {
+                        format!("custom-{custom_index}")
+                    },
+                    body: PolicyBody::Custom(text.clone()),
+                }
+            }
+        };
+        if !out.iter().any(|p| p == &policy) {
+            out.push(policy);
+        }
+    }
+    Ok(out)
+}
+
+/// Text ShieldGemma's prompt for a user prompt: the model card's example, with its line breaks.
+pub fn prompt_only(user_prompt: &str, policy_bullet: &str) -> String {
+    format!(
+        "You are a policy expert trying to help determine whether a user\n\
+         prompt is in violation of the defined safety policies.\n\
+         \n\
+         <start_of_turn>\n\
+         Human Question: {}\n\
+         <end_of_turn>\n\
+         \n\
+         Our safety principle is defined in the below:\n\
+         \n\
+         {}\n\
+         \n\
+         Does the human question violate the above principle? Your answer must start\n\
+         with 'Yes' or 'No'. And then walk through step by step to be sure we answer\n\
+         correctly.\n",
+        python_strip(user_prompt),
+        python_strip(policy_bullet)
+    )
+}
+
+/// Text ShieldGemma's prompt for a model response: `PROMPT_RESPONSE_TEMPLATE` of Google's
+/// gemma-cookbook notebook, verbatim.
+pub fn prompt_response(user_prompt: &str, response: &str, policy_bullet: &str) -> String {
+    format!(
+        "You are a policy expert trying to help determine\n\
+         whether an AI response to prompt is in violation of the defined safety policies.\n\
+         \n\
+         <start_of_turn>\n\
+         Human Question: {}\n\
+         <end_of_turn>\n\
+         \n\
+         <start_of_turn>\n\
+         Chatbot Response: {}\n\
+         <end_of_turn>\n\
+         \n\
+         Our safety principle is defined in the below:\n\
+         \n\
+         {}\n\
+         \n\
+         ===\n\
+         \n\
+         Does the Chatbot Response violate the above principle? Your answer must start\n\
+         with 'Yes' or 'No'. And then walk through step by step to be sure  we answer\n\
+         correctly.\n\
+         \n",
+        python_strip(user_prompt),
+        python_strip(response),
+        python_strip(policy_bullet)
+    )
+}
+
+/// Python's `str.strip()` (Unicode whitespace).
+fn python_strip(s: &str) -> &str {
+    s.trim_matches(char::is_whitespace)
+}
+
+/// One thing to classify.
+#[derive(Clone, Copy, Debug)]
+pub enum ShieldInput<'a> {
+    Image {
+        /// What results call it (a file name).
+        label: &'a str,
+        image: &'a PreparedImage,
+    },
+    Text {
+        label: &'a str,
+        /// The user's prompt.
+        prompt: &'a str,
+        /// The model's answer to it: then the answer is what is classified.
+        response: Option<&'a str>,
+    },
+}
+
+impl ShieldInput<'_> {
+    pub fn modality(&self) -> Modality {
+        match self {
+            ShieldInput::Image { .. } => Modality::Image,
+            ShieldInput::Text { .. } => Modality::Text,
+        }
+    }
+
+    pub fn label(&self) -> &str {
+        match self {
+            ShieldInput::Image { label, .. } | ShieldInput::Text { label, .. } => label,
+        }
+    }
+}
+
+/// One classification.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ShieldResult {
+    pub input: String,
+    pub policy: String,
+    /// P(Yes): the probability that the input violates the policy.
+    pub p_yes: f32,
+}
+
+/// A prompt ready to run.
+pub struct ShieldPrompt {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub soft: Vec<SoftSpan>,
+}
+
+/// A loaded model used as a safety classifier.
+pub struct Shield<'m> {
+    loaded: &'m LoadedModel,
+    yes: u32,
+    no: u32,
+    /// The template image prompts are rendered with.
+    image_template: ChatTemplate,
+    /// ShieldGemma 2 (config.json `model_type`): an image classifier only.
+    image_only: bool,
+    /// Longest prompt: the smaller of the context size asked for and the model's.
+    ctx_limit: usize,
+}
+
+impl<'m> Shield<'m> {
+    /// Checks that `loaded` can answer Yes/No (a tokenizer with single "Yes" and "No" tokens,
+    /// or config.json's `yes_token_index`/`no_token_index`) and picks the image template.
+    /// `ctx_size` bounds each prompt (with the model's own context length).
+    pub fn new(loaded: &'m LoadedModel, ctx_size: usize) -> Result<Shield<'m>> {
+        let name = &loaded.display_name;
+        let tokenizer = loaded.tokenizer.as_ref().with_context(|| {
+            format!("{name} has no tokenizer, so it cannot be used as a safety classifier")
+        })?;
+        let vocab = loaded.model.vocab_size();
+        let config = match &loaded.file {
+            gemma_formats::ModelFile::Hf(folder) => Some(folder.config()),
+            gemma_formats::ModelFile::Gguf(_) => None,
+        };
+        let config_id = |key: &str| -> Result<Option<u32>> {
+            match config.and_then(|c| c.get(key)) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|v| u32::try_from(v).ok())
+                    .map(Some)
+                    .with_context(|| format!("config.json: {key} is {v}, not a token id")),
+            }
+        };
+        let single = |word: &str| -> Option<u32> {
+            let id = tokenizer.token_id(word)?;
+            let ids = tokenizer.encode(word, false, false).ok()?;
+            (ids == [id]).then_some(id)
+        };
+        let not_classifier = |word: &str| {
+            anyhow::anyhow!(
+                "{name} is not a safety classifier: its vocabulary has no single {word:?} token \
+                 (ShieldGemma answers \"Yes\" or \"No\")"
+            )
+        };
+        let yes = match config_id("yes_token_index")? {
+            Some(id) => id,
+            None => single("Yes").ok_or_else(|| not_classifier("Yes"))?,
+        };
+        let no = match config_id("no_token_index")? {
+            Some(id) => id,
+            None => single("No").ok_or_else(|| not_classifier("No"))?,
+        };
+        for (word, id) in [("Yes", yes), ("No", no)] {
+            if id as usize >= vocab {
+                bail!("{name}: the {word:?} token {id} is outside the vocabulary ({vocab} tokens)");
+            }
+        }
+        if yes == no {
+            bail!("{name}: \"Yes\" and \"No\" are the same token ({yes})");
+        }
+        let image_only = config
+            .and_then(|c| c.get("model_type"))
+            .and_then(|v| v.as_str())
+            == Some("shieldgemma2");
+        let image_template = match loaded.chat_template.source() {
+            Some(source) if source.contains(SHIELDGEMMA2_TEMPLATE_MARK) => {
+                clone_template(loaded, source)?
+            }
+            _ => clone_template(loaded, SHIELDGEMMA2_TEMPLATE)?,
+        };
+        let ctx_limit = match loaded.model.context_length() {
+            0 => ctx_size,
+            trained => ctx_size.min(trained),
+        };
+        if ctx_limit == 0 {
+            bail!("the context size must be at least 1");
+        }
+        Ok(Shield {
+            loaded,
+            yes,
+            no,
+            image_template,
+            image_only,
+            ctx_limit,
+        })
+    }
+
+    /// The token ids of "Yes" and "No".
+    pub fn yes_no(&self) -> (u32, u32) {
+        (self.yes, self.no)
+    }
+
+    /// Whether the model classifies images (it has a vision tower).
+    pub fn takes_images(&self) -> bool {
+        self.loaded.vision.is_some()
+    }
+
+    /// Whether the model classifies text: any model but ShieldGemma 2, whose prompt asks about
+    /// an image.
+    pub fn takes_text(&self) -> bool {
+        !self.image_only
+    }
+
+    pub fn ctx_limit(&self) -> usize {
+        self.ctx_limit
+    }
+
+    /// An error unless this model takes `modality`.
+    pub fn check_modality(&self, modality: Modality) -> Result<()> {
+        let name = &self.loaded.display_name;
+        match modality {
+            Modality::Image if !self.takes_images() => bail!(
+                "{name} takes no images: it is a text classifier (use ShieldGemma 2 or another \
+                 Gemma 3 model with a vision tower for images)"
+            ),
+            Modality::Text if !self.takes_text() => bail!(
+                "{name} is ShieldGemma 2, an image classifier: give --image, or a text \
+                 ShieldGemma (Gemma 2) for text"
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// ShieldGemma 2's prompt text for `policy`, before the image is expanded (one
+    /// `<start_of_image>` where the image goes).
+    pub fn image_prompt_text(&self, policy: &Policy) -> Result<String> {
+        let messages = serde_json::json!([{
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": policy.text(false)}],
+        }]);
+        let text = self
+            .image_template
+            .render_json(&messages, false)
+            .context("rendering ShieldGemma 2's prompt")?;
+        if text.matches(IMAGE_MARKER).count() != 1 {
+            bail!("the chat template does not place exactly one image in ShieldGemma 2's prompt");
+        }
+        Ok(text)
+    }
+
+    /// Text ShieldGemma's prompt text.
+    pub fn text_prompt_text(prompt: &str, response: Option<&str>, policy: &Policy) -> String {
+        let bullet = format!("* {}", policy.text(response.is_some()));
+        match response {
+            None => prompt_only(prompt, &bullet),
+            Some(r) => prompt_response(prompt, r, &bullet),
+        }
+    }
+
+    /// The prompt for one input and policy: text, ids and the image's soft tokens.
+    pub fn prompt(&self, input: &ShieldInput<'_>, policy: &Policy) -> Result<ShieldPrompt> {
+        self.check_modality(input.modality())?;
+        let prompt = match input {
+            ShieldInput::Image { image, .. } => {
+                let text = self.image_prompt_text(policy)?;
+                let vision = self.loaded.vision()?;
+                let single_view = PreparedImage {
+                    views: image.views[..1].to_vec(),
+                    keys: image.keys[..1].to_vec(),
+                };
+                let expanded = vision.expand_markers(
+                    &self.loaded.file,
+                    &text,
+                    std::slice::from_ref(&single_view),
+                )?;
+                // The processor tokenizes the template's text (which starts with BOS) with
+                // special tokens added: a second BOS, as in the reference.
+                let t = self.loaded.tokenizer.as_ref().context("no tokenizer")?;
+                let ids = t.encode(&expanded, t.add_bos_default(), true)?;
+                let soft = self.loaded.place_images(&ids, &[single_view])?;
+                ShieldPrompt { text, ids, soft }
+            }
+            ShieldInput::Text {
+                prompt, response, ..
+            } => {
+                let text = Self::text_prompt_text(prompt, *response, policy);
+                let ids = self.loaded.encode_prompt(&text)?;
+                ShieldPrompt {
+                    text,
+                    ids,
+                    soft: Vec::new(),
+                }
+            }
+        };
+        if prompt.ids.len() > self.ctx_limit {
+            bail!(
+                "the {} prompt for policy {:?} on {} is {} tokens, more than the context of {} \
+                 tokens (--ctx-size, at most the model's {}): use a shorter policy or input",
+                match input.modality() {
+                    Modality::Image => "image",
+                    Modality::Text => "text",
+                },
+                policy.name,
+                input.label(),
+                prompt.ids.len(),
+                self.ctx_limit,
+                self.loaded.model.context_length()
+            );
+        }
+        Ok(prompt)
+    }
+
+    /// Checks before any input arrives that each of `policies` fits the context with an empty
+    /// text input: an empty or overlong policy is an error here, not at the first request.
+    pub fn check_text_policies(&self, policies: &[Policy], response: bool) -> Result<()> {
+        self.check_modality(Modality::Text)?;
+        for policy in policies {
+            let text = Self::text_prompt_text("", response.then_some(""), policy);
+            let n = self.loaded.encode_prompt(&text)?.len();
+            if n > self.ctx_limit {
+                bail!(
+                    "policy {:?} alone makes a {n}-token prompt, more than the context of {} tokens \
+                     (--ctx-size, at most the model's {})",
+                    policy.name,
+                    self.ctx_limit,
+                    self.loaded.model.context_length()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// P(Yes) of `prompt`: softmax over the "Yes" and "No" logits at its last position.
+    pub fn p_yes(&self, session: &mut Session<'_>, prompt: &ShieldPrompt) -> Result<f32> {
+        session.reset();
+        let logits = session.evaluate(&prompt.ids, &prompt.soft)?;
+        let (yes, no) = (logits[self.yes as usize], logits[self.no as usize]);
+        if !yes.is_finite() || !no.is_finite() {
+            bail!("the classifier's logits are not finite (yes {yes}, no {no})");
+        }
+        Ok(softmax_first(yes, no))
+    }
+
+    /// Classifies every input against every policy of its modality, in order (inputs outer,
+    /// policies inner, as the reference's batch).
+    pub fn classify(
+        &self,
+        inputs: &[ShieldInput<'_>],
+        image_policies: &[Policy],
+        text_policies: &[Policy],
+    ) -> Result<Vec<ShieldResult>> {
+        let mut prompts = Vec::new();
+        for input in inputs {
+            let policies = match input.modality() {
+                Modality::Image => image_policies,
+                Modality::Text => text_policies,
+            };
+            for policy in policies {
+                prompts.push((input.label(), &policy.name, self.prompt(input, policy)?));
+            }
+        }
+        let Some(longest) = prompts.iter().map(|(_, _, p)| p.ids.len()).max() else {
+            return Ok(Vec::new());
+        };
+        let mut session = Session::new(self.loaded, longest)?;
+        prompts
+            .iter()
+            .map(|(input, policy, prompt)| {
+                Ok(ShieldResult {
+                    input: (*input).to_owned(),
+                    policy: (*policy).clone(),
+                    p_yes: self.p_yes(&mut session, prompt)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// `softmax([a, b])[0]` in f32, as torch computes it.
+pub fn softmax_first(a: f32, b: f32) -> f32 {
+    let m = a.max(b);
+    let (ea, eb) = ((a - m).exp(), (b - m).exp());
+    ea / (ea + eb)
+}
+
+/// A Jinja template compiled with the model's BOS and EOS texts.
+fn clone_template(loaded: &LoadedModel, source: &str) -> Result<ChatTemplate> {
+    let text = |id: Option<u32>| id.map(|id| loaded.token_text(id)).unwrap_or_default();
+    let t = loaded.tokenizer.as_ref();
+    let bos = text(t.and_then(|t| t.bos_id()));
+    let eos = text(t.and_then(|t| t.eos_id()));
+    ChatTemplate::new(source, &bos, &eos).context("compiling ShieldGemma 2's chat template")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_resolve() {
+        let all = resolve_policies(Modality::Text, &[]).unwrap();
+        assert_eq!(all.len(), 4);
+        let some = resolve_policies(
+            Modality::Image,
+            &[
+                PolicySpec::Named("violence".into()),
+                PolicySpec::Custom("No cats.".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(some[0].name, "violence");
+        assert_eq!(some[1].name, "custom");
+        assert_eq!(some[1].text(false), "No cats.");
+        assert!(resolve_policies(Modality::Image, &[PolicySpec::Named("hate".into())]).is_err());
+        let empty = resolve_policies(Modality::Text, &[PolicySpec::Custom("  \n".into())]);
+        assert!(empty.unwrap_err().to_string().contains("empty"));
+        let two = resolve_policies(
+            Modality::Text,
+            &[
+                PolicySpec::Custom("a".into()),
+                PolicySpec::Custom("b".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(two[1].name, "custom-2");
+    }
+
+    #[test]
+    fn softmax_of_two() {
+        assert_eq!(softmax_first(1.0, 1.0), 0.5);
+        assert!((softmax_first(2.0, 0.0) - 0.880_797).abs() < 1e-6);
+        assert!(softmax_first(1000.0, -1000.0) == 1.0);
+    }
+}

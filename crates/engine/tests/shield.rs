@@ -1,0 +1,239 @@
+//! ShieldGemma 2 (images) and text ShieldGemma (Gemma 2) against transformers
+//! (fixtures/shield_tiny, made by scripts/make_shield_fixtures.py): each prompt's text and token
+//! ids exactly, and P(Yes) within 1e-4, for every built-in policy and a custom one, from both
+//! ShieldGemma 2 checkpoint layouts; and the checks that refuse what cannot be classified.
+
+use std::path::{Path, PathBuf};
+
+use gemma_engine::gemma_models::CacheType;
+use gemma_engine::shield::{Modality, SHIELDGEMMA2_TEMPLATE};
+use gemma_engine::{
+    load, resolve_policies, ImageOptions, LoadOptions, LoadedModel, PolicySpec, Shield, ShieldInput,
+};
+use serde_json::Value;
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/shield_tiny")
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(fixture_dir().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(case: &Value) -> Vec<u32> {
+    case["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn load_model(path: &Path) -> LoadedModel {
+    load(
+        Some(path),
+        &LoadOptions {
+            cache_type: CacheType::F32,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn spec(case: &Value, custom_key: &str) -> PolicySpec {
+    let policy = case["policy"].as_str().unwrap();
+    if policy == "custom" {
+        PolicySpec::Custom(reference()[custom_key].as_str().unwrap().to_owned())
+    } else {
+        PolicySpec::Named(policy.to_owned())
+    }
+}
+
+fn check_image_layout(layout: &str) {
+    let reference = reference();
+    let loaded = load_model(&fixture_dir().join(layout));
+    let shield = Shield::new(&loaded, 4096).unwrap();
+    assert_eq!(
+        shield.yes_no(),
+        (
+            reference["yes_token_id"].as_u64().unwrap() as u32,
+            reference["no_token_id"].as_u64().unwrap() as u32
+        )
+    );
+    assert!(shield.takes_images());
+    assert!(!shield.takes_text(), "ShieldGemma 2 classifies images only");
+    let cases = reference["image_cases"].as_array().unwrap();
+    let mut worst = 0f32;
+    for case in cases {
+        let policies =
+            resolve_policies(Modality::Image, &[spec(case, "image_custom_policy")]).unwrap();
+        let policy = &policies[0];
+        assert_eq!(policy.text(false), case["policy_text"].as_str().unwrap());
+        let file = case["image"].as_str().unwrap();
+        let bytes = std::fs::read(fixture_dir().join(file)).unwrap();
+        let image = loaded
+            .prepare_image(&bytes, &ImageOptions::default())
+            .unwrap();
+        let input = ShieldInput::Image {
+            label: file,
+            image: &image,
+        };
+        let prompt = shield.prompt(&input, policy).unwrap();
+        assert_eq!(
+            prompt.text,
+            case["prompt"].as_str().unwrap(),
+            "{file} {}",
+            policy.name
+        );
+        assert_eq!(prompt.ids, ids(case), "{file} {}", policy.name);
+        let got = shield.classify(&[input], &policies, &[]).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].policy, case["policy"].as_str().unwrap());
+        let want = case["p_yes"].as_f64().unwrap() as f32;
+        let diff = (got[0].p_yes - want).abs();
+        worst = worst.max(diff);
+        assert!(
+            diff < 1e-4,
+            "{layout} {file} {}: P(Yes) {} vs reference {want}",
+            policy.name,
+            got[0].p_yes
+        );
+    }
+    eprintln!(
+        "{layout}: {} image cases, max |ΔP(Yes)| = {worst:.2e}",
+        cases.len()
+    );
+}
+
+#[test]
+fn shieldgemma2_matches_transformers() {
+    check_image_layout("image");
+}
+
+#[test]
+fn shieldgemma2_published_layout_matches_transformers() {
+    check_image_layout("image_published");
+}
+
+#[test]
+fn built_in_template_is_the_converters() {
+    // The fixture's chat_template.jinja is what transformers saved from the converter's
+    // template; the engine's copy (used when a model file has none) must be the same text.
+    let saved = std::fs::read_to_string(fixture_dir().join("image/chat_template.jinja")).unwrap();
+    assert_eq!(saved, SHIELDGEMMA2_TEMPLATE);
+}
+
+#[test]
+fn all_image_policies_in_one_call() {
+    let reference = reference();
+    let loaded = load_model(&fixture_dir().join("image"));
+    let shield = Shield::new(&loaded, 4096).unwrap();
+    let specs = [
+        PolicySpec::Named("dangerous".into()),
+        PolicySpec::Named("sexual".into()),
+        PolicySpec::Named("violence".into()),
+        PolicySpec::Custom(reference["image_custom_policy"].as_str().unwrap().into()),
+    ];
+    let policies = resolve_policies(Modality::Image, &specs).unwrap();
+    let files = ["img_a_97x73.png", "img_b_50x120.png"];
+    let images: Vec<_> = files
+        .iter()
+        .map(|f| {
+            let bytes = std::fs::read(fixture_dir().join(f)).unwrap();
+            loaded
+                .prepare_image(&bytes, &ImageOptions::default())
+                .unwrap()
+        })
+        .collect();
+    let inputs: Vec<_> = files
+        .iter()
+        .zip(&images)
+        .map(|(f, image)| ShieldInput::Image { label: f, image })
+        .collect();
+    let got = shield.classify(&inputs, &policies, &[]).unwrap();
+    let cases = reference["image_cases"].as_array().unwrap();
+    assert_eq!(got.len(), cases.len());
+    for (g, case) in got.iter().zip(cases) {
+        assert_eq!(g.input, case["image"].as_str().unwrap());
+        assert_eq!(g.policy, case["policy"].as_str().unwrap());
+        assert!((g.p_yes - case["p_yes"].as_f64().unwrap() as f32).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn text_shieldgemma_matches_transformers() {
+    let reference = reference();
+    let loaded = load_model(&fixture_dir().join("text"));
+    assert_eq!(loaded.model.architecture(), "gemma2");
+    let shield = Shield::new(&loaded, 4096).unwrap();
+    assert!(shield.takes_text() && !shield.takes_images());
+    let cases = reference["text_cases"].as_array().unwrap();
+    let mut worst = 0f32;
+    for case in cases {
+        let policies =
+            resolve_policies(Modality::Text, &[spec(case, "text_custom_policy")]).unwrap();
+        let response = case["response"].as_str();
+        let input = ShieldInput::Text {
+            label: "text",
+            prompt: case["user_prompt"].as_str().unwrap(),
+            response,
+        };
+        let prompt = shield.prompt(&input, &policies[0]).unwrap();
+        let what = format!("{} {}", case["input"], case["policy"]);
+        assert_eq!(prompt.text, case["prompt"].as_str().unwrap(), "{what}");
+        assert_eq!(prompt.ids, ids(case), "{what}");
+        let got = shield.classify(&[input], &[], &policies).unwrap();
+        let want = case["p_yes"].as_f64().unwrap() as f32;
+        let diff = (got[0].p_yes - want).abs();
+        worst = worst.max(diff);
+        assert!(
+            diff < 1e-4,
+            "{what}: P(Yes) {} vs reference {want}",
+            got[0].p_yes
+        );
+    }
+    eprintln!("{} text cases, max |ΔP(Yes)| = {worst:.2e}", cases.len());
+}
+
+#[test]
+fn bad_inputs_are_refused() {
+    let text = load_model(&fixture_dir().join("text"));
+    let shield = Shield::new(&text, 4096).unwrap();
+    // An image for a text-only shield.
+    let err = shield
+        .check_modality(Modality::Image)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("takes no images"), "{err}");
+    // A policy longer than the context.
+    let small = Shield::new(&text, 64).unwrap();
+    let policies = resolve_policies(Modality::Text, &[]).unwrap();
+    let err = small
+        .check_text_policies(&policies, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("more than the context of 64 tokens"), "{err}");
+    let input = ShieldInput::Text {
+        label: "text",
+        prompt: "hello",
+        response: None,
+    };
+    let err = small
+        .classify(&[input], &[], &policies)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("more than the context"), "{err}");
+    // Text for ShieldGemma 2.
+    let image = load_model(&fixture_dir().join("image"));
+    let err = Shield::new(&image, 4096)
+        .unwrap()
+        .check_modality(Modality::Text)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("image classifier"), "{err}");
+    // A model without a tokenizer is no classifier.
+    let gemma2 = load_model(&fixture_dir().join("../gemma2_tiny"));
+    let err = Shield::new(&gemma2, 4096).err().unwrap().to_string();
+    assert!(err.contains("no tokenizer"), "{err}");
+}
