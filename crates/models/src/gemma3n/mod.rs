@@ -574,9 +574,16 @@ impl Gemma3n {
         let rot_global = sized(&mut scratch.rope_global, n_tokens * hd);
         rotations(&self.rope_global, pos0..pos0 + n_tokens, rot_global);
 
+        // Without logits, the KV-sharing layers at the end have nothing to do: they write no
+        // keys or values, and their output only reaches the logits. Filling the cache (earlier
+        // prompt chunks, streamed audio) stops at the first of them: a third of E2B's layers.
+        let n_run = match logits {
+            Logits::None => first_shared.min(self.active_layers.len()),
+            Logits::Last | Logits::All => self.active_layers.len(),
+        };
         // `i` numbers the active layers (config, KV cache); `stored_layer` picks the weights and
         // the layer's PLE columns, which keep their place in the stored table.
-        for (i, &stored_layer) in self.active_layers.iter().enumerate() {
+        for (i, &stored_layer) in self.active_layers.iter().enumerate().take(n_run) {
             let layer = &self.layers[stored_layer];
             let kv_src = c.kv_source(i).expect("validated at load");
             let is_source = i < first_shared
