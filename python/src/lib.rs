@@ -109,18 +109,18 @@ impl MediaArg {
         }
     }
 
+    /// The file's bytes (read now for a path).
+    fn bytes(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        Ok(match self {
+            MediaArg::Bytes(b) => b.as_slice().into(),
+            MediaArg::Path(p) => read_media(p)?.into(),
+        })
+    }
+
     /// Reads and preprocesses the image for `loaded`, as `gemma run --image` does.
     fn prepare(&self, loaded: &LoadedModel, opts: &ImageOptions) -> Result<PreparedImage> {
-        let read;
-        let bytes = match self {
-            MediaArg::Bytes(b) => b.as_slice(),
-            MediaArg::Path(p) => {
-                read = read_media(p)?;
-                read.as_slice()
-            }
-        };
         loaded
-            .prepare_image(bytes, opts)
+            .prepare_image(&self.bytes()?, opts)
             .with_context(|| format!("image {}", self.describe()))
     }
 }
@@ -128,16 +128,8 @@ impl MediaArg {
 impl MediaArg {
     /// Reads and prepares the audio clip for `loaded`, as `gemma run --audio` does.
     fn prepare_audio(&self, loaded: &LoadedModel) -> Result<PreparedAudio> {
-        let read;
-        let bytes = match self {
-            MediaArg::Bytes(b) => b.as_slice(),
-            MediaArg::Path(p) => {
-                read = read_media(p)?;
-                read.as_slice()
-            }
-        };
         loaded
-            .prepare_audio(bytes, &AudioOptions::default())
+            .prepare_audio(&self.bytes()?, &AudioOptions::default())
             .with_context(|| format!("audio {}", self.describe()))
     }
 }

@@ -23,7 +23,8 @@ use std::time::Instant;
 
 use gemma_engine::gemma_formats::{open_model_source, HfFolder, ModelFile};
 use gemma_engine::gemma_media::{log_mel, MelExtractor, MelStream};
-use gemma_engine::gemma_models::{load_model, Gemma3nAudio, Logits, SoftTokens};
+use gemma_engine::gemma_models::audio::AudioStream;
+use gemma_engine::gemma_models::{load_model, Gemma3nAudio, KvCache, Logits, Model, SoftTokens};
 
 const D: usize = 1536;
 const LAYERS: usize = 12;
@@ -169,6 +170,60 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// The live path over one stream: front end, streaming encoder, `embed_audio`, and the decoder
+/// appending the tokens to its cache after the prompt's prefix.
+struct Listener<'a> {
+    tower: &'a Gemma3nAudio,
+    model: &'a Model,
+    mel: MelStream,
+    stream: AudioStream<'a>,
+    cache: KvCache,
+}
+
+impl<'a> Listener<'a> {
+    fn start(
+        tower: &'a Gemma3nAudio,
+        model: &'a Model,
+        extractor: &std::sync::Arc<MelExtractor>,
+    ) -> Result<Self, String> {
+        let mut cache = model.new_cache(1024).map_err(|e| e.to_string())?;
+        // The prompt's prefix, as a live session feeds it before the audio.
+        model
+            .forward(&[2, 105, 2364, 107, 108, 256_000], &mut cache, Logits::None)
+            .map_err(|e| e.to_string())?;
+        Ok(Listener {
+            tower,
+            model,
+            mel: MelStream::new(extractor.clone()),
+            stream: tower.stream(),
+            cache,
+        })
+    }
+
+    /// Takes `samples`; returns the tokens they completed (now in the cache) and the time the
+    /// part before the decoder took, in ms.
+    fn push(&mut self, samples: &[f32]) -> Result<(usize, f64), String> {
+        let started = Instant::now();
+        let frames = self.mel.push(samples);
+        let encoded = self.stream.push(&frames).map_err(|e| e.to_string())?;
+        let n = encoded.len() / D;
+        if n == 0 {
+            return Ok((0, started.elapsed().as_secs_f64() * 1e3));
+        }
+        let embeds = self.tower.project(&encoded);
+        let encoder_ms = started.elapsed().as_secs_f64() * 1e3;
+        let soft = [SoftTokens {
+            offset: 0,
+            embeds: &embeds,
+            bidirectional: false,
+        }];
+        self.model
+            .forward_embeds(&vec![AUDIO_TOKEN; n], &soft, &mut self.cache, Logits::None)
+            .map_err(|e| e.to_string())?;
+        Ok((n, encoder_ms))
+    }
+}
+
 fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
     let folder = HfFolder::open(dir).map_err(|e| e.to_string())?;
     let mut tower = Gemma3nAudio::from_hf(&folder).map_err(|e| e.to_string())?;
@@ -194,34 +249,17 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
         .encode(&log_mel(&samples[..16_000]).features)
         .map_err(|e| e.to_string())?;
 
-    let mut cache = model.new_cache(1024).map_err(|e| e.to_string())?;
-    // The prompt's prefix, as a live session feeds it before the audio.
-    model
-        .forward(&[2, 105, 2364, 107, 108, 256_000], &mut cache, Logits::None)
-        .map_err(|e| e.to_string())?;
-    let mut mel = MelStream::new(extractor.clone());
-    let mut stream = tower.stream();
     let mut times = Vec::new();
     let mut encoder_times = Vec::new();
     let mut tokens = 0usize;
+    let mut live = Listener::start(&tower, &model, &extractor)?;
     for chunk in samples.chunks(16 * chunk_ms) {
         let started = Instant::now();
-        let frames = mel.push(chunk);
-        let encoded = stream.push(&frames).map_err(|e| e.to_string())?;
-        let n = encoded.len() / D;
+        let (n, encoder_ms) = live.push(chunk)?;
         if n > 0 {
-            let embeds = tower.project(&encoded);
-            encoder_times.push(started.elapsed().as_secs_f64() * 1e3);
-            let soft = [SoftTokens {
-                offset: 0,
-                embeds: &embeds,
-                bidirectional: false,
-            }];
-            model
-                .forward_embeds(&vec![AUDIO_TOKEN; n], &soft, &mut cache, Logits::None)
-                .map_err(|e| e.to_string())?;
-            tokens += n;
+            encoder_times.push(encoder_ms);
         }
+        tokens += n;
         times.push(started.elapsed().as_secs_f64() * 1e3);
     }
     let mut sorted = times.clone();
@@ -230,14 +268,8 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
 
     // Live: the audio arrives at its own pace (16 000 samples a wall-clock second) and each
     // push takes everything that has arrived, so a machine slower than real time catches up
-    // with larger pushes. The lag of a push: from the arrival of its last sample to its tokens
-    // being in the cache.
-    let mut cache = model.new_cache(1024).map_err(|e| e.to_string())?;
-    model
-        .forward(&[2, 105, 2364, 107, 108, 256_000], &mut cache, Logits::None)
-        .map_err(|e| e.to_string())?;
-    let mut mel = MelStream::new(extractor.clone());
-    let mut stream = tower.stream();
+    // with larger pushes.
+    let mut live = Listener::start(&tower, &model, &extractor)?;
     let start = Instant::now();
     let mut taken = 0usize;
     let mut lags = Vec::new();
@@ -249,29 +281,16 @@ fn run(dir: &Path, decoder: &Path) -> Result<(), String> {
             std::thread::sleep(std::time::Duration::from_millis(5));
             continue;
         }
-        let frames = mel.push(&samples[taken..arrived]);
+        let (n, _) = live.push(&samples[taken..arrived])?;
         taken = arrived;
-        let encoded = stream.push(&frames).map_err(|e| e.to_string())?;
-        let n = encoded.len() / D;
-        if n > 0 {
-            let embeds = tower.project(&encoded);
-            let soft = [SoftTokens {
-                offset: 0,
-                embeds: &embeds,
-                bidirectional: false,
-            }];
-            model
-                .forward_embeds(&vec![AUDIO_TOKEN; n], &soft, &mut cache, Logits::None)
-                .map_err(|e| e.to_string())?;
-            // Token k needs mel frames up to 16k + 6, i.e. samples up to 160 (16k + 6) + 513:
-            // its lag runs from that sample's arrival to now.
-            let done = start.elapsed().as_secs_f64();
-            for k in live_tokens..live_tokens + n {
-                let needed = (160 * (16 * k + 6) + 513).min(samples.len());
-                lags.push((done - needed as f64 / 16_000.0) * 1e3);
-            }
-            live_tokens += n;
+        // Token k needs mel frames up to 16k + 6, i.e. samples up to 160 (16k + 6) + 513: its
+        // lag runs from that sample's arrival to now.
+        let done = start.elapsed().as_secs_f64();
+        for k in live_tokens..live_tokens + n {
+            let needed = (160 * (16 * k + 6) + 513).min(samples.len());
+            lags.push((done - needed as f64 / 16_000.0) * 1e3);
         }
+        live_tokens += n;
         pushes += 1;
     }
     let final_lag = *lags.last().unwrap_or(&0.0);

@@ -16,7 +16,6 @@
 //! each limit, and each window is a block of its own in the prompt (`--max-audio-seconds`
 //! bounds the whole clip).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{bail, Context, Result};
@@ -26,6 +25,7 @@ use gemma_media::{decode_audio, split_windows, AudioLimits, MelExtractor};
 use gemma_models::{Gemma3nAudio, Gemma3nAudioConfig};
 use sha2::{Digest, Sha256};
 
+use crate::encoded::EncodedCache;
 use crate::generate::SoftSpan;
 use crate::load::LoadedModel;
 use crate::vision::token_runs;
@@ -134,7 +134,7 @@ pub struct Hearing {
     tower: OnceLock<Gemma3nAudio>,
     loading: Mutex<()>,
     /// Encoded windows by content key, as for images.
-    encoded: Mutex<HashMap<[u8; 32], Arc<[f32]>>>,
+    encoded: EncodedCache,
     /// Print each window's encode time on stderr (`LoadOptions::verbose`).
     pub verbose: bool,
     /// The type the encoder's matrices are stored as once read (`LoadOptions::audio_weights`).
@@ -164,7 +164,7 @@ impl Hearing {
             config,
             tower: OnceLock::new(),
             loading: Mutex::new(()),
-            encoded: Mutex::new(HashMap::new()),
+            encoded: EncodedCache::new(ENCODED_CACHE_ENTRIES),
             verbose: false,
             weights: None,
         }))
@@ -214,37 +214,15 @@ impl Hearing {
     /// each: the clip's tokens, then the reference's padding), encoded once per content key.
     pub fn encode(&self, file: &ModelFile, clip: &PreparedAudio) -> Result<Vec<Arc<[f32]>>> {
         let tower = self.tower(file)?;
-        let mut out = Vec::with_capacity(clip.windows.len());
-        for (i, (window, key)) in clip.windows.iter().zip(&clip.keys).enumerate() {
-            let cached = self.lock_encoded().get(key).cloned();
-            let embeds = match cached {
-                Some(e) => e,
-                None => {
-                    let started = std::time::Instant::now();
-                    let e: Arc<[f32]> = tower.encode_clip(window)?.into();
-                    if self.verbose {
-                        eprintln!(
-                            "gemma: audio window {}/{} encoded in {:.0} ms",
-                            i + 1,
-                            clip.windows.len(),
-                            started.elapsed().as_secs_f64() * 1e3
-                        );
-                    }
-                    let mut map = self.lock_encoded();
-                    if map.len() >= ENCODED_CACHE_ENTRIES {
-                        map.clear();
-                    }
-                    map.insert(*key, e.clone());
-                    e
-                }
-            };
-            out.push(embeds);
-        }
-        Ok(out)
-    }
-
-    fn lock_encoded(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<[f32]>>> {
-        self.encoded.lock().unwrap_or_else(|e| e.into_inner())
+        let n = clip.windows.len();
+        let windows = clip.windows.iter().zip(&clip.keys).enumerate();
+        windows
+            .map(|(i, (window, key))| {
+                let what = || format!("audio window {}/{n}", i + 1);
+                self.encoded
+                    .get_or_encode(key, self.verbose, &what, || Ok(tower.encode_clip(window)?))
+            })
+            .collect()
     }
 
     /// The text that stands for one window in a prompt, as the reference processor writes it.

@@ -10,6 +10,7 @@
 
 pub mod audio;
 pub mod default_model;
+mod encoded;
 pub mod generate;
 pub mod live_audio;
 pub mod load;

@@ -9,7 +9,6 @@
 //! crop), filled in order with the tower's output. Filling runs of an id list is also the
 //! tokenizer-free path (`gemma logits --ids`).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -20,6 +19,7 @@ use gemma_models::vision::Gemma3Vision;
 use sha2::{Digest, Sha256};
 
 use crate::audio::PreparedAudio;
+use crate::encoded::EncodedCache;
 use crate::generate::SoftSpan;
 use crate::load::LoadedModel;
 
@@ -75,7 +75,7 @@ pub struct Vision {
     loading: Mutex<()>,
     /// Encoded views by content key: a conversation re-fed after a reset, or the same image
     /// sent again, is not encoded twice.
-    encoded: Mutex<HashMap<[u8; 32], Arc<[f32]>>>,
+    encoded: EncodedCache,
     /// Print each view's encode time on stderr (`LoadOptions::verbose`).
     pub verbose: bool,
 }
@@ -143,7 +143,7 @@ impl Vision {
             ids,
             tower: OnceLock::new(),
             loading: Mutex::new(()),
-            encoded: Mutex::new(HashMap::new()),
+            encoded: EncodedCache::new(ENCODED_CACHE_ENTRIES),
             verbose: false,
         }))
     }
@@ -198,39 +198,18 @@ impl Vision {
     /// per content key.
     pub fn encode(&self, file: &ModelFile, image: &PreparedImage) -> Result<Vec<Arc<[f32]>>> {
         let tower = self.tower(file)?;
-        let mut out = Vec::with_capacity(image.views.len());
-        for (i, (view, key)) in image.views.iter().zip(&image.keys).enumerate() {
-            let cached = self.lock_encoded().get(key).cloned();
-            let embeds = match cached {
-                Some(e) => e,
-                None => {
+        let n = image.views.len();
+        let views = image.views.iter().zip(&image.keys).enumerate();
+        views
+            .map(|(i, (view, key))| {
+                let what = || format!("image view {}/{n}", i + 1);
+                self.encoded.get_or_encode(key, self.verbose, &what, || {
                     let mut buf = Vec::new();
-                    let started = std::time::Instant::now();
                     tower.encode(view, &mut buf)?;
-                    if self.verbose {
-                        eprintln!(
-                            "gemma: image view {}/{} encoded in {:.0} ms",
-                            i + 1,
-                            image.views.len(),
-                            started.elapsed().as_secs_f64() * 1e3
-                        );
-                    }
-                    let e: Arc<[f32]> = buf.into();
-                    let mut map = self.lock_encoded();
-                    if map.len() >= ENCODED_CACHE_ENTRIES {
-                        map.clear();
-                    }
-                    map.insert(*key, e.clone());
-                    e
-                }
-            };
-            out.push(embeds);
-        }
-        Ok(out)
-    }
-
-    fn lock_encoded(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<[f32]>>> {
-        self.encoded.lock().unwrap_or_else(|e| e.into_inner())
+                    Ok(buf)
+                })
+            })
+            .collect()
     }
 
     /// The text that stands for one image in a prompt, as the reference processor writes it.
