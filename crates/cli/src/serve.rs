@@ -66,7 +66,12 @@ pub struct ServeArgs {
     pub shield: Vec<PathBuf>,
     /// Built-in policies the filter enforces [default: every one of each checked kind] — text:
     /// dangerous, harassment, hate, sexual; images: dangerous, sexual, violence
-    #[arg(long, value_name = "NAME,...", value_delimiter = ',', requires = "shield")]
+    #[arg(
+        long,
+        value_name = "NAME,...",
+        value_delimiter = ',',
+        requires = "shield"
+    )]
     pub shield_policies: Vec<String>,
     /// A policy of your own for the filter, in the built-in policies' style (repeatable)
     #[arg(long, value_name = "TEXT", requires = "shield")]

@@ -45,11 +45,11 @@ use tokio::sync::oneshot;
 
 pub use constrain::GrammarCompiler;
 pub use media::MediaConfig;
-pub use shield::{ShieldFilter, ShieldOptions};
 use metrics::Metrics;
 use prepare::PrepareContext;
 use routes::AppState;
 use scheduler::Scheduler;
+pub use shield::{ShieldFilter, ShieldOptions};
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {

@@ -159,7 +159,8 @@ impl ShieldFilter {
                 (asked, _) => asked,
             };
             let (takes_text, takes_images) = {
-                let shield = Shield::new(&model, ctx).with_context(|| format!("--shield {name}"))?;
+                let shield =
+                    Shield::new(&model, ctx).with_context(|| format!("--shield {name}"))?;
                 (shield.takes_text(), shield.takes_images())
             };
             let loaded = Arc::new(model);
@@ -394,7 +395,9 @@ impl ShieldFilter {
 /// classifier's output.
 pub fn block_message(stage: Stage, policy: &str) -> String {
     match stage {
-        Stage::Input => format!("This request was blocked by the safety filter (policy: {policy})."),
+        Stage::Input => {
+            format!("This request was blocked by the safety filter (policy: {policy}).")
+        }
         Stage::Output => {
             format!("This response was blocked by the safety filter (policy: {policy}).")
         }
