@@ -334,3 +334,45 @@ fn start_up_refuses_bad_policies() {
     let ok = ShieldFilter::new(vec![load_shield()], &ShieldOptions::default()).unwrap();
     assert!(ok.warnings.iter().any(|w| w.contains("images")), "{ok:?}");
 }
+
+#[test]
+fn a_flagged_image_is_blocked() {
+    let _serial = serial();
+    // ShieldGemma 2 (tiny) beside the text classifier: img_a scores 0.729 on `violence`
+    // (reference.json); `violence` is an image policy only, so text goes unchecked.
+    let image_shield =
+        gemma_engine::load(Some(&shield_dir().join("../image")), &Default::default())
+            .expect("the image shield loads");
+    let filter = ShieldFilter::new(
+        vec![load_shield(), image_shield],
+        &options(&["violence"], 0.6, 8),
+    )
+    .unwrap();
+    assert!(filter.checks_images());
+    assert!(
+        filter.warnings.iter().any(|w| w.contains("text")),
+        "{filter:?}"
+    );
+    let s = server(Some(Arc::new(filter)));
+    let png = std::fs::read(shield_dir().join("../img_a_97x73.png")).unwrap();
+    let body = parts_body(
+        vec![
+            image_part(&data_url("image/png", &png)),
+            text_part("What is this?"),
+        ],
+        8,
+    );
+    let v = chat(s.addr, &body);
+    assert_eq!(v["choices"][0]["finish_reason"], "content_filter", "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "This request was blocked by the safety filter (policy: violence)."
+    );
+    // Text alone is not checked by an image policy.
+    let v = chat(s.addr, &chat_body(PROMPT, 4));
+    assert_ne!(v["choices"][0]["finish_reason"], "content_filter", "{v}");
+    assert_eq!(
+        metric(s.addr, "gemma_shield_hits_total{policy=\"violence\"}"),
+        1.0
+    );
+}
