@@ -16,6 +16,8 @@
 //!   URLs, files under `--allowed-media-dir`, base64 audio, the limits on them.
 //! - [`transcribe`]: `/v1/audio/transcriptions` and `/v1/audio/translations` (Gemma 3n), one
 //!   generation per 30 s window through the same scheduler.
+//! - [`shield`]: `--shield`, the safety filter: classifiers on the request (while the prompt
+//!   prefills) and on the reply (window by window), between the scheduler and every writer.
 
 pub mod api;
 pub mod constrain;
