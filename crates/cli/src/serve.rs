@@ -60,6 +60,28 @@ pub struct ServeArgs {
     /// Seconds a client may take to send its first byte, and then a request's headers
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub header_timeout: u64,
+    /// Safety filter: a classifier checking requests and replies (a text ShieldGemma for text,
+    /// ShieldGemma 2 for images; give both with two --shield)
+    #[arg(long = "shield", value_name = "MODEL")]
+    pub shield: Vec<PathBuf>,
+    /// Built-in policies the filter enforces [default: every one of each checked kind] — text:
+    /// dangerous, harassment, hate, sexual; images: dangerous, sexual, violence
+    #[arg(
+        long,
+        value_name = "NAME,...",
+        value_delimiter = ',',
+        requires = "shield"
+    )]
+    pub shield_policies: Vec<String>,
+    /// A policy of your own for the filter, in the built-in policies' style (repeatable)
+    #[arg(long, value_name = "TEXT", requires = "shield")]
+    pub shield_policy_text: Vec<String>,
+    /// Block when P(Yes) of any policy is at or above this
+    #[arg(long, default_value_t = 0.5, value_name = "P")]
+    pub shield_threshold: f32,
+    /// Generated tokens held back per check of a streamed reply
+    #[arg(long, default_value_t = gemma_server::shield::DEFAULT_WINDOW, value_name = "TOKENS")]
+    pub shield_window: usize,
 }
 
 pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
@@ -80,6 +102,7 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
             anyhow::bail!("--allowed-media-dir {} is not a directory", dir.display());
         }
     }
+    let shield = load_shield(common, args)?;
     let loaded = common.load(&common.load_options())?;
     let trained = loaded.model.context_length();
     let ctx_size = if trained > 0 {
@@ -112,8 +135,58 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         metrics_key: args.metrics_key.clone().filter(|k| !k.is_empty()),
         max_connections: args.max_connections,
         header_timeout: Duration::from_secs(args.header_timeout),
+        shield,
     };
     gemma_server::run(loaded, config)
+}
+
+/// Loads and validates the `--shield` classifiers (memory-mapped unless `--no-mmap`): every
+/// problem with them or the policies is reported here, before the server starts.
+fn load_shield(
+    common: &CommonArgs,
+    args: &ServeArgs,
+) -> Result<Option<std::sync::Arc<gemma_server::ShieldFilter>>> {
+    if args.shield.is_empty() {
+        return Ok(None);
+    }
+    let opts = gemma_server::ShieldOptions {
+        policies: args
+            .shield_policies
+            .iter()
+            .map(|p| p.trim().to_owned())
+            .collect(),
+        policy_texts: args.shield_policy_text.clone(),
+        threshold: args.shield_threshold,
+        window: args.shield_window,
+        ctx_size: 0,
+    };
+    if !(0.0..=1.0).contains(&opts.threshold) {
+        anyhow::bail!("--shield-threshold must be a probability between 0 and 1");
+    }
+    if opts.window == 0 {
+        anyhow::bail!("--shield-window must be at least 1 token");
+    }
+    let load_opts = gemma_engine::LoadOptions {
+        weights: if common.no_mmap {
+            gemma_engine::WeightMemory::Resident
+        } else {
+            gemma_engine::WeightMemory::Mapped
+        },
+        ..common.load_options()
+    };
+    let models = args
+        .shield
+        .iter()
+        .map(|path| {
+            gemma_engine::load(Some(path), &load_opts)
+                .with_context(|| format!("--shield {}", path.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let filter = gemma_server::ShieldFilter::new(models, &opts)?;
+    for warning in &filter.warnings {
+        eprintln!("gemma: warning: safety filter: {warning}");
+    }
+    Ok(Some(std::sync::Arc::new(filter)))
 }
 
 /// Reads the schema of `gemma run --json-schema FILE` and checks it (references, recursion)

@@ -313,3 +313,53 @@ fn bad_inputs_fail_with_one_line() {
     );
     assert_error(&out, &["bad.png"]);
 }
+
+/// `gemma serve --shield ...` with a bad filter set-up: one error line, exit 1, before the
+/// server starts (never at the first request).
+fn serve_with_shield(shield: &str, extra: &[&str]) -> Output {
+    let main =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma3_vision_tiny/hf");
+    let mut args = vec![
+        "serve",
+        "-q",
+        "--model",
+        main.to_str().unwrap(),
+        "--port",
+        "0",
+        "--shield",
+        shield,
+    ];
+    args.extend_from_slice(extra);
+    gemma(&args, None)
+}
+
+fn assert_start_up_error(out: &Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("serving"),
+        "{err}"
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{n:?} missing: {err}");
+    }
+}
+
+#[test]
+fn serve_refuses_a_bad_shield_set_up_at_start_up() {
+    let text = fixture("text");
+    let out = serve_with_shield(&text, &["--shield-policies", "harassment,nonsense"]);
+    assert_start_up_error(&out, &["unknown policy \"nonsense\"", "--shield-policies"]);
+    let out = serve_with_shield(&text, &["--shield-policy-text", " "]);
+    assert_start_up_error(&out, &["--shield-policy-text", "empty"]);
+    let out = serve_with_shield(&text, &["--shield-policies", "violence"]);
+    assert_start_up_error(&out, &["image policy", "no --shield model checks images"]);
+    let out = serve_with_shield(&text, &["--shield-threshold", "1.5"]);
+    assert_start_up_error(&out, &["--shield-threshold"]);
+    // A model without a tokenizer's "Yes"/"No" is no classifier.
+    let out = serve_with_shield(&fixture("../gemma2_tiny"), &[]);
+    assert_start_up_error(&out, &["--shield", "no tokenizer"]);
+}

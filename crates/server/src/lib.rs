@@ -16,6 +16,8 @@
 //!   URLs, files under `--allowed-media-dir`, base64 audio, the limits on them.
 //! - [`transcribe`]: `/v1/audio/transcriptions` and `/v1/audio/translations` (Gemma 3n), one
 //!   generation per 30 s window through the same scheduler.
+//! - [`shield`]: `--shield`, the safety filter: classifiers on the request (while the prompt
+//!   prefills) and on the reply (window by window), between the scheduler and every writer.
 
 pub mod api;
 pub mod constrain;
@@ -28,6 +30,7 @@ pub mod responses;
 pub mod routes;
 pub mod scheduler;
 pub mod schema;
+pub mod shield;
 pub mod tool_stream;
 pub mod tools;
 pub mod transcribe;
@@ -48,6 +51,7 @@ use metrics::Metrics;
 use prepare::PrepareContext;
 use routes::AppState;
 use scheduler::Scheduler;
+pub use shield::{ShieldFilter, ShieldOptions};
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -73,6 +77,8 @@ pub struct ServerConfig {
     /// How long a client may take to send a request's headers (and, on a kept-alive
     /// connection, to start the next request): slow or idle clients cannot hold connections.
     pub header_timeout: Duration,
+    /// `--shield`: the safety filter on requests and replies.
+    pub shield: Option<Arc<ShieldFilter>>,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +96,7 @@ impl Default for ServerConfig {
             metrics_key: None,
             max_connections: 256,
             header_timeout: Duration::from_secs(10),
+            shield: None,
         }
     }
 }
@@ -244,6 +251,12 @@ fn serve_on(
         .unwrap_or(1);
     let loaded = Arc::new(loaded);
     let metrics = Arc::new(Metrics::default());
+    if let Some(filter) = &config.shield {
+        metrics
+            .shield_enabled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        metrics.shield.register(&filter.policy_names());
+    }
     let (scheduler, scheduler_thread) = Scheduler::start(
         loaded.clone(),
         config.parallel,
@@ -260,7 +273,9 @@ fn serve_on(
             end_token,
             media: config.media.clone(),
             media_work: std::sync::Mutex::new(()),
+            shield: config.shield.as_ref().map(|f| f.checks_images()),
         }),
+        shield: config.shield.clone(),
         metrics,
         model_id,
         body_limit: config.body_limit,

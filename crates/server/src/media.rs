@@ -234,7 +234,7 @@ const REMOTE: &str = "remote image URLs are not fetched: send the image as a dat
                       (data:image/png;base64,...)";
 
 /// The encoded bytes an image URL stands for.
-fn image_bytes(config: &MediaConfig, url: &str) -> Result<Vec<u8>, ApiError> {
+pub(crate) fn image_bytes(config: &MediaConfig, url: &str) -> Result<Vec<u8>, ApiError> {
     let url = url.trim();
     if url.is_empty() {
         return Err(ApiError::bad_request("the image URL is empty"));

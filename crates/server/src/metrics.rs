@@ -23,6 +23,9 @@ pub struct Metrics {
     pub ttft_micros_sum: AtomicU64,
     pub ttft_count: AtomicU64,
     pub forward_steps: AtomicU64,
+    /// The safety filter's counters (shown when `--shield` is on).
+    pub shield: crate::shield::ShieldMetrics,
+    pub shield_enabled: std::sync::atomic::AtomicBool,
 }
 
 impl Metrics {
@@ -134,6 +137,9 @@ impl Metrics {
             get(&self.ttft_micros_sum) as f64 / 1e6,
             get(&self.ttft_count)
         );
+        if self.shield_enabled.load(Ordering::Relaxed) {
+            self.shield.render(&mut out);
+        }
         out
     }
 }

@@ -525,6 +525,8 @@ pub async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
             .map(|t| t.function.name.clone())
             .collect();
         let submitted = Instant::now();
+        // The safety filter checks a streamed reply window by window, a whole one at its end.
+        prepared.stream = stream;
         let events = submit(&state, &mut prepared)?;
         let reply = Reply {
             chat: true,
@@ -587,6 +589,7 @@ pub async fn generate(
         };
         let prompt = prepared.prompt.clone();
         let submitted = Instant::now();
+        prepared.stream = stream;
         let events = submit(&state, &mut prepared)?;
         let reply = Reply {
             chat: false,

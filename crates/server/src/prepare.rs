@@ -18,6 +18,7 @@ use crate::api::{
 use crate::constrain::GrammarCompiler;
 use crate::error::ApiError;
 use crate::media::{self, AudioRef, ImageRef, MediaConfig};
+use crate::shield::ShieldRequest;
 use crate::tools::{self, ToolMode};
 
 /// Everything the scheduler and the response writer need.
@@ -32,6 +33,8 @@ pub struct Prepared {
     pub tool_mode: ToolMode,
     pub stream: bool,
     pub include_usage: bool,
+    /// What the safety filter checks before generation (`None` without `--shield`).
+    pub shield: Option<ShieldRequest>,
 }
 
 /// Shared, read-only context for preparing requests.
@@ -44,6 +47,9 @@ pub struct PrepareContext {
     /// Held while a request's images or audio are decoded and encoded: one request at a time,
     /// so that concurrent media requests cannot multiply the decoders' and towers' memory.
     pub media_work: std::sync::Mutex<()>,
+    /// `Some(with_images)` when the safety filter is on: requests carry their user text (and,
+    /// with an image classifier, their images' bytes) for it.
+    pub shield: Option<bool>,
 }
 
 impl PrepareContext {
@@ -98,6 +104,20 @@ impl PrepareContext {
         let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
         let (params, stream, include_usage) =
             self.sampling(&req.sampling, max_tokens, prompt.len())?;
+        let shield = match self.shield {
+            Some(with_images) => Some(ShieldRequest {
+                text: last_user_text(&req.messages),
+                images: if with_images {
+                    refs.images
+                        .iter()
+                        .map(|r| media::image_bytes(&self.media, &r.url))
+                        .collect::<Result<_, _>>()?
+                } else {
+                    Vec::new()
+                },
+            }),
+            None => None,
+        };
         Ok(Prepared {
             prompt,
             soft,
@@ -108,6 +128,7 @@ impl PrepareContext {
             tool_mode,
             stream,
             include_usage,
+            shield,
         })
     }
 
@@ -142,6 +163,10 @@ impl PrepareContext {
             tool_mode: ToolMode::Off,
             stream,
             include_usage,
+            shield: self.shield.map(|_| ShieldRequest {
+                text,
+                images: Vec::new(),
+            }),
         })
     }
 
@@ -431,6 +456,23 @@ fn logit_bias(
             Ok((id, bias as f32))
         })
         .collect()
+}
+
+/// The text of the last user message (its text parts, joined as the prompt joins them): what
+/// the safety filter checks, and the prompt its response checks quote.
+fn last_user_text(messages: &[crate::api::RequestMessage]) -> String {
+    let Some(m) = messages.iter().rev().find(|m| m.role == "user") else {
+        return String::new();
+    };
+    match &m.content {
+        None => String::new(),
+        Some(MessageContent::Text(t)) => t.clone(),
+        Some(MessageContent::Parts(parts)) => parts
+            .iter()
+            .filter(|p| matches!(p.kind.as_str(), "text" | "input_text"))
+            .filter_map(|p| p.text.as_deref())
+            .collect(),
+    }
 }
 
 /// The media parts of a conversation, each list in the order of its markers.

@@ -516,7 +516,7 @@ impl Builder {
     }
 
     /// The response object.
-    fn response(&self, status: &str, usage: Option<Value>, incomplete: bool) -> Value {
+    fn response(&self, status: &str, usage: Option<Value>, incomplete: Option<&str>) -> Value {
         let e = &self.echo;
         json!({
             "id": self.id,
@@ -524,7 +524,7 @@ impl Builder {
             "created_at": self.created_at,
             "status": status,
             "error": null,
-            "incomplete_details": incomplete.then(|| json!({"reason": "max_output_tokens"})),
+            "incomplete_details": incomplete.map(|reason| json!({"reason": reason})),
             "instructions": e.instructions,
             "max_output_tokens": e.max_output_tokens,
             "model": e.model,
@@ -545,7 +545,7 @@ impl Builder {
     }
 
     fn start(&mut self) {
-        let response = self.response("in_progress", None, false);
+        let response = self.response("in_progress", None, None);
         self.emit("response.created", json!({"response": response}));
         self.emit("response.in_progress", json!({"response": response}));
     }
@@ -696,7 +696,13 @@ impl Builder {
         usage: Usage,
         timings: &Timings,
     ) -> Value {
-        let incomplete = finish == FinishReason::Length;
+        // OpenAI's reasons: the token limit, or the content filter (`--shield`).
+        let reason = match finish {
+            FinishReason::Length => Some("max_output_tokens"),
+            FinishReason::ContentFilter => Some("content_filter"),
+            FinishReason::Stop => None,
+        };
+        let incomplete = reason.is_some();
         if self.output.is_empty() && self.open.is_none() {
             self.open_message();
         }
@@ -716,7 +722,7 @@ impl Builder {
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage.total_tokens,
         });
-        let response = self.response(status, Some(usage), incomplete);
+        let response = self.response(status, Some(usage), reason);
         let kind = if incomplete {
             "response.incomplete"
         } else {
@@ -751,6 +757,8 @@ pub async fn create(
                     .collect(),
             )
         });
+        // The safety filter checks a streamed reply window by window, a whole one at its end.
+        prepared.stream = stream;
         let events = submit(&state, &mut prepared)?;
         let builder = Builder::new(echo);
         if stream {

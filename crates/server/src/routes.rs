@@ -41,6 +41,8 @@ pub struct AppState {
     pub metrics_key: Option<String>,
     /// What the Ollama endpoints say about the model (computed on first use).
     pub card: std::sync::OnceLock<Arc<crate::ollama::ModelCard>>,
+    /// `--shield`: the safety filter.
+    pub shield: Option<Arc<crate::shield::ShieldFilter>>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -223,11 +225,19 @@ pub(crate) async fn read_request<R: DeserializeOwned>(
 }
 
 /// Queues a prepared request on the scheduler (429 when its queue is full) and returns the
-/// channel its tokens and end come back on. Every API surface generates through this.
+/// channel its tokens and end come back on. Every API surface generates through this. With
+/// `--shield`, the events pass the safety filter first (see [`crate::shield`]): the input
+/// check runs while the job is already prefilling, and the reply is released as the checks
+/// pass; `p.stream` picks windowed output checks over one check of the whole reply.
 pub(crate) fn submit(
     state: &AppState,
     p: &mut Prepared,
 ) -> Result<mpsc::UnboundedReceiver<JobEvent>, ApiError> {
+    let prompt_tokens = p.prompt.len();
+    let shield = match (&state.shield, p.shield.take()) {
+        (Some(filter), Some(request)) => Some((filter.clone(), request)),
+        _ => None,
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     let job = Job {
         prompt: std::mem::take(&mut p.prompt),
@@ -244,7 +254,20 @@ pub(crate) fn submit(
         SubmitError::ShuttingDown => ApiError::unavailable("the server is shutting down"),
     })?;
     Metrics::add(&state.metrics.requests, 1);
-    Ok(rx)
+    Ok(match shield {
+        Some((filter, request)) => {
+            let window = p.stream.then(|| filter.window());
+            crate::shield::filter_events(
+                filter,
+                state.metrics.clone(),
+                request,
+                prompt_tokens,
+                window,
+                rx,
+            )
+        }
+        None => rx,
+    })
 }
 
 pub(crate) fn too_large(limit: usize) -> ApiError {
@@ -320,9 +343,23 @@ async fn respond(
         rng,
     };
     if p.stream {
+        // With the safety filter, the first event waits for the input check: a failed check
+        // is then still an error status, and a blocked request one chunk.
+        let mut first = Vec::new();
+        if state.shield.is_some() {
+            match rx.recv().await {
+                Some(JobEvent::Failed(message)) => return Err(failure(message)),
+                None => return Err(ApiError::internal("the scheduler stopped")),
+                Some(event) => first.push(event),
+            }
+            if let Some(blocked) = blocked_at_once(&reply, &mut first, &mut rx) {
+                return Ok(blocked);
+            }
+        }
         let (out_tx, out_rx) = mpsc::channel::<Result<Event, Infallible>>(64);
         tokio::spawn(forward_stream(
             reply,
+            first,
             rx,
             out_tx,
             p.include_usage,
@@ -352,6 +389,42 @@ async fn respond(
             None => return Err(ApiError::internal("the scheduler stopped")),
         }
     }
+}
+
+/// A streamed request the filter blocked before any of its reply passed (the block message
+/// followed at once by the `content_filter` end): one chunk with the message and the finish
+/// reason, then `[DONE]`.
+fn blocked_at_once(
+    reply: &Reply,
+    first: &mut Vec<JobEvent>,
+    rx: &mut mpsc::UnboundedReceiver<JobEvent>,
+) -> Option<Response> {
+    let Some(JobEvent::Token { text, .. }) = first.first() else {
+        return None;
+    };
+    // The filter sends the message and the end together: the end is already queued.
+    let next = rx.try_recv().ok()?;
+    let blocked = matches!(
+        next,
+        JobEvent::Done {
+            finish: FinishReason::ContentFilter,
+            ..
+        }
+    );
+    if !blocked {
+        first.push(next);
+        return None;
+    }
+    let mut delta = json!({"content": text});
+    if reply.endpoint == Endpoint::Chat {
+        delta["role"] = json!("assistant");
+    }
+    let chunk = reply.chunk(delta, Some(FinishReason::ContentFilter.as_str()), None);
+    let events = [
+        Ok::<_, Infallible>(Event::default().data(chunk.to_string())),
+        Ok(Event::default().data("[DONE]")),
+    ];
+    Some(Sse::new(tokio_stream::iter(events)).into_response())
 }
 
 pub(crate) fn failure(message: String) -> ApiError {
@@ -508,6 +581,7 @@ impl Reply {
 /// as soon as the client goes away.
 async fn forward_stream(
     mut reply: Reply,
+    first: Vec<JobEvent>,
     mut events: mpsc::UnboundedReceiver<JobEvent>,
     out: mpsc::Sender<Result<Event, Infallible>>,
     include_usage: bool,
@@ -531,10 +605,15 @@ async fn forward_stream(
     let mut parser = reply.call_parser();
     // Log-probabilities wait for the next chunk that goes out.
     let mut pending_logprobs: Vec<TokenLogprob> = Vec::new();
+    // Events already taken off the channel (by the safety filter's wait) go first.
+    let mut first = first.into_iter();
     loop {
-        let event = tokio::select! {
-            event = events.recv() => event,
-            _ = out.closed() => return,
+        let event = match first.next() {
+            Some(event) => Some(event),
+            None => tokio::select! {
+                event = events.recv() => event,
+                _ = out.closed() => return,
+            },
         };
         match event {
             Some(JobEvent::Token { text, logprobs }) => {

@@ -44,6 +44,8 @@ const GEMM_MIN_ROWS: usize = gemma_kernels::gemm::MIN_GEMM_TOKENS;
 pub enum FinishReason {
     Stop,
     Length,
+    /// The safety filter (`--shield`) blocked the request or the rest of the reply.
+    ContentFilter,
 }
 
 impl FinishReason {
@@ -51,6 +53,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ContentFilter => "content_filter",
         }
     }
 }

@@ -327,6 +327,8 @@ fn prepare(ctx: &PrepareContext, req: AudioRequest) -> Result<AudioJob, ApiError
             tool_mode: ToolMode::Off,
             stream: req.stream,
             include_usage: false,
+            // Transcripts are not filtered (see the README's safety-filter section).
+            shield: None,
         });
         spans.push((clip.starts[i], clip.window_end(i)));
     }

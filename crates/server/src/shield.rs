@@ -1,0 +1,687 @@
+//! The safety filter of `gemma serve --shield`: safety classifiers (text ShieldGemma on the
+//! user's text and on the reply, ShieldGemma 2 on the request's images) between the client and
+//! the generation.
+//!
+//! - **Input**: the request's user text (the last user message, or a completion's prompt) is
+//!   checked against the text policies and its images against the image policies. The check
+//!   runs on a blocking thread while the scheduler already prefills the prompt; the reply's
+//!   first token is only released once it passed. A hit ends the request with
+//!   `finish_reason: "content_filter"` and a message naming the policy (the job is dropped,
+//!   which frees its slot).
+//! - **Output**: the reply is held back and checked with the response prompt (user text +
+//!   reply so far) every `window` tokens when streamed, and whole at the end either way; text
+//!   goes out only after the check that covers it passed. A hit ends the reply there, and
+//!   nothing of the flagged window is sent.
+//! - A check that cannot run (an engine error, a prompt longer than the classifier's context,
+//!   a panic) fails the request closed: an error, never an unchecked answer.
+//!
+//! The classifiers are ordinary loaded models (memory-mapped, sharing the process's kernel
+//! thread pool with the main model); each check builds its prompts and runs one forward pass
+//! per policy, stopping at the first hit.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use gemma_engine::shield::Modality;
+use gemma_engine::{
+    resolve_policies, ImageOptions, LoadedModel, Policy, PolicySpec, Session, Shield, ShieldInput,
+};
+use tokio::sync::mpsc;
+
+use crate::api::Usage;
+use crate::metrics::Metrics;
+use crate::scheduler::{FinishReason, JobEvent, Timings};
+
+/// Default `--shield-window`: generated tokens held back per output check of a streamed reply.
+pub const DEFAULT_WINDOW: usize = 64;
+
+/// What `gemma serve --shield` was told besides the models.
+#[derive(Clone, Debug)]
+pub struct ShieldOptions {
+    /// Built-in policies by name (each applies to the modality that has it); empty with no
+    /// `policy_texts`: every built-in policy of each checked modality.
+    pub policies: Vec<String>,
+    /// Policies of one's own (applied to every checked modality).
+    pub policy_texts: Vec<String>,
+    /// P(Yes) at or above this blocks.
+    pub threshold: f32,
+    /// Tokens per output check of a streamed reply.
+    pub window: usize,
+    /// Longest classifier prompt in tokens (at most each model's own context; 0: the model's).
+    pub ctx_size: usize,
+}
+
+impl Default for ShieldOptions {
+    fn default() -> Self {
+        ShieldOptions {
+            policies: Vec::new(),
+            policy_texts: Vec::new(),
+            threshold: 0.5,
+            window: DEFAULT_WINDOW,
+            ctx_size: 0,
+        }
+    }
+}
+
+/// A classifier model with the context its prompts may use.
+struct Classifier {
+    loaded: Arc<LoadedModel>,
+    ctx: usize,
+}
+
+impl Classifier {
+    fn shield(&self) -> Result<Shield<'_>> {
+        Shield::new(&self.loaded, self.ctx)
+    }
+}
+
+/// The loaded, validated filter.
+pub struct ShieldFilter {
+    text: Option<Classifier>,
+    image: Option<Classifier>,
+    text_policies: Vec<Policy>,
+    image_policies: Vec<Policy>,
+    threshold: f32,
+    window: usize,
+    /// What the filter will not check (printed at start-up).
+    pub warnings: Vec<String>,
+}
+
+impl std::fmt::Debug for ShieldFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = |ps: &[Policy]| ps.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        f.debug_struct("ShieldFilter")
+            .field(
+                "text",
+                &self.text.as_ref().map(|c| c.loaded.display_name.clone()),
+            )
+            .field(
+                "image",
+                &self.image.as_ref().map(|c| c.loaded.display_name.clone()),
+            )
+            .field("text_policies", &names(&self.text_policies))
+            .field("image_policies", &names(&self.image_policies))
+            .field("threshold", &self.threshold)
+            .field("window", &self.window)
+            .finish()
+    }
+}
+
+/// Where a check happens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Input,
+    Output,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Input => "input",
+            Stage::Output => "output",
+        }
+    }
+}
+
+/// The request's part the input check looks at (set by the preparation when a filter is on).
+#[derive(Debug, Default)]
+pub struct ShieldRequest {
+    /// The last user message's text, or a completion's prompt.
+    pub text: String,
+    /// The encoded bytes of the request's images (only when an image classifier is loaded).
+    pub images: Vec<Vec<u8>>,
+}
+
+impl ShieldFilter {
+    /// Validates the classifiers and the policies: everything that could fail at the first
+    /// request fails here (not a classifier, an unknown or empty policy, a policy whose prompt
+    /// does not fit the classifier's context, a policy for a modality no classifier takes).
+    pub fn new(models: Vec<LoadedModel>, opts: &ShieldOptions) -> Result<ShieldFilter> {
+        if !(0.0..=1.0).contains(&opts.threshold) {
+            bail!("--shield-threshold must be a probability between 0 and 1");
+        }
+        if opts.window == 0 {
+            bail!("--shield-window must be at least 1 token");
+        }
+        if models.is_empty() {
+            bail!("the safety filter needs a classifier model (--shield MODEL)");
+        }
+        let mut text: Option<Classifier> = None;
+        let mut image: Option<Classifier> = None;
+        for model in models {
+            let name = model.display_name.clone();
+            let ctx = match (opts.ctx_size, model.model.context_length()) {
+                (0, 0) => 8192,
+                (0, trained) => trained,
+                (asked, _) => asked,
+            };
+            let (takes_text, takes_images) = {
+                let shield =
+                    Shield::new(&model, ctx).with_context(|| format!("--shield {name}"))?;
+                (shield.takes_text(), shield.takes_images())
+            };
+            let loaded = Arc::new(model);
+            let mut used = false;
+            if takes_text && text.is_none() {
+                text = Some(Classifier {
+                    loaded: loaded.clone(),
+                    ctx,
+                });
+                used = true;
+            }
+            if takes_images && image.is_none() {
+                image = Some(Classifier { loaded, ctx });
+                used = true;
+            }
+            if !used {
+                bail!(
+                    "--shield {name}: the other classifier already checks what this one \
+                     checks (give at most one text and one image classifier)"
+                );
+            }
+        }
+        let mut checked = Vec::new();
+        if text.is_some() {
+            checked.push(Modality::Text);
+        }
+        if image.is_some() {
+            checked.push(Modality::Image);
+        }
+        for name in &opts.policies {
+            if checked.iter().any(|m| m.knows(name)) {
+                continue;
+            }
+            let missing = [Modality::Text, Modality::Image]
+                .into_iter()
+                .find(|m| m.knows(name));
+            match missing {
+                Some(Modality::Text) => bail!(
+                    "--shield-policies {name}: a text policy, but no --shield model checks \
+                     text (ShieldGemma 2 classifies images; add a text ShieldGemma)"
+                ),
+                Some(Modality::Image) => bail!(
+                    "--shield-policies {name}: an image policy, but no --shield model checks \
+                     images (add ShieldGemma 2)"
+                ),
+                None => bail!(
+                    "unknown policy {name:?} in --shield-policies (text: {}; images: {}; or \
+                     give its text with --shield-policy-text)",
+                    Modality::Text.names().join(", "),
+                    Modality::Image.names().join(", ")
+                ),
+            }
+        }
+        let resolve = |m: Modality| -> Result<Vec<Policy>> {
+            let mut specs: Vec<PolicySpec> = opts
+                .policies
+                .iter()
+                .filter(|n| m.knows(n))
+                .map(|n| PolicySpec::Named(n.clone()))
+                .collect();
+            specs.extend(opts.policy_texts.iter().cloned().map(PolicySpec::Custom));
+            if specs.is_empty() && !opts.policies.is_empty() {
+                return Ok(Vec::new());
+            }
+            resolve_policies(m, &specs).map_err(|e| anyhow::anyhow!("--shield-policy-text: {e:#}"))
+        };
+        let mut warnings = Vec::new();
+        let text_policies = match &text {
+            Some(c) => {
+                let policies = resolve(Modality::Text)?;
+                let shield = c.shield()?;
+                shield
+                    .check_text_policies(&policies, false)
+                    .and_then(|()| shield.check_text_policies(&policies, true))
+                    .with_context(|| format!("--shield {}", c.loaded.display_name))?;
+                policies
+            }
+            None => {
+                warnings.push(
+                    "no --shield model checks text: prompts and replies are not checked".into(),
+                );
+                Vec::new()
+            }
+        };
+        let image_policies = match &image {
+            Some(c) => {
+                let policies = resolve(Modality::Image)?;
+                let shield = c.shield()?;
+                for policy in &policies {
+                    let prompt = shield.image_prompt_text(policy)?;
+                    let n = c.loaded.encode_prompt(&prompt)?.len();
+                    if n > shield.ctx_limit() {
+                        bail!(
+                            "--shield {}: policy {:?} alone makes a {n}-token prompt, more than \
+                             the classifier's context of {} tokens",
+                            c.loaded.display_name,
+                            policy.name,
+                            shield.ctx_limit()
+                        );
+                    }
+                }
+                policies
+            }
+            None => {
+                warnings.push(
+                    "no --shield model takes images: images in requests are not checked \
+                     (add ShieldGemma 2 with a second --shield)"
+                        .into(),
+                );
+                Vec::new()
+            }
+        };
+        if text.is_some() && text_policies.is_empty() {
+            warnings.push("no text policy was named: text is not checked".into());
+        }
+        if image.is_some() && image_policies.is_empty() {
+            warnings.push("no image policy was named: images are not checked".into());
+        }
+        Ok(ShieldFilter {
+            text,
+            image,
+            text_policies,
+            image_policies,
+            threshold: opts.threshold,
+            window: opts.window,
+            warnings,
+        })
+    }
+
+    /// Whether the input check needs the request's image bytes.
+    pub fn checks_images(&self) -> bool {
+        self.image.is_some() && !self.image_policies.is_empty()
+    }
+
+    /// Every policy name a hit can carry (for `/metrics`).
+    pub fn policy_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .text_policies
+            .iter()
+            .chain(&self.image_policies)
+            .map(|p| p.name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Tokens per output check of a streamed reply.
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// The first policy the user's text or one of the images violates, if any.
+    pub fn check_input(&self, text: &str, images: &[Vec<u8>]) -> Result<Option<String>> {
+        if let Some(c) = &self.text {
+            if !self.text_policies.is_empty() && !text.trim().is_empty() {
+                let input = ShieldInput::Text {
+                    label: "prompt",
+                    prompt: text,
+                    response: None,
+                };
+                if let Some(hit) = self.first_hit(c, &[input], &self.text_policies)? {
+                    return Ok(Some(hit));
+                }
+            }
+        }
+        if let (Some(c), false) = (&self.image, images.is_empty()) {
+            if !self.image_policies.is_empty() {
+                let prepared = images
+                    .iter()
+                    .map(|bytes| c.loaded.prepare_image(bytes, &ImageOptions::default()))
+                    .collect::<Result<Vec<_>>>()
+                    .context("preparing an image for the classifier")?;
+                let inputs: Vec<ShieldInput<'_>> = prepared
+                    .iter()
+                    .map(|image| ShieldInput::Image {
+                        label: "image",
+                        image,
+                    })
+                    .collect();
+                return self.first_hit(c, &inputs, &self.image_policies);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first policy the reply (to `prompt`) violates, if any.
+    pub fn check_output(&self, prompt: &str, response: &str) -> Result<Option<String>> {
+        let Some(c) = &self.text else {
+            return Ok(None);
+        };
+        if self.text_policies.is_empty() || response.trim().is_empty() {
+            return Ok(None);
+        }
+        let input = ShieldInput::Text {
+            label: "response",
+            prompt,
+            response: Some(response),
+        };
+        self.first_hit(c, &[input], &self.text_policies)
+    }
+
+    /// Runs `inputs` × `policies` in order and stops at the first P(Yes) ≥ threshold.
+    fn first_hit(
+        &self,
+        c: &Classifier,
+        inputs: &[ShieldInput<'_>],
+        policies: &[Policy],
+    ) -> Result<Option<String>> {
+        let shield = c.shield()?;
+        let mut prompts = Vec::new();
+        for input in inputs {
+            for policy in policies {
+                prompts.push((&policy.name, shield.prompt(input, policy)?));
+            }
+        }
+        let Some(longest) = prompts.iter().map(|(_, p)| p.ids.len()).max() else {
+            return Ok(None);
+        };
+        let mut session = Session::new(&c.loaded, longest)?;
+        for (name, prompt) in &prompts {
+            let p = shield.p_yes(&mut session, prompt)?;
+            if p >= self.threshold {
+                return Ok(Some((*name).clone()));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// What the client gets instead of a flagged request or reply: the policy's name, never the
+/// classifier's output.
+pub fn block_message(stage: Stage, policy: &str) -> String {
+    match stage {
+        Stage::Input => {
+            format!("This request was blocked by the safety filter (policy: {policy}).")
+        }
+        Stage::Output => {
+            format!("This response was blocked by the safety filter (policy: {policy}).")
+        }
+    }
+}
+
+/// The counters of `/metrics` for the filter.
+#[derive(Default)]
+pub struct ShieldMetrics {
+    pub input_checks: AtomicU64,
+    pub output_checks: AtomicU64,
+    pub blocked_input: AtomicU64,
+    pub blocked_output: AtomicU64,
+    pub failures: AtomicU64,
+    /// Hits per policy name.
+    pub hits: Mutex<BTreeMap<String, u64>>,
+    /// Check durations: a histogram over [`CHECK_BUCKETS`] (cumulative counts are computed
+    /// when rendering), their sum and count.
+    pub buckets: [AtomicU64; CHECK_BUCKETS.len()],
+    pub micros_sum: AtomicU64,
+    pub count: AtomicU64,
+}
+
+/// Upper bounds (seconds) of the check-duration histogram's buckets.
+pub const CHECK_BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+impl ShieldMetrics {
+    fn record(&self, stage: Stage, seconds: f64) {
+        let checks = match stage {
+            Stage::Input => &self.input_checks,
+            Stage::Output => &self.output_checks,
+        };
+        Metrics::add(checks, 1);
+        if let Some(i) = CHECK_BUCKETS.iter().position(|&b| seconds <= b) {
+            Metrics::add(&self.buckets[i], 1);
+        }
+        Metrics::add(&self.micros_sum, (seconds * 1e6) as u64);
+        Metrics::add(&self.count, 1);
+    }
+
+    fn hit(&self, stage: Stage, policy: &str) {
+        let blocked = match stage {
+            Stage::Input => &self.blocked_input,
+            Stage::Output => &self.blocked_output,
+        };
+        Metrics::add(blocked, 1);
+        let mut hits = self.hits.lock().unwrap_or_else(|e| e.into_inner());
+        *hits.entry(policy.to_owned()).or_default() += 1;
+    }
+
+    /// Shows every policy in `/metrics` from the start, at 0.
+    pub fn register(&self, policies: &[String]) {
+        let mut hits = self.hits.lock().unwrap_or_else(|e| e.into_inner());
+        for p in policies {
+            hits.entry(p.clone()).or_default();
+        }
+    }
+
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut family = |name: &str, kind: &str, help: &str, lines: Vec<(String, String)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in lines {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        family(
+            "gemma_shield_checks_total",
+            "counter",
+            "Safety-filter checks run (input: the request, output: a window of the reply)",
+            vec![
+                (
+                    "{stage=\"input\"}".into(),
+                    get(&self.input_checks).to_string(),
+                ),
+                (
+                    "{stage=\"output\"}".into(),
+                    get(&self.output_checks).to_string(),
+                ),
+            ],
+        );
+        family(
+            "gemma_shield_blocked_total",
+            "counter",
+            "Requests ended by the safety filter, by where the hit was",
+            vec![
+                (
+                    "{stage=\"input\"}".into(),
+                    get(&self.blocked_input).to_string(),
+                ),
+                (
+                    "{stage=\"output\"}".into(),
+                    get(&self.blocked_output).to_string(),
+                ),
+            ],
+        );
+        let hits = self
+            .hits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(p, n)| (format!("{{policy=\"{}\"}}", escape_label(p)), n.to_string()))
+            .collect();
+        family(
+            "gemma_shield_hits_total",
+            "counter",
+            "Safety-filter hits (P(Yes) at or above the threshold) per policy",
+            hits,
+        );
+        family(
+            "gemma_shield_failures_total",
+            "counter",
+            "Safety-filter checks that could not run (the request failed closed)",
+            vec![(String::new(), get(&self.failures).to_string())],
+        );
+        let mut lines = Vec::new();
+        let mut cumulative = 0;
+        for (bound, bucket) in CHECK_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += get(bucket);
+            lines.push((format!("_bucket{{le=\"{bound}\"}}"), cumulative.to_string()));
+        }
+        lines.push(("_bucket{le=\"+Inf\"}".into(), get(&self.count).to_string()));
+        lines.push((
+            "_sum".into(),
+            format!("{:.6}", get(&self.micros_sum) as f64 / 1e6),
+        ));
+        lines.push(("_count".into(), get(&self.count).to_string()));
+        family(
+            "gemma_shield_check_seconds",
+            "histogram",
+            "Time the safety-filter checks took (each runs beside generation)",
+            lines,
+        );
+    }
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Runs one check on a blocking thread, recording it; any error (or panic) is the message of
+/// a closed failure.
+async fn run_check(
+    metrics: &Metrics,
+    stage: Stage,
+    check: impl FnOnce() -> Result<Option<String>> + Send + 'static,
+) -> Result<Option<String>, String> {
+    let started = Instant::now();
+    let result = tokio::task::spawn_blocking(check).await;
+    metrics
+        .shield
+        .record(stage, started.elapsed().as_secs_f64());
+    let verdict = match result {
+        Ok(Ok(verdict)) => Ok(verdict),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(e) => Err(format!("the check panicked: {e}")),
+    };
+    match &verdict {
+        Ok(Some(policy)) => metrics.shield.hit(stage, policy),
+        Ok(None) => {}
+        Err(_) => Metrics::add(&metrics.shield.failures, 1),
+    }
+    verdict.map_err(|e| format!("the safety check failed ({} check): {e}", stage.as_str()))
+}
+
+/// Puts the filter between the scheduler's events for a job and the response writer: returns
+/// the events the writer should see. Nothing of the reply comes out before the input check
+/// passed; then text comes out window by window as the output checks pass (`window` tokens,
+/// or the whole reply when `None`). A hit ends the events with the block message as text and
+/// `Done { finish: ContentFilter }`; a failed check with `Failed`. Either drops the job's
+/// receiver, which cancels the generation.
+pub(crate) fn filter_events(
+    filter: Arc<ShieldFilter>,
+    metrics: Arc<Metrics>,
+    request: ShieldRequest,
+    prompt_tokens: usize,
+    window: Option<usize>,
+    mut inner: mpsc::UnboundedReceiver<JobEvent>,
+) -> mpsc::UnboundedReceiver<JobEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let request = Arc::new(request);
+        let verdict = {
+            let (filter, request) = (filter.clone(), request.clone());
+            run_check(&metrics, Stage::Input, move || {
+                filter.check_input(&request.text, &request.images)
+            })
+            .await
+        };
+        let block = |stage: Stage, policy: &str, generated: usize| {
+            let _ = tx.send(JobEvent::Token {
+                text: block_message(stage, policy),
+                logprobs: None,
+            });
+            let _ = tx.send(JobEvent::Done {
+                finish: FinishReason::ContentFilter,
+                usage: Usage::new(prompt_tokens, generated),
+                timings: Timings {
+                    started,
+                    first_token: None,
+                    finished: Instant::now(),
+                    cached_tokens: 0,
+                    generated: Vec::new(),
+                },
+            });
+        };
+        match verdict {
+            Err(message) => {
+                let _ = tx.send(JobEvent::Failed(message));
+                return;
+            }
+            Ok(Some(policy)) => {
+                block(Stage::Input, &policy, 0);
+                return;
+            }
+            Ok(None) => {}
+        }
+        let window = window.unwrap_or(usize::MAX);
+        let mut held: Vec<JobEvent> = Vec::new();
+        let mut held_tokens = 0;
+        let mut held_text = String::new();
+        let mut passed_text = String::new();
+        let mut generated = 0;
+        loop {
+            let event = tokio::select! {
+                event = inner.recv() => event,
+                _ = tx.closed() => return,
+            };
+            let end = match event {
+                Some(JobEvent::Token { text, logprobs }) => {
+                    generated += 1;
+                    held_tokens += 1;
+                    held_text.push_str(&text);
+                    held.push(JobEvent::Token { text, logprobs });
+                    None
+                }
+                Some(done @ JobEvent::Done { .. }) => Some(done),
+                Some(failed @ JobEvent::Failed(_)) => {
+                    let _ = tx.send(failed);
+                    return;
+                }
+                None => return,
+            };
+            if end.is_none() && held_tokens < window {
+                continue;
+            }
+            if !held_text.trim().is_empty() {
+                passed_text.push_str(&held_text);
+                let (filter, request, reply) =
+                    (filter.clone(), request.clone(), passed_text.clone());
+                let verdict = run_check(&metrics, Stage::Output, move || {
+                    filter.check_output(&request.text, &reply)
+                })
+                .await;
+                match verdict {
+                    Err(message) => {
+                        let _ = tx.send(JobEvent::Failed(message));
+                        return;
+                    }
+                    Ok(Some(policy)) => {
+                        block(Stage::Output, &policy, generated);
+                        return;
+                    }
+                    Ok(None) => {}
+                }
+            } else {
+                passed_text.push_str(&held_text);
+            }
+            for event in held.drain(..) {
+                if tx.send(event).is_err() {
+                    return;
+                }
+            }
+            held_tokens = 0;
+            held_text.clear();
+            if let Some(done) = end {
+                let _ = tx.send(done);
+                return;
+            }
+        }
+    });
+    rx
+}
