@@ -365,8 +365,8 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
     let interactive = io::stdin().is_terminal();
     if interactive {
         eprintln!(
-            "gemma: chatting; /image FILE adds an image to the next message, /clear starts \
-             over, /exit or Ctrl-D ends"
+            "gemma: chatting; /image FILE and /audio FILE add an image or an audio clip to the \
+             next message, /clear starts over, /exit or Ctrl-D ends"
         );
     }
     let image_opts = ImageOptions {
@@ -374,6 +374,7 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
         ..ImageOptions::default()
     };
     let mut pending_images = Vec::new();
+    let mut pending_audio = Vec::new();
     let mut out = TextSink::stdout();
     let mut lines = io::stdin().lock().lines();
     loop {
@@ -388,6 +389,7 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
             "/clear" => {
                 chat.clear();
                 pending_images.clear();
+                pending_audio.clear();
                 eprintln!("gemma: conversation cleared");
                 continue;
             }
@@ -410,8 +412,28 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
             }
             continue;
         }
+        if let Some(path) = line.trim().strip_prefix("/audio ") {
+            let path = PathBuf::from(path.trim());
+            let clip = read_media(&path).and_then(|bytes| {
+                loaded
+                    .prepare_audio(&bytes, &AudioOptions::default())
+                    .with_context(|| format!("audio {}", path.display()))
+            });
+            match clip {
+                Ok(clip) => {
+                    pending_audio.push(clip);
+                    eprintln!("gemma: audio added to the next message");
+                }
+                Err(e) if interactive => eprintln!("error: {e:#}"),
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
         let images = std::mem::take(&mut pending_images);
-        let turn = chat.send_with_images(line.trim(), images, &params, &mut |text| out.write(text));
+        let audio = std::mem::take(&mut pending_audio);
+        let turn = chat.send_with_media(line.trim(), images, audio, &params, &mut |text| {
+            out.write(text)
+        });
         out.end_line();
         match turn {
             Ok(turn) if !common.quiet => report(&turn.stats),

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use gemma_models::{KvCache, Logits, SoftTokens};
 use gemma_tokenizer::{ChatMessage, StreamDecoder};
 
+use crate::audio::PreparedAudio;
 use crate::load::LoadedModel;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::StopStringFilter;
@@ -393,6 +394,10 @@ pub struct Chat<'m> {
     images: Vec<PreparedImage>,
     /// How many of `images` the session's tokens hold.
     images_fed: usize,
+    /// Every audio clip of the conversation, in the order of their slots, and how many of them
+    /// the session's tokens hold.
+    audio: Vec<PreparedAudio>,
+    audio_fed: usize,
     /// The exact text the session's tokens stand for, when known.
     context_text: Option<String>,
 }
@@ -414,6 +419,8 @@ impl<'m> Chat<'m> {
             messages: Vec::new(),
             images: Vec::new(),
             images_fed: 0,
+            audio: Vec::new(),
+            audio_fed: 0,
             context_text: None,
         })
     }
@@ -431,6 +438,8 @@ impl<'m> Chat<'m> {
         self.messages.clear();
         self.images.clear();
         self.images_fed = 0;
+        self.audio.clear();
+        self.audio_fed = 0;
         self.session.reset();
         self.context_text = None;
     }
@@ -453,16 +462,35 @@ impl<'m> Chat<'m> {
         params: &SamplingParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<TurnOutput> {
+        self.send_with_media(user, images, Vec::new(), params, on_text)
+    }
+
+    /// [`Chat::send`] with images, then audio clips, before the message's text (one slot
+    /// each).
+    pub fn send_with_media(
+        &mut self,
+        user: &str,
+        images: Vec<PreparedImage>,
+        audio: Vec<PreparedAudio>,
+        params: &SamplingParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<TurnOutput> {
         let loaded = self.session.loaded();
-        let n_new_images = images.len();
+        let (n_new_images, n_new_audio) = (images.len(), audio.len());
         self.messages.push(ChatMessage {
             role: "user".into(),
-            content: format!("{}{user}", crate::vision::IMAGE_MARKER.repeat(n_new_images)),
+            content: format!(
+                "{}{}{user}",
+                crate::vision::IMAGE_MARKER.repeat(n_new_images),
+                crate::audio::AUDIO_MARKER.repeat(n_new_audio)
+            ),
         });
         self.images.extend(images);
+        self.audio.extend(audio);
         let undo = |chat: &mut Self| {
             chat.messages.pop();
             chat.images.truncate(chat.images.len() - n_new_images);
+            chat.audio.truncate(chat.audio.len() - n_new_audio);
             chat.context_text = None;
         };
         let rendered = match loaded.render_chat(self.system.as_deref(), &self.messages) {
@@ -477,15 +505,17 @@ impl<'m> Chat<'m> {
             .as_deref()
             .filter(|known| !self.session.history().is_empty() && rendered.starts_with(known));
         let encoded = match continues {
-            Some(known) => loaded.encode_media(
+            Some(known) => loaded.encode_with_media(
                 &rendered[known.len()..],
                 &self.images[self.images_fed..],
+                &self.audio[self.audio_fed..],
                 true,
             ),
             None => {
                 self.session.reset();
                 self.images_fed = 0;
-                loaded.encode_media(&rendered, &self.images, false)
+                self.audio_fed = 0;
+                loaded.encode_with_media(&rendered, &self.images, &self.audio, false)
             }
         };
         let mut answer = String::new();
@@ -504,6 +534,7 @@ impl<'m> Chat<'m> {
             }
         };
         self.images_fed = self.images.len();
+        self.audio_fed = self.audio.len();
         self.context_text = match stats.stop_reason {
             StopReason::EndOfTurn => {
                 let stop_piece = stats

@@ -432,3 +432,53 @@ fn streamed_audio_answers_as_the_prompt_fed_at_once() {
         assert_eq!(again.tokens, at_once);
     }
 }
+
+/// A chat with clips in two turns, fed incrementally (the cache kept between turns), answers
+/// the third turn exactly as the whole conversation fed at once.
+#[test]
+fn chat_turns_with_audio_reuse_the_cache_exactly() {
+    let loaded = loaded();
+    let params = gemma_engine::SamplingParams {
+        temperature: 0.0,
+        max_tokens: 6,
+        logit_bias: vec![(1, -100.0), (6, -100.0)],
+        ..gemma_engine::SamplingParams::default()
+    };
+    let a = clip(&loaded, "speech_16k_mono");
+    let b = clip(&loaded, "clipping_16k_mono");
+    let mut chat = gemma_engine::Chat::new(&loaded, 256, None).unwrap();
+    let t1 = chat
+        .send_with_media(
+            "Transcribe this audio.",
+            vec![],
+            vec![a.clone()],
+            &params,
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(t1.stats.prompt_tokens, 33);
+    chat.send("Again please.", &params, &mut |_| true).unwrap();
+    let t3 = chat
+        .send_with_media(
+            "And this one?",
+            vec![],
+            vec![b.clone()],
+            &params,
+            &mut |_| true,
+        )
+        .unwrap();
+    // Only the new turn was fed.
+    assert!(t3.stats.prompt_tokens < 40, "{}", t3.stats.prompt_tokens);
+
+    // The conversation before the third answer, fed at once.
+    let history = &chat.messages()[..chat.messages().len() - 1];
+    let rendered = loaded.render_chat(None, history).unwrap();
+    let (ids, soft) = loaded
+        .encode_with_media(&rendered, &[], &[a, b], false)
+        .unwrap();
+    let mut session = gemma_engine::Session::new(&loaded, 256).unwrap();
+    let at_once = session
+        .generate_with(&ids, &soft, &params, &mut |_| true)
+        .unwrap();
+    assert_eq!(t3.stats.tokens, at_once.tokens);
+}
