@@ -311,19 +311,29 @@ impl Hearing {
             }
         }
         for i in hard {
-            let id = ids[i];
-            let mut key = [0u8; 32];
-            key[..14].copy_from_slice(b"gemma3n-hard-a");
-            key[28..].copy_from_slice(&id.to_le_bytes());
-            spans.push(SoftSpan {
-                start: i,
-                embeds: tower.embed_hard(&[id])?.into(),
-                bidirectional: false,
-                key,
-            });
+            spans.push(self.hard_span(tower, i, ids[i])?);
         }
         spans.sort_by_key(|s| s.start);
         Ok(spans)
+    }
+
+    /// `embed_audio`'s embedding of hard id `id` (`<end_of_audio>`) at position `start`, keyed
+    /// by the id.
+    pub(crate) fn hard_span(
+        &self,
+        tower: &Gemma3nAudio,
+        start: usize,
+        id: u32,
+    ) -> Result<SoftSpan> {
+        let mut key = [0u8; 32];
+        key[..14].copy_from_slice(b"gemma3n-hard-a");
+        key[28..].copy_from_slice(&id.to_le_bytes());
+        Ok(SoftSpan {
+            start,
+            embeds: tower.embed_hard(&[id])?.into(),
+            bidirectional: false,
+            key,
+        })
     }
 
     pub fn describe(&self) -> Vec<(String, String)> {

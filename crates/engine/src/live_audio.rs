@@ -29,7 +29,6 @@ use crate::audio::{Hearing, AUDIO_MARKER};
 use crate::generate::{GenerationStats, Session, SoftSpan};
 use crate::load::LoadedModel;
 use crate::sampling::SamplingParams;
-use gemma_tokenizer::ChatMessage;
 
 /// One window being heard, and the conversation it goes into.
 pub struct LiveAudio<'m> {
@@ -58,17 +57,17 @@ impl<'m> LiveAudio<'m> {
     pub fn new(loaded: &'m LoadedModel, instruction: &str, ctx_size: usize) -> Result<Self> {
         let hearing = loaded.hearing()?;
         let tower = hearing.tower(&loaded.file)?;
-        let user = ChatMessage {
-            role: "user".into(),
-            content: format!("{AUDIO_MARKER}{instruction}"),
-        };
-        let rendered = loaded.render_chat(None, &[user])?;
+        let rendered = loaded.audio_prompt(instruction)?;
         let (before, after) = rendered
             .split_once(AUDIO_MARKER)
             .context("the chat template dropped the audio marker")?;
-        // The reference processor's block around the audio tokens (see `Hearing::window_text`).
-        let prefix = loaded.encode_prompt(&format!("{before}\n\n<start_of_audio>"))?;
-        let suffix = loaded.encode_continuation(&format!("<end_of_audio>\n\n{after}"))?;
+        // The reference processor's block around the audio tokens, less the tokens themselves.
+        let block = hearing.window_text();
+        let open = &block[..block.find(AUDIO_MARKER).expect("a block holds the marker")];
+        let close = &block
+            [block.rfind(AUDIO_MARKER).expect("a block holds the marker") + AUDIO_MARKER.len()..];
+        let prefix = loaded.encode_prompt(&format!("{before}{open}"))?;
+        let suffix = loaded.encode_continuation(&format!("{close}{after}"))?;
         let c = &hearing.config;
         if prefix.last() != Some(&c.boa_token_id) || suffix.first() != Some(&c.eoa_token_id) {
             bail!("the tokenizer does not know <start_of_audio> / <end_of_audio> as single tokens");
@@ -168,18 +167,7 @@ impl<'m> LiveAudio<'m> {
         encoded.extend(self.encoder.finish()?);
         self.feed(&encoded)?;
         let eoa = self.hearing.config.eoa_token_id;
-        let key = {
-            let mut k = [0u8; 32];
-            k[..14].copy_from_slice(b"gemma3n-hard-a");
-            k[28..].copy_from_slice(&eoa.to_le_bytes());
-            k
-        };
-        let span = SoftSpan {
-            start: 0,
-            embeds: self.tower.embed_hard(&[eoa])?.into(),
-            bidirectional: false,
-            key,
-        };
+        let span = self.hearing.hard_span(self.tower, 0, eoa)?;
         let suffix = self.suffix.clone();
         let stats = self
             .session
