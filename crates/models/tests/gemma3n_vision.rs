@@ -248,3 +248,109 @@ fn bad_configs_are_errors() {
     };
     assert!(Gemma3nVision::load(config, &loader, "model.").is_err());
 }
+
+/// The committed clip's log-mel features (the reference feature extractor's, from
+/// fixtures/audio), as `[frames, 128]`.
+fn clip_features(path: &str) -> Vec<f32> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/audio");
+    let stem = std::path::Path::new(path).file_stem().unwrap().to_str().unwrap();
+    let audio_ref: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("reference.json")).unwrap())
+            .unwrap();
+    let clip = audio_ref["clips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == stem)
+        .unwrap_or_else(|| panic!("no features for {stem}"));
+    std::fs::read(root.join(clip["features"].as_str().unwrap()))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// Logits at every position of the three chat prompts (image only; two images and text; image,
+/// text, audio, text), the media entering the decoder as soft tokens: each image's 256 tokens
+/// on its `<image_soft_token>` run, `<end_of_image>` and `<end_of_audio>` through their
+/// embedders' hard paths, the clip's 16 audio tokens on its run. Causal throughout (Gemma 3n
+/// has no bidirectional image mask).
+#[test]
+fn logits_match_transformers_for_image_prompts() {
+    use gemma_models::{load_model, Gemma3nAudio, KvCache, Logits, SoftTokens};
+    const LOGITS_TOLERANCE: f32 = 1e-2;
+    let r = reference();
+    let folder = HfFolder::open(&fixture_dir()).unwrap();
+    let vision = Gemma3nVision::from_hf(&folder).unwrap();
+    let audio = Gemma3nAudio::from_hf(&folder).unwrap();
+    let model = load_model(&gemma_formats::ModelFile::Hf(folder)).expect("decoder");
+    let vc = vision.config().clone();
+    let ac = audio.config().clone();
+    let vocab = r["vocab_size"].as_u64().unwrap() as usize;
+    let eoi = vision.embed_hard(&[vc.eoi_token_id]).unwrap();
+    let eoa = audio.embed_hard(&[ac.eoa_token_id]).unwrap();
+    for (kind, p) in r["prompts"].as_object().unwrap() {
+        let ids: Vec<u32> = p["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let images: Vec<Vec<f32>> = p["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|name| vision.encode_image(&pixels(&r, name.as_str().unwrap())).unwrap())
+            .collect();
+        let clips: Vec<Vec<f32>> = p["audio"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|path| audio.encode_clip(&clip_features(path.as_str().unwrap())).unwrap())
+            .collect();
+        let mut soft = Vec::new();
+        let (mut next_image, mut next_clip) = (0, 0);
+        let mut i = 0;
+        while i < ids.len() {
+            let id = ids[i];
+            if id == vc.image_token_id || id == ac.audio_token_id {
+                let run = ids[i..].iter().take_while(|&&t| t == id).count();
+                let embeds = if id == vc.image_token_id {
+                    next_image += 1;
+                    &images[next_image - 1]
+                } else {
+                    next_clip += 1;
+                    &clips[next_clip - 1]
+                };
+                assert_eq!(run * vc.text_hidden_size, embeds.len(), "{kind}: run at {i}");
+                soft.push(SoftTokens {
+                    offset: i,
+                    embeds,
+                    bidirectional: false,
+                });
+                i += run;
+                continue;
+            }
+            if id == vc.eoi_token_id || id == ac.eoa_token_id {
+                soft.push(SoftTokens {
+                    offset: i,
+                    embeds: if id == vc.eoi_token_id { &eoi } else { &eoa },
+                    bidirectional: false,
+                });
+            }
+            i += 1;
+        }
+        assert_eq!((next_image, next_clip), (images.len(), clips.len()), "{kind}");
+        let mut cache: KvCache = model.new_cache(ids.len() + 8).unwrap();
+        let logits = model
+            .forward_embeds(&ids, &soft, &mut cache, Logits::All)
+            .unwrap()
+            .to_vec();
+        let want = read_f32(p["logits"].as_str().unwrap());
+        assert_eq!(shape(&p["logits_shape"]), vec![ids.len(), vocab]);
+        assert_eq!(logits.len(), want.len());
+        let diff = max_diff(&logits, &want);
+        eprintln!("{kind}: logits max |diff| {diff:.2e}");
+        assert!(diff < LOGITS_TOLERANCE, "{kind}: logits differ by {diff}");
+    }
+}
