@@ -354,3 +354,104 @@ fn logits_match_transformers_for_image_prompts() {
         assert!(diff < LOGITS_TOLERANCE, "{kind}: logits differ by {diff}");
     }
 }
+
+/// The fixture as llama.cpp's `convert_hf_to_gguf.py --mmproj` lays it out (names and shapes
+/// checked against the converter's output for this fixture: `v.*` with `blocks.` → `blk.`, the
+/// stem bias `[1, 64, 1, 1]`, `mm.embedding`, `mm.hard_emb_norm`, `mm.soft_emb_norm`,
+/// `mm.input_projection`, values unchanged), in memory.
+fn fixture_as_mmproj(projector: &str) -> gemma_formats::GgufFile {
+    use gemma_formats::{GgufWriter, MetaValue};
+    let folder = HfFolder::open(&fixture_dir()).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in [
+        ("general.architecture", MetaValue::String("clip".into())),
+        ("clip.has_vision_encoder", MetaValue::Bool(true)),
+        ("clip.vision.projector_type", MetaValue::String(projector.into())),
+        ("clip.vision.image_size", MetaValue::U32(768)),
+        ("clip.vision.patch_size", MetaValue::U32(3)),
+        ("clip.vision.embedding_length", MetaValue::U32(2048)),
+        ("clip.vision.projection_dim", MetaValue::U32(32)),
+        ("clip.vision.attention.layer_norm_epsilon", MetaValue::F32(1e-6)),
+    ] {
+        w.add_metadata(k, v).unwrap();
+    }
+    let mut names = folder.tensor_names();
+    names.sort();
+    for name in names {
+        let t = folder.tensor(&name).unwrap();
+        let (new, shape) = if let Some(rest) = name.strip_prefix("model.vision_tower.timm_model.") {
+            let new = match rest.strip_prefix("blocks.") {
+                Some(b) => format!("v.blk.{b}"),
+                None => format!("v.{rest}"),
+            };
+            let shape = if rest == "conv_stem.conv.bias" {
+                vec![1, t.shape[0], 1, 1]
+            } else {
+                t.shape.clone()
+            };
+            (new, shape)
+        } else if let Some(rest) = name.strip_prefix("model.embed_vision.") {
+            let new = match rest {
+                "embedding.weight" => "mm.embedding.weight",
+                "hard_embedding_norm.weight" => "mm.hard_emb_norm.weight",
+                "soft_embedding_norm.weight" => "mm.soft_emb_norm.weight",
+                "embedding_projection.weight" => "mm.input_projection.weight",
+                other => panic!("unexpected {other}"),
+            };
+            (new.to_string(), t.shape.clone())
+        } else {
+            continue;
+        };
+        w.add_tensor(new, t.dtype, &shape, t.data.bytes().to_vec()).unwrap();
+    }
+    let mut bytes = Vec::new();
+    w.write_to(&mut bytes).unwrap();
+    gemma_formats::GgufFile::from_bytes(std::sync::Arc::new(bytes)).unwrap()
+}
+
+#[test]
+fn mmproj_gguf_gives_the_same_tokens() {
+    let r = reference();
+    let px = pixels(&r, r["tower"]["image"].as_str().unwrap());
+    let hf = load();
+    let gguf = fixture_as_mmproj("gemma3nv");
+    let v = Gemma3nVision::from_gguf(&gguf).unwrap();
+    let c = v.config();
+    assert_eq!((c.image_size, c.tokens_per_image, c.text_hidden_size), (768, 256, 32));
+    assert_eq!((c.vocab_size, c.hidden_size), (128, 2048));
+    // The mmproj has no ids: the published ones.
+    assert_eq!(c.vocab_offset, 262_144);
+    assert_eq!(v.stage_depths(), hf.stage_depths());
+    assert_eq!(v.weight_bytes(), hf.weight_bytes());
+    let soft = v.encode_image(&px).unwrap();
+    assert_eq!(soft, hf.encode_image(&px).unwrap());
+    let want = read_f32(r["tower"]["soft_tokens"].as_str().unwrap());
+    assert!(max_diff(&soft, &want) < 1e-3);
+    assert_eq!(
+        v.embed_hard(&[262_144 + 5]).unwrap(),
+        hf.embed_hard(&[256 + 5]).unwrap()
+    );
+    // Another projector type is an error.
+    let err = Gemma3nVision::from_gguf(&fixture_as_mmproj("gemma3")).err().unwrap();
+    assert!(err.to_string().contains("gemma3nv"), "{err}");
+}
+
+/// With `GEMMA3N_VISION_MMPROJ=FILE`: llama.cpp's own conversion of this fixture
+/// (`convert_hf_to_gguf.py --mmproj` on a copy of fixtures/gemma3n_vision_tiny without
+/// `model.audio_tower.*`, which that converter cannot map for transformers 5 names) gives the
+/// reference soft tokens (within 1e-2: the converter may store the projection as f16).
+#[test]
+fn llama_cpp_mmproj_when_given() {
+    let Ok(path) = std::env::var("GEMMA3N_VISION_MMPROJ") else {
+        eprintln!("GEMMA3N_VISION_MMPROJ not set: skipped");
+        return;
+    };
+    let r = reference();
+    let px = pixels(&r, r["tower"]["image"].as_str().unwrap());
+    let gguf = gemma_formats::GgufFile::open(std::path::Path::new(&path)).unwrap();
+    let v = Gemma3nVision::from_gguf(&gguf).unwrap();
+    let want = read_f32(r["tower"]["soft_tokens"].as_str().unwrap());
+    let d = max_diff(&v.encode_image(&px).unwrap(), &want);
+    eprintln!("llama.cpp mmproj: soft tokens max |diff| {d:e}");
+    assert!(d < 1e-2, "soft tokens differ by {d}");
+}
