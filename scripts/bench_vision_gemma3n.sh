@@ -10,9 +10,18 @@
 #   3. For each thread count, one process per thread count (GEMMA_THREADS=N): a first encode
 #      (pages the weights in), then REPS timed encodes; the JSON line of each run is kept.
 #
-# llama.cpp comparison: not run. Its converter (conversion/gemma.py, Gemma3nVisionAudioModel)
-# writes the vision and the audio tower into one mmproj and needs the audio tower's tensors, and
-# llama-mtmd-cli needs a Gemma 3n text model of the same width; see the report in the commit.
+# llama.cpp comparison: not run by this script. What was found (llama-cpp-python 0.3.36's
+# llama.cpp): its converter (`convert_hf_to_gguf.py --mmproj`, Gemma3nVisionAudioModel) converts
+# this folder (PYTHONPATH=<llama.cpp>/gguf-py), but marks an audio encoder that is not there and
+# leaves the blocks' layer-scale gammas [C], which llama-mtmd-cli's graph rejects
+# (ggml_can_repeat); scripts/gemma3n_mmproj_for_llama_cpp.py fixes both. llama-mtmd-cli then
+# needs a text model as wide as the *vision* output (its n_mmproj_embd for gemma3nv is
+# mm.input_projection's ne[0] = 2048, right only when the text width is 2048 as in the published
+# E2B/E4B), and no 2048-wide Gemma text GGUF is available here. With one (TEXT_HIDDEN=2048):
+#   convert_hf_to_gguf.py --mmproj --outtype f16 --outfile mmproj.gguf $MODEL_DIR
+#   gemma3n_mmproj_for_llama_cpp.py mmproj.gguf mmproj-vision.gguf
+#   llama-mtmd-cli -m TEXT.gguf --mmproj mmproj-vision.gguf --image IMG -p "Describe this image." -n 1 -t N
+#   (its "image slice encoded in N ms" / "mtmd batch encoding done in N ms" line).
 #
 #   --check: instead of timing, encodes one image (fixtures/images/rgb_300x200.png resized by the
 #      reference processor) with gemma-rs and with timm on the same weights and prints the

@@ -384,7 +384,8 @@ fn fixture_as_mmproj(projector: &str) -> gemma_formats::GgufFile {
                 Some(b) => format!("v.blk.{b}"),
                 None => format!("v.{rest}"),
             };
-            let shape = if rest == "conv_stem.conv.bias" {
+            // Gammas as llama.cpp's graph wants them (the converter leaves them [C]; both load).
+            let shape = if rest == "conv_stem.conv.bias" || rest.ends_with("layer_scale.gamma") {
                 vec![1, t.shape[0], 1, 1]
             } else {
                 t.shape.clone()

@@ -191,7 +191,8 @@ impl Gemma3nVision {
 
     /// llama.cpp's Gemma 3n mmproj (`clip.vision.projector_type` `gemma3nv`, from
     /// `convert_hf_to_gguf.py --mmproj`): the tower as `v.*` (`blocks.` written `blk.`, the
-    /// stem bias as `[1, C, 1, 1]`, every other shape and value as transformers has it) and
+    /// stem bias, and the layer-scale gammas when llama.cpp's graph is to use them, as
+    /// `[1, C, 1, 1]`; every other shape and value as transformers has it) and
     /// `embed_vision` as `mm.embedding`, `mm.hard_emb_norm`, `mm.soft_emb_norm` (`w`, not
     /// `1 + w`) and `mm.input_projection` (forced to f16 by the converter). The mmproj carries no
     /// token ids or vocabulary size: `vocab_offset`, `text_vocab_size` and the image ids are the
@@ -374,8 +375,9 @@ impl GgufNames<'_> {
 impl TensorSource for GgufNames<'_> {
     fn tensor(&self, name: &str) -> Option<TensorData> {
         let mut t = self.0.tensor(&Self::gguf_name(name))?;
-        // The converter stores the stem bias as [1, C, 1, 1].
-        if name.ends_with("conv_stem.conv.bias") {
+        // The converter stores the stem bias as [1, C, 1, 1], and llama.cpp's graph wants the
+        // layer-scale gammas so too (this converter version leaves the blocks' gammas [C]).
+        if name.ends_with("conv_stem.conv.bias") || name.ends_with("layer_scale.gamma") {
             if let [1, c, 1, 1] = t.shape[..] {
                 t.shape = vec![c];
             }
