@@ -169,9 +169,8 @@ pub fn depthwise_conv2d(
         let first = task * rows_per_task;
         let last = (first + rows_per_task).min(g.out_h);
         // SAFETY: rows first..last are this task's only; `y` holds out_h rows of `row` values.
-        let dst = unsafe {
-            std::slice::from_raw_parts_mut(out.0.add(first * row), (last - first) * row)
-        };
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(out.0.add(first * row), (last - first) * row) };
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: AVX2 and FMA are available (the selected ISA).
@@ -186,7 +185,14 @@ pub fn depthwise_conv2d(
 /// Output rows `first..` of [`depthwise_conv2d`] into `dst` (whole rows). Plain loops over the
 /// channels, inlined into the AVX2 build below (same results: no fused multiply-adds).
 #[inline(always)]
-fn depthwise_rows(g: &ConvGeometry, c: usize, x: &[f32], taps: &[f32], first: usize, dst: &mut [f32]) {
+fn depthwise_rows(
+    g: &ConvGeometry,
+    c: usize,
+    x: &[f32],
+    taps: &[f32],
+    first: usize,
+    dst: &mut [f32],
+) {
     let row = g.out_w * c;
     dst.fill(0.0);
     for (oy, dst_row) in (first..).zip(dst.chunks_exact_mut(row)) {
@@ -198,7 +204,8 @@ fn depthwise_rows(g: &ConvGeometry, c: usize, x: &[f32], taps: &[f32], first: us
             for kx in 0..g.kernel_w {
                 let w = &taps[(ky * g.kernel_w + kx) * c..][..c];
                 for (ox, acc) in dst_row.chunks_exact_mut(c).enumerate() {
-                    let Some(ix) = ConvGeometry::source(ox, kx, g.stride, g.pad_left, g.in_w) else {
+                    let Some(ix) = ConvGeometry::source(ox, kx, g.stride, g.pad_left, g.in_w)
+                    else {
                         continue;
                     };
                     let src = &src_row[ix * c..(ix + 1) * c];
@@ -293,7 +300,10 @@ pub fn conv2d(
     scratch: &mut Vec<u8>,
 ) {
     let patch = c_in * g.taps();
-    assert_eq!(w.cols, patch, "conv2d: weight columns must be c_in x kh x kw");
+    assert_eq!(
+        w.cols, patch,
+        "conv2d: weight columns must be c_in x kh x kw"
+    );
     assert_eq!(x.len(), g.in_pixels() * c_in, "conv2d: input size");
     assert_eq!(y.len(), g.out_pixels() * w.rows, "conv2d: output size");
     if patch == 0 || w.rows == 0 {
@@ -431,6 +441,12 @@ fn norm_act(rows: &mut [f32], bias: Option<&[f32]>, weight: &[f32], eps: f32, ge
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn norm_act_avx2(rows: &mut [f32], bias: Option<&[f32]>, weight: &[f32], eps: f32, gelu: bool) {
+unsafe fn norm_act_avx2(
+    rows: &mut [f32],
+    bias: Option<&[f32]>,
+    weight: &[f32],
+    eps: f32,
+    gelu: bool,
+) {
     norm_act(rows, bias, weight, eps, gelu);
 }

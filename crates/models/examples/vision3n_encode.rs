@@ -50,7 +50,9 @@ fn main() {
             .map(|v| v as f32 / 255.0)
             .collect();
         let t = Instant::now();
-        let tokens = vision.encode_tower(&px).unwrap_or_else(|e| panic!("encode: {e}"));
+        let tokens = vision
+            .encode_tower(&px)
+            .unwrap_or_else(|e| panic!("encode: {e}"));
         eprintln!("encoded in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
         let bytes: Vec<u8> = tokens.iter().flat_map(|v| v.to_le_bytes()).collect();
         std::fs::write(out, bytes).unwrap_or_else(|e| panic!("{out}: {e}"));
@@ -81,7 +83,9 @@ fn main() {
     let mut first_ms = 0.0;
     for rep in 0..=reps {
         let t = Instant::now();
-        let out = vision.encode_image(&pixels).unwrap_or_else(|e| panic!("encode: {e}"));
+        let out = vision
+            .encode_image(&pixels)
+            .unwrap_or_else(|e| panic!("encode: {e}"));
         let ms = t.elapsed().as_secs_f64() * 1e3;
         assert_eq!(out.len(), c.tokens_per_image * c.text_hidden_size);
         if rep == 0 {
@@ -103,7 +107,10 @@ fn main() {
          \"encode_ms_median\": {median:.1}, \"frames_per_s\": {:.3}, \"encode_ms\": {:?}, \
          \"weight_mib\": {}, \"peak_rss_mib\": {}}}",
         1e3 / median,
-        times.iter().map(|t| (t * 10.0).round() / 10.0).collect::<Vec<_>>(),
+        times
+            .iter()
+            .map(|t| (t * 10.0).round() / 10.0)
+            .collect::<Vec<_>>(),
         vision.weight_bytes() >> 20,
         peak_rss_mib().map_or("null".into(), |m| format!("{m:.0}"))
     );

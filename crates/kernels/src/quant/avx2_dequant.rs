@@ -52,7 +52,10 @@ unsafe fn each_block<const SIZE: usize, const VALUES: usize>(
 unsafe fn bf16(src: &[u8], dst: &mut [f32]) {
     let n = dst.len();
     let full = n - n % 8;
-    for (b, y) in src[..2 * full].chunks_exact(16).zip(dst[..full].chunks_exact_mut(8)) {
+    for (b, y) in src[..2 * full]
+        .chunks_exact(16)
+        .zip(dst[..full].chunks_exact_mut(8))
+    {
         let h = _mm_loadu_si128(b.as_ptr().cast());
         let v = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
         _mm256_storeu_ps(y.as_mut_ptr(), _mm256_castsi256_ps(v));

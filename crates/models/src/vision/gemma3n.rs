@@ -108,7 +108,10 @@ impl Gemma3nVisionConfig {
     pub fn validate(&self) -> Result<(), ModelError> {
         let err = |m: String| Err(ModelError::Config(m));
         if !(32..=1 << 13).contains(&self.image_size) {
-            return err(format!("vision image_size {} is implausible", self.image_size));
+            return err(format!(
+                "vision image_size {} is implausible",
+                self.image_size
+            ));
         }
         let side = self.tokens_per_image.isqrt();
         if side == 0 || side * side != self.tokens_per_image || side > 1024 {
@@ -180,7 +183,9 @@ impl Gemma3nVision {
                     .is_some()
             })
             .ok_or_else(|| {
-                ModelError::MissingTensor("model.vision_tower.timm_model.conv_stem.conv.weight".into())
+                ModelError::MissingTensor(
+                    "model.vision_tower.timm_model.conv_stem.conv.weight".into(),
+                )
             })?;
         let loader = Loader {
             source: folder,
@@ -233,7 +238,7 @@ impl Gemma3nVision {
         let image_size = u("clip.vision.image_size")?.unwrap_or(DEFAULT_IMAGE_SIZE as u64) as usize;
         // The converter writes patch_size = image_size / image_seq_length.
         let tokens_per_image = match u("clip.vision.patch_size")? {
-            Some(p) if p > 0 && image_size as u64 % p == 0 => image_size / p as usize,
+            Some(p) if p > 0 && (image_size as u64).is_multiple_of(p) => image_size / p as usize,
             _ => 256,
         };
         if let Some(h) = u("clip.vision.embedding_length")? {
@@ -352,9 +357,18 @@ impl GgufNames<'_> {
     const TOWER: &'static str = "model.vision_tower.timm_model.";
     const EMBED: [(&'static str, &'static str); 4] = [
         ("model.embed_vision.embedding.weight", "mm.embedding.weight"),
-        ("model.embed_vision.hard_embedding_norm.weight", "mm.hard_emb_norm.weight"),
-        ("model.embed_vision.soft_embedding_norm.weight", "mm.soft_emb_norm.weight"),
-        ("model.embed_vision.embedding_projection.weight", "mm.input_projection.weight"),
+        (
+            "model.embed_vision.hard_embedding_norm.weight",
+            "mm.hard_emb_norm.weight",
+        ),
+        (
+            "model.embed_vision.soft_embedding_norm.weight",
+            "mm.soft_emb_norm.weight",
+        ),
+        (
+            "model.embed_vision.embedding_projection.weight",
+            "mm.input_projection.weight",
+        ),
     ];
 
     /// llama.cpp's name for a transformers name (the name itself when it has none).
