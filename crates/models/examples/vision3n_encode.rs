@@ -3,7 +3,8 @@
 //!
 //! `GEMMA_THREADS=1 cargo run --release -p gemma-models --example vision3n_encode -- FOLDER [REPS]`
 //!
-//! FOLDER holds `config.json` and safetensors with `model.vision_tower.timm_model.*` and
+//! FOLDER (or a llama.cpp mmproj `.gguf` file, read by `Gemma3nVision::from_gguf`) holds
+//! `config.json` and safetensors with `model.vision_tower.timm_model.*` and
 //! `model.embed_vision.*` (`scripts/bench_vision_gemma3n.sh` makes one at the real
 //! `mobilenetv5_300m_enc` shape with random weights). The image is a fixed synthetic pattern
 //! (the tower's cost does not depend on the pixels). The first encode also pages the weights in
@@ -15,10 +16,10 @@
 //! (`[tokens, 2048]` f32 little-endian, after the ×√2048) to `OUT`, for a comparison with timm
 //! (`scripts/bench_vision_gemma3n.sh --check`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use gemma_formats::HfFolder;
+use gemma_formats::{GgufFile, HfFolder};
 use gemma_kernels::ThreadPool;
 use gemma_models::vision::Gemma3nVision;
 
@@ -28,6 +29,18 @@ fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// The tower from a Hugging Face folder or an mmproj GGUF file.
+fn load(path: &Path) -> Gemma3nVision {
+    let loaded = if path.extension().is_some_and(|e| e == "gguf") {
+        let f = GgufFile::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Gemma3nVision::from_gguf(&f)
+    } else {
+        let hf = HfFolder::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Gemma3nVision::from_hf(&hf)
+    };
+    loaded.unwrap_or_else(|e| panic!("load: {e}"))
 }
 
 fn main() {
@@ -42,8 +55,7 @@ fn main() {
             eprintln!("usage: vision3n_encode FOLDER --check PIXELS OUT");
             std::process::exit(2);
         };
-        let hf = HfFolder::open(&folder).unwrap_or_else(|e| panic!("{}: {e}", folder.display()));
-        let vision = Gemma3nVision::from_hf(&hf).unwrap_or_else(|e| panic!("load: {e}"));
+        let vision = load(&folder);
         let px: Vec<f32> = std::fs::read(pixels)
             .unwrap_or_else(|e| panic!("{pixels}: {e}"))
             .into_iter()
@@ -62,8 +74,7 @@ fn main() {
     let threads = ThreadPool::global().n_threads();
 
     let t0 = Instant::now();
-    let hf = HfFolder::open(&folder).unwrap_or_else(|e| panic!("{}: {e}", folder.display()));
-    let vision = Gemma3nVision::from_hf(&hf).unwrap_or_else(|e| panic!("load: {e}"));
+    let vision = load(&folder);
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let c = vision.config().clone();
     eprintln!(
