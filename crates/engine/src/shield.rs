@@ -642,7 +642,11 @@ impl<'m> Shield<'m> {
 
     /// The prompts for one input and each of `policies`, in order. An image is encoded (and
     /// its soft tokens placed) once for all of them.
-    pub fn prompts(&self, input: &ShieldInput<'_>, policies: &[Policy]) -> Result<Vec<ShieldPrompt>> {
+    pub fn prompts(
+        &self,
+        input: &ShieldInput<'_>,
+        policies: &[Policy],
+    ) -> Result<Vec<ShieldPrompt>> {
         self.check_modality(input.modality())?;
         let mut out: Vec<ShieldPrompt> = Vec::with_capacity(policies.len());
         // A text prompt up to the end of the input (the reply, or the user's prompt), tokenized
@@ -653,7 +657,9 @@ impl<'m> Shield<'m> {
                 prompt,
                 response: Some(r),
                 ..
-            } => self.loaded.encode_prompt(&prompt_response_head(prompt, r))?,
+            } => self
+                .loaded
+                .encode_prompt(&prompt_response_head(prompt, r))?,
             ShieldInput::Text { prompt, .. } => {
                 self.loaded.encode_prompt(&prompt_only_head(prompt))?
             }
@@ -713,7 +719,8 @@ impl<'m> Shield<'m> {
             if prompt.ids.len() > self.ctx_limit {
                 bail!(
                     "the {} prompt for policy {:?} on {} is {} tokens, more than the context of \
-                     {} tokens (--ctx-size, at most the model's {}): use a shorter policy or input",
+                     {} tokens (--ctx-size of `gemma shield`, --shield-ctx of `gemma serve`; at \
+                     most the model's {}): use a shorter policy or input",
                     match input.modality() {
                         Modality::Image => "image",
                         Modality::Text => "text",
@@ -740,7 +747,8 @@ impl<'m> Shield<'m> {
             if n > self.ctx_limit {
                 bail!(
                     "policy {:?} alone makes a {n}-token prompt, more than the context of {} tokens \
-                     (--ctx-size, at most the model's {})",
+                     (--ctx-size of `gemma shield`, --shield-ctx of `gemma serve`; at most the \
+                     model's {})",
                     policy.name,
                     self.ctx_limit,
                     self.loaded.model.context_length()
@@ -806,7 +814,12 @@ impl<'m> Shield<'m> {
 
         // What the kept cache holds between checks: the prefix up to where a longer input
         // could differ. The rest of the shared prefix goes into a work cache, once.
-        let keep = prompts.iter().map(|p| p.stable).min().unwrap_or(0).min(common);
+        let keep = prompts
+            .iter()
+            .map(|p| p.stable)
+            .min()
+            .unwrap_or(0)
+            .min(common);
         let keep = soft_boundary(prompts.iter().map(|p| &p.soft[..]), hidden, keep);
         let mut reuse = common_len(&cache.ids, &first.ids[..keep]);
         reuse = soft_boundary(
@@ -852,9 +865,13 @@ impl<'m> Shield<'m> {
         let batch = self.loaded.batch_size.max(1);
         feed_prefix(model, kept, first, reuse..keep, batch)?;
         cache.ids.extend_from_slice(&first.ids[reuse..keep]);
-        cache
-            .soft
-            .extend(first.soft.iter().filter(|s| s.range(hidden).end <= keep).cloned());
+        cache.soft.extend(
+            first
+                .soft
+                .iter()
+                .filter(|s| s.range(hidden).end <= keep)
+                .cloned(),
+        );
         let kept = cache.prefix.as_ref().expect("allocated above");
         let prefix = if common > keep {
             let ctx = kept.ctx_size();
@@ -919,7 +936,10 @@ impl<'m> Shield<'m> {
                 }
             }
         }
-        Ok(answers.into_iter().map(|a| a.expect("every prompt answered")).collect())
+        Ok(answers
+            .into_iter()
+            .map(|a| a.expect("every prompt answered"))
+            .collect())
     }
 
     /// Classifies every input against every policy of its modality, in order (inputs outer,
@@ -993,6 +1013,18 @@ impl ShieldCache {
         }
         self.ids.clear();
         self.soft.clear();
+    }
+
+    /// Drops the caches of one check (the shared prefix's copy per policy), keeping the
+    /// prefix that the next check may reuse: what a pool of idle caches holds.
+    pub fn trim(&mut self) {
+        self.work = None;
+        self.branches.clear();
+    }
+
+    /// Positions the kept prefix has room for (0 before the first check).
+    pub fn capacity(&self) -> usize {
+        self.prefix.as_ref().map_or(0, KvCache::ctx_size)
     }
 
     /// What the last check fed.
@@ -1075,7 +1107,11 @@ fn soft_boundary<'a>(
 
 /// The parts of `spans` (positions from 0) inside `range`, as a forward pass over `range`
 /// takes them.
-fn soft_tokens(spans: &[SoftSpan], hidden: usize, range: std::ops::Range<usize>) -> Vec<SoftTokens<'_>> {
+fn soft_tokens(
+    spans: &[SoftSpan],
+    hidden: usize,
+    range: std::ops::Range<usize>,
+) -> Vec<SoftTokens<'_>> {
     spans
         .iter()
         .filter_map(|s| {

@@ -294,11 +294,18 @@ fn batched_policies_equal_one_at_a_time() {
             "the prompts share their preamble and input: {stats:?}"
         );
         let total: usize = prompts.iter().map(|p| p.ids.len()).sum();
-        assert_eq!(common + stats.suffix_fed, total - (prompts.len() - 1) * common);
+        assert_eq!(
+            common + stats.suffix_fed,
+            total - (prompts.len() - 1) * common
+        );
         let single = one_at_a_time(&loaded, &shield, &prompts);
         worst = worst.max(assert_close(&batched, &single, 1e-5, "text"));
         // And the fixture's reference values.
-        let kind = if response.is_some() { "prompt_response" } else { "prompt" };
+        let kind = if response.is_some() {
+            "prompt_response"
+        } else {
+            "prompt"
+        };
         let want: Vec<f32> = cases
             .iter()
             .filter(|c| c["input"] == kind)
@@ -323,11 +330,17 @@ fn batched_policies_equal_one_at_a_time() {
         let image = loaded
             .prepare_image(&bytes, &ImageOptions::default())
             .unwrap();
-        let input = ShieldInput::Image { label: file, image: &image };
+        let input = ShieldInput::Image {
+            label: file,
+            image: &image,
+        };
         let prompts = shield.prompts(&input, &policies).unwrap();
         // One placement of the image for all policies.
         for p in &prompts[1..] {
-            assert!(std::sync::Arc::ptr_eq(&p.soft[0].embeds, &prompts[0].soft[0].embeds));
+            assert!(std::sync::Arc::ptr_eq(
+                &p.soft[0].embeds,
+                &prompts[0].soft[0].embeds
+            ));
         }
         let batched = shield.p_yes_all(&mut cache, &prompts).unwrap();
         let stats = cache.stats();
@@ -386,7 +399,10 @@ fn a_kept_cache_checks_a_growing_reply_incrementally() {
             // may change: retokenization); the new words, the end of turn and the principle's
             // heading are fed (the policies' suffixes after them are in suffix_fed).
             assert!(stats.reused > 40, "{stats:?}");
-            assert!(stats.prefix_fed < 50, "only the new words are fed: {stats:?}");
+            assert!(
+                stats.prefix_fed < 50,
+                "only the new words are fed: {stats:?}"
+            );
         }
         checks += 1;
         worst = worst.max(assert_close(&incremental, &from_scratch, 1e-5, &so_far));

@@ -347,8 +347,7 @@ impl KvCache {
             && self.cache_type == src.cache_type
             && len <= self.ctx_size
             && self.layers.iter().zip(&src.layers).all(|(a, b)| {
-                a.row == b.row
-                    && (a.capacity == b.capacity || len <= a.capacity.min(b.capacity))
+                a.row == b.row && (a.capacity == b.capacity || len <= a.capacity.min(b.capacity))
             });
         if !same_rows {
             return Err(ModelError::Config(

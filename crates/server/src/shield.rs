@@ -87,6 +87,9 @@ struct Classifier {
 /// Caches a classifier keeps between checks.
 const POOLED_CACHES: usize = 4;
 
+/// Largest idle cache (positions) a pool keeps.
+const POOLED_MAX_POSITIONS: usize = 1024;
+
 impl Classifier {
     fn new(loaded: Arc<LoadedModel>, ctx: usize) -> Result<Classifier> {
         Ok(Classifier {
@@ -101,9 +104,12 @@ impl Classifier {
         pool.pop().unwrap_or_default()
     }
 
-    fn return_cache(&self, cache: ShieldCache) {
+    /// Keeps an idle cache for the next check: its prefix only (the per-policy copies are
+    /// dropped), and only a small one (a long reply's cache is freed).
+    fn return_cache(&self, mut cache: ShieldCache) {
+        cache.trim();
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() < POOLED_CACHES {
+        if pool.len() < POOLED_CACHES && cache.capacity() <= POOLED_MAX_POSITIONS {
             pool.push(cache);
         }
     }
@@ -192,8 +198,10 @@ impl ShieldFilter {
             let loaded = Arc::new(model);
             let classifier =
                 Classifier::new(loaded, ctx).with_context(|| format!("--shield {name}"))?;
-            let (takes_text, takes_images) =
-                (classifier.shield.takes_text(), classifier.shield.takes_images());
+            let (takes_text, takes_images) = (
+                classifier.shield.takes_text(),
+                classifier.shield.takes_images(),
+            );
             let mut used = false;
             if takes_text && text.is_none() {
                 text = Some(Classifier::new(classifier.loaded.clone(), ctx)?);
@@ -384,7 +392,10 @@ impl ShieldFilter {
 
     /// A cache for a stream's output checks (from the text classifier's pool).
     pub fn output_cache(&self) -> ShieldCache {
-        self.text.as_ref().map(Classifier::take_cache).unwrap_or_default()
+        self.text
+            .as_ref()
+            .map(Classifier::take_cache)
+            .unwrap_or_default()
     }
 
     /// Gives a stream's cache back to the pool.
