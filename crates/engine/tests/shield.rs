@@ -376,11 +376,14 @@ fn a_kept_cache_checks_a_growing_reply_incrementally() {
                  until it is smooth and springs back.\n\nLet it rise for an hour, shape it, \
                  let it rise again, then bake it at 230 degrees for forty minutes. Cool it \
                  on a rack before you cut it: the crumb is still setting.";
+    // Long enough to outgrow the first cache.
+    let reply = [reply; 4].join(" ");
     let words: Vec<&str> = reply.split_inclusive(' ').collect();
     let mut kept = ShieldCache::new();
     let mut worst = 0f32;
-    let mut checks = 0;
-    for end in (3..=words.len()).step_by(5).chain([words.len()]) {
+    let mut grown = 0;
+    let ends = (3..=words.len()).step_by(5).chain([words.len()]);
+    for (checks, end) in ends.enumerate() {
         let so_far: String = words[..end].concat();
         let input = ShieldInput::Text {
             label: "response",
@@ -388,8 +391,12 @@ fn a_kept_cache_checks_a_growing_reply_incrementally() {
             response: Some(&so_far),
         };
         let prompts = shield.prompts(&input, &policies).unwrap();
+        let room = kept.capacity();
         let incremental = shield.p_yes_all(&mut kept, &prompts).unwrap();
         let stats = kept.stats();
+        if checks > 0 && kept.capacity() > room {
+            grown += 1;
+        }
         let mut fresh = ShieldCache::new();
         let from_scratch = shield.p_yes_all(&mut fresh, &prompts).unwrap();
         let common = fresh.stats().prefix_fed;
@@ -404,10 +411,16 @@ fn a_kept_cache_checks_a_growing_reply_incrementally() {
                 "only the new words are fed: {stats:?}"
             );
         }
-        checks += 1;
         worst = worst.max(assert_close(&incremental, &from_scratch, 1e-5, &so_far));
         let single = one_at_a_time(&loaded, &shield, &prompts);
         worst = worst.max(assert_close(&incremental, &single, 1e-5, &so_far));
     }
+    // The reply outgrew its cache and the prefix moved into the larger one: the checks after
+    // that still reused it (asserted above).
+    assert!(
+        grown >= 1,
+        "the cache never grew (capacity {})",
+        kept.capacity()
+    );
     eprintln!("kept cache vs fresh prompts: max |ΔP(Yes)| = {worst:.2e}");
 }
