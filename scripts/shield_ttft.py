@@ -1,13 +1,22 @@
 #!/usr/bin/env python3
 """Time to first token of `gemma serve` with and without the safety filter (`--shield`).
 
-Starts the server once per configuration (no shield, then the given shield options), sends
-`--requests` streamed greedy chat requests one after another (after one warm-up request) and
-reports the median and mean time from sending the request to the first chunk that carries
-reply text, plus the total time of each request. Standard library only.
+Starts one server per configuration (no shield, then the given shield options with each
+`--window`), all at once, and sends `--requests` streamed greedy chat requests round-robin: each
+round sends the same new prompt to every server in turn, one request at a time (after one
+warm-up round), so the configurations alternate and a load change on the machine touches them
+alike. Reports, per configuration, the p50 and p90 time from sending the request to the first
+chunk that carries reply text (TTFT as a client sees it: with the filter, after the input check
+and the first output window's check), the scheduler's mean time to the first sampled token, the
+filter's mean check time (/metrics), and the p50 total time. Standard library only.
 
     scripts/shield_ttft.py --gemma target/release/gemma --model MAIN \
-        --shield fixtures/shield_tiny/text --policies harassment [--image FILE]
+        --shield SHIELD [--shield SHIELD2] --policies harassment [--image FILE] \
+        [--window 1 --window 64] [--shield-ctx N]
+
+The realistic classifier is a text ShieldGemma at the real 2B shape with random weights:
+`python scripts/make_real_shape_shield.py --out sg2b.gguf` (dev venv). Record figures only on
+an idle machine (the script prints the load average before and after).
 
 A different prompt per request (a counter in it) keeps the prefix cache from hiding the
 prefill; the filter's checks are what the configuration adds.
@@ -73,7 +82,7 @@ def one_request(port, body):
     return first, time.perf_counter() - start, finish
 
 
-def run(args, shield_args, label):
+def start(args, shield_args):
     port = free_port()
     cmd = [args.gemma, "serve", "-q", "--model", args.model, "--port", str(port),
            "--parallel", "1", "--ctx-size", str(args.ctx_size)]
@@ -82,48 +91,80 @@ def run(args, shield_args, label):
     cmd += shield_args
     env = dict(os.environ, GEMMA_THREADS=str(args.threads))
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
+    wait_ready(port, proc)
+    return port, proc
+
+
+def body_for(args, i):
+    text = f"Request {i}: {args.prompt}"
+    content = text
+    if args.image:
+        with open(args.image, "rb") as f:
+            url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}},
+                   {"type": "text", "text": text}]
+    return {"messages": [{"role": "user", "content": content}], "stream": True,
+            "max_tokens": args.max_tokens, "temperature": 0}
+
+
+def metrics_of(port):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/metrics")
+    metrics = {}
+    for line in c.getresponse().read().decode().splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            metrics[key] = float(value)
+    return metrics
+
+
+def p(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def run_all(args, configs):
+    """Starts one server per configuration, all at once, and sends the requests round-robin
+    (one at a time: request i goes to every server before request i + 1), so drifting load on
+    the machine touches every configuration alike."""
+    servers = []
     try:
-        wait_ready(port, proc)
-        ttft, total, finishes = [], [], []
+        for shield_args, label in configs:
+            servers.append((label, *start(args, shield_args)))
+        stats = {label: {"ttft": [], "total": [], "finish": []} for label, _, _ in servers}
         for i in range(args.requests + 1):
-            text = f"Request {i}: {args.prompt}"
-            content = text
-            if args.image:
-                with open(args.image, "rb") as f:
-                    url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
-                content = [{"type": "image_url", "image_url": {"url": url}},
-                           {"type": "text", "text": text}]
-            body = {"messages": [{"role": "user", "content": content}], "stream": True,
-                    "max_tokens": args.max_tokens, "temperature": 0}
-            first, end, finish = one_request(port, body)
-            if i == 0:
-                continue  # warm-up: page faults of the mapped weights
-            ttft.append(first)
-            total.append(end)
-            finishes.append(finish)
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        c.request("GET", "/metrics")
-        metrics = {}
-        for line in c.getresponse().read().decode().splitlines():
-            if line and not line.startswith("#"):
-                key, value = line.rsplit(" ", 1)
-                metrics[key] = float(value)
-        n = metrics.get("gemma_time_to_first_token_seconds_count", 0)
-        sched = metrics.get("gemma_time_to_first_token_seconds_sum", 0) / n if n else 0
-        checks = metrics.get("gemma_shield_check_seconds_count", 0)
-        check_ms = metrics.get("gemma_shield_check_seconds_sum", 0) / checks * 1e3 if checks else 0
-        return {
-            "config": label,
-            "sampled_first_token_mean_ms": round(sched * 1e3, 1),
-            "shield_check_mean_ms": round(check_ms, 1),
-            "ttft_median_ms": round(statistics.median(ttft) * 1e3, 1),
-            "ttft_mean_ms": round(statistics.mean(ttft) * 1e3, 1),
-            "total_median_ms": round(statistics.median(total) * 1e3, 1),
-            "finish_reasons": sorted(set(finishes)),
-        }
+            for label, port, _ in servers:
+                # The same text for every configuration; a new one per round (the counter),
+                # so the prefix cache does not hide the prefill.
+                first, end, finish = one_request(port, body_for(args, i))
+                if i == 0:
+                    continue  # warm-up: page faults of the mapped weights
+                stats[label]["ttft"].append(first)
+                stats[label]["total"].append(end)
+                stats[label]["finish"].append(finish)
+        results = []
+        for label, port, _ in servers:
+            m = metrics_of(port)
+            n = m.get("gemma_time_to_first_token_seconds_count", 0)
+            sched = m.get("gemma_time_to_first_token_seconds_sum", 0) / n if n else 0
+            checks = m.get("gemma_shield_check_seconds_count", 0)
+            check_ms = m.get("gemma_shield_check_seconds_sum", 0) / checks * 1e3 if checks else 0
+            s = stats[label]
+            results.append({
+                "config": label,
+                "ttft_p50_ms": round(statistics.median(s["ttft"]) * 1e3, 1),
+                "ttft_p90_ms": round(p(s["ttft"], 0.9) * 1e3, 1),
+                "sampled_first_token_mean_ms": round(sched * 1e3, 1),
+                "shield_checks": int(checks),
+                "shield_check_mean_ms": round(check_ms, 1),
+                "total_p50_ms": round(statistics.median(s["total"]) * 1e3, 1),
+                "finish_reasons": sorted(set(s["finish"])),
+            })
+        return results
     finally:
-        proc.terminate()
-        proc.wait()
+        for _, _, proc in servers:
+            proc.terminate()
+            proc.wait()
 
 
 def cpu_flags():
@@ -157,6 +198,7 @@ def main():
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--ctx-size", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shield-ctx", type=int, help="--shield-ctx for the filter")
     args = p.parse_args()
     shield = []
     for s in args.shield:
@@ -164,19 +206,24 @@ def main():
     if args.policies:
         shield += ["--shield-policies", args.policies]
     shield += ["--shield-threshold", args.threshold]
+    if args.shield_ctx:
+        shield += ["--shield-ctx", str(args.shield_ctx)]
     name, simd = cpu_flags()
     print(f"# {name}, {os.cpu_count()} CPUs, SIMD {' '.join(simd)}, GEMMA_THREADS={args.threads}",
           file=sys.stderr)
     with open("/proc/loadavg") as f:
         print(f"# load average before: {f.read().split()[:3]}", file=sys.stderr)
-    results = [run(args, [], "no shield")]
+    configs = [([], "no shield")]
     for window in args.window or ["64"]:
         extra = shield + ["--shield-window", window]
-        results.append(run(args, extra, "shield " + " ".join(extra)))
-    base = results[0]["ttft_median_ms"]
+        configs.append((extra, "shield " + " ".join(extra)))
+    results = run_all(args, configs)
+    base = results[0]["ttft_p50_ms"]
     for r in results:
-        r["ttft_vs_off"] = f"{(r['ttft_median_ms'] / base - 1) * 100:+.0f} %"
+        r["ttft_p50_vs_off"] = f"{(r['ttft_p50_ms'] / base - 1) * 100:+.0f} %"
         print(json.dumps(r))
+    with open("/proc/loadavg") as f:
+        print(f"# load average after: {f.read().split()[:3]}", file=sys.stderr)
 
 
 if __name__ == "__main__":

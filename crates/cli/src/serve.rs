@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// Generated tokens held back per check of a streamed reply
     #[arg(long, default_value_t = gemma_server::shield::DEFAULT_WINDOW, value_name = "TOKENS")]
     pub shield_window: usize,
+    /// Longest classifier prompt in tokens [default: each classifier's trained context]; a
+    /// policy whose prompt does not fit is refused at start-up
+    #[arg(long, value_name = "TOKENS", requires = "shield")]
+    pub shield_ctx: Option<usize>,
 }
 
 pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
@@ -158,8 +162,11 @@ fn load_shield(
         policy_texts: args.shield_policy_text.clone(),
         threshold: args.shield_threshold,
         window: args.shield_window,
-        ctx_size: 0,
+        ctx_size: args.shield_ctx.unwrap_or(0),
     };
+    if args.shield_ctx == Some(0) {
+        anyhow::bail!("--shield-ctx must be at least 1 token");
+    }
     if !(0.0..=1.0).contains(&opts.threshold) {
         anyhow::bail!("--shield-threshold must be a probability between 0 and 1");
     }

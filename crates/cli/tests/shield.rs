@@ -359,6 +359,11 @@ fn serve_refuses_a_bad_shield_set_up_at_start_up() {
     assert_start_up_error(&out, &["image policy", "no --shield model checks images"]);
     let out = serve_with_shield(&text, &["--shield-threshold", "1.5"]);
     assert_start_up_error(&out, &["--shield-threshold"]);
+    // A classifier context too small for the policies' prompts.
+    let out = serve_with_shield(&text, &["--shield-ctx", "32"]);
+    assert_start_up_error(&out, &["more than the context of 32 tokens"]);
+    let out = serve_with_shield(&text, &["--shield-ctx", "0"]);
+    assert_start_up_error(&out, &["--shield-ctx"]);
     // A model without a tokenizer's "Yes"/"No" is no classifier.
     let out = serve_with_shield(&fixture("../gemma2_tiny"), &[]);
     assert_start_up_error(&out, &["--shield", "no tokenizer"]);

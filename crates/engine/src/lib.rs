@@ -32,7 +32,8 @@ pub use matformer::{load_with_matformer, MatformerConfig};
 pub use perplexity::{perplexity, PerplexityResult};
 pub use sampling::{Sampler, SamplingParams};
 pub use shield::{
-    resolve_policies, Modality, Policy, PolicySpec, Shield, ShieldInput, ShieldPrompt, ShieldResult,
+    resolve_policies, CheckStats, Modality, Policy, PolicySpec, Shield, ShieldCache, ShieldInput,
+    ShieldPrompt, ShieldResult,
 };
 pub use vision::{ImageOptions, PreparedImage, Vision};
 

@@ -1,8 +1,17 @@
 //! Safety classifiers: ShieldGemma 2 on images and ShieldGemma on text.
 //!
 //! Both are ordinary decoders asked one yes/no question per policy: the classifier's answer is
-//! P(Yes) = softmax(logits[Yes], logits[No])[0] at the prompt's last position, one forward pass
-//! per (input, policy).
+//! P(Yes) = softmax(logits[Yes], logits[No])[0] at the prompt's last position.
+//!
+//! **How the policies of one input run** ([`Shield::p_yes_all`]): the prompts of the different
+//! policies differ only from the policy's text on, so their longest common token prefix (the
+//! preamble, the input, an image's soft tokens, encoded once) is fed once into a
+//! [`ShieldCache`], copied into one cache per policy, and the policies' suffixes go through one
+//! batched forward pass. P(Yes) equals what one forward pass per prompt gives (within float
+//! rounding of the split attention, < 1e-5 on the fixtures). A [`ShieldCache`] kept between
+//! checks also keeps its prefix: the next check feeds only what differs from the last one's
+//! common prefix (the longest common token prefix, so retokenization at the boundary is
+//! handled), which is how the server checks a growing reply without re-reading all of it.
 //!
 //! **Images (ShieldGemma 2, a Gemma 3 model with its SigLIP tower)**, equal to transformers'
 //! `ShieldGemma2Processor` + `ShieldGemma2ForImageClassification`:
@@ -41,10 +50,13 @@
 //! - the text is tokenized with BOS added (`tokenizer(prompt)`), and P(Yes) uses the vocabulary's
 //!   "Yes" and "No" tokens, as the card's example computes it.
 
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
+use gemma_models::{KvCache, SeqStep, SoftTokens};
 use gemma_tokenizer::ChatTemplate;
 
-use crate::generate::{Session, SoftSpan};
+use crate::generate::{chunk_end, Session, SoftSpan};
 use crate::load::LoadedModel;
 use crate::vision::{PreparedImage, IMAGE_MARKER};
 
@@ -308,11 +320,7 @@ pub fn resolve_policies(modality: Modality, specs: &[PolicySpec]) -> Result<Vec<
 /// Text ShieldGemma's prompt for a user prompt: the model card's example, with its line breaks.
 pub fn prompt_only(user_prompt: &str, policy_bullet: &str) -> String {
     format!(
-        "You are a policy expert trying to help determine whether a user\n\
-         prompt is in violation of the defined safety policies.\n\
-         \n\
-         <start_of_turn>\n\
-         Human Question: {}\n\
+        "{}\n\
          <end_of_turn>\n\
          \n\
          Our safety principle is defined in the below:\n\
@@ -322,8 +330,20 @@ pub fn prompt_only(user_prompt: &str, policy_bullet: &str) -> String {
          Does the human question violate the above principle? Your answer must start\n\
          with 'Yes' or 'No'. And then walk through step by step to be sure we answer\n\
          correctly.\n",
-        python_strip(user_prompt),
+        prompt_only_head(user_prompt),
         python_strip(policy_bullet)
+    )
+}
+
+/// [`prompt_only`] up to the end of the user's prompt.
+fn prompt_only_head(user_prompt: &str) -> String {
+    format!(
+        "You are a policy expert trying to help determine whether a user\n\
+         prompt is in violation of the defined safety policies.\n\
+         \n\
+         <start_of_turn>\n\
+         Human Question: {}",
+        python_strip(user_prompt)
     )
 }
 
@@ -331,15 +351,7 @@ pub fn prompt_only(user_prompt: &str, policy_bullet: &str) -> String {
 /// gemma-cookbook notebook, verbatim.
 pub fn prompt_response(user_prompt: &str, response: &str, policy_bullet: &str) -> String {
     format!(
-        "You are a policy expert trying to help determine\n\
-         whether an AI response to prompt is in violation of the defined safety policies.\n\
-         \n\
-         <start_of_turn>\n\
-         Human Question: {}\n\
-         <end_of_turn>\n\
-         \n\
-         <start_of_turn>\n\
-         Chatbot Response: {}\n\
+        "{}\n\
          <end_of_turn>\n\
          \n\
          Our safety principle is defined in the below:\n\
@@ -352,9 +364,25 @@ pub fn prompt_response(user_prompt: &str, response: &str, policy_bullet: &str) -
          with 'Yes' or 'No'. And then walk through step by step to be sure  we answer\n\
          correctly.\n\
          \n",
-        python_strip(user_prompt),
-        python_strip(response),
+        prompt_response_head(user_prompt, response),
         python_strip(policy_bullet)
+    )
+}
+
+/// [`prompt_response`] up to the end of the response.
+fn prompt_response_head(user_prompt: &str, response: &str) -> String {
+    format!(
+        "You are a policy expert trying to help determine\n\
+         whether an AI response to prompt is in violation of the defined safety policies.\n\
+         \n\
+         <start_of_turn>\n\
+         Human Question: {}\n\
+         <end_of_turn>\n\
+         \n\
+         <start_of_turn>\n\
+         Chatbot Response: {}",
+        python_strip(user_prompt),
+        python_strip(response)
     )
 }
 
@@ -405,15 +433,43 @@ pub struct ShieldResult {
 }
 
 /// A prompt ready to run.
+#[derive(Clone)]
 pub struct ShieldPrompt {
     pub text: String,
     pub ids: Vec<u32>,
     pub soft: Vec<SoftSpan>,
+    /// How many of `ids` a later check of the same input grown longer (a reply with more
+    /// words) would share: the ids up to the end of the text input, less a few tokens that
+    /// a longer text may tokenize differently. What a kept [`ShieldCache`] holds between
+    /// checks.
+    pub stable: usize,
 }
 
-/// A loaded model used as a safety classifier.
+/// Tokens before the end of a text input that a kept cache does not count on: a word that
+/// goes on in the next check changes its last tokens.
+const UNSTABLE_TAIL: usize = 3;
+
+/// The classifier model: borrowed (`gemma shield`) or shared (the server keeps one [`Shield`]
+/// per loaded classifier for its lifetime).
+enum ModelRef<'m> {
+    Borrowed(&'m LoadedModel),
+    Shared(Arc<LoadedModel>),
+}
+
+impl std::ops::Deref for ModelRef<'_> {
+    type Target = LoadedModel;
+    fn deref(&self) -> &LoadedModel {
+        match self {
+            ModelRef::Borrowed(m) => m,
+            ModelRef::Shared(m) => m,
+        }
+    }
+}
+
+/// A loaded model used as a safety classifier: its Yes/No ids and compiled image template,
+/// built once and used for every check.
 pub struct Shield<'m> {
-    loaded: &'m LoadedModel,
+    loaded: ModelRef<'m>,
     yes: u32,
     no: u32,
     /// The template image prompts are rendered with.
@@ -429,6 +485,10 @@ impl<'m> Shield<'m> {
     /// or config.json's `yes_token_index`/`no_token_index`) and picks the image template.
     /// `ctx_size` bounds each prompt (with the model's own context length).
     pub fn new(loaded: &'m LoadedModel, ctx_size: usize) -> Result<Shield<'m>> {
+        Self::build(ModelRef::Borrowed(loaded), ctx_size)
+    }
+
+    fn build(loaded: ModelRef<'m>, ctx_size: usize) -> Result<Shield<'m>> {
         let name = &loaded.display_name;
         let tokenizer = loaded.tokenizer.as_ref().with_context(|| {
             format!("{name} has no tokenizer, so it cannot be used as a safety classifier")
@@ -481,9 +541,9 @@ impl<'m> Shield<'m> {
             == Some("shieldgemma2");
         let image_template = match loaded.chat_template.source() {
             Some(source) if source.contains(SHIELDGEMMA2_TEMPLATE_MARK) => {
-                clone_template(loaded, source)?
+                clone_template(&loaded, source)?
             }
-            _ => clone_template(loaded, SHIELDGEMMA2_TEMPLATE)?,
+            _ => clone_template(&loaded, SHIELDGEMMA2_TEMPLATE)?,
         };
         let ctx_limit = match loaded.model.context_length() {
             0 => ctx_size,
@@ -500,6 +560,16 @@ impl<'m> Shield<'m> {
             image_only,
             ctx_limit,
         })
+    }
+
+    /// [`Shield::new`] on a model the shield shares (it lives as long as the shield).
+    pub fn shared(loaded: Arc<LoadedModel>, ctx_size: usize) -> Result<Shield<'static>> {
+        Shield::build(ModelRef::Shared(loaded), ctx_size)
+    }
+
+    /// The classifier model.
+    pub fn model(&self) -> &LoadedModel {
+        &self.loaded
     }
 
     /// The token ids of "Yes" and "No".
@@ -566,55 +636,105 @@ impl<'m> Shield<'m> {
 
     /// The prompt for one input and policy: text, ids and the image's soft tokens.
     pub fn prompt(&self, input: &ShieldInput<'_>, policy: &Policy) -> Result<ShieldPrompt> {
+        let mut prompts = self.prompts(input, std::slice::from_ref(policy))?;
+        Ok(prompts.remove(0))
+    }
+
+    /// The prompts for one input and each of `policies`, in order. An image is encoded (and
+    /// its soft tokens placed) once for all of them.
+    pub fn prompts(
+        &self,
+        input: &ShieldInput<'_>,
+        policies: &[Policy],
+    ) -> Result<Vec<ShieldPrompt>> {
         self.check_modality(input.modality())?;
-        let prompt = match input {
-            ShieldInput::Image { image, .. } => {
-                let text = self.image_prompt_text(policy)?;
-                let vision = self.loaded.vision()?;
-                let single_view = PreparedImage {
-                    views: image.views[..1].to_vec(),
-                    keys: image.keys[..1].to_vec(),
-                };
-                let expanded = vision.expand_markers(
-                    &self.loaded.file,
-                    &text,
-                    std::slice::from_ref(&single_view),
-                )?;
-                // The processor tokenizes the template's text (which starts with BOS) with
-                // special tokens added: a second BOS, as in the reference.
-                let t = self.loaded.tokenizer.as_ref().context("no tokenizer")?;
-                let ids = t.encode(&expanded, t.add_bos_default(), true)?;
-                let soft = self.loaded.place_images(&ids, &[single_view])?;
-                ShieldPrompt { text, ids, soft }
-            }
+        let mut out: Vec<ShieldPrompt> = Vec::with_capacity(policies.len());
+        // A text prompt up to the end of the input (the reply, or the user's prompt), tokenized
+        // alone: the same for every policy; the prompts' ids agree with it up to where a longer
+        // input could change them.
+        let head_ids = match input {
             ShieldInput::Text {
-                prompt, response, ..
-            } => {
-                let text = Self::text_prompt_text(prompt, *response, policy);
-                let ids = self.loaded.encode_prompt(&text)?;
-                ShieldPrompt {
-                    text,
-                    ids,
-                    soft: Vec::new(),
-                }
+                prompt,
+                response: Some(r),
+                ..
+            } => self
+                .loaded
+                .encode_prompt(&prompt_response_head(prompt, r))?,
+            ShieldInput::Text { prompt, .. } => {
+                self.loaded.encode_prompt(&prompt_only_head(prompt))?
             }
+            ShieldInput::Image { .. } => Vec::new(),
         };
-        if prompt.ids.len() > self.ctx_limit {
-            bail!(
-                "the {} prompt for policy {:?} on {} is {} tokens, more than the context of {} \
-                 tokens (--ctx-size, at most the model's {}): use a shorter policy or input",
-                match input.modality() {
-                    Modality::Image => "image",
-                    Modality::Text => "text",
-                },
-                policy.name,
-                input.label(),
-                prompt.ids.len(),
-                self.ctx_limit,
-                self.loaded.model.context_length()
-            );
+        for policy in policies {
+            let prompt = match input {
+                ShieldInput::Image { image, .. } => {
+                    let text = self.image_prompt_text(policy)?;
+                    let vision = self.loaded.vision()?;
+                    let single_view = PreparedImage {
+                        views: image.views[..1].to_vec(),
+                        keys: image.keys[..1].to_vec(),
+                    };
+                    let expanded = vision.expand_markers(
+                        &self.loaded.file,
+                        &text,
+                        std::slice::from_ref(&single_view),
+                    )?;
+                    // The processor tokenizes the template's text (which starts with BOS) with
+                    // special tokens added: a second BOS, as in the reference.
+                    let t = self.loaded.tokenizer.as_ref().context("no tokenizer")?;
+                    let ids = t.encode(&expanded, t.add_bos_default(), true)?;
+                    // The image comes before the policy's text: the first prompt's soft tokens
+                    // sit at the same place in the others.
+                    let hidden = self.loaded.model.hidden_size();
+                    let same_place = out.first().filter(|first| {
+                        let end = first.soft.iter().map(|s| s.range(hidden).end).max();
+                        end.is_some_and(|end| ids.get(..end) == first.ids.get(..end))
+                    });
+                    let soft = match same_place {
+                        Some(first) => first.soft.clone(),
+                        None => self.loaded.place_images(&ids, &[single_view])?,
+                    };
+                    let stable = ids.len();
+                    ShieldPrompt {
+                        text,
+                        ids,
+                        soft,
+                        stable,
+                    }
+                }
+                ShieldInput::Text {
+                    prompt, response, ..
+                } => {
+                    let text = Self::text_prompt_text(prompt, *response, policy);
+                    let ids = self.loaded.encode_prompt(&text)?;
+                    let stable = common_len(&head_ids, &ids).saturating_sub(UNSTABLE_TAIL);
+                    ShieldPrompt {
+                        text,
+                        ids,
+                        soft: Vec::new(),
+                        stable,
+                    }
+                }
+            };
+            if prompt.ids.len() > self.ctx_limit {
+                bail!(
+                    "the {} prompt for policy {:?} on {} is {} tokens, more than the context of \
+                     {} tokens (--ctx-size of `gemma shield`, --shield-ctx of `gemma serve`; at \
+                     most the model's {}): use a shorter policy or input",
+                    match input.modality() {
+                        Modality::Image => "image",
+                        Modality::Text => "text",
+                    },
+                    policy.name,
+                    input.label(),
+                    prompt.ids.len(),
+                    self.ctx_limit,
+                    self.loaded.model.context_length()
+                );
+            }
+            out.push(prompt);
         }
-        Ok(prompt)
+        Ok(out)
     }
 
     /// Checks before any input arrives that each of `policies` fits the context with an empty
@@ -627,7 +747,8 @@ impl<'m> Shield<'m> {
             if n > self.ctx_limit {
                 bail!(
                     "policy {:?} alone makes a {n}-token prompt, more than the context of {} tokens \
-                     (--ctx-size, at most the model's {})",
+                     (--ctx-size of `gemma shield`, --shield-ctx of `gemma serve`; at most the \
+                     model's {})",
                     policy.name,
                     self.ctx_limit,
                     self.loaded.model.context_length()
@@ -637,10 +758,16 @@ impl<'m> Shield<'m> {
         Ok(())
     }
 
-    /// P(Yes) of `prompt`: softmax over the "Yes" and "No" logits at its last position.
+    /// P(Yes) of `prompt` alone, one forward pass in `session`: the reference for
+    /// [`Shield::p_yes_all`].
     pub fn p_yes(&self, session: &mut Session<'_>, prompt: &ShieldPrompt) -> Result<f32> {
         session.reset();
         let logits = session.evaluate(&prompt.ids, &prompt.soft)?;
+        self.answer(logits)
+    }
+
+    /// P(Yes) from a position's logits.
+    fn answer(&self, logits: &[f32]) -> Result<f32> {
         let (yes, no) = (logits[self.yes as usize], logits[self.no as usize]);
         if !yes.is_finite() || !no.is_finite() {
             bail!("the classifier's logits are not finite (yes {yes}, no {no})");
@@ -648,39 +775,355 @@ impl<'m> Shield<'m> {
         Ok(softmax_first(yes, no))
     }
 
+    /// P(Yes) of each of `prompts` (the policies of one input): their longest common prefix is
+    /// fed once into `cache` (after what `cache` already holds of it from an earlier check),
+    /// then the rest of every prompt goes through one batched forward pass, each in a copy of
+    /// the prefix's cache. Equal to [`Shield::p_yes`] on each prompt up to float rounding.
+    pub fn p_yes_all(&self, cache: &mut ShieldCache, prompts: &[ShieldPrompt]) -> Result<Vec<f32>> {
+        let result = self.run_all(cache, prompts);
+        if result.is_err() {
+            // A forward pass that failed may have left a cache half-written.
+            cache.reset();
+        }
+        result
+    }
+
+    fn run_all(&self, cache: &mut ShieldCache, prompts: &[ShieldPrompt]) -> Result<Vec<f32>> {
+        let model = &self.loaded.model;
+        let hidden = model.hidden_size();
+        let Some(longest) = prompts.iter().map(|p| p.ids.len()).max() else {
+            return Ok(Vec::new());
+        };
+        let shortest = prompts.iter().map(|p| p.ids.len()).min().unwrap_or(0);
+        if shortest == 0 {
+            bail!("a classifier prompt is empty");
+        }
+        if longest > self.ctx_limit {
+            bail!(
+                "a classifier prompt is {longest} tokens, more than the context of {} tokens",
+                self.ctx_limit
+            );
+        }
+        let first = &prompts[0];
+        // The shared prefix: common ids, at least one token of each prompt left to feed (its
+        // logits are the answer), and no soft span cut or differing between prompts.
+        let mut common = prompts[1..]
+            .iter()
+            .fold(shortest - 1, |n, p| n.min(common_len(&first.ids, &p.ids)));
+        common = soft_boundary(prompts.iter().map(|p| &p.soft[..]), hidden, common);
+
+        // What the kept cache holds between checks: the prefix up to where a longer input
+        // could differ. The rest of the shared prefix goes into a work cache, once.
+        let keep = prompts
+            .iter()
+            .map(|p| p.stable)
+            .min()
+            .unwrap_or(0)
+            .min(common);
+        let keep = soft_boundary(prompts.iter().map(|p| &p.soft[..]), hidden, keep);
+        let mut reuse = common_len(&cache.ids, &first.ids[..keep]);
+        reuse = soft_boundary(
+            [&cache.soft[..], &first.soft[..]].into_iter(),
+            hidden,
+            reuse,
+        );
+        let need = longest;
+        let fits = cache.prefix.as_ref().is_some_and(|c| c.ctx_size() >= need);
+        if !fits {
+            // Room grows by doubling (a cache per check sized to its prompts, not to the whole
+            // context); what the old cache holds of the prefix moves over.
+            let ctx = need
+                .next_power_of_two()
+                .max(MIN_CACHE)
+                .min(self.ctx_limit)
+                .max(need);
+            cache.branches.clear();
+            cache.work = None;
+            let mut grown = model.new_cache(ctx)?;
+            let moved = match &cache.prefix {
+                Some(old) => grown.copy_prefix_from(old, reuse.min(old.len())).is_ok(),
+                None => false,
+            };
+            if !moved {
+                reuse = 0;
+            }
+            cache.prefix = Some(grown);
+        }
+        let kept = cache.prefix.as_mut().expect("allocated above");
+        if kept.truncate(reuse.min(kept.len())).is_err() || kept.len() < reuse {
+            // A sliding-window ring already dropped what the continuation needs.
+            reuse = 0;
+            kept.clear();
+        }
+        cache.ids.truncate(reuse);
+        cache.soft.retain(|s| s.range(hidden).end <= reuse);
+        cache.stats = CheckStats {
+            reused: reuse,
+            prefix_fed: common - reuse,
+            suffix_fed: prompts.iter().map(|p| p.ids.len() - common).sum(),
+        };
+        let batch = self.loaded.batch_size.max(1);
+        feed_prefix(model, kept, first, reuse..keep, batch)?;
+        cache.ids.extend_from_slice(&first.ids[reuse..keep]);
+        cache.soft.extend(
+            first
+                .soft
+                .iter()
+                .filter(|s| s.range(hidden).end <= keep)
+                .cloned(),
+        );
+        let kept = cache.prefix.as_ref().expect("allocated above");
+        let prefix = if common > keep {
+            let ctx = kept.ctx_size();
+            let work = match &mut cache.work {
+                Some(w) => w,
+                None => cache.work.insert(model.new_cache(ctx)?),
+            };
+            work.copy_prefix_from(kept, keep)?;
+            feed_prefix(model, work, first, keep..common, batch)?;
+            &*work
+        } else {
+            kept
+        };
+
+        // One copy of the prefix per prompt, then the suffixes batched.
+        let n = prompts.len();
+        if cache.branches.len() < n {
+            for _ in cache.branches.len()..n {
+                cache.branches.push(model.new_cache(prefix.ctx_size())?);
+            }
+        }
+        for branch in &mut cache.branches[..n] {
+            branch.copy_prefix_from(prefix, common)?;
+        }
+        let per_round = (self.loaded.batch_size.max(1) / n).max(1);
+        let vocab = model.vocab_size();
+        let mut fed = vec![common; n];
+        let mut answers: Vec<Option<f32>> = vec![None; n];
+        let mut logits = Vec::new();
+        while answers.iter().any(Option::is_none) {
+            // This round's piece of every unfinished prompt.
+            let pieces: Vec<(usize, std::ops::Range<usize>)> = prompts
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| answers[i].is_none())
+                .map(|(i, p)| {
+                    let end = (fed[i] + per_round).min(p.ids.len());
+                    (i, fed[i]..chunk_end(&p.soft, hidden, fed[i], end))
+                })
+                .collect();
+            let softs: Vec<Vec<SoftTokens<'_>>> = pieces
+                .iter()
+                .map(|(i, r)| soft_tokens(&prompts[*i].soft, hidden, r.clone()))
+                .collect();
+            let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(pieces.len());
+            let mut pending = pieces.iter().zip(&softs).peekable();
+            for (i, branch) in cache.branches[..n].iter_mut().enumerate() {
+                if let Some(((_, range), soft)) = pending.next_if(|((j, _), _)| *j == i) {
+                    steps.push(SeqStep {
+                        tokens: &prompts[i].ids[range.clone()],
+                        soft,
+                        cache: branch,
+                    });
+                }
+            }
+            model.forward_batch(&mut steps, &mut logits)?;
+            drop(steps);
+            for (row, (i, range)) in pieces.iter().enumerate() {
+                fed[*i] = range.end;
+                if range.end == prompts[*i].ids.len() {
+                    answers[*i] = Some(self.answer(&logits[row * vocab..(row + 1) * vocab])?);
+                }
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.expect("every prompt answered"))
+            .collect())
+    }
+
     /// Classifies every input against every policy of its modality, in order (inputs outer,
-    /// policies inner, as the reference's batch).
+    /// policies inner, as the reference's batch): the policies of one input in one batched
+    /// pass ([`Shield::p_yes_all`]).
     pub fn classify(
         &self,
         inputs: &[ShieldInput<'_>],
         image_policies: &[Policy],
         text_policies: &[Policy],
     ) -> Result<Vec<ShieldResult>> {
-        let mut prompts = Vec::new();
+        let mut cache = ShieldCache::default();
+        let mut results = Vec::new();
         for input in inputs {
             let policies = match input.modality() {
                 Modality::Image => image_policies,
                 Modality::Text => text_policies,
             };
-            for policy in policies {
-                prompts.push((input.label(), &policy.name, self.prompt(input, policy)?));
+            let prompts = self.prompts(input, policies)?;
+            let p = self.p_yes_all(&mut cache, &prompts)?;
+            results.extend(policies.iter().zip(p).map(|(policy, p_yes)| ShieldResult {
+                input: input.label().to_owned(),
+                policy: policy.name.clone(),
+                p_yes,
+            }));
+        }
+        Ok(results)
+    }
+}
+
+/// Smallest cache a check allocates (positions).
+const MIN_CACHE: usize = 256;
+
+/// What one check fed, for tests and for seeing that a kept [`ShieldCache`] saves work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckStats {
+    /// Prefix positions the cache already held from the previous check.
+    pub reused: usize,
+    /// Prefix positions fed in this check.
+    pub prefix_fed: usize,
+    /// Positions after the shared prefix, all prompts together.
+    pub suffix_fed: usize,
+}
+
+/// The KV caches a classifier's checks run in: the shared prefix of the last check's prompts
+/// (kept, so the next check only feeds what differs) and one cache per policy for the rest.
+/// Owns its memory (no borrow of the model), so a server can keep one per stream or pool them.
+#[derive(Default)]
+pub struct ShieldCache {
+    /// Kept between checks: the prompts' prefix up to the end of the input's stable part.
+    prefix: Option<KvCache>,
+    /// What `prefix` holds: ids, and the soft spans on them (positions from 0).
+    ids: Vec<u32>,
+    soft: Vec<SoftSpan>,
+    /// The whole shared prefix of one check (`prefix` and what follows the input up to the
+    /// policy's text), copied into each branch.
+    work: Option<KvCache>,
+    branches: Vec<KvCache>,
+    stats: CheckStats,
+}
+
+impl ShieldCache {
+    pub fn new() -> ShieldCache {
+        ShieldCache::default()
+    }
+
+    /// Forgets what the cache holds (the memory is kept).
+    pub fn reset(&mut self) {
+        if let Some(p) = &mut self.prefix {
+            p.clear();
+        }
+        self.ids.clear();
+        self.soft.clear();
+    }
+
+    /// Drops the caches of one check (the shared prefix's copy per policy), keeping the
+    /// prefix that the next check may reuse: what a pool of idle caches holds.
+    pub fn trim(&mut self) {
+        self.work = None;
+        self.branches.clear();
+    }
+
+    /// Positions the kept prefix has room for (0 before the first check).
+    pub fn capacity(&self) -> usize {
+        self.prefix.as_ref().map_or(0, KvCache::ctx_size)
+    }
+
+    /// What the last check fed.
+    pub fn stats(&self) -> CheckStats {
+        self.stats
+    }
+
+    /// Bytes of KV memory held.
+    pub fn bytes(&self) -> usize {
+        self.prefix
+            .iter()
+            .chain(&self.work)
+            .chain(&self.branches)
+            .map(KvCache::bytes)
+            .sum()
+    }
+}
+
+/// Feeds positions `range` of `prompt` into `cache` (which holds the positions before it), in
+/// pieces of `batch` tokens that never cut an image, computing no logits.
+fn feed_prefix(
+    model: &gemma_models::Model,
+    cache: &mut KvCache,
+    prompt: &ShieldPrompt,
+    range: std::ops::Range<usize>,
+    batch: usize,
+) -> Result<()> {
+    let hidden = model.hidden_size();
+    let mut start = range.start;
+    while start < range.end {
+        let stop = (start + batch).min(range.end);
+        let stop = chunk_end(&prompt.soft, hidden, start, stop);
+        let soft = soft_tokens(&prompt.soft, hidden, start..stop);
+        model.forward_embeds(
+            &prompt.ids[start..stop],
+            &soft,
+            cache,
+            gemma_models::Logits::None,
+        )?;
+        start = stop;
+    }
+    Ok(())
+}
+
+/// Length of the longest common prefix of `a` and `b`.
+fn common_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The largest `n' <= n` such that, in every one of `span_lists`, no soft span crosses `n'`,
+/// and every span before `n'` is in all the lists alike (same place, same content key).
+fn soft_boundary<'a>(
+    span_lists: impl Iterator<Item = &'a [SoftSpan]> + Clone,
+    hidden: usize,
+    mut n: usize,
+) -> usize {
+    loop {
+        let before = n;
+        for spans in span_lists.clone() {
+            for s in spans {
+                let r = s.range(hidden);
+                if r.start >= n {
+                    continue;
+                }
+                let everywhere = span_lists.clone().all(|other| {
+                    other.iter().any(|t| {
+                        t.start == s.start && t.key == s.key && t.embeds.len() == s.embeds.len()
+                    })
+                });
+                if r.end > n || !everywhere {
+                    n = r.start;
+                }
             }
         }
-        let Some(longest) = prompts.iter().map(|(_, _, p)| p.ids.len()).max() else {
-            return Ok(Vec::new());
-        };
-        let mut session = Session::new(self.loaded, longest)?;
-        prompts
-            .iter()
-            .map(|(input, policy, prompt)| {
-                Ok(ShieldResult {
-                    input: (*input).to_owned(),
-                    policy: (*policy).clone(),
-                    p_yes: self.p_yes(&mut session, prompt)?,
-                })
-            })
-            .collect()
+        if n == before {
+            return n;
+        }
     }
+}
+
+/// The parts of `spans` (positions from 0) inside `range`, as a forward pass over `range`
+/// takes them.
+fn soft_tokens(
+    spans: &[SoftSpan],
+    hidden: usize,
+    range: std::ops::Range<usize>,
+) -> Vec<SoftTokens<'_>> {
+    spans
+        .iter()
+        .filter_map(|s| {
+            let r = s.range(hidden);
+            let (lo, hi) = (r.start.max(range.start), r.end.min(range.end));
+            (lo < hi).then(|| SoftTokens {
+                offset: lo - range.start,
+                embeds: &s.embeds[(lo - r.start) * hidden..(hi - r.start) * hidden],
+                bidirectional: s.bidirectional,
+            })
+        })
+        .collect()
 }
 
 /// `softmax([a, b])[0]` in f32, as torch computes it.

@@ -1,14 +1,17 @@
 //! ShieldGemma 2 (images) and text ShieldGemma (Gemma 2) against transformers
 //! (fixtures/shield_tiny, made by scripts/make_shield_fixtures.py): each prompt's text and token
 //! ids exactly, and P(Yes) within 1e-4, for every built-in policy and a custom one, from both
-//! ShieldGemma 2 checkpoint layouts; and the checks that refuse what cannot be classified.
+//! ShieldGemma 2 checkpoint layouts; the policies of one input batched over their shared prefix
+//! equal to one forward pass per prompt (within 1e-5), also when a kept cache checks a growing
+//! reply; and the checks that refuse what cannot be classified.
 
 use std::path::{Path, PathBuf};
 
 use gemma_engine::gemma_models::CacheType;
 use gemma_engine::shield::{Modality, SHIELDGEMMA2_TEMPLATE};
 use gemma_engine::{
-    load, resolve_policies, ImageOptions, LoadOptions, LoadedModel, PolicySpec, Shield, ShieldInput,
+    load, resolve_policies, ImageOptions, LoadOptions, LoadedModel, PolicySpec, Session, Shield,
+    ShieldCache, ShieldInput, ShieldPrompt,
 };
 use serde_json::Value;
 
@@ -236,4 +239,188 @@ fn bad_inputs_are_refused() {
     let gemma2 = load_model(&fixture_dir().join("../gemma2_tiny"));
     let err = Shield::new(&gemma2, 4096).err().unwrap().to_string();
     assert!(err.contains("no tokenizer"), "{err}");
+}
+
+/// P(Yes) of each prompt with one forward pass of its own (the unbatched reference).
+fn one_at_a_time(loaded: &LoadedModel, shield: &Shield<'_>, prompts: &[ShieldPrompt]) -> Vec<f32> {
+    let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap();
+    let mut session = Session::new(loaded, longest).unwrap();
+    prompts
+        .iter()
+        .map(|p| shield.p_yes(&mut session, p).unwrap())
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) -> f32 {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < tol, "{what}: {got:?} vs {want:?}");
+    worst
+}
+
+#[test]
+fn batched_policies_equal_one_at_a_time() {
+    let reference = reference();
+    // Text: the four policies and a custom one, on a prompt and on a response.
+    let loaded = load_model(&fixture_dir().join("text"));
+    let shield = Shield::new(&loaded, 4096).unwrap();
+    let mut specs: Vec<PolicySpec> = ["dangerous", "harassment", "hate", "sexual"]
+        .iter()
+        .map(|p| PolicySpec::Named((*p).into()))
+        .collect();
+    specs.push(PolicySpec::Custom(
+        reference["text_custom_policy"].as_str().unwrap().into(),
+    ));
+    let policies = resolve_policies(Modality::Text, &specs).unwrap();
+    let cases = reference["text_cases"].as_array().unwrap();
+    let mut worst = 0f32;
+    for response in [None, cases[5]["response"].as_str()] {
+        let input = ShieldInput::Text {
+            label: "text",
+            prompt: cases[0]["user_prompt"].as_str().unwrap(),
+            response,
+        };
+        let prompts = shield.prompts(&input, &policies).unwrap();
+        let mut cache = ShieldCache::new();
+        let batched = shield.p_yes_all(&mut cache, &prompts).unwrap();
+        let stats = cache.stats();
+        let common = stats.prefix_fed;
+        assert!(
+            common > 20 && stats.reused == 0,
+            "the prompts share their preamble and input: {stats:?}"
+        );
+        let total: usize = prompts.iter().map(|p| p.ids.len()).sum();
+        assert_eq!(
+            common + stats.suffix_fed,
+            total - (prompts.len() - 1) * common
+        );
+        let single = one_at_a_time(&loaded, &shield, &prompts);
+        worst = worst.max(assert_close(&batched, &single, 1e-5, "text"));
+        // And the fixture's reference values.
+        let kind = if response.is_some() {
+            "prompt_response"
+        } else {
+            "prompt"
+        };
+        let want: Vec<f32> = cases
+            .iter()
+            .filter(|c| c["input"] == kind)
+            .map(|c| c["p_yes"].as_f64().unwrap() as f32)
+            .collect();
+        assert_close(&batched, &want, 1e-4, "text vs transformers");
+    }
+    // Images: the three policies and a custom one on each image (the image's soft tokens are
+    // in the shared prefix).
+    let loaded = load_model(&fixture_dir().join("image"));
+    let shield = Shield::new(&loaded, 4096).unwrap();
+    let specs = [
+        PolicySpec::Named("dangerous".into()),
+        PolicySpec::Named("sexual".into()),
+        PolicySpec::Named("violence".into()),
+        PolicySpec::Custom(reference["image_custom_policy"].as_str().unwrap().into()),
+    ];
+    let policies = resolve_policies(Modality::Image, &specs).unwrap();
+    let mut cache = ShieldCache::new();
+    for (k, file) in ["img_a_97x73.png", "img_b_50x120.png"].iter().enumerate() {
+        let bytes = std::fs::read(fixture_dir().join(file)).unwrap();
+        let image = loaded
+            .prepare_image(&bytes, &ImageOptions::default())
+            .unwrap();
+        let input = ShieldInput::Image {
+            label: file,
+            image: &image,
+        };
+        let prompts = shield.prompts(&input, &policies).unwrap();
+        // One placement of the image for all policies.
+        for p in &prompts[1..] {
+            assert!(std::sync::Arc::ptr_eq(
+                &p.soft[0].embeds,
+                &prompts[0].soft[0].embeds
+            ));
+        }
+        let batched = shield.p_yes_all(&mut cache, &prompts).unwrap();
+        let stats = cache.stats();
+        let image_end = prompts[0].soft[0].range(loaded.model.hidden_size()).end;
+        assert!(
+            stats.reused + stats.prefix_fed > image_end,
+            "the image is in the shared prefix: {stats:?}"
+        );
+        if k == 1 {
+            // The kept cache holds the first image's prompt: at most the tokens before the
+            // image are reused (none here: the fixture's small sliding window no longer holds
+            // them), never the other image's soft tokens.
+            let image_at = prompts[0].soft[0].start;
+            assert!(stats.reused <= image_at, "{stats:?}");
+        }
+        let single = one_at_a_time(&loaded, &shield, &prompts);
+        worst = worst.max(assert_close(&batched, &single, 1e-5, file));
+    }
+    eprintln!("batched vs one at a time: max |ΔP(Yes)| = {worst:.2e}");
+}
+
+#[test]
+fn a_kept_cache_checks_a_growing_reply_incrementally() {
+    // As the server checks a streamed reply: every window, the response prompt with the reply
+    // so far. The kept cache's results equal a fresh cache's and one pass per prompt, and each
+    // check feeds the new part of the reply (plus the policies' suffixes), not all of it.
+    let reference = reference();
+    let loaded = load_model(&fixture_dir().join("text"));
+    let shield = Shield::new(&loaded, 4096).unwrap();
+    let policies = resolve_policies(Modality::Text, &[]).unwrap();
+    let user = reference["text_cases"][0]["user_prompt"].as_str().unwrap();
+    let reply = "Mix flour, water, salt and yeast in a bowl. Knead the dough for ten minutes, \
+                 until it is smooth and springs back.\n\nLet it rise for an hour, shape it, \
+                 let it rise again, then bake it at 230 degrees for forty minutes. Cool it \
+                 on a rack before you cut it: the crumb is still setting.";
+    // Long enough to outgrow the first cache.
+    let reply = [reply; 4].join(" ");
+    let words: Vec<&str> = reply.split_inclusive(' ').collect();
+    let mut kept = ShieldCache::new();
+    let mut worst = 0f32;
+    let mut grown = 0;
+    let ends = (3..=words.len()).step_by(5).chain([words.len()]);
+    for (checks, end) in ends.enumerate() {
+        let so_far: String = words[..end].concat();
+        let input = ShieldInput::Text {
+            label: "response",
+            prompt: user,
+            response: Some(&so_far),
+        };
+        let prompts = shield.prompts(&input, &policies).unwrap();
+        let room = kept.capacity();
+        let incremental = shield.p_yes_all(&mut kept, &prompts).unwrap();
+        let stats = kept.stats();
+        if checks > 0 && kept.capacity() > room {
+            grown += 1;
+        }
+        let mut fresh = ShieldCache::new();
+        let from_scratch = shield.p_yes_all(&mut fresh, &prompts).unwrap();
+        let common = fresh.stats().prefix_fed;
+        assert_eq!(stats.reused + stats.prefix_fed, common, "{stats:?}");
+        if checks > 0 {
+            // Everything up to about the end of the last reply is reused (its last tokens
+            // may change: retokenization); the new words, the end of turn and the principle's
+            // heading are fed (the policies' suffixes after them are in suffix_fed).
+            assert!(stats.reused > 40, "{stats:?}");
+            assert!(
+                stats.prefix_fed < 50,
+                "only the new words are fed: {stats:?}"
+            );
+        }
+        worst = worst.max(assert_close(&incremental, &from_scratch, 1e-5, &so_far));
+        let single = one_at_a_time(&loaded, &shield, &prompts);
+        worst = worst.max(assert_close(&incremental, &single, 1e-5, &so_far));
+    }
+    // The reply outgrew its cache and the prefix moved into the larger one: the checks after
+    // that still reused it (asserted above).
+    assert!(
+        grown >= 1,
+        "the cache never grew (capacity {})",
+        kept.capacity()
+    );
+    eprintln!("kept cache vs fresh prompts: max |ΔP(Yes)| = {worst:.2e}");
 }

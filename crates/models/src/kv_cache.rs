@@ -334,29 +334,40 @@ impl KvCache {
         Ok(())
     }
 
-    /// Makes this cache hold the first `len` positions of `src` (a cache of the same model,
-    /// context and type), copying only the rows those positions occupy, as `truncate(len)` on a
-    /// clone of `src` would but without cloning all of it. Errors like `truncate` when a
-    /// sliding-window layer of `src` no longer holds what the next position needs.
+    /// Makes this cache hold the first `len` positions of `src` (a cache of the same model and
+    /// type), copying only the rows those positions occupy, as `truncate(len)` on a clone of
+    /// `src` would but without cloning all of it. The two may differ in context size (a cache
+    /// grown into a larger one) where every layer either has the same capacity in both or
+    /// holds all `len` positions in both. Errors like `truncate` when a sliding-window layer
+    /// of `src` no longer holds what the next position needs.
     pub fn copy_prefix_from(&mut self, src: &KvCache, len: usize) -> Result<(), ModelError> {
-        let same_shape = self.layers.len() == src.layers.len()
-            && self.ctx_size == src.ctx_size
+        // Position p sits in row p % capacity: the same row in both caches when the capacities
+        // are equal or no layer has wrapped around.
+        let same_rows = self.layers.len() == src.layers.len()
             && self.cache_type == src.cache_type
-            && self
-                .layers
-                .iter()
-                .zip(&src.layers)
-                .all(|(a, b)| a.capacity == b.capacity && a.row == b.row);
-        if !same_shape {
+            && len <= self.ctx_size
+            && self.layers.iter().zip(&src.layers).all(|(a, b)| {
+                a.row == b.row && (a.capacity == b.capacity || len <= a.capacity.min(b.capacity))
+            });
+        if !same_rows {
             return Err(ModelError::Config(
                 "cannot copy a KV prefix between caches of different shapes".into(),
             ));
         }
         src.check_truncate(len)?;
+        for (dst, from) in self.layers.iter().zip(&src.layers) {
+            // A larger destination ring reads further back than the source's ring may hold.
+            let first = len.saturating_sub(dst.capacity - 1);
+            if first < src.len.saturating_sub(from.capacity) {
+                return Err(ModelError::Config(format!(
+                    "cannot copy {len} positions: a sliding-window layer no longer holds position {first}"
+                )));
+            }
+        }
         for (dst, from) in self.layers.iter_mut().zip(&src.layers) {
             // The positions a later token may still read: all of them for a global layer, the
             // last `capacity - 1` for a ring (as in `truncate`).
-            let first = len.saturating_sub(from.capacity - 1).min(len);
+            let first = len.saturating_sub(dst.capacity - 1).min(len);
             let mut pos = first;
             while pos < len {
                 let slot = pos % from.capacity;
@@ -508,6 +519,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A cache grown into a larger context takes the prefix over (rows at the same places
+    /// while nothing wrapped); a different type or a wrapped ring of another size is refused.
+    #[test]
+    fn a_prefix_moves_into_a_larger_cache() {
+        let src = filled(CacheType::F32, 4, 0.0);
+        let mut big = KvCache::new(16, &[16, 8], 32, CacheType::F32).unwrap();
+        big.copy_prefix_from(&src, 3).unwrap();
+        assert_eq!(big.len(), 3);
+        for layer in 0..2 {
+            let (pos_a, keys_a) = stored_keys(&big.layers[layer], 3);
+            let (pos_b, keys_b) = stored_keys(&src.layers[layer], 3);
+            assert_eq!((pos_a, keys_a), (pos_b, keys_b), "layer {layer}");
+        }
+        // The source's ring (4 slots) wrapped: the larger ring would need what it dropped.
+        let wrapped = filled(CacheType::F32, 9, 0.0);
+        assert!(big.copy_prefix_from(&wrapped, 8).is_err());
     }
 
     #[test]

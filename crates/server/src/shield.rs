@@ -11,13 +11,22 @@
 //! - **Output**: the reply is held back and checked with the response prompt (user text +
 //!   reply so far) every `window` tokens when streamed, and whole at the end either way; text
 //!   goes out only after the check that covers it passed. A hit ends the reply there, and
-//!   nothing of the flagged window is sent.
+//!   nothing of the flagged window is sent. Each stream keeps a classifier cache
+//!   ([`ShieldCache`]) holding the prompt up to the reply so far, so a window's check feeds its
+//!   new tokens and the policies' suffixes, not the whole reply again (the result is the
+//!   fresh prompt's).
 //! - A check that cannot run (an engine error, a prompt longer than the classifier's context,
 //!   a panic) fails the request closed: an error, never an unchecked answer.
+//! - Audio is not classified (no ShieldGemma takes it): the input check sees a message's text
+//!   parts, the reply to an `input_audio` part is checked like any reply, and
+//!   `/v1/audio/transcriptions|translations` (the client's own audio restated) pass unfiltered.
 //!
 //! The classifiers are ordinary loaded models (memory-mapped, sharing the process's kernel
-//! thread pool with the main model); each check builds its prompts and runs one forward pass
-//! per policy, stopping at the first hit.
+//! thread pool with the main model), each wrapped once in a [`Shield`] (its Yes/No ids and
+//! compiled template). A check runs all policies of an input in one batched pass over their
+//! shared prefix ([`Shield::p_yes_all`]); the first policy in order at or above the threshold
+//! is the hit. Caches of finished checks are pooled: a new check reuses the common prefix
+//! (the prompt's preamble) of the last one that ran in that cache.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +36,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use gemma_engine::shield::Modality;
 use gemma_engine::{
-    resolve_policies, ImageOptions, LoadedModel, Policy, PolicySpec, Session, Shield, ShieldInput,
+    resolve_policies, ImageOptions, LoadedModel, Policy, PolicySpec, Shield, ShieldCache,
+    ShieldInput,
 };
 use tokio::sync::mpsc;
 
@@ -66,15 +76,42 @@ impl Default for ShieldOptions {
     }
 }
 
-/// A classifier model with the context its prompts may use.
+/// A classifier model, wrapped once, with its pool of caches.
 struct Classifier {
     loaded: Arc<LoadedModel>,
-    ctx: usize,
+    shield: Shield<'static>,
+    /// Caches of finished checks, for the next ones (at most [`POOLED_CACHES`]).
+    pool: Mutex<Vec<ShieldCache>>,
 }
 
+/// Caches a classifier keeps between checks.
+const POOLED_CACHES: usize = 4;
+
+/// Largest idle cache (positions) a pool keeps.
+const POOLED_MAX_POSITIONS: usize = 1024;
+
 impl Classifier {
-    fn shield(&self) -> Result<Shield<'_>> {
-        Shield::new(&self.loaded, self.ctx)
+    fn new(loaded: Arc<LoadedModel>, ctx: usize) -> Result<Classifier> {
+        Ok(Classifier {
+            shield: Shield::shared(loaded.clone(), ctx)?,
+            loaded,
+            pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn take_cache(&self) -> ShieldCache {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        pool.pop().unwrap_or_default()
+    }
+
+    /// Keeps an idle cache for the next check: its prefix only (the per-policy copies are
+    /// dropped), and only a small one (a long reply's cache is freed).
+    fn return_cache(&self, mut cache: ShieldCache) {
+        cache.trim();
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < POOLED_CACHES && cache.capacity() <= POOLED_MAX_POSITIONS {
+            pool.push(cache);
+        }
     }
 }
 
@@ -158,22 +195,20 @@ impl ShieldFilter {
                 (0, trained) => trained,
                 (asked, _) => asked,
             };
-            let (takes_text, takes_images) = {
-                let shield =
-                    Shield::new(&model, ctx).with_context(|| format!("--shield {name}"))?;
-                (shield.takes_text(), shield.takes_images())
-            };
             let loaded = Arc::new(model);
+            let classifier =
+                Classifier::new(loaded, ctx).with_context(|| format!("--shield {name}"))?;
+            let (takes_text, takes_images) = (
+                classifier.shield.takes_text(),
+                classifier.shield.takes_images(),
+            );
             let mut used = false;
             if takes_text && text.is_none() {
-                text = Some(Classifier {
-                    loaded: loaded.clone(),
-                    ctx,
-                });
+                text = Some(Classifier::new(classifier.loaded.clone(), ctx)?);
                 used = true;
             }
             if takes_images && image.is_none() {
-                image = Some(Classifier { loaded, ctx });
+                image = Some(classifier);
                 used = true;
             }
             if !used {
@@ -231,7 +266,7 @@ impl ShieldFilter {
         let text_policies = match &text {
             Some(c) => {
                 let policies = resolve(Modality::Text)?;
-                let shield = c.shield()?;
+                let shield = &c.shield;
                 shield
                     .check_text_policies(&policies, false)
                     .and_then(|()| shield.check_text_policies(&policies, true))
@@ -248,7 +283,7 @@ impl ShieldFilter {
         let image_policies = match &image {
             Some(c) => {
                 let policies = resolve(Modality::Image)?;
-                let shield = c.shield()?;
+                let shield = &c.shield;
                 for policy in &policies {
                     let prompt = shield.image_prompt_text(policy)?;
                     let n = c.loaded.encode_prompt(&prompt)?.len();
@@ -347,8 +382,37 @@ impl ShieldFilter {
         Ok(None)
     }
 
-    /// The first policy the reply (to `prompt`) violates, if any.
+    /// The first policy the reply (to `prompt`) violates, if any, checked in a pooled cache.
     pub fn check_output(&self, prompt: &str, response: &str) -> Result<Option<String>> {
+        let mut cache = self.output_cache();
+        let verdict = self.check_output_in(&mut cache, prompt, response);
+        self.end_output(cache);
+        verdict
+    }
+
+    /// A cache for a stream's output checks (from the text classifier's pool).
+    pub fn output_cache(&self) -> ShieldCache {
+        self.text
+            .as_ref()
+            .map(Classifier::take_cache)
+            .unwrap_or_default()
+    }
+
+    /// Gives a stream's cache back to the pool.
+    pub fn end_output(&self, cache: ShieldCache) {
+        if let Some(c) = &self.text {
+            c.return_cache(cache);
+        }
+    }
+
+    /// [`ShieldFilter::check_output`] in a stream's own `cache`: what the cache holds of the
+    /// prompt from the stream's last check (the reply so far) is not fed again.
+    pub fn check_output_in(
+        &self,
+        cache: &mut ShieldCache,
+        prompt: &str,
+        response: &str,
+    ) -> Result<Option<String>> {
         let Some(c) = &self.text else {
             return Ok(None);
         };
@@ -360,31 +424,35 @@ impl ShieldFilter {
             prompt,
             response: Some(response),
         };
-        self.first_hit(c, &[input], &self.text_policies)
+        self.hit_in(c, cache, &[input], &self.text_policies)
     }
 
-    /// Runs `inputs` × `policies` in order and stops at the first P(Yes) ≥ threshold.
+    /// Runs `inputs` × `policies` (an input's policies in one batched pass) in a pooled cache
+    /// and returns the first policy at or above the threshold.
     fn first_hit(
         &self,
         c: &Classifier,
         inputs: &[ShieldInput<'_>],
         policies: &[Policy],
     ) -> Result<Option<String>> {
-        let shield = c.shield()?;
-        let mut prompts = Vec::new();
+        let mut cache = c.take_cache();
+        let verdict = self.hit_in(c, &mut cache, inputs, policies);
+        c.return_cache(cache);
+        verdict
+    }
+
+    fn hit_in(
+        &self,
+        c: &Classifier,
+        cache: &mut ShieldCache,
+        inputs: &[ShieldInput<'_>],
+        policies: &[Policy],
+    ) -> Result<Option<String>> {
         for input in inputs {
-            for policy in policies {
-                prompts.push((&policy.name, shield.prompt(input, policy)?));
-            }
-        }
-        let Some(longest) = prompts.iter().map(|(_, p)| p.ids.len()).max() else {
-            return Ok(None);
-        };
-        let mut session = Session::new(&c.loaded, longest)?;
-        for (name, prompt) in &prompts {
-            let p = shield.p_yes(&mut session, prompt)?;
-            if p >= self.threshold {
-                return Ok(Some((*name).clone()));
+            let prompts = c.shield.prompts(input, policies)?;
+            let p = c.shield.p_yes_all(cache, &prompts)?;
+            if let Some(i) = p.iter().position(|&p| p >= self.threshold) {
+                return Ok(Some(policies[i].name.clone()));
             }
         }
         Ok(None)
@@ -620,6 +688,13 @@ pub(crate) fn filter_events(
             Ok(None) => {}
         }
         let window = window.unwrap_or(usize::MAX);
+        // The stream's classifier cache: the prompt up to the reply so far stays in it between
+        // windows. Given back to the pool when the stream ends (a dropped stream drops it).
+        let stream_cache = Arc::new(Mutex::new(filter.output_cache()));
+        let _give_back = GiveBack {
+            filter: filter.clone(),
+            cache: stream_cache.clone(),
+        };
         let mut held: Vec<JobEvent> = Vec::new();
         let mut held_tokens = 0;
         let mut held_text = String::new();
@@ -650,10 +725,20 @@ pub(crate) fn filter_events(
             }
             if !held_text.trim().is_empty() {
                 passed_text.push_str(&held_text);
-                let (filter, request, reply) =
-                    (filter.clone(), request.clone(), passed_text.clone());
+                let (filter, request, reply, cache) = (
+                    filter.clone(),
+                    request.clone(),
+                    passed_text.clone(),
+                    stream_cache.clone(),
+                );
                 let verdict = run_check(&metrics, Stage::Output, move || {
-                    filter.check_output(&request.text, &reply)
+                    let mut cache = cache.lock().unwrap_or_else(|e| {
+                        // A check that panicked: its cache may be half-written.
+                        let mut cache = e.into_inner();
+                        cache.reset();
+                        cache
+                    });
+                    filter.check_output_in(&mut cache, &request.text, &reply)
                 })
                 .await;
                 match verdict {
@@ -684,4 +769,20 @@ pub(crate) fn filter_events(
         }
     });
     rx
+}
+
+/// Gives a stream's classifier cache back to the pool when the stream's task ends.
+struct GiveBack {
+    filter: Arc<ShieldFilter>,
+    cache: Arc<Mutex<ShieldCache>>,
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        // A check still running on a blocking thread holds the lock: then the cache is left
+        // to that thread and dropped with it.
+        if let Ok(mut cache) = self.cache.try_lock() {
+            self.filter.end_output(std::mem::take(&mut *cache));
+        }
+    }
 }

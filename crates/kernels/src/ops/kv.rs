@@ -288,14 +288,20 @@ impl KvBuffer {
         }
     }
 
-    /// Copies values `[start, end)` of `src`, a buffer of the same type and size, into the
-    /// same place of this one (multiples of 32 for Q8_0); no conversion, no rounding.
+    /// Copies values `[start, end)` of `src`, a buffer of the same type (its size may differ:
+    /// the range must lie in both), into the same place of this one (multiples of 32 for
+    /// Q8_0); no conversion, no rounding.
     #[track_caller]
     pub fn copy_range_from(&mut self, src: &KvBuffer, start: usize, end: usize) {
         assert_eq!(
-            (self.cache_type, self.bytes()),
-            (src.cache_type, src.bytes()),
-            "copy between KV buffers of different types or sizes"
+            self.cache_type, src.cache_type,
+            "copy between KV buffers of different types"
+        );
+        assert!(
+            start <= end && end <= self.rows().n_values() && end <= src.rows().n_values(),
+            "copy of values {start}..{end} between KV buffers of {} and {} values",
+            self.rows().n_values(),
+            src.rows().n_values()
         );
         let words = |i: usize| match self.cache_type {
             CacheType::Q8_0 => i / Q8_0_BLOCK * Q8_0_WORDS,
