@@ -59,6 +59,12 @@ pub struct CommonArgs {
     /// f16, f32; `stored` keeps the checkpoint's type
     #[arg(long, global = true, default_value = "stored", value_name = "TYPE")]
     pub audio_weights: AudioWeights,
+    /// Reuse the vision encoding of a video or camera frame that is (nearly) unchanged from the
+    /// last one encoded: mean absolute difference of the preprocessed pixels under LEVELS
+    /// (of 255; default 2) and no 1/16-side cell over 4 × LEVELS
+    #[arg(long, global = true, value_name = "LEVELS", num_args = 0..=1,
+          default_missing_value = "2")]
+    pub vision_cache: Option<f32>,
 }
 
 /// `--audio-weights`.
@@ -208,6 +214,7 @@ impl CommonArgs {
             },
             mmproj: self.mmproj.clone(),
             audio_weights: self.audio_weights.dtype(),
+            vision_cache: self.vision_cache,
             ..gemma_engine::LoadOptions::default()
         }
     }
@@ -274,7 +281,19 @@ impl SamplingArgs {
 
 fn main() -> ExitCode {
     install_panic_hook();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // `--image A --audio B --image C`: the media go into the prompt in that order.
+    if let Some((_, sub)) = matches.subcommand() {
+        match &mut cli.command {
+            Command::Run(args) => args.media.set_order(sub),
+            Command::Logits(args) => args.media.set_order(sub),
+            _ => {}
+        }
+    }
     // `gemma shield` exits 1 for "flagged", so its errors take 2 (as grep's do).
     let error_code = match cli.command {
         Command::Shield(_) => {

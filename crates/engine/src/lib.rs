@@ -19,6 +19,8 @@ pub mod perplexity;
 pub mod sampling;
 pub mod shield;
 pub mod stop;
+mod tower3n_shim;
+pub mod video;
 pub mod vision;
 
 pub use audio::{AudioOptions, Hearing, PreparedAudio};
@@ -34,7 +36,7 @@ pub use sampling::{Sampler, SamplingParams};
 pub use shield::{
     resolve_policies, Modality, Policy, PolicySpec, Shield, ShieldInput, ShieldPrompt, ShieldResult,
 };
-pub use vision::{ImageOptions, PreparedImage, Vision};
+pub use vision::{FrameReuse, ImageOptions, PreparedImage, Vision, VisionFamily};
 
 /// Re-exported so the CLI and tests name one version of each.
 pub use gemma_formats;
