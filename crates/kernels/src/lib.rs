@@ -10,6 +10,7 @@ compile_error!(
     "gemma-kernels reads GGML data as little-endian and supports little-endian targets only"
 );
 
+pub mod conv;
 mod error;
 pub mod gemm;
 pub mod matmul;
