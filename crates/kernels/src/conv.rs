@@ -292,3 +292,66 @@ pub fn conv2d(
         first += n;
     }
 }
+
+/// A CNN's per-pixel norm and activation on an HWC image, in place, split across `pool` by
+/// whole pixels: each row of `weight.len()` channels gets `+ bias` (when given), then RMSNorm
+/// (`x · rsqrt(mean(x²) + eps) · weight`, timm's `RmsNorm2d` over channels), then GELU-tanh
+/// when `gelu`.
+///
+/// # Panics
+/// If `x` is not whole rows of `weight.len()`, or `bias` differs in length from `weight`.
+#[track_caller]
+pub fn rms_norm_act_rows(
+    pool: &ThreadPool,
+    x: &mut [f32],
+    bias: Option<&[f32]>,
+    weight: &[f32],
+    eps: f32,
+    gelu: bool,
+) {
+    let dim = weight.len();
+    assert!(
+        dim > 0 && x.len().is_multiple_of(dim),
+        "rms_norm_act_rows: {} values do not split into rows of {dim}",
+        x.len()
+    );
+    if let Some(b) = bias {
+        assert_eq!(b.len(), dim, "rms_norm_act_rows: bias length");
+    }
+    let apply = |rows: &mut [f32]| {
+        for row in rows.chunks_exact_mut(dim) {
+            if let Some(b) = bias {
+                for (v, b) in row.iter_mut().zip(b) {
+                    *v += b;
+                }
+            }
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+            let scale = 1.0 / (ms + eps).sqrt();
+            if gelu {
+                for (v, w) in row.iter_mut().zip(weight) {
+                    *v = crate::ops::gelu_tanh(*v * scale * w);
+                }
+            } else {
+                for (v, w) in row.iter_mut().zip(weight) {
+                    *v = *v * scale * w;
+                }
+            }
+        }
+    };
+    const CHUNK: usize = 16 * 1024;
+    let rows_per_task = CHUNK.div_ceil(dim);
+    let n_rows = x.len() / dim;
+    if n_rows <= rows_per_task || pool.n_threads() == 1 {
+        apply(x);
+        return;
+    }
+    let ptr = SharedOut(x.as_mut_ptr());
+    let ptr = &ptr;
+    pool.run(n_rows.div_ceil(rows_per_task), &|task| {
+        let first = task * rows_per_task;
+        let n = rows_per_task.min(n_rows - first);
+        // SAFETY: rows first..first + n of the exclusively borrowed `x` are this task's only.
+        let rows = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(first * dim), n * dim) };
+        apply(rows);
+    });
+}

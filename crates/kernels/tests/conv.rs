@@ -1,7 +1,7 @@
 //! Convolutions (im2col + GEMM, depthwise) against a naive scalar reference on random shapes,
 //! strides and paddings (TF-"SAME" and symmetric), at several thread counts.
 
-use gemma_kernels::conv::{conv2d, depthwise_conv2d, depthwise_taps, ConvGeometry};
+use gemma_kernels::conv::{conv2d, depthwise_conv2d, depthwise_taps, rms_norm_act_rows, ConvGeometry};
 use gemma_kernels::{GgmlType, ThreadPool, WeightMatrix};
 
 struct Rng(u64);
@@ -157,4 +157,34 @@ fn large_conv_runs_in_bands() {
     let mut y = vec![0.0; g.out_pixels() * c_out];
     conv2d(&ThreadPool::new(2), &g, c_in, &m, &x, &mut y, &mut Vec::new(), &mut Vec::new());
     assert_close(&y, &want, "banded");
+}
+
+#[test]
+fn norm_act_rows_matches_reference() {
+    let mut rng = Rng(11);
+    let dim = 24;
+    let x = rng.floats(dim * 3000);
+    let w = rng.floats(dim);
+    let b = rng.floats(dim);
+    for (bias, gelu) in [(None, false), (Some(&b[..]), true)] {
+        let mut want = x.clone();
+        for row in want.chunks_exact_mut(dim) {
+            if let Some(b) = bias {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+            let ms: f64 = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / dim as f64;
+            let s = 1.0 / (ms + 1e-6).sqrt();
+            for (v, w) in row.iter_mut().zip(&w) {
+                let n = *v as f64 * s * *w as f64;
+                *v = if gelu {
+                    (0.5 * n * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (n + 0.044715 * n * n * n)).tanh())) as f32
+                } else {
+                    n as f32
+                };
+            }
+        }
+        let mut got = x.clone();
+        rms_norm_act_rows(&ThreadPool::new(3), &mut got, bias, &w, 1e-6, gelu);
+        assert_close(&got, &want, "norm_act");
+    }
 }

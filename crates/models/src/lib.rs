@@ -25,7 +25,10 @@ pub use gemma3::{Gemma3, Gemma3Config};
 pub use gemma3n::{Gemma3n, Gemma3nConfig};
 pub use gemma_kernels::ops::kv::CacheType;
 pub use kv_cache::{KvCache, SeqStep, SoftTokens};
-pub use vision::{Gemma3Vision, Gemma3VisionConfig, SiglipVisionConfig, SiglipVisionTower};
+pub use vision::{
+    Gemma3Vision, Gemma3VisionConfig, Gemma3nVision, Gemma3nVisionConfig, SiglipVisionConfig,
+    SiglipVisionTower,
+};
 pub use weights::{Loader, WeightLayout};
 
 use gemma_formats::{GgufFile, HfFolder, ModelFile, TensorSource};

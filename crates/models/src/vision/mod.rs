@@ -21,8 +21,12 @@
 //! the projection too, `[vision, text]`), stores the soft-embedding norm as `1 + w`, and its
 //! converter forces the embeddings to f32 and the projection to f16 whatever the output type.
 
+pub mod gemma3n;
+pub mod mobilenet;
 pub mod siglip;
 
+pub use gemma3n::{Gemma3nVision, Gemma3nVisionConfig};
+pub use mobilenet::MobileNetV5;
 pub use siglip::{SiglipVisionConfig, SiglipVisionTower};
 
 use gemma_formats::{GgufFile, TensorSource};
