@@ -19,7 +19,6 @@ pub mod perplexity;
 pub mod sampling;
 pub mod shield;
 pub mod stop;
-mod tower3n_shim;
 pub mod video;
 pub mod vision;
 

@@ -28,7 +28,7 @@ use gemma_media::{Frame, ImageLimits, PanAndScan, Preprocess, RgbImage};
 use gemma_models::vision::Gemma3Vision;
 use sha2::{Digest, Sha256};
 
-use crate::tower3n_shim::{Gemma3nVision, Gemma3nVisionConfig};
+use gemma_models::vision::{Gemma3nVision, Gemma3nVisionConfig};
 
 use crate::audio::PreparedAudio;
 use crate::encoded::EncodedCache;
