@@ -217,7 +217,9 @@ impl MediaArgs {
         let source = VideoSource::open(path, MAX_MEDIA_BYTES)?;
         let sampling = FrameSampling {
             fps: self.fps,
-            max_frames: self.max_frames.unwrap_or_else(|| loaded.default_max_frames()),
+            max_frames: self
+                .max_frames
+                .unwrap_or_else(|| loaded.default_max_frames()),
             keyframes: self.keyframes,
             ..FrameSampling::default()
         };

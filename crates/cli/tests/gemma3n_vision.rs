@@ -146,6 +146,7 @@ fn media_go_into_the_prompt_in_argument_order() {
     assert_eq!(first(&audio_first), audio_id);
 }
 
+/// (Two images and a clip would pass the tiny model's 512-token trained context.)
 #[test]
 fn run_with_image_and_audio_generates() {
     let out = gemma(
@@ -162,8 +163,6 @@ fn run_with_image_and_audio_generates() {
             &path("images/rgb_300x200.png"),
             "--audio",
             &path("audio/speech_16k_mono.wav"),
-            "--image",
-            &path("images/rgb_q90_200x150.jpg"),
             "What is here?",
         ],
         None,
@@ -189,7 +188,10 @@ fn misuse_is_a_clean_error() {
     let audio_model = path("gemma3n_audio_tiny");
     for (args, needle) in [
         // Image ids without an image.
-        (vec!["logits", "-q", "--model", &model, "--ids", &ids], "no image"),
+        (
+            vec!["logits", "-q", "--model", &model, "--ids", &ids],
+            "no image",
+        ),
         // Two images for one run.
         (
             vec![
@@ -198,15 +200,101 @@ fn misuse_is_a_clean_error() {
             "run(s) of the image token",
         ),
         (
-            vec!["logits", "-q", "--model", &model, "--image", &img, "--pan-and-scan", "Hi"],
+            vec![
+                "logits",
+                "-q",
+                "--model",
+                &model,
+                "--image",
+                &img,
+                "--pan-and-scan",
+                "Hi",
+            ],
             "pan-and-scan",
         ),
         (
-            vec!["logits", "-q", "--model", &audio_model, "--image", &img, "Hi"],
+            vec![
+                "logits",
+                "-q",
+                "--model",
+                &audio_model,
+                "--image",
+                &img,
+                "Hi",
+            ],
             "takes no images",
         ),
     ] {
         let out = gemma(&args, None);
         assert_clean_error(&out, &[needle]);
     }
+}
+
+/// `gemma chat`: `/audio` then `/image` go into the next message in that order.
+#[test]
+fn chat_takes_audio_and_images_in_order() {
+    let stdin = format!(
+        "/audio {}\n/image {}\nWho is speaking?\n",
+        path("audio/speech_16k_mono.wav"),
+        path("images/rgb_300x200.png")
+    );
+    let out = gemma(
+        &["chat", "-q", "--model", &model(), "--temp", "0", "-n", "3"],
+        Some(&stdin),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("image added"), "{}", stderr(&out));
+}
+
+/// `gemma run --video` with a clip that has sound: a frame and its soundtrack segment (the
+/// tiny model's 512-token context holds one frame with 3 s of sound).
+#[test]
+fn run_with_a_video_and_its_sound() {
+    let ok = std::process::Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: ffmpeg is not on the PATH");
+        return;
+    }
+    let dir = common::TempDir::new("gemma3n-video");
+    let clip = dir.path().join("clip.mp4");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i"])
+        .arg("testsrc=size=96x64:rate=5:duration=3")
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=300:duration=3:sample_rate=16000",
+        ])
+        .args(["-shortest", "-pix_fmt", "yuv420p"])
+        .arg(&clip)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let clip = clip.to_string_lossy().into_owned();
+    let model = model();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "logits",
+            "-q",
+            "--model",
+            &model,
+            "--video",
+            &clip,
+            "--max-frames",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        args.push("What happens?");
+        let out = gemma(&args, None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        json["ids"].as_array().unwrap().len()
+    };
+    let with_sound = run(&[]);
+    let silent = run(&["--no-video-audio"]);
+    assert!(with_sound > silent + 16, "{with_sound} vs {silent} tokens");
 }

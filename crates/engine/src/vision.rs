@@ -315,7 +315,8 @@ impl Vision {
                 image: id(["image_token_index", "image_token_id"], ids.image)?,
             };
             if family == VisionFamily::Gemma3n && matches!(source, TowerSource::Folder) {
-                let c = Gemma3nVisionConfig::from_hf_config(cfg).context("config.json vision_config")?;
+                let c = Gemma3nVisionConfig::from_hf_config(cfg)
+                    .context("config.json vision_config")?;
                 if c.image_size == 0 || c.tokens_per_image == 0 {
                     bail!("config.json: the Gemma 3n vision tower has an empty image or no tokens");
                 }
@@ -406,9 +407,9 @@ impl Vision {
             (VisionFamily::Gemma3, TowerSource::Mmproj(gguf), _) => {
                 Tower::Siglip(Gemma3Vision::load_gguf(gguf).with_context(what)?)
             }
-            (VisionFamily::Gemma3, TowerSource::Folder, ModelFile::Hf(folder)) => Tower::Siglip(
-                Gemma3Vision::load_hf(folder.config(), folder).with_context(what)?,
-            ),
+            (VisionFamily::Gemma3, TowerSource::Folder, ModelFile::Hf(folder)) => {
+                Tower::Siglip(Gemma3Vision::load_hf(folder.config(), folder).with_context(what)?)
+            }
             (VisionFamily::Gemma3n, TowerSource::Mmproj(gguf), _) => {
                 Tower::MobileNet(Gemma3nVision::from_gguf(gguf).with_context(what)?)
             }

@@ -173,7 +173,10 @@ fn session_prefill_and_greedy_generation() {
     let mut session = Session::new(&loaded, 1024).unwrap();
     let last = session.evaluate(&ids, &soft).unwrap().to_vec();
     let d = max_diff(&last, &want[want.len() - vocab..]);
-    assert!(d < 1e-2, "last logits through a chunked session differ by {d}");
+    assert!(
+        d < 1e-2,
+        "last logits through a chunked session differ by {d}"
+    );
     let params = SamplingParams {
         temperature: 0.0,
         max_tokens: 8,
@@ -226,7 +229,10 @@ fn image_text_is_the_processors() {
         "<image_soft_token>".repeat(256)
     );
     assert_eq!(expanded, format!("A{block}B"));
-    assert!(!loaded.vision().unwrap().is_loaded(), "no tower needed for text");
+    assert!(
+        !loaded.vision().unwrap().is_loaded(),
+        "no tower needed for text"
+    );
 }
 
 /// `gemma logits --ids` style: image runs and audio runs of an id list filled in order, and
@@ -248,7 +254,10 @@ fn id_runs_fill_in_order() {
     // Too few images for the runs is an error, not a panic.
     let two = ids(&r["prompts"]["two_images"]["input_ids"]);
     let err = loaded.place_media(&two, &images, &[]).unwrap_err();
-    assert!(format!("{err:#}").contains("run(s) of the image token"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("run(s) of the image token"),
+        "{err:#}"
+    );
 }
 
 /// `--vision-cache`: a frame equal to or within noise of the last encoded one reuses its
@@ -267,7 +276,11 @@ fn vision_cache_reuses_unchanged_frames() {
     // ±1 level of noise: a still camera.
     let mut noisy = base.clone();
     for (i, v) in noisy.iter_mut().enumerate() {
-        *v = if i % 3 == 0 { v.saturating_add(1) } else { v.saturating_sub(1) };
+        *v = if i % 3 == 0 {
+            v.saturating_add(1)
+        } else {
+            v.saturating_sub(1)
+        };
     }
     // A different scene.
     let changed = RgbImage::from_fn(base.width(), base.height(), |x, y| {
@@ -330,7 +343,12 @@ fn video_with_sound_fits_the_default_context() {
     let status = std::process::Command::new("ffmpeg")
         .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i"])
         .arg("testsrc=size=160x120:rate=10:duration=30")
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:duration=30:sample_rate=16000"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:duration=30:sample_rate=16000",
+        ])
         .args(["-shortest", "-pix_fmt", "yuv420p"])
         .arg(&clip_path)
         .status()
@@ -372,7 +390,11 @@ fn video_with_sound_fits_the_default_context() {
     // here; the real models' window is 188 tokens (30 s): one per segment. Its images are 256
     // tokens already, as the real ones.
     let windows: usize = video.audio.iter().map(|a| a.windows.len()).sum();
-    assert_eq!(soft.len(), 6 + 6 + 2 * windows, "runs and end-of-media embeddings");
+    assert_eq!(
+        soft.len(),
+        6 + 6 + 2 * windows,
+        "runs and end-of-media embeddings"
+    );
     // Swapping each fixture window's audio tokens for one 188-token window per segment, and
     // keeping the text around every fixture window (more windows than the real model's), bounds
     // the real prompt from above.
@@ -419,7 +441,9 @@ fn bad_images_are_clear_errors() {
     let img = image(&loaded, "rgb_300x200.png");
     let images = vec![img; 20];
     let text = format!("{}Describe.", IMAGE_MARKER.repeat(20));
-    let (ids, soft) = loaded.encode_with_media(&text, &images, &[], false).unwrap();
+    let (ids, soft) = loaded
+        .encode_with_media(&text, &images, &[], false)
+        .unwrap();
     let mut session = Session::new(&loaded, 4096).unwrap();
     let e = session.evaluate(&ids, &soft).unwrap_err();
     assert!(format!("{e:#}").contains("context size"), "{e:#}");

@@ -260,7 +260,8 @@ fn gemma3n_pixel_values_match_the_reference() {
             } else {
                 Preprocess::gemma3n_with_size(size)
             };
-            for (route_name, route) in [("file", ReferenceRoute::File), ("pil", ReferenceRoute::Pil)]
+            for (route_name, route) in
+                [("file", ReferenceRoute::File), ("pil", ReferenceRoute::Pil)]
             {
                 let Some(rel) = refs[route_name]["file"].as_str() else {
                     continue;
