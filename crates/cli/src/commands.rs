@@ -409,15 +409,15 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
         };
         loaded.render_chat(args.system.as_deref(), &[user])?
     };
-    let (ids, soft) = loaded.encode_with_media(&prompt, &images, &audio, false)?;
+    let ctx_size = context_size(common, &loaded);
+    let (ids, soft) = loaded.encode_with_media_in(&prompt, &images, &audio, false, ctx_size)?;
     if let Some(schema) = &schema {
         if !soft.is_empty() {
             bail!("--json-schema does not take images or audio yet");
         }
-        let ctx_size = context_size(common, &loaded);
         return crate::serve::run_json_schema(loaded, &ids, &params, ctx_size, schema);
     }
-    let mut session = Session::new(&loaded, context_size(common, &loaded))?;
+    let mut session = Session::new(&loaded, ctx_size)?;
     let mut out = TextSink::stdout();
     let stats = session.generate_with(&ids, &soft, &params, &mut |text| out.write(text));
     out.end_line();
@@ -548,6 +548,7 @@ pub fn tokenize(common: &CommonArgs, args: &TokenizeArgs) -> Result<()> {
 
 pub fn logits(common: &CommonArgs, args: &LogitsArgs) -> Result<()> {
     let loaded = load(common, DEFAULT_BATCH_SIZE)?;
+    let ctx_size = context_size(common, &loaded);
     let Prepared {
         images,
         audio,
@@ -558,15 +559,19 @@ pub fn logits(common: &CommonArgs, args: &LogitsArgs) -> Result<()> {
             let soft = loaded.place_media(ids, &images, &audio)?;
             (ids.clone(), soft)
         }
-        (None, Some(prompt)) => {
-            loaded.encode_with_media(&format!("{slots}{prompt}"), &images, &audio, false)?
-        }
+        (None, Some(prompt)) => loaded.encode_with_media_in(
+            &format!("{slots}{prompt}"),
+            &images,
+            &audio,
+            false,
+            ctx_size,
+        )?,
         (None, None) => bail!("give a prompt or --ids"),
     };
     if ids.is_empty() {
         bail!("there are no tokens to evaluate");
     }
-    let mut session = Session::new(&loaded, context_size(common, &loaded))?;
+    let mut session = Session::new(&loaded, ctx_size)?;
     let logits = session.evaluate(&ids, &soft)?;
     let top = top_logits(logits, args.top);
     let json = serde_json::json!({ "ids": ids, "top": top });

@@ -824,6 +824,19 @@ impl LoadedModel {
         audio: &[PreparedAudio],
         continuation: bool,
     ) -> Result<(Vec<u32>, Vec<SoftSpan>)> {
+        self.encode_with_media_in(text, images, audio, continuation, usize::MAX)
+    }
+
+    /// [`LoadedModel::encode_with_media`], refusing a prompt of more than `ctx_size` tokens
+    /// before any tower runs (too many images, frames or clips for the context).
+    pub fn encode_with_media_in(
+        &self,
+        text: &str,
+        images: &[PreparedImage],
+        audio: &[PreparedAudio],
+        continuation: bool,
+        ctx_size: usize,
+    ) -> Result<(Vec<u32>, Vec<SoftSpan>)> {
         let encode = |t: &str| {
             if continuation {
                 self.encode_continuation(t)
@@ -848,6 +861,16 @@ impl LoadedModel {
             self.hearing()?;
         }
         let ids = encode(&expanded)?;
+        if ids.len() > ctx_size && !(images.is_empty() && audio.is_empty()) {
+            bail!(
+                "the prompt with its media needs {} tokens but the context size is {ctx_size} \
+                 ({} image view(s), {} audio window(s); use a larger --ctx-size or fewer \
+                 images, frames or clips: media is never truncated)",
+                ids.len(),
+                images.iter().map(|i| i.views.len()).sum::<usize>(),
+                audio.iter().map(|a| a.windows.len()).sum::<usize>()
+            );
+        }
         let soft = self.place_media(&ids, images, audio)?;
         Ok((ids, soft))
     }

@@ -441,6 +441,15 @@ fn bad_images_are_clear_errors() {
     let img = image(&loaded, "rgb_300x200.png");
     let images = vec![img; 20];
     let text = format!("{}Describe.", IMAGE_MARKER.repeat(20));
+    let e = loaded
+        .encode_with_media_in(&text, &images, &[], false, 4096)
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("context size is 4096"), "{e:#}");
+    assert!(
+        !loaded.vision().unwrap().is_loaded(),
+        "refused before the tower runs"
+    );
+    // Without the early check, the session refuses it all the same.
     let (ids, soft) = loaded
         .encode_with_media(&text, &images, &[], false)
         .unwrap();
