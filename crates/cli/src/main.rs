@@ -60,11 +60,14 @@ pub struct CommonArgs {
     #[arg(long, global = true, default_value = "stored", value_name = "TYPE")]
     pub audio_weights: AudioWeights,
     /// Reuse the vision encoding of a video or camera frame that is (nearly) unchanged from the
-    /// last one encoded: mean absolute difference of the preprocessed pixels under LEVELS
-    /// (of 255; default 2) and no 1/16-side cell over 4 × LEVELS
-    #[arg(long, global = true, value_name = "LEVELS", num_args = 0..=1,
-          default_missing_value = "2")]
-    pub vision_cache: Option<f32>,
+    /// last one encoded (see --vision-cache-threshold)
+    #[arg(long, global = true)]
+    pub vision_cache: bool,
+    /// --vision-cache: a frame is unchanged when the mean absolute difference of its
+    /// preprocessed pixels from the last encoded frame is under LEVELS (of 255) and no cell of
+    /// a 16×16 grid differs by 4 × LEVELS or more
+    #[arg(long, global = true, default_value_t = 2.0, value_name = "LEVELS")]
+    pub vision_cache_threshold: f32,
 }
 
 /// `--audio-weights`.
@@ -214,7 +217,7 @@ impl CommonArgs {
             },
             mmproj: self.mmproj.clone(),
             audio_weights: self.audio_weights.dtype(),
-            vision_cache: self.vision_cache,
+            vision_cache: self.vision_cache.then_some(self.vision_cache_threshold),
             ..gemma_engine::LoadOptions::default()
         }
     }
