@@ -1,7 +1,9 @@
 //! Convolutions (im2col + GEMM, depthwise) against a naive scalar reference on random shapes,
 //! strides and paddings (TF-"SAME" and symmetric), at several thread counts.
 
-use gemma_kernels::conv::{conv2d, depthwise_conv2d, depthwise_taps, rms_norm_act_rows, ConvGeometry};
+use gemma_kernels::conv::{
+    conv2d, depthwise_conv2d, depthwise_taps, rms_norm_act_rows, ConvGeometry,
+};
 use gemma_kernels::{GgmlType, ThreadPool, WeightMatrix};
 
 struct Rng(u64);
@@ -25,7 +27,14 @@ impl Rng {
 
 /// Naive convolution with `groups` = 1 (full) or `c_in` (depthwise): x HWC, w `[c_out, c_in /
 /// groups, kh, kw]`, y HWC.
-fn reference(g: &ConvGeometry, c_in: usize, c_out: usize, depthwise: bool, x: &[f32], w: &[f32]) -> Vec<f32> {
+fn reference(
+    g: &ConvGeometry,
+    c_in: usize,
+    c_out: usize,
+    depthwise: bool,
+    x: &[f32],
+    w: &[f32],
+) -> Vec<f32> {
     let mut y = vec![0.0f64; g.out_pixels() * c_out];
     let per_group = if depthwise { 1 } else { c_in };
     for oy in 0..g.out_h {
@@ -62,7 +71,11 @@ fn geometry(rng: &mut Rng) -> ConvGeometry {
     loop {
         let (h, w) = (1 + rng.below(23), 1 + rng.below(23));
         let k = [1, 3, 5, 7][rng.below(4)];
-        let (kh, kw) = if rng.below(4) == 0 { (k, [1, 3, 5][rng.below(3)]) } else { (k, k) };
+        let (kh, kw) = if rng.below(4) == 0 {
+            (k, [1, 3, 5][rng.below(3)])
+        } else {
+            (k, k)
+        };
         let stride = 1 + rng.below(3);
         let g = if rng.below(2) == 0 {
             ConvGeometry::same(h, w, kh, kw, stride)
@@ -78,7 +91,10 @@ fn geometry(rng: &mut Rng) -> ConvGeometry {
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
-        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{what}: [{i}] {a} vs {b}");
+        assert!(
+            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+            "{what}: [{i}] {a} vs {b}"
+        );
     }
 }
 
@@ -119,7 +135,11 @@ fn conv2d_matches_reference() {
         for pool in &pools {
             let mut y = vec![f32::NAN; g.out_pixels() * c_out];
             conv2d(pool, &g, c_in, &m, &x, &mut y, &mut cols, &mut scratch);
-            assert_close(&y, &want, &format!("case {case} {g:?} c_in {c_in} c_out {c_out}"));
+            assert_close(
+                &y,
+                &want,
+                &format!("case {case} {g:?} c_in {c_in} c_out {c_out}"),
+            );
         }
     }
 }
@@ -155,7 +175,16 @@ fn large_conv_runs_in_bands() {
     let bytes = f32_bytes(&w);
     let m = WeightMatrix::new(GgmlType::F32, c_out, c_in * 9, &bytes).unwrap();
     let mut y = vec![0.0; g.out_pixels() * c_out];
-    conv2d(&ThreadPool::new(2), &g, c_in, &m, &x, &mut y, &mut Vec::new(), &mut Vec::new());
+    conv2d(
+        &ThreadPool::new(2),
+        &g,
+        c_in,
+        &m,
+        &x,
+        &mut y,
+        &mut Vec::new(),
+        &mut Vec::new(),
+    );
     assert_close(&y, &want, "banded");
 }
 
@@ -177,7 +206,10 @@ fn norm_act_rows_matches_reference() {
             for (v, w) in row.iter_mut().zip(&w) {
                 let n = *v as f64 * s * *w as f64;
                 *v = if gelu {
-                    (0.5 * n * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (n + 0.044715 * n * n * n)).tanh())) as f32
+                    (0.5 * n
+                        * (1.0
+                            + ((2.0 / std::f64::consts::PI).sqrt() * (n + 0.044715 * n * n * n))
+                                .tanh())) as f32
                 } else {
                     n as f32
                 };

@@ -38,7 +38,10 @@ fn pixels(r: &Value, image: &str) -> Vec<f32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn shape(v: &Value) -> Vec<usize> {
@@ -63,7 +66,10 @@ fn config_from_fixture() {
     assert_eq!(c.text_hidden_size, 32);
     assert_eq!((c.vocab_offset, c.vocab_size), (256, 128));
     assert_eq!(c.hidden_size, 2048);
-    assert_eq!((c.image_token_id, c.boi_token_id, c.eoi_token_id), (257, 250, 256));
+    assert_eq!(
+        (c.image_token_id, c.boi_token_id, c.eoi_token_id),
+        (257, 250, 256)
+    );
     let v = load();
     // timm's arch def for mobilenetv5_300m_enc, read back from the tensor names.
     assert_eq!(v.stage_depths(), vec![3, 5, 37, 39]);
@@ -94,7 +100,10 @@ fn tower_and_soft_tokens_match_reference() {
     eprintln!("tower max |diff| {d_tower:e}");
     assert!(d_tower < 1e-3, "tower output differs by {d_tower}");
     let d_scaled = max_diff(&scaled, &want_scaled);
-    assert!(d_scaled < 1e-3 * scale, "scaled tokens differ by {d_scaled}");
+    assert!(
+        d_scaled < 1e-3 * scale,
+        "scaled tokens differ by {d_scaled}"
+    );
 
     let soft = v.encode_image(&px).unwrap();
     let want_soft = read_f32(t["soft_tokens"].as_str().unwrap());
@@ -201,15 +210,33 @@ fn missing_and_misshapen_tensors_are_errors() {
         (format!("{t}blocks.0.1.conv_exp.weight"), vec![32, 9, 3, 3]),
         (format!("{t}blocks.0.1.bn1.weight"), vec![31]),
         (format!("{t}blocks.1.2.pw_exp.conv.weight"), vec![64, 16, 3]),
-        (format!("{t}blocks.1.1.dw_start.conv.weight"), vec![16, 2, 5, 5]),
-        (format!("{t}blocks.2.9.attn.key.proj.weight"), vec![60, 40, 1, 1]),
-        (format!("{t}blocks.3.1.attn.query.proj.weight"), vec![1536, 81, 1, 1]),
-        (format!("{t}msfa.ffn.pw_exp.conv.weight"), vec![240, 119, 1, 1]),
-        (format!("{t}msfa.ffn.pw_proj.conv.weight"), vec![2000, 240, 1, 1]),
+        (
+            format!("{t}blocks.1.1.dw_start.conv.weight"),
+            vec![16, 2, 5, 5],
+        ),
+        (
+            format!("{t}blocks.2.9.attn.key.proj.weight"),
+            vec![60, 40, 1, 1],
+        ),
+        (
+            format!("{t}blocks.3.1.attn.query.proj.weight"),
+            vec![1536, 81, 1, 1],
+        ),
+        (
+            format!("{t}msfa.ffn.pw_exp.conv.weight"),
+            vec![240, 119, 1, 1],
+        ),
+        (
+            format!("{t}msfa.ffn.pw_proj.conv.weight"),
+            vec![2000, 240, 1, 1],
+        ),
         (format!("{t}conv_stem.conv.weight"), vec![64, 4, 3, 3]),
     ] {
         let e = load_patched(&name, Some(f32_tensor(&shape))).err();
-        assert!(e.is_some(), "loading with {name} of shape {shape:?} succeeded");
+        assert!(
+            e.is_some(),
+            "loading with {name} of shape {shape:?} succeeded"
+        );
     }
     // Bytes that do not fit the stated type.
     let bad = TensorData {
@@ -253,7 +280,11 @@ fn bad_configs_are_errors() {
 /// fixtures/audio), as `[frames, 128]`.
 fn clip_features(path: &str) -> Vec<f32> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/audio");
-    let stem = std::path::Path::new(path).file_stem().unwrap().to_str().unwrap();
+    let stem = std::path::Path::new(path)
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap();
     let audio_ref: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("reference.json")).unwrap())
             .unwrap();
@@ -300,13 +331,21 @@ fn logits_match_transformers_for_image_prompts() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|name| vision.encode_image(&pixels(&r, name.as_str().unwrap())).unwrap())
+            .map(|name| {
+                vision
+                    .encode_image(&pixels(&r, name.as_str().unwrap()))
+                    .unwrap()
+            })
             .collect();
         let clips: Vec<Vec<f32>> = p["audio"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|path| audio.encode_clip(&clip_features(path.as_str().unwrap())).unwrap())
+            .map(|path| {
+                audio
+                    .encode_clip(&clip_features(path.as_str().unwrap()))
+                    .unwrap()
+            })
             .collect();
         let mut soft = Vec::new();
         let (mut next_image, mut next_clip) = (0, 0);
@@ -322,7 +361,11 @@ fn logits_match_transformers_for_image_prompts() {
                     next_clip += 1;
                     &clips[next_clip - 1]
                 };
-                assert_eq!(run * vc.text_hidden_size, embeds.len(), "{kind}: run at {i}");
+                assert_eq!(
+                    run * vc.text_hidden_size,
+                    embeds.len(),
+                    "{kind}: run at {i}"
+                );
                 soft.push(SoftTokens {
                     offset: i,
                     embeds,
@@ -340,7 +383,11 @@ fn logits_match_transformers_for_image_prompts() {
             }
             i += 1;
         }
-        assert_eq!((next_image, next_clip), (images.len(), clips.len()), "{kind}");
+        assert_eq!(
+            (next_image, next_clip),
+            (images.len(), clips.len()),
+            "{kind}"
+        );
         let mut cache: KvCache = model.new_cache(ids.len() + 8).unwrap();
         let logits = model
             .forward_embeds(&ids, &soft, &mut cache, Logits::All)
@@ -353,4 +400,118 @@ fn logits_match_transformers_for_image_prompts() {
         eprintln!("{kind}: logits max |diff| {diff:.2e}");
         assert!(diff < LOGITS_TOLERANCE, "{kind}: logits differ by {diff}");
     }
+}
+
+/// The fixture as llama.cpp's `convert_hf_to_gguf.py --mmproj` lays it out (names and shapes
+/// checked against the converter's output for this fixture: `v.*` with `blocks.` → `blk.`, the
+/// stem bias `[1, 64, 1, 1]`, `mm.embedding`, `mm.hard_emb_norm`, `mm.soft_emb_norm`,
+/// `mm.input_projection`, values unchanged), in memory.
+fn fixture_as_mmproj(projector: &str) -> gemma_formats::GgufFile {
+    use gemma_formats::{GgufWriter, MetaValue};
+    let folder = HfFolder::open(&fixture_dir()).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in [
+        ("general.architecture", MetaValue::String("clip".into())),
+        ("clip.has_vision_encoder", MetaValue::Bool(true)),
+        (
+            "clip.vision.projector_type",
+            MetaValue::String(projector.into()),
+        ),
+        ("clip.vision.image_size", MetaValue::U32(768)),
+        ("clip.vision.patch_size", MetaValue::U32(3)),
+        ("clip.vision.embedding_length", MetaValue::U32(2048)),
+        ("clip.vision.projection_dim", MetaValue::U32(32)),
+        (
+            "clip.vision.attention.layer_norm_epsilon",
+            MetaValue::F32(1e-6),
+        ),
+    ] {
+        w.add_metadata(k, v).unwrap();
+    }
+    let mut names = folder.tensor_names();
+    names.sort();
+    for name in names {
+        let t = folder.tensor(&name).unwrap();
+        let (new, shape) = if let Some(rest) = name.strip_prefix("model.vision_tower.timm_model.") {
+            let new = match rest.strip_prefix("blocks.") {
+                Some(b) => format!("v.blk.{b}"),
+                None => format!("v.{rest}"),
+            };
+            // Gammas as llama.cpp's graph wants them (the converter leaves them [C]; both load).
+            let shape = if rest == "conv_stem.conv.bias" || rest.ends_with("layer_scale.gamma") {
+                vec![1, t.shape[0], 1, 1]
+            } else {
+                t.shape.clone()
+            };
+            (new, shape)
+        } else if let Some(rest) = name.strip_prefix("model.embed_vision.") {
+            let new = match rest {
+                "embedding.weight" => "mm.embedding.weight",
+                "hard_embedding_norm.weight" => "mm.hard_emb_norm.weight",
+                "soft_embedding_norm.weight" => "mm.soft_emb_norm.weight",
+                "embedding_projection.weight" => "mm.input_projection.weight",
+                other => panic!("unexpected {other}"),
+            };
+            (new.to_string(), t.shape.clone())
+        } else {
+            continue;
+        };
+        w.add_tensor(new, t.dtype, &shape, t.data.bytes().to_vec())
+            .unwrap();
+    }
+    let mut bytes = Vec::new();
+    w.write_to(&mut bytes).unwrap();
+    gemma_formats::GgufFile::from_bytes(std::sync::Arc::new(bytes)).unwrap()
+}
+
+#[test]
+fn mmproj_gguf_gives_the_same_tokens() {
+    let r = reference();
+    let px = pixels(&r, r["tower"]["image"].as_str().unwrap());
+    let hf = load();
+    let gguf = fixture_as_mmproj("gemma3nv");
+    let v = Gemma3nVision::from_gguf(&gguf).unwrap();
+    let c = v.config();
+    assert_eq!(
+        (c.image_size, c.tokens_per_image, c.text_hidden_size),
+        (768, 256, 32)
+    );
+    assert_eq!((c.vocab_size, c.hidden_size), (128, 2048));
+    // The mmproj has no ids: the published ones.
+    assert_eq!(c.vocab_offset, 262_144);
+    assert_eq!(v.stage_depths(), hf.stage_depths());
+    assert_eq!(v.weight_bytes(), hf.weight_bytes());
+    let soft = v.encode_image(&px).unwrap();
+    assert_eq!(soft, hf.encode_image(&px).unwrap());
+    let want = read_f32(r["tower"]["soft_tokens"].as_str().unwrap());
+    assert!(max_diff(&soft, &want) < 1e-3);
+    assert_eq!(
+        v.embed_hard(&[262_144 + 5]).unwrap(),
+        hf.embed_hard(&[256 + 5]).unwrap()
+    );
+    // Another projector type is an error.
+    let err = Gemma3nVision::from_gguf(&fixture_as_mmproj("gemma3"))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("gemma3nv"), "{err}");
+}
+
+/// With `GEMMA3N_VISION_MMPROJ=FILE`: llama.cpp's own conversion of this fixture
+/// (`convert_hf_to_gguf.py --mmproj` on a copy of fixtures/gemma3n_vision_tiny without
+/// `model.audio_tower.*`, which that converter cannot map for transformers 5 names) gives the
+/// reference soft tokens (within 1e-2: the converter may store the projection as f16).
+#[test]
+fn llama_cpp_mmproj_when_given() {
+    let Ok(path) = std::env::var("GEMMA3N_VISION_MMPROJ") else {
+        eprintln!("GEMMA3N_VISION_MMPROJ not set: skipped");
+        return;
+    };
+    let r = reference();
+    let px = pixels(&r, r["tower"]["image"].as_str().unwrap());
+    let gguf = gemma_formats::GgufFile::open(std::path::Path::new(&path)).unwrap();
+    let v = Gemma3nVision::from_gguf(&gguf).unwrap();
+    let want = read_f32(r["tower"]["soft_tokens"].as_str().unwrap());
+    let d = max_diff(&v.encode_image(&px).unwrap(), &want);
+    eprintln!("llama.cpp mmproj: soft tokens max |diff| {d:e}");
+    assert!(d < 1e-2, "soft tokens differ by {d}");
 }

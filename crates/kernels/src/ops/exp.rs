@@ -49,6 +49,27 @@ pub fn exp(x: f32) -> f32 {
     e_r * two_n
 }
 
+/// [`exp`] without the branch, for loops the compiler should vectorise: inputs are clamped to
+/// `[LOWEST, HIGHEST]`, so far-negative inputs give about 1.2e-38 instead of 0.
+#[inline(always)]
+pub fn exp_clamped(x: f32) -> f32 {
+    let x = x.clamp(LOWEST, HIGHEST);
+    let t = x * LOG2_E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
+    let r = x - n * LN2_HI;
+    let r = r - n * LN2_LO;
+    let mut p = P[0];
+    for c in &P[1..] {
+        p = p * r + c;
+    }
+    let e_r = p * (r * r) + r + 1.0;
+    // `t` is 1.5·2^23 + n, so its low mantissa bits hold n: integer lanes, no float→int cast
+    // (whose saturating semantics would not vectorise).
+    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
+    let two_n = f32::from_bits((n_int.wrapping_add(127) as u32) << 23);
+    e_r * two_n
+}
+
 /// `x[i] = e^(x[i] − shift)` for every `i`; returns the sum of the results (softmax weights
 /// and their denominator in one pass).
 #[inline(always)]
@@ -250,6 +271,17 @@ mod tests {
                 assert_eq!(a[i].to_bits(), b[i].to_bits(), "exp({})", chunk[i]);
             }
         }
+    }
+
+    #[test]
+    fn clamped_exp_equals_exp_in_range() {
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01 + 0.003;
+            assert_eq!(exp_clamped(x).to_bits(), exp(x).to_bits(), "{x}");
+        }
+        assert!(exp_clamped(-1e30) < 1.2e-38 && exp_clamped(-1e30) >= 0.0);
+        assert_eq!(exp_clamped(1e30), exp(88.0));
+        assert!(exp_clamped(f32::NAN).is_nan());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! Checkpoint names: `model.vision_tower.timm_model.*` and `model.embed_vision.*` (published
 //! checkpoints and transformers saves), or the same without `model.`.
 
-use gemma_formats::{GgufFile, HfFolder, TensorSource};
+use gemma_formats::{GgufFile, HfFolder, TensorData, TensorSource};
 use gemma_kernels::pool::ThreadPool;
 use serde_json::Value;
 
@@ -108,7 +108,10 @@ impl Gemma3nVisionConfig {
     pub fn validate(&self) -> Result<(), ModelError> {
         let err = |m: String| Err(ModelError::Config(m));
         if !(32..=1 << 13).contains(&self.image_size) {
-            return err(format!("vision image_size {} is implausible", self.image_size));
+            return err(format!(
+                "vision image_size {} is implausible",
+                self.image_size
+            ));
         }
         let side = self.tokens_per_image.isqrt();
         if side == 0 || side * side != self.tokens_per_image || side > 1024 {
@@ -180,7 +183,9 @@ impl Gemma3nVision {
                     .is_some()
             })
             .ok_or_else(|| {
-                ModelError::MissingTensor("model.vision_tower.timm_model.conv_stem.conv.weight".into())
+                ModelError::MissingTensor(
+                    "model.vision_tower.timm_model.conv_stem.conv.weight".into(),
+                )
             })?;
         let loader = Loader {
             source: folder,
@@ -189,14 +194,80 @@ impl Gemma3nVision {
         Gemma3nVision::load(config, &loader, root)
     }
 
-    /// llama.cpp's Gemma 3n vision mmproj (projector type `gemma3nv`): not implemented yet; an
-    /// error, never a tower with missing parts.
-    pub fn from_gguf(_mmproj: &GgufFile) -> Result<Gemma3nVision, ModelError> {
-        Err(ModelError::Config(
-            "Gemma 3n vision from a llama.cpp mmproj GGUF is not supported yet: use the \
-             Hugging Face folder"
-                .into(),
-        ))
+    /// llama.cpp's Gemma 3n mmproj (`clip.vision.projector_type` `gemma3nv`, from
+    /// `convert_hf_to_gguf.py --mmproj`): the tower as `v.*` (`blocks.` written `blk.`, the
+    /// stem bias, and the layer-scale gammas when llama.cpp's graph is to use them, as
+    /// `[1, C, 1, 1]`; every other shape and value as transformers has it) and
+    /// `embed_vision` as `mm.embedding`, `mm.hard_emb_norm`, `mm.soft_emb_norm` (`w`, not
+    /// `1 + w`) and `mm.input_projection` (forced to f16 by the converter). The mmproj carries no
+    /// token ids or vocabulary size: `vocab_offset`, `text_vocab_size` and the image ids are the
+    /// published Gemma 3n ones (262144, 262400, 262145, 255999, 262144); a caller pairing it with
+    /// another text model sets them from that model.
+    pub fn from_gguf(mmproj: &GgufFile) -> Result<Gemma3nVision, ModelError> {
+        let err = |m: String| ModelError::Config(m);
+        let projector = match mmproj.get_str("clip.vision.projector_type")? {
+            Some(p) => Some(p),
+            None => mmproj.get_str("clip.projector_type")?,
+        };
+        if projector != Some("gemma3nv") {
+            return Err(err(format!(
+                "the mmproj's projector type is {projector:?}, not \"gemma3nv\" (Gemma 3n vision)"
+            )));
+        }
+        if mmproj.get_bool("clip.has_vision_encoder")? == Some(false) {
+            return Err(err("the mmproj has no vision encoder".into()));
+        }
+        let source = GgufNames(mmproj);
+        let shape = |name: &str| {
+            source
+                .tensor(name)
+                .map(|t| t.shape)
+                .ok_or_else(|| ModelError::MissingTensor(GgufNames::gguf_name(name)))
+        };
+        let u = |key: &str| mmproj.get_u64(key);
+        let table = shape("model.embed_vision.embedding.weight")?;
+        let projection = shape("model.embed_vision.embedding_projection.weight")?;
+        let (vocab_size, hidden_size, text_hidden_size) = match (&table[..], &projection[..]) {
+            ([v, h], [t, h2]) if h == h2 => (*v, *h, *t),
+            _ => {
+                return Err(err(format!(
+                    "mm.embedding {table:?} and mm.input_projection {projection:?} do not fit"
+                )))
+            }
+        };
+        let image_size = u("clip.vision.image_size")?.unwrap_or(DEFAULT_IMAGE_SIZE as u64) as usize;
+        // The converter writes patch_size = image_size / image_seq_length.
+        let tokens_per_image = match u("clip.vision.patch_size")? {
+            Some(p) if p > 0 && (image_size as u64).is_multiple_of(p) => image_size / p as usize,
+            _ => 256,
+        };
+        if let Some(h) = u("clip.vision.embedding_length")? {
+            if h as usize != hidden_size {
+                return Err(err(format!(
+                    "clip.vision.embedding_length {h} differs from mm.embedding's width {hidden_size}"
+                )));
+            }
+        }
+        let config = Gemma3nVisionConfig {
+            image_size,
+            tokens_per_image,
+            text_hidden_size,
+            vocab_offset: 262_144,
+            vocab_size,
+            hidden_size,
+            rms_norm_eps: mmproj
+                .get_f32("clip.vision.attention.layer_norm_epsilon")?
+                .unwrap_or(1e-6),
+            text_vocab_size: 262_400,
+            image_token_id: 262_145,
+            boi_token_id: 255_999,
+            eoi_token_id: 262_144,
+        };
+        let loader = Loader {
+            source: &source,
+            layout: WeightLayout::Gguf,
+        };
+        Gemma3nVision::load(config, &loader, "model.")
     }
 
     /// Loads from tensors named `{root}vision_tower.timm_model.*` and `{root}embed_vision.*`.
@@ -275,5 +346,60 @@ impl Gemma3nVision {
     /// Bytes of the tower's and embedder's weights.
     pub fn weight_bytes(&self) -> usize {
         self.tower.weight_bytes() + self.embed_vision.weight_bytes()
+    }
+}
+
+/// An mmproj GGUF seen under transformers' names (`model.vision_tower.timm_model.*`,
+/// `model.embed_vision.*`), so that one loader reads both layouts.
+struct GgufNames<'a>(&'a GgufFile);
+
+impl GgufNames<'_> {
+    const TOWER: &'static str = "model.vision_tower.timm_model.";
+    const EMBED: [(&'static str, &'static str); 4] = [
+        ("model.embed_vision.embedding.weight", "mm.embedding.weight"),
+        (
+            "model.embed_vision.hard_embedding_norm.weight",
+            "mm.hard_emb_norm.weight",
+        ),
+        (
+            "model.embed_vision.soft_embedding_norm.weight",
+            "mm.soft_emb_norm.weight",
+        ),
+        (
+            "model.embed_vision.embedding_projection.weight",
+            "mm.input_projection.weight",
+        ),
+    ];
+
+    /// llama.cpp's name for a transformers name (the name itself when it has none).
+    fn gguf_name(name: &str) -> String {
+        if let Some(rest) = name.strip_prefix(Self::TOWER) {
+            return match rest.strip_prefix("blocks.") {
+                Some(block) => format!("v.blk.{block}"),
+                None => format!("v.{rest}"),
+            };
+        }
+        Self::EMBED
+            .iter()
+            .find(|(hf, _)| *hf == name)
+            .map_or_else(|| name.to_string(), |(_, g)| g.to_string())
+    }
+}
+
+impl TensorSource for GgufNames<'_> {
+    fn tensor(&self, name: &str) -> Option<TensorData> {
+        let mut t = self.0.tensor(&Self::gguf_name(name))?;
+        // The converter stores the stem bias as [1, C, 1, 1], and llama.cpp's graph wants the
+        // layer-scale gammas so too (this converter version leaves the blocks' gammas [C]).
+        if name.ends_with("conv_stem.conv.bias") || name.ends_with("layer_scale.gamma") {
+            if let [1, c, 1, 1] = t.shape[..] {
+                t.shape = vec![c];
+            }
+        }
+        Some(t)
+    }
+
+    fn tensor_names(&self) -> Vec<String> {
+        self.0.tensor_names()
     }
 }

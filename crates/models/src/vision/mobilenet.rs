@@ -175,11 +175,7 @@ impl ConvNorm {
     ) -> Result<ConvNorm, ModelError> {
         let [c, one, k, _] = conv_shape(loader, conv_name)?;
         if one != 1 {
-            return Err(shape_err(
-                conv_name,
-                vec![c, one, k, k],
-                vec![c, 1, k, k],
-            ));
+            return Err(shape_err(conv_name, vec![c, one, k, k], vec![c, 1, k, k]));
         }
         let w = floats(loader, conv_name, &[c, 1, k, k])?;
         Ok(ConvNorm {
@@ -218,7 +214,14 @@ impl ConvNorm {
     }
 
     /// `x` (`[side², c_in]`) → `y` (`[out², c_out]`); returns the output side.
-    fn forward(&self, pool: &ThreadPool, x: &[f32], side: usize, y: &mut Vec<f32>, s: &mut Scratch) -> usize {
+    fn forward(
+        &self,
+        pool: &ThreadPool,
+        x: &[f32],
+        side: usize,
+        y: &mut Vec<f32>,
+        s: &mut Scratch,
+    ) -> usize {
         let g = ConvGeometry::same(side, side, self.kernel, self.kernel, self.stride)
             .expect("geometry checked at load");
         let y = sized(y, g.out_pixels() * self.c_out);
@@ -346,7 +349,11 @@ impl Block {
         match self {
             Block::Edge(b) => b.exp.bytes() + b.pwl.bytes() + v(&b.layer_scale),
             Block::Uir(b) => {
-                c(&b.dw_start) + b.pw_exp.bytes() + c(&b.dw_mid) + b.pw_proj.bytes() + v(&b.layer_scale)
+                c(&b.dw_start)
+                    + b.pw_exp.bytes()
+                    + c(&b.dw_mid)
+                    + b.pw_proj.bytes()
+                    + v(&b.layer_scale)
             }
             Block::Attention(b) => {
                 4 * b.norm.len()
@@ -505,7 +512,12 @@ impl MobileNetV5 {
         }
     }
 
-    fn load_block(loader: &Loader, p: &str, c_in: usize, stride: usize) -> Result<Block, ModelError> {
+    fn load_block(
+        loader: &Loader,
+        p: &str,
+        c_in: usize,
+        stride: usize,
+    ) -> Result<Block, ModelError> {
         let n = |s: &str| format!("{p}{s}");
         let unsupported = |what: &str| {
             Err(ModelError::Config(format!(
@@ -513,9 +525,21 @@ impl MobileNetV5 {
             )))
         };
         if has(loader, &n("conv_exp.weight")) {
-            let exp = ConvNorm::full(loader, &n("conv_exp.weight"), &n("bn1.weight"), stride, Act::Gelu)?;
+            let exp = ConvNorm::full(
+                loader,
+                &n("conv_exp.weight"),
+                &n("bn1.weight"),
+                stride,
+                Act::Gelu,
+            )?;
             exp.expect_in(&n("conv_exp.weight"), c_in)?;
-            let pwl = ConvNorm::full(loader, &n("conv_pwl.weight"), &n("bn2.weight"), 1, Act::None)?;
+            let pwl = ConvNorm::full(
+                loader,
+                &n("conv_pwl.weight"),
+                &n("bn2.weight"),
+                1,
+                Act::None,
+            )?;
             pwl.expect_in(&n("conv_pwl.weight"), exp.c_out)?;
             if pwl.kernel != 1 {
                 return unsupported("a k>1 conv_pwl");
@@ -533,7 +557,9 @@ impl MobileNetV5 {
             }));
         }
         if has(loader, &n("attn.query.proj.weight")) {
-            if has(loader, &n("attn.query.down_conv.weight")) || has(loader, &n("conv_cpe_dw.weight")) {
+            if has(loader, &n("attn.query.down_conv.weight"))
+                || has(loader, &n("conv_cpe_dw.weight"))
+            {
                 return unsupported("query down-sampling or a conditional position encoding");
             }
             let [qo, qi, qk, _] = conv_shape(loader, &n("attn.query.proj.weight"))?;
@@ -566,7 +592,8 @@ impl MobileNetV5 {
                 } else {
                     None
                 };
-                let proj = loader.linear_view(&n(&format!("attn.{which}.proj.weight")), &[dim, c_in, 1, 1])?;
+                let proj = loader
+                    .linear_view(&n(&format!("attn.{which}.proj.weight")), &[dim, c_in, 1, 1])?;
                 Ok(KvPath { down, proj })
             };
             let key = kv("key", ko)?;
@@ -575,7 +602,8 @@ impl MobileNetV5 {
                 return unsupported("down-sampling only one of K and V");
             }
             let query = loader.linear_view(&n("attn.query.proj.weight"), &[qo, c_in, 1, 1])?;
-            let output = loader.linear_view(&n("attn.output.proj.weight"), &[c_in, heads * vo, 1, 1])?;
+            let output =
+                loader.linear_view(&n("attn.output.proj.weight"), &[c_in, heads * vo, 1, 1])?;
             if stride != 1 {
                 return unsupported("a stage opening with an attention block");
             }
@@ -596,7 +624,13 @@ impl MobileNetV5 {
         let has_mid = has(loader, &dw_mid_name);
         let dw_start = if has(loader, &dw_start_name) {
             let s = if has_mid { 1 } else { stride };
-            let d = ConvNorm::depthwise(loader, &dw_start_name, &n("dw_start.bn.weight"), s, Act::None)?;
+            let d = ConvNorm::depthwise(
+                loader,
+                &dw_start_name,
+                &n("dw_start.bn.weight"),
+                s,
+                Act::None,
+            )?;
             d.expect_in(&dw_start_name, c_in)?;
             Some(d)
         } else {
@@ -608,16 +642,34 @@ impl MobileNetV5 {
         if has(loader, &n("dw_end.conv.weight")) || has(loader, &n("se.conv_reduce.weight")) {
             return unsupported("dw_end or squeeze-excite");
         }
-        let pw_exp = ConvNorm::full(loader, &n("pw_exp.conv.weight"), &n("pw_exp.bn.weight"), 1, Act::Gelu)?;
+        let pw_exp = ConvNorm::full(
+            loader,
+            &n("pw_exp.conv.weight"),
+            &n("pw_exp.bn.weight"),
+            1,
+            Act::Gelu,
+        )?;
         pw_exp.expect_in(&n("pw_exp.conv.weight"), c_in)?;
         let dw_mid = if has_mid {
-            let d = ConvNorm::depthwise(loader, &dw_mid_name, &n("dw_mid.bn.weight"), stride, Act::Gelu)?;
+            let d = ConvNorm::depthwise(
+                loader,
+                &dw_mid_name,
+                &n("dw_mid.bn.weight"),
+                stride,
+                Act::Gelu,
+            )?;
             d.expect_in(&dw_mid_name, pw_exp.c_out)?;
             Some(d)
         } else {
             None
         };
-        let pw_proj = ConvNorm::full(loader, &n("pw_proj.conv.weight"), &n("pw_proj.bn.weight"), 1, Act::None)?;
+        let pw_proj = ConvNorm::full(
+            loader,
+            &n("pw_proj.conv.weight"),
+            &n("pw_proj.bn.weight"),
+            1,
+            Act::None,
+        )?;
         pw_proj.expect_in(&n("pw_proj.conv.weight"), pw_exp.c_out)?;
         if pw_exp.kernel != 1 || pw_proj.kernel != 1 {
             return unsupported("k>1 pointwise convolutions");
@@ -656,7 +708,12 @@ impl MobileNetV5 {
     /// Bytes of the tower's weights.
     pub fn weight_bytes(&self) -> usize {
         self.stem.bytes()
-            + self.stages.iter().flatten().map(Block::bytes).sum::<usize>()
+            + self
+                .stages
+                .iter()
+                .flatten()
+                .map(Block::bytes)
+                .sum::<usize>()
             + self.msfa_exp.bytes()
             + self.msfa_proj.bytes()
             + 4 * self.msfa_norm.len()
@@ -720,7 +777,8 @@ impl MobileNetV5 {
         }
         let cat = std::mem::take(&mut s.a);
         let mut hidden = Vec::new();
-        self.msfa_exp.forward(pool, &cat[..fs * fs * cat_c], fs, &mut hidden, &mut s);
+        self.msfa_exp
+            .forward(pool, &cat[..fs * fs * cat_c], fs, &mut hidden, &mut s);
         drop(cat);
         let mut proj = Vec::new();
         self.msfa_proj.forward(pool, &hidden, fs, &mut proj, &mut s);
@@ -749,16 +807,28 @@ impl MobileNetV5 {
     }
 
     /// One block on `x` (`[side², c]`), replaced by its output; returns the output side.
-    fn block(&self, pool: &ThreadPool, block: &Block, x: &mut Vec<f32>, side: usize, s: &mut Scratch) -> usize {
+    fn block(
+        &self,
+        pool: &ThreadPool,
+        block: &Block,
+        x: &mut Vec<f32>,
+        side: usize,
+        s: &mut Scratch,
+    ) -> usize {
         match block {
             Block::Edge(b) => {
                 let mut t = std::mem::take(&mut s.b);
                 let os = b.exp.forward(pool, x, side, &mut t, s);
                 let mut y = std::mem::take(&mut s.c);
-                b.pwl.forward(pool, &t[..os * os * b.exp.c_out], os, &mut y, s);
+                b.pwl
+                    .forward(pool, &t[..os * os * b.exp.c_out], os, &mut y, s);
                 s.b = t;
                 let y_len = os * os * b.pwl.c_out;
-                finish(&mut y[..y_len], b.layer_scale.as_deref(), b.skip.then_some(&x[..]));
+                finish(
+                    &mut y[..y_len],
+                    b.layer_scale.as_deref(),
+                    b.skip.then_some(&x[..]),
+                );
                 y.truncate(y_len);
                 s.c = std::mem::replace(x, y);
                 os
@@ -787,7 +857,11 @@ impl MobileNetV5 {
                 let mut y = std::mem::take(&mut s.v);
                 b.pw_proj.forward(pool, mid, cur_side, &mut y, s);
                 let y_len = cur_side * cur_side * b.pw_proj.c_out;
-                finish(&mut y[..y_len], b.layer_scale.as_deref(), b.skip.then_some(&x[..]));
+                finish(
+                    &mut y[..y_len],
+                    b.layer_scale.as_deref(),
+                    b.skip.then_some(&x[..]),
+                );
                 y.truncate(y_len);
                 s.b = start;
                 s.c = exp;
@@ -822,7 +896,14 @@ impl MobileNetV5 {
         let normed = &normed_buf[..x_len];
         let q_len = n * b.heads * b.key_dim;
         let mut q = std::mem::take(&mut s.b);
-        linear(pool, &b.query, normed, n, sized(&mut q, q_len), &mut s.quantized);
+        linear(
+            pool,
+            &b.query,
+            normed,
+            n,
+            sized(&mut q, q_len),
+            &mut s.quantized,
+        );
         let kv_out = |path: &KvPath, buf: &mut Vec<f32>, s: &mut Scratch| -> usize {
             let mut down = std::mem::take(&mut s.c);
             let (src, m): (&[f32], usize) = match &path.down {
@@ -832,7 +913,14 @@ impl MobileNetV5 {
                 }
                 None => (normed, n),
             };
-            linear(pool, &path.proj, src, m, sized(buf, m * b.key_dim), &mut s.quantized);
+            linear(
+                pool,
+                &path.proj,
+                src,
+                m,
+                sized(buf, m * b.key_dim),
+                &mut s.quantized,
+            );
             s.c = down;
             m
         };

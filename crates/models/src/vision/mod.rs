@@ -1,6 +1,7 @@
 //! Gemma 3's image encoder (transformers' `Gemma3ForConditionalGeneration` minus the decoder):
 //! the SigLIP tower ([`siglip`]) and the multimodal projector, from a Hugging Face checkpoint
-//! or llama.cpp's mmproj GGUF.
+//! or llama.cpp's mmproj GGUF. Gemma 3n's (MobileNet-V5 and `embed_vision`) is [`gemma3n`]
+//! ([`Gemma3nVision`], its tower in [`mobilenet`]).
 //!
 //! One preprocessed image (`[3, 896, 896]`, normalised to [-1, 1]) becomes `mm_tokens_per_image`
 //! (256) rows of the text model's hidden size, which the engine passes to the decoder as
