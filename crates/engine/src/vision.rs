@@ -101,8 +101,8 @@ impl VisionFamily {
 
 /// A loaded tower of either family.
 enum Tower {
-    Siglip(Gemma3Vision),
-    MobileNet(Gemma3nVision),
+    Siglip(Box<Gemma3Vision>),
+    MobileNet(Box<Gemma3nVision>),
 }
 
 impl Tower {
@@ -143,9 +143,12 @@ impl Tower {
 pub struct FrameReuse {
     /// Mean absolute difference, in 8-bit levels, below which a view is reused.
     pub threshold: f32,
-    anchor: Mutex<Option<(Vec<f32>, Arc<[f32]>)>>,
+    anchor: Mutex<Option<Anchor>>,
     reused: std::sync::atomic::AtomicUsize,
 }
+
+/// The last view actually encoded (its pixel values) and its encoding.
+type Anchor = (Vec<f32>, Arc<[f32]>);
 
 /// The default `--vision-cache` threshold: 2 levels of 255 on average (sensor noise and JPEG
 /// re-encoding of a still scene stay under it; a change of lighting or a moved object does not).
@@ -405,16 +408,17 @@ impl Vision {
         };
         let tower = match (self.family, &self.source, file) {
             (VisionFamily::Gemma3, TowerSource::Mmproj(gguf), _) => {
-                Tower::Siglip(Gemma3Vision::load_gguf(gguf).with_context(what)?)
+                Tower::Siglip(Box::new(Gemma3Vision::load_gguf(gguf).with_context(what)?))
             }
             (VisionFamily::Gemma3, TowerSource::Folder, ModelFile::Hf(folder)) => {
-                Tower::Siglip(Gemma3Vision::load_hf(folder.config(), folder).with_context(what)?)
+                let tower = Gemma3Vision::load_hf(folder.config(), folder).with_context(what)?;
+                Tower::Siglip(Box::new(tower))
             }
             (VisionFamily::Gemma3n, TowerSource::Mmproj(gguf), _) => {
-                Tower::MobileNet(Gemma3nVision::from_gguf(gguf).with_context(what)?)
+                Tower::MobileNet(Box::new(Gemma3nVision::from_gguf(gguf).with_context(what)?))
             }
             (VisionFamily::Gemma3n, TowerSource::Folder, ModelFile::Hf(folder)) => {
-                Tower::MobileNet(Gemma3nVision::from_hf(folder).with_context(what)?)
+                Tower::MobileNet(Box::new(Gemma3nVision::from_hf(folder).with_context(what)?))
             }
             (_, TowerSource::Folder, ModelFile::Gguf(_)) => {
                 bail!("a vision tower in the model folder needs a Hugging Face folder")
