@@ -24,6 +24,8 @@ VISION_MODEL = FIXTURES / "gemma3_vision_tiny" / "hf"
 VISION_IMAGE = FIXTURES / "gemma3_vision_tiny" / "img_a_97x73.png"
 AUDIO_MODEL = FIXTURES / "gemma3n_audio_tiny"
 AUDIO_CLIP = FIXTURES / "audio" / "speech_16k_mono.wav"
+VISION3N_MODEL = FIXTURES / "gemma3n_vision_tiny"
+VISION3N_IMAGE = FIXTURES / "images" / "rgb_300x200.png"
 
 GEMMA_BIN = os.environ.get("GEMMA_BIN")
 MODEL_PATH = os.environ.get("GEMMA_TEST_MODEL") or str(gemma_rs.default_model_path())
@@ -421,6 +423,37 @@ def test_audio_equals_cli_and_the_reference():
         hearing.logits(ids)
     with pytest.raises(gemma_rs.GemmaError, match="audio"):
         hearing.transcribe(b"not audio at all")
+
+
+def test_gemma3n_image_and_audio_in_one_message():
+    m = gemma_rs.Model(VISION3N_MODEL, n_ctx=1024)
+    assert m.has_vision and m.has_audio
+    reference = json.loads((VISION3N_MODEL / "reference.json").read_text())
+    p = reference["prompts"]["image_audio_text"]
+    vocab = m.vocab_size
+    want = np.fromfile(VISION3N_MODEL / p["logits"], dtype="<f4").reshape(-1, vocab)[-1]
+    # The reference's ids, the image run and the audio run filled in order.
+    got = m.logits(p["input_ids"], images=[VISION3N_IMAGE], audio=[AUDIO_CLIP])
+    np.testing.assert_allclose(got, want, atol=1e-2)
+    # Parts in the reference's order: the rendered prompt is the reference's (our image slot is
+    # written <start_of_image>, which the engine expands as the processor expands
+    # <image_soft_token>), and greedy chat equals the CLI with the media in the same order.
+    message = {"role": "user", "content": [
+        {"type": "image", "image": str(VISION3N_IMAGE)},
+        {"type": "text", "text": "What is said in this recording?"},
+        {"type": "audio", "audio": str(AUDIO_CLIP)},
+        {"type": "text", "text": "Who is speaking?"}]}
+    rendered = m.apply_chat_template([message])
+    assert rendered.replace("<start_of_image>", "<image_soft_token>") == p["prompt"]
+    short = {"role": "user", "content": [
+        {"type": "audio", "audio": str(AUDIO_CLIP)},
+        {"type": "image", "image": VISION3N_IMAGE.read_bytes()},
+        {"type": "text", "text": "Who is speaking?"}]}
+    out, _ = gemma("--model", str(VISION3N_MODEL), "run", "-q", "--audio", str(AUDIO_CLIP),
+                   "--image", str(VISION3N_IMAGE), "--temp", "0", "-n", "4", "Who is speaking?")
+    assert as_printed(m.chat([short], temperature=0, max_tokens=4)) == out
+    with pytest.raises(gemma_rs.GemmaError, match="image"):
+        m.logits(p["input_ids"], audio=[AUDIO_CLIP])
 
 
 def test_audio_for_a_text_model_is_refused(model):

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use gemma_engine::gemma_media::{
-    sample_frames, AudioLimits, FrameSampling, ImageLimits, VideoLimits, VideoSource,
+    sample_frames, soundtrack, AudioLimits, FrameSampling, ImageLimits, VideoLimits, VideoSource,
 };
 use gemma_engine::gemma_tokenizer::ChatMessage;
 use gemma_engine::{
@@ -45,19 +45,20 @@ pub struct RunArgs {
 #[derive(Args, Clone, Debug)]
 pub struct MediaArgs {
     /// Audio clip to let the model hear (WAV, FLAC, MP3, OGG/Vorbis; Gemma 3n); repeatable,
-    /// placed in order after the images and before the prompt text. Clips over 30 s are cut
-    /// into 30 s windows at pauses
+    /// placed before the prompt text in the order the media options are given. Clips over 30 s
+    /// are cut into 30 s windows at pauses
     #[arg(long = "audio", value_name = "FILE")]
     pub audio: Vec<PathBuf>,
     /// Longest audio accepted per clip, in seconds
     #[arg(long, default_value_t = AudioLimits::DEFAULT_MAX_SECONDS, value_name = "S")]
     pub max_audio_seconds: f64,
-    /// Image to show the model (JPEG, PNG, WebP, GIF, BMP); repeatable, placed in order before
-    /// the prompt text
+    /// Image to show the model (JPEG, PNG, WebP, GIF, BMP); repeatable, placed before the
+    /// prompt text in the order the media options are given (`--image A --audio B --image C`)
     #[arg(long = "image", value_name = "FILE")]
     pub images: Vec<PathBuf>,
     /// Video as sampled frames, each with its mm:ss timestamp: a folder of images, an animated
-    /// GIF or WebP, or any file ffmpeg reads (needs ffmpeg on PATH)
+    /// GIF or WebP, or any file ffmpeg reads (needs ffmpeg on PATH). For Gemma 3n the soundtrack
+    /// (through ffmpeg) follows each frame, cut at the frames' times
     #[arg(long, value_name = "PATH")]
     pub video: Option<PathBuf>,
     /// Add Gemma 3's pan-and-scan crops of non-square images (off by default, as in transformers)
@@ -66,23 +67,71 @@ pub struct MediaArgs {
     /// Video frames sampled per second
     #[arg(long, default_value_t = 1.0, value_name = "F")]
     pub fps: f64,
-    /// Most video frames; a longer clip is sampled evenly over its whole length
-    #[arg(long, default_value_t = 16, value_name = "N")]
-    pub max_frames: usize,
+    /// Most video frames; a longer clip is sampled evenly over its whole length [default: 16;
+    /// Gemma 3n 6, whose frames come with their sound: a 30 s clip fits the default context]
+    #[arg(long, value_name = "N")]
+    pub max_frames: Option<usize>,
     /// Drop video frames that barely differ from the last kept one
     #[arg(long)]
     pub keyframes: bool,
+    /// Leave a video's soundtrack out (Gemma 3n)
+    #[arg(long)]
+    pub no_video_audio: bool,
     /// Largest image accepted, in pixels (width × height), checked before decoding
     #[arg(long, default_value_t = 64_000_000, value_name = "N")]
     pub max_image_pixels: u64,
     /// Most images in one prompt (pan-and-scan crops and video frames count)
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub max_images: usize,
+    /// The order the media options were given in (filled from the command line).
+    #[arg(skip)]
+    pub order: Vec<MediaKind>,
+}
+
+/// One media option of the command line, for [`MediaArgs::order`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MediaKind {
+    Image,
+    Audio,
+    Video,
 }
 
 impl MediaArgs {
     fn is_empty(&self) -> bool {
         self.images.is_empty() && self.video.is_none() && self.audio.is_empty()
+    }
+
+    /// Fills [`MediaArgs::order`] from the positions of `--image`, `--audio` and `--video` in
+    /// the parsed command line.
+    pub fn set_order(&mut self, matches: &clap::ArgMatches) {
+        let mut at: Vec<(usize, MediaKind)> = Vec::new();
+        for (id, kind) in [
+            ("images", MediaKind::Image),
+            ("audio", MediaKind::Audio),
+            ("video", MediaKind::Video),
+        ] {
+            if let Some(indices) = matches.indices_of(id) {
+                at.extend(indices.map(|i| (i, kind)));
+            }
+        }
+        at.sort_by_key(|&(i, _)| i);
+        self.order = at.into_iter().map(|(_, k)| k).collect();
+    }
+
+    /// The media in command-line order: the order recorded by [`MediaArgs::set_order`], or,
+    /// without one, images, then the video, then audio.
+    fn in_order(&self) -> Vec<MediaKind> {
+        let counts = |k: MediaKind| self.order.iter().filter(|&&o| o == k).count();
+        if counts(MediaKind::Image) == self.images.len()
+            && counts(MediaKind::Audio) == self.audio.len()
+            && counts(MediaKind::Video) == usize::from(self.video.is_some())
+        {
+            return self.order.clone();
+        }
+        let mut order = vec![MediaKind::Image; self.images.len()];
+        order.extend(self.video.iter().map(|_| MediaKind::Video));
+        order.extend(std::iter::repeat_n(MediaKind::Audio, self.audio.len()));
+        order
     }
 
     fn image_options(&self) -> ImageOptions {
@@ -95,45 +144,58 @@ impl MediaArgs {
         }
     }
 
-    /// The images (then the video's frames) and the audio clips prepared for the model, and
-    /// the text of their slots: one image marker per image, a timestamp before each frame, one
-    /// audio marker per clip.
+    fn audio_options(&self) -> AudioOptions {
+        AudioOptions {
+            limits: AudioLimits {
+                max_seconds: self.max_audio_seconds,
+                ..AudioLimits::default()
+            },
+        }
+    }
+
+    /// The images, video frames (with their sound for Gemma 3n) and audio clips prepared for
+    /// the model, in the order the options were given, and the text of their slots: one image
+    /// marker per image, a timestamp before each frame, one audio marker per clip.
     fn prepare(&self, loaded: &LoadedModel) -> Result<Prepared> {
         if self.is_empty() {
             return Ok(Prepared::default());
         }
         let opts = self.image_options();
-        let mut images = Vec::new();
-        let mut slots = String::new();
-        for path in &self.images {
-            let bytes = read_media(path)?;
-            let image = loaded
-                .prepare_image(&bytes, &opts)
-                .with_context(|| format!("image {}", path.display()))?;
-            images.push(image);
-            slots.push_str(gemma_engine::vision::IMAGE_MARKER);
+        let audio_opts = self.audio_options();
+        let mut out = Prepared::default();
+        let (mut images, mut clips) = (self.images.iter(), self.audio.iter());
+        for kind in self.in_order() {
+            match kind {
+                MediaKind::Image => {
+                    let path = images.next().expect("counted");
+                    let bytes = read_media(path)?;
+                    let image = loaded
+                        .prepare_image(&bytes, &opts)
+                        .with_context(|| format!("image {}", path.display()))?;
+                    out.images.push(image);
+                    out.slots.push_str(gemma_engine::vision::IMAGE_MARKER);
+                }
+                MediaKind::Audio => {
+                    let path = clips.next().expect("counted");
+                    let bytes = read_media(path)?;
+                    let clip = loaded
+                        .prepare_audio(&bytes, &audio_opts)
+                        .with_context(|| format!("audio {}", path.display()))?;
+                    out.audio.push(clip);
+                    out.slots.push_str(gemma_engine::audio::AUDIO_MARKER);
+                }
+                MediaKind::Video => {
+                    let path = self.video.as_ref().expect("counted");
+                    let video = self
+                        .prepare_video(loaded, path, &opts, &audio_opts)
+                        .with_context(|| format!("video {}", path.display()))?;
+                    out.images.extend(video.images);
+                    out.audio.extend(video.audio);
+                    out.slots.push_str(&video.text);
+                }
+            }
         }
-        if let Some(path) = &self.video {
-            let size = loaded.image_size()?;
-            let source = VideoSource::open(path, MAX_MEDIA_BYTES)
-                .with_context(|| format!("video {}", path.display()))?;
-            let sampling = FrameSampling {
-                fps: self.fps,
-                max_frames: self.max_frames,
-                keyframes: self.keyframes,
-                ..FrameSampling::default()
-            };
-            let limits = VideoLimits {
-                frame: opts.limits.clone(),
-                ..VideoLimits::default()
-            };
-            let frames = sample_frames(&source, &sampling, &limits)
-                .with_context(|| format!("video {}", path.display()))?;
-            let (frames, text) = gemma_engine::vision::prepare_frames(&frames, size, &opts);
-            images.extend(frames);
-            slots.push_str(&text);
-        }
-        let views: usize = images.iter().map(|i| i.views.len()).sum();
+        let views: usize = out.images.iter().map(|i| i.views.len()).sum();
         if views > self.max_images {
             bail!(
                 "the prompt would hold {views} images (crops and frames included), above \
@@ -141,26 +203,42 @@ impl MediaArgs {
                 self.max_images
             );
         }
-        let audio_opts = AudioOptions {
-            limits: AudioLimits {
-                max_seconds: self.max_audio_seconds,
-                ..AudioLimits::default()
-            },
+        Ok(out)
+    }
+
+    fn prepare_video(
+        &self,
+        loaded: &LoadedModel,
+        path: &std::path::Path,
+        opts: &ImageOptions,
+        audio_opts: &AudioOptions,
+    ) -> Result<gemma_engine::video::PreparedVideo> {
+        loaded.vision()?;
+        let source = VideoSource::open(path, MAX_MEDIA_BYTES)?;
+        let sampling = FrameSampling {
+            fps: self.fps,
+            max_frames: self
+                .max_frames
+                .unwrap_or_else(|| loaded.default_max_frames()),
+            keyframes: self.keyframes,
+            ..FrameSampling::default()
         };
-        let mut audio = Vec::new();
-        for path in &self.audio {
-            let bytes = read_media(path)?;
-            let clip = loaded
-                .prepare_audio(&bytes, &audio_opts)
-                .with_context(|| format!("audio {}", path.display()))?;
-            audio.push(clip);
-            slots.push_str(gemma_engine::audio::AUDIO_MARKER);
-        }
-        Ok(Prepared {
-            images,
-            audio,
-            slots,
-        })
+        let limits = VideoLimits {
+            frame: opts.limits.clone(),
+            ..VideoLimits::default()
+        };
+        let frames = sample_frames(&source, &sampling, &limits)?;
+        // Only a model that hears gets the soundtrack (and only then is ffmpeg asked for it).
+        let sound = if loaded.audio.is_some() && !self.no_video_audio {
+            soundtrack(&source, &audio_opts.limits)?
+        } else {
+            None
+        };
+        loaded.prepare_video(
+            &frames,
+            sound.as_ref().map(|a| a.samples_16k.as_slice()),
+            opts,
+        )
     }
 }
 
@@ -331,15 +409,15 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> Result<()> {
         };
         loaded.render_chat(args.system.as_deref(), &[user])?
     };
-    let (ids, soft) = loaded.encode_with_media(&prompt, &images, &audio, false)?;
+    let ctx_size = context_size(common, &loaded);
+    let (ids, soft) = loaded.encode_with_media_in(&prompt, &images, &audio, false, ctx_size)?;
     if let Some(schema) = &schema {
         if !soft.is_empty() {
             bail!("--json-schema does not take images or audio yet");
         }
-        let ctx_size = context_size(common, &loaded);
         return crate::serve::run_json_schema(loaded, &ids, &params, ctx_size, schema);
     }
-    let mut session = Session::new(&loaded, context_size(common, &loaded))?;
+    let mut session = Session::new(&loaded, ctx_size)?;
     let mut out = TextSink::stdout();
     let stats = session.generate_with(&ids, &soft, &params, &mut |text| out.write(text));
     out.end_line();
@@ -375,6 +453,8 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
     };
     let mut pending_images = Vec::new();
     let mut pending_audio = Vec::new();
+    // The slots of the pending media in the order they were added.
+    let mut pending_slots = String::new();
     let mut out = TextSink::stdout();
     let mut lines = io::stdin().lock().lines();
     loop {
@@ -390,6 +470,7 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
                 chat.clear();
                 pending_images.clear();
                 pending_audio.clear();
+                pending_slots.clear();
                 eprintln!("gemma: conversation cleared");
                 continue;
             }
@@ -405,6 +486,7 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
             match image {
                 Ok(image) => {
                     pending_images.push(image);
+                    pending_slots.push_str(gemma_engine::vision::IMAGE_MARKER);
                     eprintln!("gemma: image added to the next message");
                 }
                 Err(e) if interactive => eprintln!("error: {e:#}"),
@@ -422,6 +504,7 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
             match clip {
                 Ok(clip) => {
                     pending_audio.push(clip);
+                    pending_slots.push_str(gemma_engine::audio::AUDIO_MARKER);
                     eprintln!("gemma: audio added to the next message");
                 }
                 Err(e) if interactive => eprintln!("error: {e:#}"),
@@ -431,7 +514,8 @@ pub fn chat(common: &CommonArgs, args: &ChatArgs) -> Result<()> {
         }
         let images = std::mem::take(&mut pending_images);
         let audio = std::mem::take(&mut pending_audio);
-        let turn = chat.send_with_media(line.trim(), images, audio, &params, &mut |text| {
+        let slots = std::mem::take(&mut pending_slots);
+        let turn = chat.send_with_slots(&slots, line.trim(), images, audio, &params, &mut |text| {
             out.write(text)
         });
         out.end_line();
@@ -464,6 +548,7 @@ pub fn tokenize(common: &CommonArgs, args: &TokenizeArgs) -> Result<()> {
 
 pub fn logits(common: &CommonArgs, args: &LogitsArgs) -> Result<()> {
     let loaded = load(common, DEFAULT_BATCH_SIZE)?;
+    let ctx_size = context_size(common, &loaded);
     let Prepared {
         images,
         audio,
@@ -474,15 +559,19 @@ pub fn logits(common: &CommonArgs, args: &LogitsArgs) -> Result<()> {
             let soft = loaded.place_media(ids, &images, &audio)?;
             (ids.clone(), soft)
         }
-        (None, Some(prompt)) => {
-            loaded.encode_with_media(&format!("{slots}{prompt}"), &images, &audio, false)?
-        }
+        (None, Some(prompt)) => loaded.encode_with_media_in(
+            &format!("{slots}{prompt}"),
+            &images,
+            &audio,
+            false,
+            ctx_size,
+        )?,
         (None, None) => bail!("give a prompt or --ids"),
     };
     if ids.is_empty() {
         bail!("there are no tokens to evaluate");
     }
-    let mut session = Session::new(&loaded, context_size(common, &loaded))?;
+    let mut session = Session::new(&loaded, ctx_size)?;
     let logits = session.evaluate(&ids, &soft)?;
     let top = top_logits(logits, args.top);
     let json = serde_json::json!({ "ids": ids, "top": top });

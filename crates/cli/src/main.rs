@@ -59,6 +59,15 @@ pub struct CommonArgs {
     /// f16, f32; `stored` keeps the checkpoint's type
     #[arg(long, global = true, default_value = "stored", value_name = "TYPE")]
     pub audio_weights: AudioWeights,
+    /// Reuse the vision encoding of a video or camera frame that is (nearly) unchanged from the
+    /// last one encoded (see --vision-cache-threshold)
+    #[arg(long, global = true)]
+    pub vision_cache: bool,
+    /// --vision-cache: a frame is unchanged when the mean absolute difference of its
+    /// preprocessed pixels from the last encoded frame is under LEVELS (of 255) and no cell of
+    /// a 16×16 grid differs by 4 × LEVELS or more
+    #[arg(long, global = true, default_value_t = 2.0, value_name = "LEVELS")]
+    pub vision_cache_threshold: f32,
 }
 
 /// `--audio-weights`.
@@ -208,6 +217,7 @@ impl CommonArgs {
             },
             mmproj: self.mmproj.clone(),
             audio_weights: self.audio_weights.dtype(),
+            vision_cache: self.vision_cache.then_some(self.vision_cache_threshold),
             ..gemma_engine::LoadOptions::default()
         }
     }
@@ -274,7 +284,19 @@ impl SamplingArgs {
 
 fn main() -> ExitCode {
     install_panic_hook();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // `--image A --audio B --image C`: the media go into the prompt in that order.
+    if let Some((_, sub)) = matches.subcommand() {
+        match &mut cli.command {
+            Command::Run(args) => args.media.set_order(sub),
+            Command::Logits(args) => args.media.set_order(sub),
+            _ => {}
+        }
+    }
     // `gemma shield` exits 1 for "flagged", so its errors take 2 (as grep's do).
     let error_code = match cli.command {
         Command::Shield(_) => {

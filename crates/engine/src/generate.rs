@@ -475,15 +475,37 @@ impl<'m> Chat<'m> {
         params: &SamplingParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<TurnOutput> {
+        let slots = format!(
+            "{}{}",
+            crate::vision::IMAGE_MARKER.repeat(images.len()),
+            crate::audio::AUDIO_MARKER.repeat(audio.len())
+        );
+        self.send_with_slots(&slots, user, images, audio, params, on_text)
+    }
+
+    /// [`Chat::send`] with media before the message's text in the order of `slots`, which holds
+    /// one [`IMAGE_MARKER`](crate::vision::IMAGE_MARKER) per image and one
+    /// [`AUDIO_MARKER`](crate::audio::AUDIO_MARKER) per clip (images fill the image slots in
+    /// order, clips the audio slots).
+    pub fn send_with_slots(
+        &mut self,
+        slots: &str,
+        user: &str,
+        images: Vec<PreparedImage>,
+        audio: Vec<PreparedAudio>,
+        params: &SamplingParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<TurnOutput> {
         let loaded = self.session.loaded();
         let (n_new_images, n_new_audio) = (images.len(), audio.len());
+        if slots.matches(crate::vision::IMAGE_MARKER).count() != n_new_images
+            || slots.matches(crate::audio::AUDIO_MARKER).count() != n_new_audio
+        {
+            bail!("the media slots do not match the images and clips given");
+        }
         self.messages.push(ChatMessage {
             role: "user".into(),
-            content: format!(
-                "{}{}{user}",
-                crate::vision::IMAGE_MARKER.repeat(n_new_images),
-                crate::audio::AUDIO_MARKER.repeat(n_new_audio)
-            ),
+            content: format!("{slots}{user}"),
         });
         self.images.extend(images);
         self.audio.extend(audio);

@@ -19,6 +19,7 @@ pub mod perplexity;
 pub mod sampling;
 pub mod shield;
 pub mod stop;
+pub mod video;
 pub mod vision;
 
 pub use audio::{AudioOptions, Hearing, PreparedAudio};
@@ -35,7 +36,7 @@ pub use shield::{
     resolve_policies, CheckStats, Modality, Policy, PolicySpec, Shield, ShieldCache, ShieldInput,
     ShieldPrompt, ShieldResult,
 };
-pub use vision::{ImageOptions, PreparedImage, Vision};
+pub use vision::{FrameReuse, ImageOptions, PreparedImage, Vision, VisionFamily};
 
 /// Re-exported so the CLI and tests name one version of each.
 pub use gemma_formats;

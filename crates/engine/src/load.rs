@@ -11,7 +11,7 @@ use gemma_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 
 use crate::audio::Hearing;
 use crate::default_model::ensure_default_model;
-use crate::vision::Vision;
+use crate::vision::{Vision, VisionFamily};
 
 /// The GGUF key llama.cpp uses for the vocabulary; its absence means "no tokenizer".
 const GGUF_TOKENS_KEY: &str = "tokenizer.ggml.tokens";
@@ -39,6 +39,10 @@ pub struct LoadOptions {
     /// Store Gemma 3n's audio-encoder matrices as this type when the tower is read (`None`:
     /// as the checkpoint stores them). See `UsmEncoder::requantize`.
     pub audio_weights: Option<gemma_formats::GgmlType>,
+    /// `--vision-cache`: a video or camera frame whose preprocessed pixels differ from the last
+    /// encoded one by less than this many 8-bit levels on average reuses its encoding (see
+    /// [`FrameReuse`](crate::vision::FrameReuse)). `None`: every frame is encoded.
+    pub vision_cache: Option<f32>,
 }
 
 /// Where a GGUF model's weights live while it runs (llama.cpp's `--mmap` / `--no-mmap`).
@@ -78,6 +82,7 @@ impl Default for LoadOptions {
             weights: WeightMemory::Auto,
             mmproj: None,
             audio_weights: None,
+            vision_cache: None,
         }
     }
 }
@@ -189,6 +194,12 @@ pub fn load(path: Option<&Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     loaded.batch_size = opts.batch_size;
     if let Some(v) = &mut loaded.vision {
         v.verbose = opts.verbose;
+        if let Some(t) = opts.vision_cache {
+            if !(t.is_finite() && t >= 0.0) {
+                bail!("--vision-cache threshold must be a number of levels ≥ 0, not {t}");
+            }
+            v.reuse = Some(crate::vision::FrameReuse::new(t));
+        }
     }
     if let Some(a) = &mut loaded.audio {
         a.verbose = opts.verbose;
@@ -235,21 +246,30 @@ fn load_from(
     let tokenizer = load_tokenizer(&file)?;
     let (chat_template, template_in_file) = load_chat_template(&file, tokenizer.as_ref())?;
     let (tuning, display_name) = identify(&file, source, template_in_file);
-    // Gemma 3's SigLIP tower; Gemma 3n's MobileNet-V5 tower is not supported yet.
+    // Gemma 3's SigLIP tower, Gemma 3n's MobileNet-V5 tower.
     let mut vision = match model.architecture() {
-        "gemma3" => Vision::detect(&file, mmproj)?,
+        "gemma3" => Vision::detect_family(&file, mmproj, VisionFamily::Gemma3)?,
+        "gemma3n" => Vision::detect_family(&file, mmproj, VisionFamily::Gemma3n)?,
         arch => {
             if mmproj.is_some() {
                 let family = match arch {
                     "gemma2" => "Gemma 2, a text-only model",
-                    "gemma3n" => "Gemma 3n, whose MobileNet-V5 tower is not supported yet",
                     other => other,
                 };
-                bail!("--mmproj adds a SigLIP vision tower to Gemma 3; this is {family}");
+                bail!("--mmproj adds a vision tower to Gemma 3 or Gemma 3n; this is {family}");
             }
             None
         }
     };
+    if let Some(c) = vision.as_ref().and_then(|v| v.config3n()) {
+        if c.text_hidden_size != model.hidden_size() {
+            bail!(
+                "the vision tower's text width {} does not match the decoder's {}",
+                c.text_hidden_size,
+                model.hidden_size()
+            );
+        }
+    }
     let audio = Hearing::detect(&file)?;
     if let Some(a) = &audio {
         if a.config.text_vocab_size != model.vocab_size()

@@ -1,5 +1,15 @@
-//! Images in a prompt: the lazily loaded vision tower, preprocessing (through `gemma-media`),
-//! and turning images into soft tokens placed on the prompt's image-token runs.
+//! Images in a prompt: the lazily loaded vision tower (Gemma 3's SigLIP, Gemma 3n's
+//! MobileNet-V5), preprocessing (through `gemma-media`), and turning images into soft tokens
+//! placed on the prompt's image-token runs.
+//!
+//! Gemma 3 and Gemma 3n write the same block for an image (below; Gemma 3n's chat template
+//! writes `<image_soft_token>` for an image part and `Gemma3nProcessor` replaces it with that
+//! block). They differ in preprocessing (Gemma 3: 896², normalised to [-1, 1]; Gemma 3n: 768²,
+//! rescaled to [0, 1] only), in attention (Gemma 3's image blocks are bidirectional, Gemma 3n's
+//! text model is causal everywhere) and in `<end_of_image>`: for Gemma 3n it is the first id of
+//! `embed_vision`'s own vocabulary, so, as in `Gemma3nModel.get_input_embeddings`, it (and any
+//! other id of that range but the placeholder) takes `embed_vision`'s hard embedding, not the
+//! text table's row. The placeholder ids get the tower's soft tokens.
 //!
 //! A prompt with images is assembled the way the reference processor does it: the chat template
 //! writes one `<start_of_image>` per image; each becomes `"\n\n" + <start_of_image> +
@@ -18,6 +28,8 @@ use gemma_media::{Frame, ImageLimits, PanAndScan, Preprocess, RgbImage};
 use gemma_models::vision::Gemma3Vision;
 use sha2::{Digest, Sha256};
 
+use gemma_models::vision::{Gemma3nVision, Gemma3nVisionConfig};
+
 use crate::audio::PreparedAudio;
 use crate::encoded::EncodedCache;
 use crate::generate::SoftSpan;
@@ -28,6 +40,8 @@ use crate::load::LoadedModel;
 pub const IMAGE_MARKER: &str = "<start_of_image>";
 const END_OF_IMAGE: &str = "<end_of_image>";
 const IMAGE_SOFT_TOKEN: &str = "<image_soft_token>";
+/// Gemma 3n's tower tensors in a Hugging Face folder.
+const GEMMA3N_TOWER_PREFIX: &str = "model.vision_tower.timm_model.";
 
 /// Token ids of Gemma 3's image blocks (the published checkpoints' values unless the config or
 /// tokenizer says otherwise).
@@ -58,6 +72,138 @@ pub struct ImageOptions {
     pub limits: ImageLimits,
 }
 
+/// Which vision tower a model has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VisionFamily {
+    /// Gemma 3 (4B, 12B, 27B): SigLIP + projector, bidirectional image blocks.
+    Gemma3,
+    /// Gemma 3n (E2B, E4B): MobileNet-V5 + `embed_vision`, causal, `<end_of_image>` through
+    /// `embed_vision`'s hard path.
+    Gemma3n,
+}
+
+impl VisionFamily {
+    fn tower_name(self) -> &'static str {
+        match self {
+            VisionFamily::Gemma3 => "SigLIP",
+            VisionFamily::Gemma3n => "MobileNet-V5",
+        }
+    }
+
+    /// The preprocessing of this family at `size`.
+    pub fn preprocess(self, size: usize) -> Preprocess {
+        match self {
+            VisionFamily::Gemma3 => Preprocess::gemma3_with_size(size as u32),
+            VisionFamily::Gemma3n => Preprocess::gemma3n_with_size(size as u32),
+        }
+    }
+}
+
+/// A loaded tower of either family.
+enum Tower {
+    Siglip(Box<Gemma3Vision>),
+    MobileNet(Box<Gemma3nVision>),
+}
+
+impl Tower {
+    fn image_size(&self) -> usize {
+        match self {
+            Tower::Siglip(t) => t.image_size(),
+            Tower::MobileNet(t) => t.config().image_size,
+        }
+    }
+
+    fn tokens_per_image(&self) -> usize {
+        match self {
+            Tower::Siglip(t) => t.tokens_per_image(),
+            Tower::MobileNet(t) => t.config().tokens_per_image,
+        }
+    }
+
+    fn encode(&self, view: &[f32]) -> Result<Vec<f32>> {
+        match self {
+            Tower::Siglip(t) => {
+                let mut buf = Vec::new();
+                t.encode(view, &mut buf)?;
+                Ok(buf)
+            }
+            Tower::MobileNet(t) => Ok(t.encode_image(view)?),
+        }
+    }
+}
+
+/// `--vision-cache`: a frame nearly equal to the last one encoded reuses its encoding.
+///
+/// The test runs on the preprocessed pixels (what the tower would see), in 8-bit levels: a view
+/// is "unchanged" when the mean absolute difference from the anchor (the last view actually
+/// encoded) is below `threshold` levels **and** no cell of a 16×16 grid over the image differs
+/// by more than 4 × `threshold` on average (so a small object that moves is not averaged
+/// away). Comparing with the anchor rather than the previous frame keeps slow drift from
+/// accumulating: once the scene has moved far enough from what was encoded, it is encoded again.
+pub struct FrameReuse {
+    /// Mean absolute difference, in 8-bit levels, below which a view is reused.
+    pub threshold: f32,
+    anchor: Mutex<Option<Anchor>>,
+    reused: std::sync::atomic::AtomicUsize,
+}
+
+/// The last view actually encoded (its pixel values) and its encoding.
+type Anchor = (Vec<f32>, Arc<[f32]>);
+
+/// The default `--vision-cache` threshold: 2 levels of 255 on average (sensor noise and JPEG
+/// re-encoding of a still scene stay under it; a change of lighting or a moved object does not).
+pub const DEFAULT_VISION_CACHE_THRESHOLD: f32 = 2.0;
+
+impl FrameReuse {
+    pub fn new(threshold: f32) -> FrameReuse {
+        FrameReuse {
+            threshold,
+            anchor: Mutex::new(None),
+            reused: Default::default(),
+        }
+    }
+
+    /// How many views reused an earlier encoding.
+    pub fn reused(&self) -> usize {
+        self.reused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `view` is within the threshold of `anchor` (`levels_per_unit`: 8-bit levels per
+    /// unit of pixel value, 255 for Gemma 3n's [0, 1], 127.5 for Gemma 3's [-1, 1]).
+    pub fn near(&self, view: &[f32], anchor: &[f32], size: usize, levels_per_unit: f32) -> bool {
+        if view.len() != anchor.len() || size == 0 || view.len() != 3 * size * size {
+            return false;
+        }
+        const GRID: usize = 16;
+        let cells = GRID.min(size);
+        let mut cell_sum = vec![0f64; cells * cells];
+        let mut cell_n = vec![0u32; cells * cells];
+        let mut total = 0f64;
+        let plane = size * size;
+        for (i, (a, b)) in view.iter().zip(anchor).enumerate() {
+            let d = f64::from((a - b).abs());
+            if !d.is_finite() {
+                return false;
+            }
+            total += d;
+            let p = i % plane;
+            let (y, x) = (p / size, p % size);
+            let cell = y * cells / size * cells + x * cells / size;
+            cell_sum[cell] += d;
+            cell_n[cell] += 1;
+        }
+        let scale = f64::from(levels_per_unit);
+        let t = f64::from(self.threshold);
+        let mean = total / view.len() as f64 * scale;
+        let worst_cell = cell_sum
+            .iter()
+            .zip(&cell_n)
+            .map(|(s, &n)| s / f64::from(n.max(1)) * scale)
+            .fold(0.0, f64::max);
+        mean < t && worst_cell < 4.0 * t
+    }
+}
+
 /// Where the tower's weights are.
 enum TowerSource {
     /// In the model's own Hugging Face folder (`vision_config` in config.json).
@@ -69,15 +215,20 @@ enum TowerSource {
 /// The vision side of a loaded model. The tower's weights stay memory-mapped and are read for
 /// the first time when an image arrives.
 pub struct Vision {
+    pub family: VisionFamily,
     source: TowerSource,
     pub ids: ImageTokenIds,
-    tower: OnceLock<Gemma3Vision>,
+    /// Gemma 3n from a folder: the tower's config, known without reading the tower.
+    config3n: Option<Gemma3nVisionConfig>,
+    tower: OnceLock<Tower>,
     loading: Mutex<()>,
     /// Encoded views by content key: a conversation re-fed after a reset, or the same image
     /// sent again, is not encoded twice.
     encoded: EncodedCache,
     /// Print each view's encode time on stderr (`LoadOptions::verbose`).
     pub verbose: bool,
+    /// `--vision-cache`: reuse the encoding of a nearly unchanged frame.
+    pub reuse: Option<FrameReuse>,
 }
 
 /// How many encoded views `Vision` keeps (each `tokens_per_image × hidden` floats: 2.5 MiB
@@ -109,18 +260,47 @@ impl Vision {
     /// Finds the model's vision tower: `vision_config` in a Hugging Face folder, or an mmproj
     /// file. `None` for text-only models.
     pub fn detect(file: &ModelFile, mmproj: Option<&Path>) -> Result<Option<Vision>> {
+        Self::detect_family(file, mmproj, VisionFamily::Gemma3)
+    }
+
+    /// [`Vision::detect`] for a model of `family`. A Gemma 3n folder has a tower when its
+    /// config has a `vision_config` and it holds `model.vision_tower.timm_model.*` tensors
+    /// (checkpoints saved without the tower, such as the audio test fixture, have none).
+    pub fn detect_family(
+        file: &ModelFile,
+        mmproj: Option<&Path>,
+        family: VisionFamily,
+    ) -> Result<Option<Vision>> {
+        let folder_has_tower = |folder: &gemma_formats::HfFolder| match family {
+            VisionFamily::Gemma3 => folder.config().get("vision_config").is_some(),
+            VisionFamily::Gemma3n => {
+                folder
+                    .config()
+                    .get("vision_config")
+                    .is_some_and(|v| v.is_object())
+                    && gemma_formats::TensorSource::tensor_names(folder)
+                        .iter()
+                        .any(|n| n.starts_with(GEMMA3N_TOWER_PREFIX))
+            }
+        };
         let source = match (mmproj, file) {
             (Some(path), _) => {
                 let gguf = GgufFile::open(path)
                     .with_context(|| format!("cannot open the mmproj file {}", path.display()))?;
                 TowerSource::Mmproj(Box::new(gguf))
             }
-            (None, ModelFile::Hf(folder)) if folder.config().get("vision_config").is_some() => {
-                TowerSource::Folder
-            }
+            (None, ModelFile::Hf(folder)) if folder_has_tower(folder) => TowerSource::Folder,
             _ => return Ok(None),
         };
-        let mut ids = ImageTokenIds::default();
+        let mut ids = match family {
+            VisionFamily::Gemma3 => ImageTokenIds::default(),
+            VisionFamily::Gemma3n => ImageTokenIds {
+                boi: 255_999,
+                eoi: 262_144,
+                image: 262_145,
+            },
+        };
+        let mut config3n = None;
         if let ModelFile::Hf(folder) = file {
             let cfg = folder.config();
             let id = |keys: [&str; 2], default: u32| -> Result<u32> {
@@ -137,15 +317,47 @@ impl Vision {
                 eoi: id(["eoi_token_index", "eoi_token_id"], ids.eoi)?,
                 image: id(["image_token_index", "image_token_id"], ids.image)?,
             };
+            if family == VisionFamily::Gemma3n && matches!(source, TowerSource::Folder) {
+                let c = Gemma3nVisionConfig::from_hf_config(cfg)
+                    .context("config.json vision_config")?;
+                if c.image_size == 0 || c.tokens_per_image == 0 {
+                    bail!("config.json: the Gemma 3n vision tower has an empty image or no tokens");
+                }
+                config3n = Some(c);
+            }
         }
         Ok(Some(Vision {
+            family,
             source,
             ids,
+            config3n,
             tower: OnceLock::new(),
             loading: Mutex::new(()),
             encoded: EncodedCache::new(ENCODED_CACHE_ENTRIES),
             verbose: false,
+            reuse: None,
         }))
+    }
+
+    /// Gemma 3n's tower config when known without reading the tower (from a folder).
+    pub fn config3n(&self) -> Option<&Gemma3nVisionConfig> {
+        self.config3n.as_ref()
+    }
+
+    /// Gemma 3n: the ids of `embed_vision`'s own vocabulary (`<end_of_image>` first), when known
+    /// without reading the tower; `None` for Gemma 3.
+    fn hard_range(&self) -> Option<std::ops::Range<u32>> {
+        if self.family != VisionFamily::Gemma3n {
+            return None;
+        }
+        let c = match (&self.config3n, self.tower.get()) {
+            (Some(c), _) => c,
+            (None, Some(Tower::MobileNet(t))) => t.config(),
+            // An mmproj not read yet: `<end_of_image>` is the first id of the range.
+            _ => return Some(self.ids.eoi..self.ids.eoi.saturating_add(1)),
+        };
+        let end = c.vocab_offset.saturating_add(c.vocab_size as u32);
+        Some(c.vocab_offset..end)
     }
 
     /// Whether the tower has been read (it is on the first image).
@@ -161,8 +373,25 @@ impl Vision {
         }
     }
 
+    /// The side of the square images the tower takes (Gemma 3 and an unread mmproj: reads the
+    /// tower).
+    pub fn image_size(&self, file: &ModelFile) -> Result<usize> {
+        match &self.config3n {
+            Some(c) => Ok(c.image_size),
+            None => Ok(self.tower(file)?.image_size()),
+        }
+    }
+
+    /// Soft tokens per image (reads the tower unless a folder's config says).
+    pub fn tokens_per_image(&self, file: &ModelFile) -> Result<usize> {
+        match &self.config3n {
+            Some(c) => Ok(c.tokens_per_image),
+            None => Ok(self.tower(file)?.tokens_per_image()),
+        }
+    }
+
     /// The tower, loaded on first use.
-    pub fn tower(&self, file: &ModelFile) -> Result<&Gemma3Vision> {
+    fn tower(&self, file: &ModelFile) -> Result<&Tower> {
         if let Some(t) = self.tower.get() {
             return Ok(t);
         }
@@ -170,16 +399,44 @@ impl Vision {
         if let Some(t) = self.tower.get() {
             return Ok(t);
         }
-        let tower = match (&self.source, file) {
-            (TowerSource::Mmproj(gguf), _) => Gemma3Vision::load_gguf(gguf),
-            (TowerSource::Folder, ModelFile::Hf(folder)) => {
-                Gemma3Vision::load_hf(folder.config(), folder)
+        let what = || {
+            format!(
+                "cannot load the {} vision tower from {}",
+                self.family.tower_name(),
+                self.source_name()
+            )
+        };
+        let tower = match (self.family, &self.source, file) {
+            (VisionFamily::Gemma3, TowerSource::Mmproj(gguf), _) => {
+                Tower::Siglip(Box::new(Gemma3Vision::load_gguf(gguf).with_context(what)?))
             }
-            (TowerSource::Folder, ModelFile::Gguf(_)) => {
-                unreachable!("a folder tower is only detected for folders")
+            (VisionFamily::Gemma3, TowerSource::Folder, ModelFile::Hf(folder)) => {
+                let tower = Gemma3Vision::load_hf(folder.config(), folder).with_context(what)?;
+                Tower::Siglip(Box::new(tower))
+            }
+            (VisionFamily::Gemma3n, TowerSource::Mmproj(gguf), _) => {
+                Tower::MobileNet(Box::new(Gemma3nVision::from_gguf(gguf).with_context(what)?))
+            }
+            (VisionFamily::Gemma3n, TowerSource::Folder, ModelFile::Hf(folder)) => {
+                Tower::MobileNet(Box::new(Gemma3nVision::from_hf(folder).with_context(what)?))
+            }
+            (_, TowerSource::Folder, ModelFile::Gguf(_)) => {
+                bail!("a vision tower in the model folder needs a Hugging Face folder")
+            }
+        };
+        if let (Tower::MobileNet(t), Some(c)) = (&tower, &self.config3n) {
+            let (a, b) = (t.config(), c);
+            if a.image_size != b.image_size || a.tokens_per_image != b.tokens_per_image {
+                bail!(
+                    "the MobileNet-V5 tower makes {} tokens from {}² images but config.json says \
+                     {} from {}²",
+                    a.tokens_per_image,
+                    a.image_size,
+                    b.tokens_per_image,
+                    b.image_size
+                );
             }
         }
-        .with_context(|| format!("cannot load the vision tower from {}", self.source_name()))?;
         Ok(self.tower.get_or_init(|| tower))
     }
 
@@ -190,8 +447,33 @@ impl Vision {
         bytes: &[u8],
         opts: &ImageOptions,
     ) -> Result<PreparedImage> {
-        let size = self.tower(file)?.image_size();
-        prepare_image(bytes, size, opts)
+        if opts.pan_and_scan && self.family == VisionFamily::Gemma3n {
+            bail!("pan-and-scan crops are Gemma 3's; Gemma 3n's processor takes none");
+        }
+        let size = self.image_size(file)?;
+        let img = gemma_media::decode_image(bytes, &opts.limits)?;
+        Ok(prepare_rgb_for(
+            &img,
+            Sha256::digest(bytes).into(),
+            size,
+            opts,
+            self.family,
+        ))
+    }
+
+    /// Sampled video frames prepared for this tower, and the text that introduces each (its
+    /// `mm:ss` timestamp followed by an image slot).
+    pub fn prepare_frames(
+        &self,
+        file: &ModelFile,
+        frames: &[Frame],
+        opts: &ImageOptions,
+    ) -> Result<(Vec<PreparedImage>, String)> {
+        if opts.pan_and_scan && self.family == VisionFamily::Gemma3n {
+            bail!("pan-and-scan crops are Gemma 3's; Gemma 3n's processor takes none");
+        }
+        let size = self.image_size(file)?;
+        Ok(prepare_frames_for(frames, size, opts, self.family))
     }
 
     /// Soft tokens of every view, in order (`tokens_per_image × hidden` each), encoded once
@@ -204,9 +486,29 @@ impl Vision {
             .map(|(i, (view, key))| {
                 let what = || format!("image view {}/{n}", i + 1);
                 self.encoded.get_or_encode(key, self.verbose, &what, || {
-                    let mut buf = Vec::new();
-                    tower.encode(view, &mut buf)?;
-                    Ok(buf)
+                    let Some(reuse) = &self.reuse else {
+                        return tower.encode(view);
+                    };
+                    let size = tower.image_size();
+                    let levels = match self.family {
+                        VisionFamily::Gemma3 => 127.5,
+                        VisionFamily::Gemma3n => 255.0,
+                    };
+                    let mut anchor = reuse.anchor.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some((pixels, encoded)) = anchor.as_ref() {
+                        if reuse.near(view, pixels, size, levels) {
+                            reuse
+                                .reused
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if self.verbose {
+                                eprintln!("gemma: {} unchanged, its encoding reused", what());
+                            }
+                            return Ok(encoded.to_vec());
+                        }
+                    }
+                    let encoded = tower.encode(view)?;
+                    *anchor = Some((view.clone(), encoded.as_slice().into()));
+                    Ok(encoded)
                 })
             })
             .collect()
@@ -245,7 +547,7 @@ impl Vision {
         if images.is_empty() {
             return Ok(text.to_string());
         }
-        let per_image = self.tower(file)?.tokens_per_image();
+        let per_image = self.tokens_per_image(file)?;
         let mut out = String::with_capacity(text.len() + images.len() * per_image * 20);
         for (i, piece) in text.split(IMAGE_MARKER).enumerate() {
             if i > 0 {
@@ -267,11 +569,20 @@ impl Vision {
     ) -> Result<Vec<SoftSpan>> {
         let runs = token_runs(ids, self.ids.image);
         let n_views: usize = images.iter().map(|i| i.views.len()).sum();
-        if runs.is_empty() && n_views == 0 {
+        // Gemma 3n: `<end_of_image>` and the rest of `embed_vision`'s ids take its hard path.
+        let hard: Vec<usize> = match self.hard_range() {
+            Some(range) => ids
+                .iter()
+                .enumerate()
+                .filter(|&(_, &id)| id != self.ids.image && range.contains(&id))
+                .map(|(i, _)| i)
+                .collect(),
+            None => Vec::new(),
+        };
+        if runs.is_empty() && n_views == 0 && hard.is_empty() {
             return Ok(Vec::new());
         }
-        let tower = self.tower(file)?;
-        let per_image = tower.tokens_per_image();
+        let per_image = self.tokens_per_image(file)?;
         if runs.len() != n_views {
             bail!(
                 "the prompt has {} run(s) of the image token {} but the images make {n_views} \
@@ -297,10 +608,29 @@ impl Vision {
                 spans.push(SoftSpan {
                     start: run.start,
                     embeds,
-                    bidirectional: true,
+                    bidirectional: self.family == VisionFamily::Gemma3,
                     key: *key,
                 });
             }
+        }
+        if !hard.is_empty() {
+            let Tower::MobileNet(tower) = self.tower(file)? else {
+                unreachable!("hard ids are Gemma 3n's")
+            };
+            // A range read before the tower (an mmproj) is checked against the tower's own.
+            let range = self.hard_range().expect("Gemma 3n");
+            for i in hard.into_iter().filter(|&i| range.contains(&ids[i])) {
+                let mut key = [0u8; 32];
+                key[..14].copy_from_slice(b"gemma3n-hard-v");
+                key[28..].copy_from_slice(&ids[i].to_le_bytes());
+                spans.push(SoftSpan {
+                    start: i,
+                    embeds: tower.embed_hard(&[ids[i]])?.into(),
+                    bidirectional: false,
+                    key,
+                });
+            }
+            spans.sort_by_key(|s| s.start);
         }
         Ok(spans)
     }
@@ -309,7 +639,8 @@ impl Vision {
         let mut rows = vec![(
             "vision".to_string(),
             format!(
-                "SigLIP tower from {}: memory-mapped, {} (image token {}, start {}, end {})",
+                "{} tower from {}: memory-mapped, {} (image token {}, start {}, end {})",
+                self.family.tower_name(),
                 self.source_name(),
                 if self.is_loaded() {
                     "loaded"
@@ -353,7 +684,7 @@ pub fn token_runs(ids: &[u32], id: u32) -> Vec<std::ops::Range<usize>> {
     runs
 }
 
-/// Decodes `bytes` and makes the views for a tower of `size × size` pixels.
+/// Decodes `bytes` and makes the views for a Gemma 3 tower of `size × size` pixels.
 pub fn prepare_image(bytes: &[u8], size: usize, opts: &ImageOptions) -> Result<PreparedImage> {
     let img = gemma_media::decode_image(bytes, &opts.limits)?;
     Ok(prepare_rgb(&img, Sha256::digest(bytes).into(), size, opts))
@@ -367,9 +698,20 @@ pub fn prepare_rgb(
     size: usize,
     opts: &ImageOptions,
 ) -> PreparedImage {
-    let pre = Preprocess::gemma3_with_size(size as u32);
+    prepare_rgb_for(img, content, size, opts, VisionFamily::Gemma3)
+}
+
+/// [`prepare_rgb`] with `family`'s preprocessing (Gemma 3n: rescale to [0, 1] only, no crops).
+pub fn prepare_rgb_for(
+    img: &RgbImage,
+    content: [u8; 32],
+    size: usize,
+    opts: &ImageOptions,
+    family: VisionFamily,
+) -> PreparedImage {
+    let pre = family.preprocess(size);
     let mut views = vec![gemma_media::pixel_values(img, &pre)];
-    if opts.pan_and_scan {
+    if opts.pan_and_scan && family == VisionFamily::Gemma3 {
         for crop in gemma_media::pan_and_scan(img, &PanAndScan::default()) {
             views.push(gemma_media::pixel_values(&crop, &pre));
         }
@@ -381,6 +723,9 @@ pub fn prepare_rgb(
             h.update((v as u64).to_le_bytes());
             h.update((size as u64).to_le_bytes());
             h.update([u8::from(opts.pan_and_scan)]);
+            if family == VisionFamily::Gemma3n {
+                h.update(b"gemma3n-rescale");
+            }
             h.finalize().into()
         })
         .collect();
@@ -394,6 +739,16 @@ pub fn prepare_frames(
     size: usize,
     opts: &ImageOptions,
 ) -> (Vec<PreparedImage>, String) {
+    prepare_frames_for(frames, size, opts, VisionFamily::Gemma3)
+}
+
+/// [`prepare_frames`] with `family`'s preprocessing.
+pub fn prepare_frames_for(
+    frames: &[Frame],
+    size: usize,
+    opts: &ImageOptions,
+    family: VisionFamily,
+) -> (Vec<PreparedImage>, String) {
     let mut text = String::new();
     let images = frames
         .iter()
@@ -403,7 +758,7 @@ pub fn prepare_frames(
                 gemma_media::mmss(f.timestamp_secs)
             ));
             let content = Sha256::digest(f.image.as_raw()).into();
-            prepare_rgb(&f.image, content, size, opts)
+            prepare_rgb_for(&f.image, content, size, opts, family)
         })
         .collect();
     (images, text)
@@ -414,8 +769,9 @@ impl LoadedModel {
     pub fn vision(&self) -> Result<&Vision> {
         self.vision.as_ref().with_context(|| {
             format!(
-                "this {} model takes no images (text only); Gemma 3 4B, 12B and 27B do, from a \
-                 Hugging Face folder or a text GGUF with its --mmproj file",
+                "this {} model takes no images (no vision tower found); Gemma 3 4B, 12B and 27B \
+                 and Gemma 3n E2B and E4B do, from a Hugging Face folder that holds the tower or \
+                 a text GGUF with its --mmproj file",
                 self.model.architecture()
             )
         })
@@ -423,7 +779,16 @@ impl LoadedModel {
 
     /// The side of the square images this model's tower takes (loads the tower).
     pub fn image_size(&self) -> Result<usize> {
-        Ok(self.vision()?.tower(&self.file)?.image_size())
+        self.vision()?.image_size(&self.file)
+    }
+
+    /// Sampled video frames prepared for this model's tower, with their timestamped slots.
+    pub fn prepare_frames(
+        &self,
+        frames: &[Frame],
+        opts: &ImageOptions,
+    ) -> Result<(Vec<PreparedImage>, String)> {
+        self.vision()?.prepare_frames(&self.file, frames, opts)
     }
 
     /// Decodes and preprocesses an image file's bytes for this model.
@@ -463,6 +828,19 @@ impl LoadedModel {
         audio: &[PreparedAudio],
         continuation: bool,
     ) -> Result<(Vec<u32>, Vec<SoftSpan>)> {
+        self.encode_with_media_in(text, images, audio, continuation, usize::MAX)
+    }
+
+    /// [`LoadedModel::encode_with_media`], refusing a prompt of more than `ctx_size` tokens
+    /// before any tower runs (too many images, frames or clips for the context).
+    pub fn encode_with_media_in(
+        &self,
+        text: &str,
+        images: &[PreparedImage],
+        audio: &[PreparedAudio],
+        continuation: bool,
+        ctx_size: usize,
+    ) -> Result<(Vec<u32>, Vec<SoftSpan>)> {
         let encode = |t: &str| {
             if continuation {
                 self.encode_continuation(t)
@@ -487,6 +865,16 @@ impl LoadedModel {
             self.hearing()?;
         }
         let ids = encode(&expanded)?;
+        if ids.len() > ctx_size && !(images.is_empty() && audio.is_empty()) {
+            bail!(
+                "the prompt with its media needs {} tokens but the context size is {ctx_size} \
+                 ({} image view(s), {} audio window(s); use a larger --ctx-size or fewer \
+                 images, frames or clips: media is never truncated)",
+                ids.len(),
+                images.iter().map(|i| i.views.len()).sum::<usize>(),
+                audio.iter().map(|a| a.windows.len()).sum::<usize>()
+            );
+        }
         let soft = self.place_media(&ids, images, audio)?;
         Ok((ids, soft))
     }
@@ -494,15 +882,20 @@ impl LoadedModel {
     /// Places the images' soft tokens on the image-token runs of `ids` (no tokenizer needed).
     pub fn place_images(&self, ids: &[u32], images: &[PreparedImage]) -> Result<Vec<SoftSpan>> {
         if images.is_empty() {
-            if let Some(v) = &self.vision {
-                if ids.contains(&v.ids.image) {
-                    bail!(
-                        "the ids hold image tokens ({}) but no image was given",
-                        v.ids.image
-                    );
-                }
+            let Some(v) = &self.vision else {
+                return Ok(Vec::new());
+            };
+            if ids.contains(&v.ids.image) {
+                bail!(
+                    "the ids hold image tokens ({}) but no image was given",
+                    v.ids.image
+                );
             }
-            return Ok(Vec::new());
+            if v.family == VisionFamily::Gemma3 {
+                return Ok(Vec::new());
+            }
+            // Gemma 3n: a lone `<end_of_image>` still takes `embed_vision`'s embedding.
+            return v.place(&self.file, ids, images);
         }
         self.vision()?.place(&self.file, ids, images)
     }
@@ -533,5 +926,46 @@ mod tests {
             vec![1..3, 4..5, 6..9]
         );
         assert!(token_runs(&[1, 2], 7).is_empty());
+    }
+
+    /// `--vision-cache`'s difference test: noise under the threshold is "unchanged", a global
+    /// change or a small local one is not.
+    #[test]
+    fn frame_reuse_threshold() {
+        let size = 64;
+        let reuse = FrameReuse::new(DEFAULT_VISION_CACHE_THRESHOLD);
+        let base: Vec<f32> = (0..3 * size * size)
+            .map(|i| ((i * 7919) % 256) as f32 / 255.0)
+            .collect();
+        assert!(reuse.near(&base, &base, size, 255.0));
+        // ±1 level of noise everywhere: mean 1 level < 2.
+        let noisy: Vec<f32> = base
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + if i % 2 == 0 { 1.0 } else { -1.0 } / 255.0)
+            .collect();
+        assert!(reuse.near(&noisy, &base, size, 255.0));
+        // A lighting change of 3 levels everywhere.
+        let brighter: Vec<f32> = base.iter().map(|v| v + 3.0 / 255.0).collect();
+        assert!(!reuse.near(&brighter, &base, size, 255.0));
+        // A small object (one 4×4 cell of 64², 1/256 of the image) moved: the mean barely
+        // moves (0.6 levels) but its cell changes by 160 levels.
+        let mut moved = base.clone();
+        for c in 0..3 {
+            for y in 0..4 {
+                for x in 0..4 {
+                    moved[c * size * size + y * size + x] += 160.0 / 255.0;
+                }
+            }
+        }
+        assert!(!reuse.near(&moved, &base, size, 255.0));
+        // Gemma 3's [-1, 1] values: 127.5 levels per unit.
+        let g3_noise: Vec<f32> = base.iter().map(|v| v + 1.0 / 127.5).collect();
+        assert!(reuse.near(&g3_noise, &base, size, 127.5));
+        // Shapes that differ, or NaN, are never "unchanged".
+        assert!(!reuse.near(&base[..3], &base, size, 255.0));
+        let mut nan = base.clone();
+        nan[5] = f32::NAN;
+        assert!(!reuse.near(&nan, &base, size, 255.0));
     }
 }

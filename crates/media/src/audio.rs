@@ -87,7 +87,7 @@ impl AudioLimits {
     /// Default [`AudioLimits::max_bytes`]: 256 MiB (10 min of 48 kHz stereo 24-bit WAV is 173 MB).
     pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
 
-    fn validate(&self) -> Result<(), MediaError> {
+    pub(crate) fn validate(&self) -> Result<(), MediaError> {
         if !(self.max_seconds.is_finite() && self.max_seconds > 0.0) {
             return Err(MediaError::BadAudio(format!(
                 "the duration limit must be a positive number of seconds, not {}",

@@ -44,5 +44,6 @@ pub use preprocess::{pan_and_scan, pixel_values, PanAndScan, Preprocess};
 pub use resize::resize_bilinear_antialias;
 pub use source::{decode_data_url, read_allowed_file, resolve_allowed_path};
 pub use video::{
-    mmss, sample_frames, FfmpegTools, Frame, FrameSampling, VideoLimits, VideoSource, MAX_FRAMES,
+    mmss, sample_frames, soundtrack, FfmpegTools, Frame, FrameSampling, VideoLimits, VideoSource,
+    MAX_FRAMES,
 };

@@ -743,6 +743,67 @@ fn sample_with_ffmpeg(
     Ok(frames)
 }
 
+/// The soundtrack of a video as 16 kHz mono samples, decoded by the `ffmpeg` CLI (first audio
+/// stream, channels mixed down and resampled by ffmpeg); `Ok(None)` when the source has no sound:
+/// a folder of frames, an animation, or a file without an audio stream. At most
+/// `limits.max_seconds` are read (the rest of a longer soundtrack is left out, as the frames of
+/// a long clip are spread rather than all kept); `limits.max_bytes` bounds the PCM read.
+pub fn soundtrack(
+    source: &VideoSource,
+    limits: &crate::AudioLimits,
+) -> Result<Option<crate::Audio>, MediaError> {
+    let VideoSource::File { path, tools } = source else {
+        return Ok(None);
+    };
+    limits.validate()?;
+    let max_bytes = ((limits.max_seconds * 16_000.0) as u64 * 2).min(limits.max_bytes);
+    let mut args = os_args(&[
+        "-nostdin",
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-protocol_whitelist",
+        "file",
+        "-i",
+    ]);
+    args.push(ffmpeg_input(path)?);
+    args.extend(os_args(&[
+        // The `?` makes a file without sound a success with empty output, not an error.
+        "-map", "0:a:0?", "-vn", "-sn", "-dn", "-ac", "1", "-ar", "16000", "-f", "s16le", "-",
+    ]));
+    let mut run = ToolRun::start(&tools.ffmpeg, &args, path, tools.timeout)?;
+    let mut pcm = Vec::new();
+    let read = (&mut run.stdout).take(max_bytes).read_to_end(&mut pcm);
+    let cut = pcm.len() as u64 >= max_bytes;
+    if let Err(e) = read {
+        let err = run.failed(e.to_string());
+        run.finish(true)?;
+        return Err(err);
+    }
+    let (status, stderr) = run.finish(cut)?;
+    // ffmpeg refuses to write an output without streams: that is a file without sound.
+    if !cut && !status.success() && pcm.is_empty() && stderr.contains("does not contain any stream")
+    {
+        return Ok(None);
+    }
+    if !cut && !status.success() {
+        return Err(MediaError::ToolFailed {
+            tool: tools.ffmpeg.to_string_lossy().into_owned(),
+            path: path.to_owned(),
+            message: if stderr.is_empty() {
+                status.to_string()
+            } else {
+                stderr
+            },
+        });
+    }
+    pcm.truncate(pcm.len() / 2 * 2);
+    if pcm.is_empty() {
+        return Ok(None);
+    }
+    crate::pcm16_to_audio(&pcm, 16_000, 1, limits).map(Some)
+}
+
 /// Reads a binary PPM (`P6`) header; `Ok(None)` at a clean end of stream.
 fn read_ppm_header(r: &mut impl BufRead) -> Result<Option<(u32, u32)>, String> {
     if r.fill_buf().map_err(|e| e.to_string())?.is_empty() {

@@ -235,3 +235,57 @@ fn decoded_sizes_and_orientation_match_the_index() {
         );
     }
 }
+
+/// Gemma 3n's processor (`SiglipImageProcessor` with the published settings: bilinear, rescale
+/// 1/255 only) on every committed image and route, at 224² and two at the real 768²
+/// (fixtures/images/gemma3n, scripts/make_gemma3n_image_fixtures.py): within 2/255.
+#[test]
+fn gemma3n_pixel_values_match_the_reference() {
+    let dir3n = dir().join("gemma3n");
+    let text = std::fs::read_to_string(dir3n.join("reference.json"))
+        .expect("fixtures/images/gemma3n/reference.json");
+    let index: Value = serde_json::from_str(&text).unwrap();
+    let published = &index["published_settings"];
+    assert_eq!(published["do_normalize"], false);
+    assert_eq!(published["size"]["height"], 768);
+    let mut compared = 0;
+    let mut at_768 = 0;
+    let mut failures = Vec::new();
+    for entry in index["images"].as_array().unwrap() {
+        let file = entry["file"].as_str().unwrap();
+        for (size, refs) in entry["references"].as_object().unwrap() {
+            let size: u32 = size.parse().unwrap();
+            let pre = if size == 768 {
+                Preprocess::gemma3n()
+            } else {
+                Preprocess::gemma3n_with_size(size)
+            };
+            for (route_name, route) in
+                [("file", ReferenceRoute::File), ("pil", ReferenceRoute::Pil)]
+            {
+                let Some(rel) = refs[route_name]["file"].as_str() else {
+                    continue;
+                };
+                let reference: Vec<f32> = std::fs::read(dir3n.join(rel))
+                    .unwrap()
+                    .iter()
+                    .map(|&v| v as f32 / 255.0)
+                    .collect();
+                let ours = pixel_values(&decode(file, route), &pre);
+                let diff = max_diff(&ours, &reference);
+                eprintln!(
+                    "{file:40} {route_name:4} {size}: max |ours - ref| = {diff:.5} ({:.2} levels)",
+                    diff * 255.0
+                );
+                if diff > 2.0 / 255.0 + 1e-6 {
+                    failures.push(format!("{file} ({route_name}, {size}): {diff}"));
+                }
+                compared += 1;
+                at_768 += usize::from(size == 768);
+            }
+        }
+    }
+    assert!(compared >= 40, "only {compared} references compared");
+    assert!(at_768 >= 2, "only {at_768} references at 768");
+    assert!(failures.is_empty(), "beyond 2/255: {failures:?}");
+}
