@@ -91,6 +91,27 @@ impl SoftSpan {
     pub fn range(&self, hidden: usize) -> std::ops::Range<usize> {
         self.start..self.start + self.embeds.len() / hidden.max(1)
     }
+
+    /// The parts of `spans` inside the positions `range`, offsets relative to `range.start`:
+    /// what a forward pass over `range` takes.
+    pub fn within(
+        spans: &[SoftSpan],
+        hidden: usize,
+        range: std::ops::Range<usize>,
+    ) -> Vec<SoftTokens<'_>> {
+        spans
+            .iter()
+            .filter_map(|s| {
+                let r = s.range(hidden);
+                let (lo, hi) = (r.start.max(range.start), r.end.min(range.end));
+                (lo < hi).then(|| SoftTokens {
+                    offset: lo - range.start,
+                    embeds: &s.embeds[(lo - r.start) * hidden..(hi - r.start) * hidden],
+                    bidirectional: s.bidirectional,
+                })
+            })
+            .collect()
+    }
 }
 
 /// Where to end a prompt chunk that starts at `start` and would end at `end`, so that no
@@ -358,19 +379,7 @@ impl<'m> Session<'m> {
     /// keeps the logits of the last one.
     fn feed(&mut self, range: std::ops::Range<usize>, logits: Logits) -> Result<()> {
         let hidden = self.loaded.model.hidden_size();
-        let soft: Vec<SoftTokens<'_>> = self
-            .soft
-            .iter()
-            .filter_map(|s| {
-                let r = s.range(hidden);
-                let (lo, hi) = (r.start.max(range.start), r.end.min(range.end));
-                (lo < hi).then(|| SoftTokens {
-                    offset: lo - range.start,
-                    embeds: &s.embeds[(lo - r.start) * hidden..(hi - r.start) * hidden],
-                    bidirectional: s.bidirectional,
-                })
-            })
-            .collect();
+        let soft = SoftSpan::within(&self.soft, hidden, range.clone());
         let logits = self.loaded.model.forward_embeds(
             &self.history[range],
             &soft,

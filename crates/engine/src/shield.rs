@@ -914,7 +914,7 @@ impl<'m> Shield<'m> {
                 .collect();
             let softs: Vec<Vec<SoftTokens<'_>>> = pieces
                 .iter()
-                .map(|(i, r)| soft_tokens(&prompts[*i].soft, hidden, r.clone()))
+                .map(|(i, r)| SoftSpan::within(&prompts[*i].soft, hidden, r.clone()))
                 .collect();
             let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(pieces.len());
             let mut pending = pieces.iter().zip(&softs).peekable();
@@ -1057,7 +1057,7 @@ fn feed_prefix(
     while start < range.end {
         let stop = (start + batch).min(range.end);
         let stop = chunk_end(&prompt.soft, hidden, start, stop);
-        let soft = soft_tokens(&prompt.soft, hidden, start..stop);
+        let soft = SoftSpan::within(&prompt.soft, hidden, start..stop);
         model.forward_embeds(
             &prompt.ids[start..stop],
             &soft,
@@ -1103,27 +1103,6 @@ fn soft_boundary<'a>(
             return n;
         }
     }
-}
-
-/// The parts of `spans` (positions from 0) inside `range`, as a forward pass over `range`
-/// takes them.
-fn soft_tokens(
-    spans: &[SoftSpan],
-    hidden: usize,
-    range: std::ops::Range<usize>,
-) -> Vec<SoftTokens<'_>> {
-    spans
-        .iter()
-        .filter_map(|s| {
-            let r = s.range(hidden);
-            let (lo, hi) = (r.start.max(range.start), r.end.min(range.end));
-            (lo < hi).then(|| SoftTokens {
-                offset: lo - range.start,
-                embeds: &s.embeds[(lo - r.start) * hidden..(hi - r.start) * hidden],
-                bidirectional: s.bidirectional,
-            })
-        })
-        .collect()
 }
 
 /// `softmax([a, b])[0]` in f32, as torch computes it.

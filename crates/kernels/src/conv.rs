@@ -366,22 +366,7 @@ pub fn rms_norm_act_rows(
         let _ = simd;
         norm_act(rows, bias, weight, eps, gelu);
     };
-    const CHUNK: usize = 16 * 1024;
-    let rows_per_task = CHUNK.div_ceil(dim);
-    let n_rows = x.len() / dim;
-    if n_rows <= rows_per_task || pool.n_threads() == 1 {
-        apply(x);
-        return;
-    }
-    let ptr = SharedOut(x.as_mut_ptr());
-    let ptr = &ptr;
-    pool.run(n_rows.div_ceil(rows_per_task), &|task| {
-        let first = task * rows_per_task;
-        let n = rows_per_task.min(n_rows - first);
-        // SAFETY: rows first..first + n of the exclusively borrowed `x` are this task's only.
-        let rows = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(first * dim), n * dim) };
-        apply(rows);
-    });
+    crate::ops::for_each_row_chunk(pool, x, dim, &apply);
 }
 
 /// `Σ x²` in eight independent lanes (the compiler keeps them in one vector register).

@@ -149,10 +149,27 @@ pub fn add_bias_gelu_tanh_parallel(pool: &ThreadPool, x: &mut [f32], bias: &[f32
             }
         }
     };
+    for_each_row_chunk(pool, x, dim, &apply);
+}
+
+/// Runs `apply` over `x` cut into whole rows of `dim` values, about 16 K values a task, split
+/// across `pool` (each task gets its own rows); on the caller's thread when one task would do.
+#[track_caller]
+pub fn for_each_row_chunk(
+    pool: &ThreadPool,
+    x: &mut [f32],
+    dim: usize,
+    apply: &(dyn Fn(&mut [f32]) + Sync),
+) {
+    assert!(
+        dim > 0 && x.len().is_multiple_of(dim),
+        "for_each_row_chunk: {} values do not split into rows of {dim}",
+        x.len()
+    );
     const CHUNK: usize = 16 * 1024;
     let rows_per_task = CHUNK.div_ceil(dim);
     let n_rows = x.len() / dim;
-    if n_rows <= rows_per_task {
+    if n_rows <= rows_per_task || pool.n_threads() == 1 {
         apply(x);
         return;
     }

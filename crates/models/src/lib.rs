@@ -14,6 +14,7 @@ mod error;
 pub mod gemma2;
 pub mod gemma3;
 pub mod gemma3n;
+mod hf_config;
 mod kv_cache;
 pub mod vision;
 pub mod weights;

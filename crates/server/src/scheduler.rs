@@ -281,26 +281,6 @@ fn soft_keys(soft: &[SoftSpan], hidden: usize, range: std::ops::Range<usize>) ->
     keys
 }
 
-/// The soft tokens of `soft` (positions of the sequence) that fall in `range`, with offsets
-/// relative to it: what one step of that range feeds.
-fn soft_in<'s>(
-    soft: &'s [SoftSpan],
-    hidden: usize,
-    range: std::ops::Range<usize>,
-) -> Vec<SoftTokens<'s>> {
-    soft.iter()
-        .filter_map(|s| {
-            let r = s.range(hidden);
-            let (lo, hi) = (r.start.max(range.start), r.end.min(range.end));
-            (lo < hi).then(|| SoftTokens {
-                offset: lo - range.start,
-                embeds: &s.embeds[(lo - r.start) * hidden..(hi - r.start) * hidden],
-                bidirectional: s.bidirectional,
-            })
-        })
-        .collect()
-}
-
 /// A sequence in progress.
 struct Active {
     job: Job,
@@ -535,7 +515,7 @@ impl Worker {
                     let soft = slot
                         .active
                         .as_ref()
-                        .map(|a| soft_in(&a.job.soft, hidden, start..start + tokens.len()))
+                        .map(|a| SoftSpan::within(&a.job.soft, hidden, start..start + tokens.len()))
                         .unwrap_or_default();
                     parts.push((tokens.as_slice(), soft, &mut slot.cache));
                 }

@@ -54,36 +54,11 @@ impl Gemma3nAudioConfig {
     /// Reads a transformers `Gemma3nConfig` (`config.json` of a
     /// `Gemma3nForConditionalGeneration`), with its defaults where keys are left out.
     pub fn from_hf_config(root: &Value) -> Result<Gemma3nAudioConfig, ModelError> {
-        let err = |m: String| ModelError::Config(m);
-        let audio = root
-            .get("audio_config")
-            .filter(|v| v.is_object())
-            .ok_or_else(|| err("config.json has no audio_config (not an audio model)".into()))?;
-        let text = root
-            .get("text_config")
-            .filter(|v| v.is_object())
-            .ok_or_else(|| err("config.json has no text_config".into()))?;
-        let int = |v: &Value, k: &str, default: Option<u64>| -> Result<u64, ModelError> {
-            match v.get(k) {
-                None | Some(Value::Null) => {
-                    default.ok_or_else(|| err(format!("config.json lacks integer '{k}'")))
-                }
-                Some(x) => x
-                    .as_u64()
-                    .ok_or_else(|| err(format!("config.json '{k}' is {x}, expected an integer"))),
-            }
-        };
-        let id = |k: &str, default: u64| -> Result<u32, ModelError> {
-            u32::try_from(int(root, k, Some(default))?)
-                .map_err(|_| err(format!("config.json '{k}' is not a token id")))
-        };
-        let rms_norm_eps = match audio.get("rms_norm_eps") {
-            None | Some(Value::Null) => 1e-6,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| err(format!("audio_config 'rms_norm_eps' is {v}")))?
-                as f32,
-        };
+        use crate::hf_config::{float, int, section, token_id};
+        let audio = section(root, "audio_config", " (not an audio model)")?;
+        let text = section(root, "text_config", "")?;
+        let id = |k: &str, default: u64| token_id(root, k, default);
+        let rms_norm_eps = float(audio, "audio_config", "rms_norm_eps", 1e-6)? as f32;
         let cfg = Gemma3nAudioConfig {
             usm: UsmConfig::from_hf_config(audio)?,
             vocab_offset: int(audio, "vocab_offset", Some(262_272))? as usize,

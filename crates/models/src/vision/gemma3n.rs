@@ -51,43 +51,17 @@ impl Gemma3nVisionConfig {
     /// Reads a transformers `Gemma3nConfig` (`config.json` of a
     /// `Gemma3nForConditionalGeneration`), with transformers' defaults where keys are left out.
     pub fn from_hf_config(root: &Value) -> Result<Gemma3nVisionConfig, ModelError> {
-        let err = |m: String| ModelError::Config(m);
-        let vision = root
-            .get("vision_config")
-            .filter(|v| v.is_object())
-            .ok_or_else(|| err("config.json has no vision_config (not a vision model)".into()))?;
-        let text = root
-            .get("text_config")
-            .filter(|v| v.is_object())
-            .ok_or_else(|| err("config.json has no text_config".into()))?;
-        let int = |v: &Value, k: &str, default: Option<u64>| -> Result<u64, ModelError> {
-            match v.get(k) {
-                None | Some(Value::Null) => {
-                    default.ok_or_else(|| err(format!("config.json lacks integer '{k}'")))
-                }
-                Some(x) => x
-                    .as_u64()
-                    .ok_or_else(|| err(format!("config.json '{k}' is {x}, expected an integer"))),
-            }
-        };
-        let id = |v: &Value, k: &str, default: u64| -> Result<u32, ModelError> {
-            u32::try_from(int(v, k, Some(default))?)
-                .map_err(|_| err(format!("config.json '{k}' is not a token id")))
-        };
+        use crate::hf_config::{float, int, section, token_id as id};
+        let vision = section(root, "vision_config", " (not a vision model)")?;
+        let text = section(root, "text_config", "")?;
         if let Some(arch) = vision.get("architecture").and_then(Value::as_str) {
             if !arch.starts_with("mobilenetv5") {
-                return Err(err(format!(
+                return Err(ModelError::Config(format!(
                     "vision_config.architecture '{arch}' is not a MobileNet-V5"
                 )));
             }
         }
-        let rms_norm_eps = match vision.get("rms_norm_eps") {
-            None | Some(Value::Null) => 1e-6,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| err(format!("vision_config 'rms_norm_eps' is {v}")))?
-                as f32,
-        };
+        let rms_norm_eps = float(vision, "vision_config", "rms_norm_eps", 1e-6)? as f32;
         let cfg = Gemma3nVisionConfig {
             image_size: int(vision, "image_size", Some(DEFAULT_IMAGE_SIZE as u64))? as usize,
             tokens_per_image: int(root, "vision_soft_tokens_per_image", Some(256))? as usize,
