@@ -16,7 +16,6 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::Result;
-use gemma_engine::gemma_models::SoftTokens;
 use gemma_engine::gemma_models::{KvCache, ModelError, SeqStep};
 use gemma_engine::gemma_tokenizer::StreamDecoder;
 use gemma_engine::generate::chunk_end;
