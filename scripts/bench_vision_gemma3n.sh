@@ -10,25 +10,24 @@
 #   3. For each thread count, one process per thread count (GEMMA_THREADS=N): a first encode
 #      (pages the weights in), then REPS timed encodes; the JSON line of each run is kept.
 #
-# llama.cpp comparison: not run by this script. What was found (llama-cpp-python 0.3.36's
-# llama.cpp): its converter (`convert_hf_to_gguf.py --mmproj`, Gemma3nVisionAudioModel) converts
-# this folder (PYTHONPATH=<llama.cpp>/gguf-py), but marks an audio encoder that is not there and
-# leaves the blocks' layer-scale gammas [C], which llama-mtmd-cli's graph rejects
-# (ggml_can_repeat); scripts/gemma3n_mmproj_for_llama_cpp.py fixes both. llama-mtmd-cli then
-# needs a text model as wide as the *vision* output (its n_mmproj_embd for gemma3nv is
-# mm.input_projection's ne[0] = 2048, right only when the text width is 2048 as in the published
-# E2B/E4B), and no 2048-wide Gemma text GGUF is available here. With one (TEXT_HIDDEN=2048):
-#   convert_hf_to_gguf.py --mmproj --outtype f16 --outfile mmproj.gguf $MODEL_DIR
-#   gemma3n_mmproj_for_llama_cpp.py mmproj.gguf mmproj-vision.gguf
-#   llama-mtmd-cli -m TEXT.gguf --mmproj mmproj-vision.gguf --image IMG -p "Describe this image." -n 1 -t N
-#   (its "image slice encoded in N ms" / "mtmd batch encoding done in N ms" line).
+# llama.cpp comparison (when LLAMA_MTMD names llama-cpp-python 0.3.36's `llama-mtmd-cli`, which
+# has a Gemma 3n vision graph): the same folder converted by llama.cpp's own converter
+# (`convert_hf_to_gguf.py --mmproj --outtype f16`, PYTHONPATH=<llama.cpp>/gguf-py; LLAMA_SRC
+# names that llama.cpp tree), made usable by its CLI with scripts/gemma3n_mmproj_for_llama_cpp.py
+# (the converter marks an audio encoder that is not there and keeps the layer-scale gammas [C],
+# which its graph rejects), beside a text model exactly 2048 wide (llama.cpp reads the mmproj's
+# width from the projection's other axis): TEXT_GGUF, e.g. gemma3n_synth's real-shape E2B given
+# a tokenizer by scripts/gguf_with_tokenizer.py. For each thread count: gemma-rs's encode of
+# that same f16 mmproj file (`vision3n_encode MMPROJ`), then llama-mtmd-cli's
+# "mtmd batch encoding done in N ms" for one image (REPS runs, median).
 #
 #   --check: instead of timing, encodes one image (fixtures/images/rgb_300x200.png resized by the
 #      reference processor) with gemma-rs and with timm on the same weights and prints the
 #      largest difference of the tower's output (a correctness check at the real shape).
 #
 # Usage: scripts/bench_vision_gemma3n.sh [-t "1 2"] [-r REPS] [--check]
-# Environment: MODEL_DIR, PYTHON (default ~/.venvs/ref/bin/python), TEXT_HIDDEN (default 2048).
+# Environment: MODEL_DIR, PYTHON (default ~/.venvs/ref/bin/python), TEXT_HIDDEN (default 2048),
+#   LLAMA_MTMD, LLAMA_SRC, TEXT_GGUF (the llama.cpp comparison).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -94,3 +93,36 @@ print(f"| {j['threads']} | {j['encode_ms_median']:.0f} | {j['frames_per_s']:.2f}
       f"{j['first_encode_ms']:.0f} | {j['load_ms']:.0f} | {j['peak_rss_mib']} | {j['encode_ms']} |")
 PY
 done
+
+if [[ -n "${LLAMA_MTMD:-}" ]]; then
+    : "${LLAMA_SRC:?LLAMA_SRC: the llama.cpp source tree (its convert_hf_to_gguf.py and gguf-py)}"
+    : "${TEXT_GGUF:?TEXT_GGUF: a 2048-wide Gemma 3n text GGUF with a tokenizer}"
+    mmproj="$MODEL_DIR/mmproj-f16.gguf"
+    if [[ ! -f "$MODEL_DIR/mmproj-llama.gguf" ]]; then
+        PYTHONPATH="$LLAMA_SRC/gguf-py" "$PYTHON" "$LLAMA_SRC/convert_hf_to_gguf.py" --mmproj \
+            --outtype f16 --outfile "$mmproj" "$MODEL_DIR" >&2
+        "$PYTHON" "$ROOT/scripts/gemma3n_mmproj_for_llama_cpp.py" "$mmproj" "$MODEL_DIR/mmproj-llama.gguf" >&2
+    fi
+    img="$ROOT/fixtures/images/rgb_300x200.png"
+    echo
+    echo "Same f16 mmproj (llama.cpp's conversion), gemma-rs vs llama-mtmd-cli, median of $REPS:"
+    echo
+    echo "| threads | gemma-rs encode ms | llama.cpp encode ms | ratio |"
+    echo "| ---: | ---: | ---: | ---: |"
+    for t in $THREADS; do
+        ours="$(GEMMA_THREADS="$t" "$BIN" "$MODEL_DIR/mmproj-llama.gguf" "$REPS" 2>/dev/null | tail -1)"
+        theirs=()
+        for _ in $(seq "$REPS"); do
+            ms="$("$LLAMA_MTMD" -m "$TEXT_GGUF" --mmproj "$MODEL_DIR/mmproj-llama.gguf" --chat-template gemma \
+                --image "$img" -p "Describe this image." -n 1 -t "$t" 2>&1 \
+                | sed -n 's/.*mtmd batch encoding done in \([0-9.]*\) ms.*/\1/p' | tail -1)"
+            theirs+=("$ms")
+        done
+        "$PYTHON" - "$ours" "${theirs[@]}" <<'PY'
+import json, statistics, sys
+j = json.loads(sys.argv[1])
+theirs = statistics.median(float(x) for x in sys.argv[2:])
+print(f"| {j['threads']} | {j['encode_ms_median']:.0f} | {theirs:.0f} | **{theirs / j['encode_ms_median']:.2f}×** |")
+PY
+    done
+fi

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Side-by-side CPU speed of gemma-rs and llama.cpp on the same GGUF, machine and thread count.
 #
-# Builds llama.cpp's `llama-bench` from the llama-cpp-python source package (which vendors
-# llama.cpp) into $BENCH_DIR (default: target/llama-bench), builds `gemma` in release, then runs
-# every test with both engines alternately (llama.cpp, gemma, llama.cpp, gemma, ...) and prints
-# tokens/s of each and the ratio gemma / llama.cpp.
+# Builds llama.cpp's `llama-bench` (and `llama-server`, `llama-mtmd-cli` for the server and vision
+# comparisons) from the llama-cpp-python source package (which vendors llama.cpp; pinned to the
+# newest release the package index served when this was last run) into $BENCH_DIR (default:
+# target/llama-cpp-<version>), builds `gemma` in release, prints llama.cpp's build id, the CPU's
+# instruction sets and the measured read bandwidth, then runs every test with both engines
+# alternately (llama.cpp, gemma, llama.cpp, gemma, ...) and prints tokens/s of each and the ratio
+# gemma / llama.cpp. Generation tests also get gemma-rs's fraction of the bandwidth limit
+# (weight bytes read per token over the measured read bandwidth, `gemma bench --read-bandwidth`).
 #
 # Usage: scripts/bench_vs_llama_cpp.sh [-m MODEL] [-t "1 2"] [-r REPS] [--tests "pp512 tg128 ..."]
 # Tests: ppN (prompt of N tokens), tgN (N generated tokens), tgN@dD / ppN@dD (after D tokens).
 # pp32 doubles as time to first token (TTFT = 32 / t/s: the prompt's forward pass yields the
 # first token's logits). A last row per thread count compares peak RSS (GNU time's %M) of one
 # run generating 128 tokens at a 4096-token context (-d 3968 -n 128).
-# Environment: LLAMA_CPP_PYTHON_VERSION (default 0.3.16), BENCH_DIR, PYTHON (default python3),
+# Environment: LLAMA_CPP_PYTHON_VERSION (default 0.3.36, the newest on 2026-12-06), BENCH_DIR, PYTHON (default python3),
 # CACHE_TYPE (KV cache of both engines: f16, the default of both, or q8_0 / f32; llama.cpp
 # stores a quantized V cache only with flash attention, so q8_0 adds -fa 1 to llama-bench),
 # LLAMA_ARGS (extra llama-bench flags, e.g. "-mmp 0" to read the weights into memory instead of
@@ -25,9 +29,9 @@ THREADS="1 2"
 REPS=3
 BUILD_ONLY=
 TESTS="pp512 tg128 tg128@d4096 pp8192 pp32"
-BENCH_DIR="${BENCH_DIR:-$ROOT/target/llama-bench}"
 PYTHON="${PYTHON:-python3}"
-VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.16}"
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+BENCH_DIR="${BENCH_DIR:-$ROOT/target/llama-cpp-$VERSION}"
 CACHE_TYPE="${CACHE_TYPE:-f16}"
 
 while [[ $# -gt 0 ]]; do
@@ -69,8 +73,9 @@ build_llama_bench() {
         -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF \
         -DGGML_VULKAN=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
-        -DLLAMA_BUILD_SERVER=OFF >&2
-    cmake --build "$BENCH_DIR/build" --target llama-bench -j "$(nproc)" >&2
+        -DLLAMA_BUILD_SERVER=ON >&2
+    cmake --build "$BENCH_DIR/build" --target llama-bench llama-server llama-mtmd-cli \
+        -j "$(nproc)" >&2
     echo "$bin"
 }
 
@@ -98,9 +103,26 @@ r = rows[0]
 print(r.get("avg_ts", r.get("tokens_per_second")))'
 }
 
-printf "model: %s\nmachine: %s, %s cores\ncommit: %s\n\n" "$MODEL" \
-    "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" "$(nproc)" \
+# The instruction sets the kernels of either engine can use.
+isa=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE \
+    'avx|avx2|fma|f16c|avx512f|avx512bw|avx512vl|avx512dq|avx512_vnni|avx512_bf16|avx_vnni|amx_tile|amx_int8|amx_bf16' \
+    | xargs)
+printf "model: %s\nmachine: %s, %s cores\ninstruction sets: %s\ncommit: %s\n" "$MODEL" \
+    "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" "$(nproc)" "$isa" \
     "$(cd "$ROOT" && git rev-parse HEAD 2>/dev/null || echo unknown)"
+llama_version=$("$LLAMA_BENCH" --version 2>&1 || true)
+printf "llama.cpp: llama-cpp-python %s, %s\n" "$VERSION" "$(echo "$llama_version" | head -1)"
+for threads in $THREADS; do
+    # The read bandwidth on this many threads and the weight bytes a generated token reads.
+    bw_json=$("$GEMMA" bench -m "$MODEL" -p 0 -n 1 -r 1 -t "$threads" --read-bandwidth --json 2>/dev/null)
+    "$PYTHON" -c '
+import json, sys
+r = json.loads(sys.argv[1])[0]
+bw, per_token = r["read_bandwidth_bytes_per_s"], r["weight_bytes_per_token"]
+print(f"read bandwidth, {r['"'"'threads'"'"']} thread(s): {bw / 1e9:.2f} GB/s; weights read per "
+      f"generated token: {per_token / 1e6:.1f} MB; bandwidth limit: {bw / per_token:.1f} t/s")' "$bw_json"
+done
+echo
 LLAMA_CACHE="-ctk $CACHE_TYPE -ctv $CACHE_TYPE"
 if [[ "$CACHE_TYPE" == q* ]]; then LLAMA_CACHE="$LLAMA_CACHE -fa 1"; fi
 GEMMA_CACHE="--cache-type $CACHE_TYPE"

@@ -22,6 +22,9 @@ fi
 # Audio fixtures (make_audio_fixtures.py): soundfile (bundles libsndfile: WAV/FLAC/OGG/MP3) decodes
 # and soxr resamples, the route transformers.audio_utils.load_audio takes without torchcodec.
 "$dir/ref/bin/pip" install -q soundfile==0.14.0 soxr==1.1.0
+# Gemma 3n vision (make_gemma3n_vision_fixtures.py, make_gemma3n_vision_bench_model.py): timm's
+# MobileNet-V5, which transformers' Gemma 3n vision tower wraps.
+"$dir/ref/bin/pip" install -q timm==1.0.31
 if [ ! -x "$dir/llama/bin/python" ]; then
   python3 -m venv "$dir/llama"
   CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF" \

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use gemma_engine::gemma_formats::TensorSource;
 use gemma_engine::gemma_models::{Logits, Model};
 use gemma_engine::{LoadOptions, LoadedModel};
 
@@ -51,6 +52,11 @@ pub struct BenchArgs {
     /// Print a JSON array instead of the table
     #[arg(long)]
     pub json: bool,
+    /// Also measure the machine's plain memory-read bandwidth on the same threads (1 GiB, best
+    /// of 5) and report each generation test as a fraction of the limit it sets: weight bytes
+    /// read per token over that bandwidth
+    #[arg(long)]
+    pub read_bandwidth: bool,
 }
 
 /// One row of the report.
@@ -126,6 +132,23 @@ pub fn bench(common: &CommonArgs, args: &BenchArgs) -> Result<()> {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "default (gemma-3-270m-q4_k_m.gguf)".into());
 
+    let bytes_per_token = weight_bytes_per_token(&loaded);
+    let bandwidth = if args.read_bandwidth {
+        Some(measure_read_bandwidth()?)
+    } else {
+        None
+    };
+    if let (Some(bw), false) = (bandwidth, args.json) {
+        println!(
+            "read bandwidth: {:.2} GB/s on {threads} thread(s); weights read per generated token: \
+             {:.1} MB",
+            bw / 1e9,
+            bytes_per_token as f64 / 1e6
+        );
+    }
+    // Tokens/s a generation test would reach if reading the weights were all it did.
+    let limit = bandwidth.map(|bw| bw / bytes_per_token.max(1) as f64);
+
     let mut results = Vec::new();
     for &(n_prompt, n_gen, depth) in &tests {
         let mut result = TestResult {
@@ -147,8 +170,17 @@ pub fn bench(common: &CommonArgs, args: &BenchArgs) -> Result<()> {
                 println!("| model | threads | test | t/s |");
                 println!("| --- | ---: | ---: | ---: |");
             }
+            let fraction = match limit {
+                Some(limit) if n_gen > 0 => {
+                    format!(
+                        " ({:.0} % of the bandwidth limit)",
+                        100.0 * result.mean() / limit
+                    )
+                }
+                _ => String::new(),
+            };
             println!(
-                "| {model_name} | {threads} | {} | {:.2} ± {:.2} |",
+                "| {model_name} | {threads} | {} | {:.2} ± {:.2}{fraction} |",
                 result.name,
                 result.mean(),
                 result.stddev()
@@ -160,7 +192,7 @@ pub fn bench(common: &CommonArgs, args: &BenchArgs) -> Result<()> {
         let rows: Vec<serde_json::Value> = results
             .iter()
             .map(|r| {
-                serde_json::json!({
+                let mut row = serde_json::json!({
                     "model_filename": model_name,
                     "test": r.name,
                     "n_prompt": r.n_prompt,
@@ -173,12 +205,63 @@ pub fn bench(common: &CommonArgs, args: &BenchArgs) -> Result<()> {
                     "avg_ts": r.mean(),
                     "stddev_ts": r.stddev(),
                     "samples_ts": r.samples_ts,
-                })
+                    "weight_bytes_per_token": bytes_per_token,
+                });
+                if let Some(bw) = bandwidth {
+                    row["read_bandwidth_bytes_per_s"] = bw.into();
+                }
+                if let (Some(limit), true) = (limit, r.n_gen > 0) {
+                    row["fraction_of_bandwidth_limit"] = (r.mean() / limit).into();
+                }
+                row
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
     }
     Ok(())
+}
+
+/// Bytes of weights one generated token reads: every tensor, except the tables read a row per
+/// token (the token embedding when the model has a separate output matrix, Gemma 3n's per-layer
+/// embeddings) and any vision or audio tower. The KV cache read at depth is not counted.
+fn weight_bytes_per_token(loaded: &LoadedModel) -> usize {
+    let names = loaded.file.tensor_names();
+    let untied = names
+        .iter()
+        .any(|n| n == "output.weight" || n.ends_with("lm_head.weight"));
+    let row_tables = |name: &str| {
+        name.contains("per_layer_token_embd")
+            || name.contains("embed_tokens_per_layer")
+            || (untied && (name == "token_embd.weight" || name.ends_with("embed_tokens.weight")))
+    };
+    // GGUF mmproj prefixes and Hugging Face module names.
+    let towers = |name: &str| {
+        ["v.", "a.", "mm."].iter().any(|p| name.starts_with(p))
+            || ["vision_tower", "audio_tower", "embed_vision", "embed_audio"]
+                .iter()
+                .any(|p| name.contains(p))
+    };
+    names
+        .iter()
+        .filter(|n| !row_tables(n) && !towers(n))
+        .filter_map(|n| loaded.file.tensor(n).map(|t| t.data.len()))
+        .sum()
+}
+
+/// Best plain read rate of 1 GiB in huge pages (as the engine holds weights) on the pool.
+fn measure_read_bandwidth() -> Result<f64> {
+    use gemma_engine::gemma_formats::HugePageBytes;
+    use gemma_engine::gemma_models::gemma_kernels::{membench, ThreadPool};
+    let mut buffer = HugePageBytes::zeroed(1 << 30).context("cannot allocate 1 GiB to measure")?;
+    // Written first so that every page is backed (a zero page would read from cache).
+    for (i, b) in buffer.as_mut().iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    Ok(membench::read_bandwidth(
+        ThreadPool::global(),
+        buffer.as_ref(),
+        5,
+    ))
 }
 
 /// (prompt, generation, depth) triples in llama-bench's order: every pp test, then every tg

@@ -184,6 +184,71 @@ fn bench_runs_on_a_tiny_vocabulary_with_and_without_matformer() {
     assert_clean_error(&out, &["skips layer 4", "KV-shared layer 6"]);
 }
 
+/// `--read-bandwidth`: a measured rate, the weight bytes a generated token reads (every tensor
+/// but the per-layer embedding table, read a row per token) and each generation test's share
+/// of the limit those two set.
+#[test]
+fn bench_reports_bytes_per_token_and_the_bandwidth_limit() {
+    let gguf = fixture("model.gguf");
+    let file = gemma_formats::GgufFile::open(std::path::Path::new(&gguf)).unwrap();
+    let all: usize = file.tensors().iter().map(|t| t.n_bytes).sum();
+    let ple: usize = file
+        .tensors()
+        .iter()
+        .filter(|t| t.name == "per_layer_token_embd.weight")
+        .map(|t| t.n_bytes)
+        .sum();
+    assert!(ple > 0, "the fixture has a per-layer embedding table");
+    let args = [
+        "bench",
+        "-m",
+        &gguf,
+        "-p",
+        "8",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--read-bandwidth",
+        "--json",
+    ];
+    let out = gemma(&args, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    for row in rows.as_array().unwrap() {
+        assert_eq!(
+            row["weight_bytes_per_token"].as_u64(),
+            Some((all - ple) as u64),
+            "{row}"
+        );
+        let bw = row["read_bandwidth_bytes_per_s"].as_f64().unwrap();
+        assert!(bw.is_finite() && bw > 1e8, "{row}");
+        let fraction = &row["fraction_of_bandwidth_limit"];
+        if row["n_gen"].as_u64() == Some(4) {
+            let ts = row["tokens_per_second"].as_f64().unwrap();
+            let want = ts * (all - ple) as f64 / bw;
+            assert!(
+                (fraction.as_f64().unwrap() - want).abs() < 1e-9 * want.max(1.0),
+                "{row}"
+            );
+        } else {
+            assert!(fraction.is_null(), "prompt tests get no fraction: {row}");
+        }
+    }
+    // Without the flag, no measurement (and no 1 GiB buffer).
+    let out = gemma(
+        &args[..args.len() - 2]
+            .iter()
+            .chain(&["--json"])
+            .copied()
+            .collect::<Vec<_>>(),
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(rows[0]["read_bandwidth_bytes_per_s"].is_null(), "{rows}");
+}
+
 #[test]
 fn logits_by_ids_match_transformers_full_and_matformer() {
     let (ids, full, _) = reference("reference.json");

@@ -551,4 +551,35 @@ mod tests {
             }
         }
     }
+
+    /// A token's outputs do not depend on which other tokens share the GEMM (the server puts
+    /// several sequences' prompt chunks in one pass): the rows of a batch equal the same tokens
+    /// run alone, bit for bit, on every ISA, whatever tile each lands in.
+    #[test]
+    fn a_tokens_result_does_not_depend_on_the_rest_of_the_batch() {
+        let pool = ThreadPool::new(2);
+        let (rows, cols) = (70, 256);
+        for dtype in [GgmlType::Q8_0, GgmlType::F16, GgmlType::BF16] {
+            let data = quantized_rows(dtype, rows, cols);
+            let w = WeightMatrix::new(dtype, rows, cols, &data).unwrap();
+            let n_tokens = 64 + 40 + 23;
+            let x = floats(n_tokens * cols, 5);
+            for isa in quant::available_isas() {
+                let mut together = vec![f32::NAN; n_tokens * rows];
+                gemm_f32_with(&pool, isa, &w, &x, n_tokens, &mut together);
+                let mut start = 0;
+                for part in [64, 40, 23] {
+                    let mut alone = vec![f32::NAN; part * rows];
+                    let xs = &x[start * cols..(start + part) * cols];
+                    gemm_f32_with(&pool, isa, &w, xs, part, &mut alone);
+                    let same = alone
+                        .iter()
+                        .zip(&together[start * rows..(start + part) * rows])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dtype}, tokens {start}..{} on {isa:?}", start + part);
+                    start += part;
+                }
+            }
+        }
+    }
 }

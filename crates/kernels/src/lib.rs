@@ -14,6 +14,7 @@ pub mod conv;
 mod error;
 pub mod gemm;
 pub mod matmul;
+pub mod membench;
 pub mod ops;
 pub mod pool;
 pub mod quant;

@@ -57,6 +57,7 @@ fn dot_kernel_timings() {
 #[test]
 #[ignore = "benchmark; run explicitly"]
 fn matvec_bandwidth() {
+    use gemma_kernels::membench::read_all_parallel;
     use gemma_kernels::{matmul, ThreadPool, WeightMatrix};
     let threads: usize = std::env::var("BENCH_THREADS")
         .ok()
@@ -122,26 +123,4 @@ fn matvec_bandwidth() {
             best_read / best
         );
     }
-}
-
-/// [`read_all`] over the pool's threads, each reading one contiguous share.
-fn read_all_parallel(pool: &gemma_kernels::ThreadPool, data: &[u8]) {
-    let n = pool.n_threads();
-    let share = data.len().div_ceil(n).next_multiple_of(64);
-    pool.run(n, &|t| {
-        let start = (t * share).min(data.len());
-        let end = (start + share).min(data.len());
-        std::hint::black_box(read_all(std::hint::black_box(&data[start..end])));
-    });
-}
-
-/// Sums every byte with wide independent loads (what a bandwidth test does).
-fn read_all(data: &[u8]) -> u64 {
-    let mut acc = [0u64; 8];
-    for chunk in data.chunks_exact(64) {
-        for (a, word) in acc.iter_mut().zip(chunk.chunks_exact(8)) {
-            *a = a.wrapping_add(u64::from_le_bytes(word.try_into().unwrap()));
-        }
-    }
-    acc.iter().fold(0, |s, &a| s.wrapping_add(a))
 }

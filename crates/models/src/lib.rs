@@ -24,6 +24,7 @@ pub use error::ModelError;
 pub use gemma2::{Gemma2, Gemma2Config};
 pub use gemma3::{Gemma3, Gemma3Config};
 pub use gemma3n::{Gemma3n, Gemma3nConfig};
+pub use gemma_kernels;
 pub use gemma_kernels::ops::kv::CacheType;
 pub use kv_cache::{KvCache, SeqStep, SoftTokens};
 pub use vision::{

@@ -35,6 +35,9 @@ const PREFILL_CHUNK: usize = 64;
 /// each row's result does not depend on the other rows.
 const DECODE_GROUP: usize = GEMM_MIN_ROWS - 1;
 
+/// Prompt tokens per forward pass when several slots' prompt chunks share one (GEMM path).
+const PREFILL_PASS: usize = 8 * PREFILL_CHUNK;
+
 /// Rows from which the kernels switch to the dequantizing f32 GEMM.
 const GEMM_MIN_ROWS: usize = gemma_kernels::gemm::MIN_GEMM_TOKENS;
 
@@ -483,16 +486,7 @@ impl Worker {
                 }
             }
         }
-        // Decode rows share passes in groups small enough to stay on the per-row kernel path,
-        // and each prefill chunk runs alone: every row then computes exactly what it would
-        // compute if its sequence were the only one, so batching never changes an output.
-        let mut groups: Vec<Vec<(usize, Vec<u32>)>> = Vec::new();
-        let mut decoding = decoding.into_iter().peekable();
-        while decoding.peek().is_some() {
-            groups.push(decoding.by_ref().take(DECODE_GROUP).collect());
-        }
-        groups.extend(prefills.into_iter().map(|p| vec![p]));
-        for group in groups {
+        for group in plan_passes(decoding, prefills) {
             self.run_group(group);
         }
     }
@@ -501,6 +495,9 @@ impl Worker {
     /// slot whose prompt is done.
     fn run_group(&mut self, group: Vec<(usize, Vec<u32>)>) {
         let (stepped, feeds): (Vec<usize>, Vec<Vec<u32>>) = group.into_iter().unzip();
+        // The batch below is built in slot order and its logits rows are read in `stepped`
+        // order: the two must agree.
+        debug_assert!(stepped.windows(2).all(|w| w[0] < w[1]), "{stepped:?}");
         let started = Instant::now();
         let hidden = self.hidden;
         let result = {
@@ -708,6 +705,46 @@ fn rewind(cache: &mut KvCache, len: usize) -> bool {
     cache.truncate(len).is_ok()
 }
 
+/// Forward passes for one step: `(slot, tokens)` feeds grouped so that every row computes
+/// exactly what it would compute if its sequence were the only one, so batching never changes
+/// an output. Feeds on the per-row kernel path (decode rows, prompt chunks shorter than the
+/// kernels' switch to the GEMM) share passes of fewer than `GEMM_MIN_ROWS` rows, where each
+/// row's result is one dot product per weight row whatever the batch; prompt chunks on the GEMM
+/// path share passes of up to `PREFILL_PASS` tokens, where every output sums over k in the same
+/// order whatever tile its token lands in. A pass mixing the two would move the short feeds onto
+/// the GEMM, so they never mix.
+fn plan_passes(
+    decoding: Vec<(usize, Vec<u32>)>,
+    prefills: Vec<(usize, Vec<u32>)>,
+) -> Vec<Vec<(usize, Vec<u32>)>> {
+    let (long, short): (Vec<_>, Vec<_>) = decoding
+        .into_iter()
+        .chain(prefills)
+        .partition(|(_, tokens)| tokens.len() >= GEMM_MIN_ROWS);
+    let mut passes = pack(short, DECODE_GROUP);
+    passes.extend(pack(long, PREFILL_PASS));
+    // `run_group` lays a pass's sequences out in slot order.
+    for pass in &mut passes {
+        pass.sort_by_key(|(slot, _)| *slot);
+    }
+    passes
+}
+
+/// Groups feeds, in order, into passes of at most `max_rows` tokens (a larger feed alone).
+fn pack(feeds: Vec<(usize, Vec<u32>)>, max_rows: usize) -> Vec<Vec<(usize, Vec<u32>)>> {
+    let mut passes: Vec<Vec<(usize, Vec<u32>)>> = Vec::new();
+    let mut rows = 0;
+    for feed in feeds {
+        if passes.is_empty() || rows + feed.1.len() > max_rows {
+            passes.push(Vec::new());
+            rows = 0;
+        }
+        rows += feed.1.len();
+        passes.last_mut().expect("pushed above").push(feed);
+    }
+    passes
+}
+
 /// The next piece of `remaining` prompt tokens (last token excluded): at most
 /// `PREFILL_CHUNK`, never leaving a tail too short for the GEMM path.
 fn prefill_chunk(remaining: usize) -> usize {
@@ -862,6 +899,55 @@ mod tests {
             let text_only = fed(&ids, &[]);
             assert!(reuse(&text_only, &ids, &a) <= image.start);
         }
+    }
+
+    fn feed(slot: usize, n: usize) -> (usize, Vec<u32>) {
+        (slot, vec![7; n])
+    }
+
+    fn shape(passes: &[Vec<(usize, Vec<u32>)>]) -> Vec<Vec<(usize, usize)>> {
+        passes
+            .iter()
+            .map(|p| p.iter().map(|(s, t)| (*s, t.len())).collect())
+            .collect()
+    }
+
+    #[test]
+    fn passes_never_mix_the_row_path_and_the_gemm_path() {
+        // Decode rows of slots 0-2, a short last prompt chunk on slot 3, long chunks on 4-6.
+        let decoding = vec![feed(1, 1), feed(2, 1), feed(5, 1)];
+        let prefills = vec![feed(0, 12), feed(3, 64), feed(4, 64), feed(6, 40)];
+        let passes = plan_passes(decoding, prefills);
+        assert_eq!(
+            shape(&passes),
+            vec![
+                // 1 + 1 + 1 + 12 = 15 rows: every row on the per-row kernels; in slot order,
+                // as the pass's batch is laid out.
+                vec![(0, 12), (1, 1), (2, 1), (5, 1)],
+                // Every chunk here is on the GEMM path alone too.
+                vec![(3, 64), (4, 64), (6, 40)],
+            ]
+        );
+        for pass in &passes {
+            let rows: usize = pass.iter().map(|(_, t)| t.len()).sum();
+            let all_long = pass.iter().all(|(_, t)| t.len() >= GEMM_MIN_ROWS);
+            let all_short = pass.iter().all(|(_, t)| t.len() < GEMM_MIN_ROWS);
+            assert!((all_short && rows < GEMM_MIN_ROWS) || (all_long && rows <= PREFILL_PASS));
+        }
+    }
+
+    #[test]
+    fn short_feeds_that_would_reach_the_gemm_together_run_apart() {
+        let passes = plan_passes(vec![], vec![feed(0, 12), feed(1, 12), feed(2, 7)]);
+        assert_eq!(shape(&passes), vec![vec![(0, 12)], vec![(1, 12), (2, 7)]]);
+        let many: Vec<_> = (0..20).map(|s| feed(s, 1)).collect();
+        let passes = plan_passes(many, vec![]);
+        assert_eq!(passes.len(), 2);
+        assert_eq!(passes[0].len(), DECODE_GROUP);
+        // More prompt tokens than one pass takes: split between chunks, never inside one.
+        let long: Vec<_> = (0..10).map(|s| feed(s, 64)).collect();
+        let passes = plan_passes(vec![], long);
+        assert_eq!(passes.iter().map(Vec::len).collect::<Vec<_>>(), vec![8, 2]);
     }
 
     #[test]

@@ -80,6 +80,43 @@ fn concurrent_greedy_streams_equal_solo_runs() {
     assert!(steps < generated, "{steps} steps for {generated} tokens");
 }
 
+/// Prompts longer than one prefill chunk, sent together: their chunks share forward passes on
+/// the GEMM path (the scheduler's `plan_passes`), which must not change any output.
+#[test]
+fn concurrent_long_prompts_equal_solo_runs() {
+    let _guard = serial();
+    let addr = server();
+    // Distinct from the first token, so no prompt reuses another's prefix.
+    let prompts: Vec<String> = ["Ada", "Bea", "Cyd", "Dov"]
+        .iter()
+        .map(|name| format!("My name is {name}. {PREAMBLE}Which floor has the maps?"))
+        .collect();
+    let mut solo = Vec::new();
+    for p in &prompts {
+        fill_slots_with_unrelated_prompts(addr);
+        solo.push(greedy_stream(addr, p, 6));
+    }
+    fill_slots_with_unrelated_prompts(addr);
+    let hits_before = metric(addr, "gemma_prefix_cache_hit_tokens_total");
+    let together: Vec<(String, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| s.spawn(move || greedy_stream(addr, p, 6)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let reused = metric(addr, "gemma_prefix_cache_hit_tokens_total") - hits_before;
+    // At most the chat header each (shared with the unrelated prompts and with each other).
+    assert!(reused < 40.0, "expected cold prompts, reused {reused}");
+    for (i, (alone, batched)) in solo.iter().zip(&together).enumerate() {
+        assert!(
+            alone.1["prompt_tokens"].as_f64().unwrap() > 84.0,
+            "prompt {i} should span more than one prefill chunk"
+        );
+        assert_eq!(alone, batched, "prompt {i}");
+    }
+}
+
 #[test]
 fn prefix_cache_reuses_a_shared_prompt_without_changing_output() {
     let _guard = serial();

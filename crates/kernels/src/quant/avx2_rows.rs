@@ -61,25 +61,57 @@ pub(crate) struct ActRows<'a> {
 /// writes at every (row, token) position (see [`super::RowsKernel::run`]).
 pub(crate) type RowsFn = unsafe fn(&RowRange, &ActRows, usize, Out);
 
-pub(super) fn rows_fn(dtype: GgmlType) -> Option<RowsFn> {
-    Some(match dtype {
-        GgmlType::Q4_0 => rows_q4_0,
-        GgmlType::Q5_0 => rows_q5_0,
-        GgmlType::Q8_0 => rows_q8_0,
-        GgmlType::Q4_K => rows_q4_k,
-        GgmlType::Q6_K => rows_q6_k,
+/// Which build of the row kernels: the AVX2 one, the same code compiled for AVX-512 (F, BW,
+/// VL: 32 vector registers, so the 8-row × 4-token accumulators stay in registers), or that
+/// plus VNNI (`vpdpbusd` for the byte products of Q8_0, Q4_0 and Q5_0; `vpdpwssd` where the
+/// compiler fuses a `vpmaddwd` and its add). Every build gives the same bits: the integer
+/// block sums are exact and the float steps are the same operations in the same order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Build {
+    Avx2,
+    Avx512,
+    Avx512Vnni,
+}
+
+pub(super) fn rows_fn(dtype: GgmlType, build: Build) -> Option<RowsFn> {
+    Some(match (build, dtype) {
+        (Build::Avx2, GgmlType::Q4_0) => rows_q4_0,
+        (Build::Avx2, GgmlType::Q5_0) => rows_q5_0,
+        (Build::Avx2, GgmlType::Q8_0) => rows_q8_0,
+        (Build::Avx2, GgmlType::Q4_K) => rows_q4_k,
+        (Build::Avx2, GgmlType::Q6_K) => rows_q6_k,
+        (Build::Avx512, GgmlType::Q4_0) => wide::rows_q4_0,
+        (Build::Avx512, GgmlType::Q5_0) => wide::rows_q5_0,
+        (Build::Avx512, GgmlType::Q8_0) => wide::rows_q8_0,
+        (Build::Avx512, GgmlType::Q4_K) => wide::rows_q4_k,
+        (Build::Avx512, GgmlType::Q6_K) => wide::rows_q6_k,
+        (Build::Avx512Vnni, GgmlType::Q4_0) => vnni::rows_q4_0,
+        (Build::Avx512Vnni, GgmlType::Q5_0) => vnni::rows_q5_0,
+        (Build::Avx512Vnni, GgmlType::Q8_0) => vnni::rows_q8_0,
+        (Build::Avx512Vnni, GgmlType::Q4_K) => vnni::rows_q4_k,
+        (Build::Avx512Vnni, GgmlType::Q6_K) => vnni::rows_q6_k,
         _ => return None,
     })
 }
 
 /// One-row dot products through the row kernels (same bits as a row inside a group).
-pub(super) fn dot_fn(dtype: GgmlType) -> Option<DotFn> {
-    Some(match dtype {
-        GgmlType::Q4_0 => dot_q4_0,
-        GgmlType::Q5_0 => dot_q5_0,
-        GgmlType::Q8_0 => dot_q8_0,
-        GgmlType::Q4_K => dot_q4_k,
-        GgmlType::Q6_K => dot_q6_k,
+pub(super) fn dot_fn(dtype: GgmlType, build: Build) -> Option<DotFn> {
+    Some(match (build, dtype) {
+        (Build::Avx2, GgmlType::Q4_0) => dot_q4_0,
+        (Build::Avx2, GgmlType::Q5_0) => dot_q5_0,
+        (Build::Avx2, GgmlType::Q8_0) => dot_q8_0,
+        (Build::Avx2, GgmlType::Q4_K) => dot_q4_k,
+        (Build::Avx2, GgmlType::Q6_K) => dot_q6_k,
+        (Build::Avx512, GgmlType::Q4_0) => wide::dot_q4_0,
+        (Build::Avx512, GgmlType::Q5_0) => wide::dot_q5_0,
+        (Build::Avx512, GgmlType::Q8_0) => wide::dot_q8_0,
+        (Build::Avx512, GgmlType::Q4_K) => wide::dot_q4_k,
+        (Build::Avx512, GgmlType::Q6_K) => wide::dot_q6_k,
+        (Build::Avx512Vnni, GgmlType::Q4_0) => vnni::dot_q4_0,
+        (Build::Avx512Vnni, GgmlType::Q5_0) => vnni::dot_q5_0,
+        (Build::Avx512Vnni, GgmlType::Q8_0) => vnni::dot_q8_0,
+        (Build::Avx512Vnni, GgmlType::Q4_K) => vnni::dot_q4_k,
+        (Build::Avx512Vnni, GgmlType::Q6_K) => vnni::dot_q6_k,
         _ => return None,
     })
 }
@@ -364,6 +396,39 @@ unsafe fn q8_0_chunk<const NT: usize>(
     acc
 }
 
+/// [`q8_0_chunk`] with `vpdpbusd` for the byte products (the same exact i32 sums).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_0_chunk_vnni<const NT: usize>(
+    rows: &[*const u8; GROUP_ROWS],
+    acts: [Act; NT],
+    row_bytes: usize,
+    cols: usize,
+) -> [__m256; NT] {
+    const W: usize = 34;
+    let next_group = rows[0].wrapping_add(prefetch_distance(row_bytes));
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK {
+        let off = k * W;
+        let mut lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
+        for (r, &row) in rows.iter().enumerate() {
+            prefetch_row_share(next_group, off, r, W);
+            let w = load256(row.add(off + offs::Q8_0_QS));
+            let w_abs = _mm256_sign_epi8(w, w);
+            for t in 0..NT {
+                let y = load256(acts[t].row.add(off + offs::Q8_0_QS));
+                lanes[t][r] =
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_abs, _mm256_sign_epi8(y, w));
+            }
+        }
+        let dw = f16x8(rows, off);
+        for t in 0..NT {
+            acc[t] = scaled_add(acc[t], dw, acts[t].scale(k), reduce8(&lanes[t]));
+        }
+    }
+    acc
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_0(w: &[u8], a: &[u8], n: usize) -> f32 {
     dot_one(rows_q8_0, GgmlType::Q8_0, w, a, n)
@@ -462,6 +527,73 @@ unsafe fn q4_q5_chunk<const NT: usize, const Q5: bool>(
         for t in 0..NT {
             let offset = _mm256_set1_epi32(acts[t].quant_sum(k) << offset_shift);
             let isum = _mm256_sub_epi32(reduce8_pairs(&lanes[t], ones16), offset);
+            acc[t] = scaled_add(acc[t], dw, acts[t].scale(k), isum);
+        }
+    }
+    acc
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_0_chunk_vnni<const NT: usize>(
+    rows: &[*const u8; GROUP_ROWS],
+    acts: [Act; NT],
+    row_bytes: usize,
+    cols: usize,
+) -> [__m256; NT] {
+    q4_q5_chunk_vnni::<NT, false>(rows, acts, row_bytes, cols)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q5_0_chunk_vnni<const NT: usize>(
+    rows: &[*const u8; GROUP_ROWS],
+    acts: [Act; NT],
+    row_bytes: usize,
+    cols: usize,
+) -> [__m256; NT] {
+    q4_q5_chunk_vnni::<NT, true>(rows, acts, row_bytes, cols)
+}
+
+/// [`q4_q5_chunk`] with `vpdpbusd`: the byte products summed in fours straight to i32 (no i16
+/// pairs to reduce), then the same offset subtraction and float steps.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_q5_chunk_vnni<const NT: usize, const Q5: bool>(
+    rows: &[*const u8; GROUP_ROWS],
+    acts: [Act; NT],
+    row_bytes: usize,
+    cols: usize,
+) -> [__m256; NT] {
+    let (w_size, qs_off, offset_shift) = if Q5 {
+        (22, offs::Q5_0_QS, 4)
+    } else {
+        (18, offs::Q4_0_QS, 3)
+    };
+    let next_group = rows[0].wrapping_add(prefetch_distance(row_bytes));
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK {
+        let off = k * w_size;
+        let a_off = k * 34;
+        prefetch(
+            next_group.wrapping_add(GROUP_ROWS * off),
+            GROUP_ROWS * w_size,
+        );
+        let mut lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
+        for (r, &row) in rows.iter().enumerate() {
+            let mut q = nibbles(row.add(off + qs_off));
+            if Q5 {
+                q = _mm256_or_si256(q, fifth_bits(row.add(off + offs::Q5_0_QH)));
+            }
+            for t in 0..NT {
+                let y = load256(acts[t].row.add(a_off + offs::Q8_0_QS));
+                lanes[t][r] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, y);
+            }
+        }
+        let dw = f16x8(rows, off);
+        for t in 0..NT {
+            let offset = _mm256_set1_epi32(acts[t].quant_sum(k) << offset_shift);
+            let isum = _mm256_sub_epi32(reduce8(&lanes[t]), offset);
             acc[t] = scaled_add(acc[t], dw, acts[t].scale(k), isum);
         }
     }
@@ -676,3 +808,83 @@ unsafe fn q6_k_chunk<const NT: usize>(
 unsafe fn dot_q6_k(w: &[u8], a: &[u8], n: usize) -> f32 {
     dot_one(rows_q6_k, GgmlType::Q6_K, w, a, n)
 }
+
+// ----------------------------------------------------------------------------------------------
+// The AVX-512 builds
+// ----------------------------------------------------------------------------------------------
+
+/// The row kernels (and their one-row dot products) compiled with more target features: the
+/// chunk functions are inlined into these entry points and built with the wider register
+/// file and instruction encodings. Same bits as the AVX2 build (see [`Build`]).
+macro_rules! build_of_row_kernels {
+    ($module:ident, $features:literal, $q8_0:ident, $q4_0:ident, $q5_0:ident) => {
+        mod $module {
+            use super::*;
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows_q8_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+                for_each_group!($q8_0, range, a, cols, out)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows_q4_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+                for_each_group!($q4_0, range, a, cols, out)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows_q5_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+                for_each_group!($q5_0, range, a, cols, out)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows_q4_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+                for_each_group!(q4_k_chunk, range, a, cols, out)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows_q6_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+                for_each_group!(q6_k_chunk, range, a, cols, out)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn dot_q8_0(w: &[u8], a: &[u8], n: usize) -> f32 {
+                dot_one(rows_q8_0, GgmlType::Q8_0, w, a, n)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn dot_q4_0(w: &[u8], a: &[u8], n: usize) -> f32 {
+                dot_one(rows_q4_0, GgmlType::Q4_0, w, a, n)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn dot_q5_0(w: &[u8], a: &[u8], n: usize) -> f32 {
+                dot_one(rows_q5_0, GgmlType::Q5_0, w, a, n)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn dot_q4_k(w: &[u8], a: &[u8], n: usize) -> f32 {
+                dot_one(rows_q4_k, GgmlType::Q4_K, w, a, n)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn dot_q6_k(w: &[u8], a: &[u8], n: usize) -> f32 {
+                dot_one(rows_q6_k, GgmlType::Q6_K, w, a, n)
+            }
+        }
+    };
+}
+
+build_of_row_kernels!(
+    wide,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl",
+    q8_0_chunk,
+    q4_0_chunk,
+    q5_0_chunk
+);
+build_of_row_kernels!(
+    vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    q8_0_chunk_vnni,
+    q4_0_chunk_vnni,
+    q5_0_chunk_vnni
+);

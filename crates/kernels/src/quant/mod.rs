@@ -8,7 +8,9 @@
 //! On x86-64 with AVX2 (and above), Q4_0, Q5_0, Q8_0, Q4_K and Q6_K weights go through multi-row
 //! kernels (eight rows per pass, shared activation loads, prefetching) whose results equal the
 //! scalar reference bit for bit; `vec_dot` uses them too, so a row gives the same bits alone, in
-//! a matmul or in any batch. Dequantization of those types is SIMD as well, also bit-exact, and
+//! a matmul or in any batch. With AVX-512 they run in a build for AVX-512 VL (32 registers),
+//! with VNNI also with `vpdpbusd`: the same bits again. Dequantization of those types is SIMD
+//! as well, also bit-exact, and
 //! so is the per-matmul quantization of activations to Q8_0 and Q8_K.
 
 mod layout;
@@ -139,7 +141,7 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C.
     Avx2,
-    /// AVX-512 F + BW (plus AVX2 + FMA + F16C).
+    /// AVX-512 F + BW + VL (plus AVX2 + FMA + F16C).
     Avx512,
     /// [`Isa::Avx512`] plus AVX512-VNNI (`vpdpbusd`).
     Avx512Vnni,
@@ -185,6 +187,7 @@ impl Isa {
                 Isa::Avx2.is_available()
                     && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => Isa::Avx512.is_available() && is_x86_feature_detected!("avx512vnni"),
@@ -445,12 +448,23 @@ impl RowsKernel {
 fn rows_kernel(isa: Isa, dtype: GgmlType) -> Option<RowsKernel> {
     #[cfg(target_arch = "x86_64")]
     {
-        if matches!(isa, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni) {
-            return avx2_rows::rows_fn(dtype).map(|f| RowsKernel { dtype, f });
+        if let Some(build) = rows_build(isa) {
+            return avx2_rows::rows_fn(dtype, build).map(|f| RowsKernel { dtype, f });
         }
     }
     let _ = (isa, dtype);
     None
+}
+
+/// The build of the multi-row kernels for `isa` (x86-64 with AVX2 and above).
+#[cfg(target_arch = "x86_64")]
+fn rows_build(isa: Isa) -> Option<avx2_rows::Build> {
+    match isa {
+        Isa::Avx2 => Some(avx2_rows::Build::Avx2),
+        Isa::Avx512 => Some(avx2_rows::Build::Avx512),
+        Isa::Avx512Vnni => Some(avx2_rows::Build::Avx512Vnni),
+        Isa::Scalar | Isa::Neon => None,
+    }
 }
 
 pub(crate) fn selected_kernels() -> &'static Kernels {
@@ -489,8 +503,8 @@ fn dot_fn(isa: Isa, dtype: GgmlType) -> DotFn {
     {
         // Types with a multi-row kernel use it for single rows too (also under AVX-512), so that
         // a row gives the same bits alone, in a matmul, or in any batch.
-        if matches!(isa, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni) {
-            if let Some(f) = avx2_rows::dot_fn(dtype) {
+        if let Some(build) = rows_build(isa) {
+            if let Some(f) = avx2_rows::dot_fn(dtype, build) {
                 return f;
             }
         }
