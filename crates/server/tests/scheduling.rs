@@ -25,6 +25,21 @@ fn greedy_stream(addr: SocketAddr, prompt: &str, max_tokens: usize) -> (String, 
     (streamed_content(&chunks), usage)
 }
 
+/// `prompts` sent all at once (one client thread each), answers in prompt order.
+fn greedy_streams_at_once(
+    addr: SocketAddr,
+    prompts: &[String],
+    max_tokens: usize,
+) -> Vec<(String, Value)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| s.spawn(move || greedy_stream(addr, p, max_tokens)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Overwrites every slot's cache (four requests at once on the four slots), so the next
 /// run starts cold.
 fn fill_slots_with_unrelated_prompts(addr: SocketAddr) {
@@ -61,13 +76,7 @@ fn concurrent_greedy_streams_equal_solo_runs() {
     .collect();
     let solo: Vec<(String, Value)> = prompts.iter().map(|p| greedy_stream(addr, p, 6)).collect();
     let steps_before = metric(addr, "gemma_forward_steps_total");
-    let together: Vec<(String, Value)> = std::thread::scope(|s| {
-        let handles: Vec<_> = prompts
-            .iter()
-            .map(|p| s.spawn(move || greedy_stream(addr, p, 6)))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let together = greedy_streams_at_once(addr, &prompts, 6);
     let steps = metric(addr, "gemma_forward_steps_total") - steps_before;
     for (i, (alone, batched)) in solo.iter().zip(&together).enumerate() {
         assert_eq!(alone, batched, "prompt {i}: {:?}", prompts[i]);
@@ -98,13 +107,7 @@ fn concurrent_long_prompts_equal_solo_runs() {
     }
     fill_slots_with_unrelated_prompts(addr);
     let hits_before = metric(addr, "gemma_prefix_cache_hit_tokens_total");
-    let together: Vec<(String, Value)> = std::thread::scope(|s| {
-        let handles: Vec<_> = prompts
-            .iter()
-            .map(|p| s.spawn(move || greedy_stream(addr, p, 6)))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let together = greedy_streams_at_once(addr, &prompts, 6);
     let reused = metric(addr, "gemma_prefix_cache_hit_tokens_total") - hits_before;
     // At most the chat header each (shared with the unrelated prompts and with each other).
     assert!(reused < 40.0, "expected cold prompts, reused {reused}");
