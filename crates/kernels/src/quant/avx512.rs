@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 
 use gemma_formats::GgmlType;
 
-use super::avx2::{self, f16_at, load128, load256};
+use super::avx2::{self, f16_at, load256};
 use super::layout::{self, offs, QK, QK_K};
 use super::DotFn;
 
@@ -159,9 +159,7 @@ macro_rules! quant_kernels {
                 GgmlType::Q5_0 => dot_q5_0,
                 GgmlType::Q5_1 => dot_q5_1,
                 GgmlType::Q8_0 => dot_q8_0,
-                GgmlType::Q4_K => dot_q4_k,
                 GgmlType::Q5_K => dot_q5_k,
-                GgmlType::Q6_K => dot_q6_k,
                 _ => return None,
             })
         }
@@ -334,11 +332,6 @@ macro_rules! quant_kernels {
         }
 
         #[target_feature(enable = $features)]
-        unsafe fn dot_q4_k(w: &[u8], a: &[u8], n: usize) -> f32 {
-            dot_k4_family(w, 144, offs::Q4_K_SCALES, offs::Q4_K_QS, None, a, n)
-        }
-
-        #[target_feature(enable = $features)]
         unsafe fn dot_q5_k(w: &[u8], a: &[u8], n: usize) -> f32 {
             dot_k4_family(
                 w,
@@ -349,41 +342,6 @@ macro_rules! quant_kernels {
                 a,
                 n,
             )
-        }
-
-        #[target_feature(enable = $features)]
-        unsafe fn dot_q6_k(w: &[u8], a: &[u8], n: usize) -> f32 {
-            // i32 lane k of a 64-value product covers values 4k..4k+4: scale group k / 4.
-            let lane_group = _mm512_srli_epi32(
-                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                2,
-            );
-            let mut acc = _mm512_setzero_ps();
-            let mut subtract = 0.0f32;
-            for i in 0..n / QK_K {
-                let (wo, ao) = (i * 210, i * 292);
-                let all_scales = _mm512_cvtepi8_epi32(load128(w, wo + offs::Q6_K_SCALES));
-                let mut isum = _mm512_setzero_si512();
-                for h in 0..2 {
-                    let quarters = avx2::q6k_half(w, wo, h);
-                    for pair in 0..2 {
-                        let q = join(quarters[2 * pair], quarters[2 * pair + 1]);
-                        let y = load512(a, ao + offs::Q8_K_QS + 128 * h + 64 * pair);
-                        let lanes = $mul_sum(q, y);
-                        let first_group = (8 * h + 4 * pair) as i32;
-                        let idx = _mm512_add_epi32(lane_group, _mm512_set1_epi32(first_group));
-                        let sc = _mm512_permutexvar_epi32(idx, all_scales);
-                        isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(lanes, sc));
-                    }
-                }
-                // Stored values carry an offset of 32: subtract 32 * scale * sum(activations).
-                let scales16 = _mm256_cvtepi8_epi16(load128(w, wo + offs::Q6_K_SCALES));
-                let offset = 32 * avx2::bsums_dot(a, ao, scales16);
-                let d = f16_at(w, wo + offs::Q6_K_D) * layout::f32_at(a, ao);
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc);
-                subtract += d * offset as f32;
-            }
-            _mm512_reduce_add_ps(acc) - subtract
         }
     };
 }

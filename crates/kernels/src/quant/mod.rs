@@ -94,14 +94,12 @@ pub fn quantize(dtype: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Kern
 pub fn vec_dot_type(dtype: GgmlType) -> GgmlType {
     match dtype {
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => GgmlType::F32,
-        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => GgmlType::Q8_0,
+        // Q4_K and Q6_K too (not ggml's Q8_K): see `scalar::dot_q4_k`.
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K => {
+            GgmlType::Q8_0
+        }
         GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 => GgmlType::Q8_1,
-        GgmlType::Q2_K
-        | GgmlType::Q3_K
-        | GgmlType::Q4_K
-        | GgmlType::Q5_K
-        | GgmlType::Q6_K
-        | GgmlType::Q8_K => GgmlType::Q8_K,
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q5_K | GgmlType::Q8_K => GgmlType::Q8_K,
     }
 }
 
