@@ -684,39 +684,12 @@ unsafe fn k4_scales_mins_by_row(
     rows: &[*const u8; GROUP_ROWS],
     off: usize,
 ) -> ([__m256; 8], [__m256; 8]) {
-    // Per row, i32 lane `sub` = scale | min << 16; then an 8 × 8 transpose of i32.
+    // Per row, i32 lane `sub` = scale | min << 16; then transposed.
     let v: [__m256i; GROUP_ROWS] = std::array::from_fn(|r| {
         let (scales, mins) = k4_scales_mins(rows[r].add(off));
         _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(scales, mins))
     });
-    let lo01 = _mm256_unpacklo_epi32(v[0], v[1]);
-    let hi01 = _mm256_unpackhi_epi32(v[0], v[1]);
-    let lo23 = _mm256_unpacklo_epi32(v[2], v[3]);
-    let hi23 = _mm256_unpackhi_epi32(v[2], v[3]);
-    let lo45 = _mm256_unpacklo_epi32(v[4], v[5]);
-    let hi45 = _mm256_unpackhi_epi32(v[4], v[5]);
-    let lo67 = _mm256_unpacklo_epi32(v[6], v[7]);
-    let hi67 = _mm256_unpackhi_epi32(v[6], v[7]);
-    // u[s] holds sub-blocks s (low half) and s + 4 (high half) of rows 0-3, w[s] of rows 4-7.
-    let u = [
-        _mm256_unpacklo_epi64(lo01, lo23),
-        _mm256_unpackhi_epi64(lo01, lo23),
-        _mm256_unpacklo_epi64(hi01, hi23),
-        _mm256_unpackhi_epi64(hi01, hi23),
-    ];
-    let w = [
-        _mm256_unpacklo_epi64(lo45, lo67),
-        _mm256_unpackhi_epi64(lo45, lo67),
-        _mm256_unpacklo_epi64(hi45, hi67),
-        _mm256_unpackhi_epi64(hi45, hi67),
-    ];
-    let by_sub: [__m256i; 8] = std::array::from_fn(|sub| {
-        if sub < 4 {
-            _mm256_permute2x128_si256::<0x20>(u[sub], w[sub])
-        } else {
-            _mm256_permute2x128_si256::<0x31>(u[sub - 4], w[sub - 4])
-        }
-    });
+    let by_sub = transpose8_epi32(&v);
     let low16 = _mm256_set1_epi32(0xFFFF);
     (
         std::array::from_fn(|sub| _mm256_cvtepi32_ps(_mm256_and_si256(by_sub[sub], low16))),
@@ -750,41 +723,99 @@ unsafe fn rows_q6_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
     for_each_group!(q6_k_chunk, range, a, cols, out)
 }
 
-/// Multipliers for quarter `quarter` (0..8) of a Q6_K block's 256 values: its signed scale
-/// `2 * quarter` for the first 16 values, `2 * quarter + 1` for the next 16, as i16. `raw` holds
-/// the 16 scale bytes in both 128-bit halves; each byte is moved to the high byte of its i16 and
-/// shifted back down arithmetically, which sign-extends it.
+/// The four quarters (32 values each, 0..64 with the offset of 32 not removed) of half `half`
+/// of the Q6_K block at `b`: low four bits from `ql`, top two from `qh`, three loads for all.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_scale_pair(raw: __m256i, quarter: usize) -> __m256i {
-    let (lo, hi) = ((2 * quarter) as i8, (2 * quarter + 1) as i8);
-    let z = -1i8; // pshufb index with the top bit set: a zero byte
-    let index = _mm256_setr_epi8(
-        z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, lo, z, hi, z, hi, z, hi, z, hi, z, hi,
-        z, hi, z, hi, z, hi,
-    );
-    _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(raw, index))
+unsafe fn q6k_half_quarters(b: *const u8, half: usize) -> [__m256i; 4] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(3);
+    let l0 = load256(b.add(64 * half));
+    let l1 = load256(b.add(64 * half + 32));
+    let hb = load256(b.add(offs::Q6_K_QH + 32 * half));
+    let high = |bits: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(bits, m2));
+    [
+        _mm256_or_si256(_mm256_and_si256(l0, m4), high(hb)),
+        _mm256_or_si256(_mm256_and_si256(l1, m4), high(_mm256_srli_epi16::<2>(hb))),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
+            high(_mm256_srli_epi16::<4>(hb)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+            high(_mm256_srli_epi16::<6>(hb)),
+        ),
+    ]
 }
 
-/// The 32 quants (0..64, offset 32 not removed) of quarter `quarter` (0..8) of the Q6_K block
-/// at `b`: low four bits from `ql`, top two from `qh`.
+/// [`reduce8_pairs`] without its last add: lane `i` of the first vector is the sum of row `i`'s
+/// eight i16 in the low 128 bits (values 0..16 of a 32-value block), of the second those in the
+/// high 128 bits (values 16..32). Sums of four i16 must stay exact (|value| ≤ 8191).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_quarter(b: *const u8, quarter: usize) -> __m256i {
-    let (half, i) = (quarter / 4, quarter % 4);
-    let low = load256(b.add(64 * half + 32 * (i % 2)));
-    let low = _mm256_srl_epi16(low, _mm_cvtsi32_si128(4 * (i / 2) as i32));
-    let high = load256(b.add(offs::Q6_K_QH + 32 * half));
-    let high = _mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * i as i32));
-    _mm256_or_si256(
-        _mm256_and_si256(low, _mm256_set1_epi8(0x0F)),
-        _mm256_slli_epi16::<4>(_mm256_and_si256(high, _mm256_set1_epi8(3))),
+unsafe fn reduce8_pairs_halves(v: &[__m256i; GROUP_ROWS], ones16: __m256i) -> (__m256i, __m256i) {
+    let q0123 = _mm256_hadd_epi16(_mm256_hadd_epi16(v[0], v[1]), _mm256_hadd_epi16(v[2], v[3]));
+    let q4567 = _mm256_hadd_epi16(_mm256_hadd_epi16(v[4], v[5]), _mm256_hadd_epi16(v[6], v[7]));
+    let r0123 = _mm256_madd_epi16(q0123, ones16);
+    let r4567 = _mm256_madd_epi16(q4567, ones16);
+    (
+        _mm256_permute2x128_si256::<0x20>(r0123, r4567),
+        _mm256_permute2x128_si256::<0x31>(r0123, r4567),
     )
 }
 
-/// Per 32-value quarter, as the scalar reference: `Σ scale·(q − 32)·a` exact in i32 (the offset
-/// taken off the `vpmaddubsw` pair sums: `q·a` pairs are at most 2·63·127 and `32·a` pairs
-/// 32·254, so their difference stays in i16), then `acc + (d·d_a)·isum`.
+/// The eight rows' 16 Q6_K scales (signed bytes at byte `off` of each row) transposed: lane `r`
+/// of vector `g` is row `r`'s scale of 16-value group `g`, as i32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_scales_by_row(rows: &[*const u8; GROUP_ROWS], off: usize) -> [__m256i; 16] {
+    let raw: [__m128i; GROUP_ROWS] =
+        std::array::from_fn(|r| _mm_loadu_si128(rows[r].add(off).cast()));
+    let low: [__m256i; GROUP_ROWS] = std::array::from_fn(|r| _mm256_cvtepi8_epi32(raw[r]));
+    let high: [__m256i; GROUP_ROWS] =
+        std::array::from_fn(|r| _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw[r], raw[r])));
+    let (a, b) = (transpose8_epi32(&low), transpose8_epi32(&high));
+    std::array::from_fn(|g| if g < 8 { a[g] } else { b[g - 8] })
+}
+
+/// 8 × 8 transpose of i32: lane `r` of output `j` is lane `j` of input `r`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn transpose8_epi32(v: &[__m256i; 8]) -> [__m256i; 8] {
+    let lo01 = _mm256_unpacklo_epi32(v[0], v[1]);
+    let hi01 = _mm256_unpackhi_epi32(v[0], v[1]);
+    let lo23 = _mm256_unpacklo_epi32(v[2], v[3]);
+    let hi23 = _mm256_unpackhi_epi32(v[2], v[3]);
+    let lo45 = _mm256_unpacklo_epi32(v[4], v[5]);
+    let hi45 = _mm256_unpackhi_epi32(v[4], v[5]);
+    let lo67 = _mm256_unpacklo_epi32(v[6], v[7]);
+    let hi67 = _mm256_unpackhi_epi32(v[6], v[7]);
+    // u[j] holds lanes j (low half) and j + 4 (high half) of rows 0-3, w[j] of rows 4-7.
+    let u = [
+        _mm256_unpacklo_epi64(lo01, lo23),
+        _mm256_unpackhi_epi64(lo01, lo23),
+        _mm256_unpacklo_epi64(hi01, hi23),
+        _mm256_unpackhi_epi64(hi01, hi23),
+    ];
+    let w = [
+        _mm256_unpacklo_epi64(lo45, lo67),
+        _mm256_unpackhi_epi64(lo45, lo67),
+        _mm256_unpacklo_epi64(hi45, hi67),
+        _mm256_unpackhi_epi64(hi45, hi67),
+    ];
+    std::array::from_fn(|j| {
+        if j < 4 {
+            _mm256_permute2x128_si256::<0x20>(u[j], w[j])
+        } else {
+            _mm256_permute2x128_si256::<0x31>(u[j - 4], w[j - 4])
+        }
+    })
+}
+
+/// Per 32-value quarter, as the scalar reference: `Σ scale·(q − 32)·a` exact in i32, then
+/// `acc + (d·d_a)·isum`. The offset comes off the `vpmaddubsw` pair sums (`(q − 32)·a` pairs are
+/// within ±8128, so sums of four stay in i16); the rows' two 16-value sums per quarter come out
+/// of one reduction and take their scales (transposed once per block) in i32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_chunk<const NT: usize>(
@@ -795,6 +826,7 @@ unsafe fn q6_k_chunk<const NT: usize>(
 ) -> [__m256; NT] {
     const W: usize = 210;
     let thirty_two = _mm256_set1_epi8(32);
+    let ones16 = _mm256_set1_epi16(1);
     let next_group = rows[0].wrapping_add(prefetch_distance(row_bytes));
     let mut acc = [_mm256_setzero_ps(); NT];
     for k in 0..cols / QK_K {
@@ -802,27 +834,32 @@ unsafe fn q6_k_chunk<const NT: usize>(
         for r in 0..GROUP_ROWS {
             prefetch_row_share(next_group, off, r, W);
         }
+        let scales = q6k_scales_by_row(rows, off + offs::Q6_K_SCALES);
         let dw = f16x8(rows, off + offs::Q6_K_D);
-        for quarter in 0..8 {
-            let block = 8 * k + quarter;
-            let a_off = block * 34 + offs::Q8_0_QS;
-            let offsets: [__m256i; NT] = std::array::from_fn(|t| {
-                _mm256_maddubs_epi16(thirty_two, load256(acts[t].row.add(a_off)))
-            });
-            let mut lanes = [[_mm256_setzero_si256(); GROUP_ROWS]; NT];
+        for half in 0..2 {
+            let mut lanes = [[[_mm256_setzero_si256(); GROUP_ROWS]; NT]; 4];
             for (r, &row) in rows.iter().enumerate() {
-                let b = row.add(off);
-                let q = q6k_quarter(b, quarter);
-                let raw_scales = _mm_loadu_si128(b.add(offs::Q6_K_SCALES).cast());
-                let scale_pair = q6k_scale_pair(_mm256_broadcastsi128_si256(raw_scales), quarter);
-                for t in 0..NT {
-                    let pairs = _mm256_maddubs_epi16(q, load256(acts[t].row.add(a_off)));
-                    lanes[t][r] =
-                        _mm256_madd_epi16(_mm256_sub_epi16(pairs, offsets[t]), scale_pair);
+                let quarters = q6k_half_quarters(row.add(off), half);
+                for (i, &q) in quarters.iter().enumerate() {
+                    let a_off = (8 * k + 4 * half + i) * 34 + offs::Q8_0_QS;
+                    for t in 0..NT {
+                        let y = load256(acts[t].row.add(a_off));
+                        let offset = _mm256_maddubs_epi16(thirty_two, y);
+                        lanes[i][t][r] = _mm256_sub_epi16(_mm256_maddubs_epi16(q, y), offset);
+                    }
                 }
             }
-            for t in 0..NT {
-                acc[t] = scaled_add(acc[t], dw, acts[t].scale(block), reduce8(&lanes[t]));
+            for (i, quarter_lanes) in lanes.iter().enumerate() {
+                let quarter = 4 * half + i;
+                let block = 8 * k + quarter;
+                for t in 0..NT {
+                    let (lo, hi) = reduce8_pairs_halves(&quarter_lanes[t], ones16);
+                    let isum = _mm256_add_epi32(
+                        _mm256_mullo_epi32(lo, scales[2 * quarter]),
+                        _mm256_mullo_epi32(hi, scales[2 * quarter + 1]),
+                    );
+                    acc[t] = scaled_add(acc[t], dw, acts[t].scale(block), isum);
+                }
             }
         }
     }
