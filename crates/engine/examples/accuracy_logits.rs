@@ -18,9 +18,9 @@
 //! - `decode`: `ids[..len - k]` prefilled (no logits), then each of the last k tokens fed alone
 //!   (`Logits::Last`), as generation feeds its sampled tokens.
 //!
-//! `ACCURACY_CACHE=f32|q8_0` replaces the f16 cache (for diagnosis; the kernels' own
-//! `GEMMA_GEMM_MIN_TOKENS` moves the switch between quantized-activation dot products and the
-//! f32 prefill GEMM).
+//! `ACCURACY_CACHE=f32|q8_0` replaces the f16 cache (for diagnosis). Every matmul quantizes its
+//! activations the same way whatever the number of tokens (one numeric path), so `prefill` and
+//! `decode` differ only in attention's summation order and in which rows share a pass.
 //!
 //! For each position and run: the candidates' logits, the engine's own argmax and its logit, and
 //! the row's log-sum-exp (for log-probabilities).

@@ -1,4 +1,8 @@
-//! Prefill matrix multiplication: many tokens against one weight matrix.
+//! The f32 GEMM: tokens against one weight matrix with unquantized activations. [`crate::matmul`]
+//! uses it for float weights (F32, F16, BF16) at every token count, since each output is the
+//! same chain of fused multiply-adds over `k` whatever the tile, panel or ISA; quantized weights
+//! take the quantized-activation kernels at every token count instead (one numeric path for
+//! prompt processing and decoding), and reach this GEMM only when it is called directly.
 //!
 //! With many tokens the cost of a quantized dot product is dominated by unpacking the weight
 //! block again for every token. Here each task dequantizes a panel of [`PANEL_ROWS`] weight rows
@@ -24,8 +28,6 @@ pub const TILE_TOKENS: usize = 6;
 pub const PANEL_ROWS_AVX512: usize = 32;
 /// Tokens processed together by the AVX-512 tile (24 accumulators of the 32 zmm registers).
 pub const TILE_TOKENS_AVX512: usize = 12;
-/// Below this many tokens the per-token quantized dot products are cheaper than dequantizing.
-pub const MIN_GEMM_TOKENS: usize = 20;
 
 thread_local! {
     /// Per-thread buffers: dequantized rows (row-major) and the k-major panel.

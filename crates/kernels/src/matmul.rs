@@ -5,7 +5,7 @@ use gemma_formats::GgmlType;
 use crate::error::{bytes_for, KernelError};
 use crate::gemm;
 use crate::pool::ThreadPool;
-use crate::quant::{self, selected_kernels, vec_dot_type, QuantizedActs, ROW_GROUP};
+use crate::quant::{self, selected_kernels, vec_dot_type, Isa, Kernels, QuantizedActs, ROW_GROUP};
 
 /// A row-major weight matrix `[rows, cols]` stored in its GGML type: each row is
 /// `dtype.bytes_for(cols)` bytes. Build with [`WeightMatrix::new`], which checks the sizes.
@@ -94,16 +94,60 @@ pub fn dequantize_row(w: &WeightMatrix, r: usize, dst: &mut [f32]) {
 
 /// `y[t * rows + r] = dot(w row r, x[t * cols..(t + 1) * cols])` for every token `t`.
 ///
-/// Each activation row is quantized once to the weight type's vec_dot type into `scratch`
-/// (reused across calls); rows are then split into chunks across `pool`. Types with a multi-row
-/// kernel (see [`quant`]) compute groups of 8 rows against up to 4 tokens at a time; every
-/// result is bit-identical to [`quant::vec_dot`] of its row and token, whatever the batch.
-/// Other types apply each weight row to all tokens while it is in cache.
+/// One numeric path for any number of tokens, so that a token's outputs do not depend on how
+/// many tokens share the call (prompt processing and decoding agree bit for bit):
+/// - quantized weights: each activation row is quantized once to the weight type's vec_dot
+///   type into `scratch` (reused across calls) and rows are split into chunks across `pool`.
+///   Types with a multi-row kernel (see [`quant`]) compute tiles of 8 rows × up to 4 tokens
+///   with integer block dot products (AVX2 `maddubs`, or AVX-512 VNNI `vpdpbusd`); from
+///   [`INT8_GEMM_MIN_TOKENS`] tokens, Q4_0, Q5_0, Q8_0, Q4_K and Q6_K take an int8 GEMM over
+///   repacked panels instead (16 rows' block sums in one register with `vpdpbusd`, or 8 rows'
+///   with AVX2), all against Q8_0 activations.
+///   The others apply each weight row to all tokens while it is in cache. Every result is
+///   bit-identical to [`quant::vec_dot`] of its row and token (the decode kernel): exact
+///   integer block sums, then the scalar reference's float steps in its order.
+/// - float weights (F32, F16, BF16): the f32 GEMM of [`gemm`], with unquantized activations;
+///   each output is the same chain of fused multiply-adds over `k` whatever the batch or ISA.
 ///
 /// # Panics
 /// If `w` is malformed or `x`/`y` do not hold `n_tokens` rows of `cols`/`rows` values.
 #[track_caller]
 pub fn matmul(
+    pool: &ThreadPool,
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Vec<u8>,
+) {
+    matmul_on(selected_kernels(), pool, w, x, n_tokens, y, scratch);
+}
+
+/// [`matmul`] on an explicit ISA (tests compare every ISA's results across batch sizes).
+///
+/// # Panics
+/// As [`matmul`], and when `isa` is not available on this CPU.
+#[track_caller]
+pub fn matmul_with(
+    pool: &ThreadPool,
+    isa: Isa,
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Vec<u8>,
+) {
+    assert!(
+        isa.is_available(),
+        "ISA {isa:?} is not available on this CPU"
+    );
+    let kernels = Kernels::for_isa(isa);
+    matmul_on(&kernels, pool, w, x, n_tokens, y, scratch);
+}
+
+#[track_caller]
+fn matmul_on(
+    kernels: &Kernels,
     pool: &ThreadPool,
     w: &WeightMatrix,
     x: &[f32],
@@ -128,29 +172,27 @@ pub fn matmul(
     if rows == 0 || n_tokens == 0 {
         return;
     }
-    if n_tokens >= gemm_threshold() {
-        gemm::gemm_f32(pool, w, x, n_tokens, y);
+    let act_type = vec_dot_type(w.dtype);
+    if act_type == GgmlType::F32 {
+        // Float weights: the f32 GEMM for any token count. Each output is one chain of fused
+        // multiply-adds over the columns in order, whatever the tile, panel or ISA.
+        gemm::gemm_f32_with(pool, kernels.isa, w, x, n_tokens, y);
         return;
     }
-    let act_type = vec_dot_type(w.dtype);
-    let acts = if act_type == GgmlType::F32 {
-        QuantizedActs {
-            rows: f32_bytes(x),
-            row_bytes: 4 * cols,
-            q8_0_info: &[],
-        }
-    } else {
-        quant::quantize_acts(act_type, x, cols, n_tokens, scratch)
-    };
+    let acts = quant::quantize_acts_with(kernels.simd(), act_type, x, cols, n_tokens, scratch);
     let act_row = acts.row_bytes;
     let row_bytes = w.row_bytes();
     let out = OutPtr(y.as_mut_ptr());
-    if selected_kernels().rows(w.dtype).is_some() {
-        run_row_kernels(pool, &[(*w, out)], &acts);
+    if n_tokens >= INT8_GEMM_MIN_TOKENS && int8_gemm_supports(kernels.isa, w.dtype) {
+        run_int8_gemm(kernels.isa, pool, w, &acts, out);
+        return;
+    }
+    if kernels.rows(w.dtype).is_some() {
+        run_row_kernels(kernels, pool, &[(*w, out)], &acts);
         return;
     }
 
-    let dot = selected_kernels().dot(w.dtype);
+    let dot = kernels.dot(w.dtype);
     let chunk = rows_per_task(rows, pool.n_threads());
     pool.run(rows.div_ceil(chunk), &|task| {
         let first = task * chunk;
@@ -191,9 +233,14 @@ pub fn matmul_shared_input(
     );
     let Some(first) = ws.first() else { return };
     let act_type = vec_dot_type(first.dtype);
+    // Prompts take the int8 GEMM matrix by matrix (same bits either way).
+    let int8_gemm = n_tokens >= INT8_GEMM_MIN_TOKENS
+        && ws
+            .iter()
+            .any(|w| int8_gemm_supports(selected_kernels().isa, w.dtype));
     let shared = n_tokens > 0
+        && !int8_gemm
         && ws.len() <= MAX_SHARED_INPUT
-        && n_tokens < gemm_threshold()
         && act_type != GgmlType::F32
         && ws.iter().all(|w| {
             vec_dot_type(w.dtype) == act_type
@@ -226,7 +273,7 @@ pub fn matmul_shared_input(
         *job = (*w, OutPtr(y.as_mut_ptr()));
     }
     let acts = quant::quantize_acts(act_type, x, first.cols, n_tokens, scratch);
-    run_row_kernels(pool, &jobs[..ws.len()], &acts);
+    run_row_kernels(selected_kernels(), pool, &jobs[..ws.len()], &acts);
 }
 
 /// Most matrices one [`matmul_shared_input`] job takes (LAuReL's left factor, q, k and v);
@@ -239,7 +286,12 @@ const MAX_SHARED_INPUT: usize = 4;
 ///
 /// Every matrix must be valid, have a rows kernel and `acts.n_tokens()` rows of its `cols`
 /// activations, and every output must hold `n_tokens * rows` values no one else touches.
-fn run_row_kernels(pool: &ThreadPool, jobs: &[(WeightMatrix, OutPtr)], acts: &QuantizedActs) {
+fn run_row_kernels(
+    kernels: &Kernels,
+    pool: &ThreadPool,
+    jobs: &[(WeightMatrix, OutPtr)],
+    acts: &QuantizedActs,
+) {
     debug_assert!(jobs.len() <= MAX_SHARED_INPUT);
     let threads = pool.n_threads();
     // Row chunk and task count per matrix; tasks are numbered matrix after matrix.
@@ -257,7 +309,7 @@ fn run_row_kernels(pool: &ThreadPool, jobs: &[(WeightMatrix, OutPtr)], acts: &Qu
             m += 1;
         }
         let (w, out) = &jobs[m];
-        let kernel = selected_kernels()
+        let kernel = kernels
             .rows(w.dtype)
             .expect("callers check for a rows kernel");
         let first = task * plan[m].0;
@@ -276,16 +328,66 @@ fn run_row_kernels(pool: &ThreadPool, jobs: &[(WeightMatrix, OutPtr)], acts: &Qu
     });
 }
 
-/// Tokens from which [`matmul`] switches to the dequantize-once f32 GEMM
-/// ([`gemm::MIN_GEMM_TOKENS`], overridable with `GEMMA_GEMM_MIN_TOKENS` for measurements).
-fn gemm_threshold() -> usize {
-    static THRESHOLD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THRESHOLD.get_or_init(|| {
-        std::env::var("GEMMA_GEMM_MIN_TOKENS")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(gemm::MIN_GEMM_TOKENS)
-    })
+/// Tokens from which [`matmul`] takes the int8 GEMM where it has one: it gives the same bits
+/// as the row kernels, so this is a speed choice only (repacking a panel costs about one pass of
+/// the row kernel over it).
+pub const INT8_GEMM_MIN_TOKENS: usize = 8;
+
+/// Whether the int8 GEMM of `isa` handles weights of `dtype` (x86-64 with AVX2 and above).
+fn int8_gemm_supports(isa: Isa, dtype: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return matches!(isa, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni)
+        && quant::int8_gemm::supports(dtype);
+    #[cfg(not(target_arch = "x86_64"))]
+    return {
+        let _ = (isa, dtype);
+        false
+    };
+}
+
+/// The int8 GEMM (see [`quant::int8_gemm`]) over panels split across `pool`: 16 rows with
+/// AVX-512 VNNI, 8 with AVX2. `isa` must be available and [`int8_gemm_supports`] `w`, `acts`
+/// must be its Q8_0 activations and `out` hold `acts.n_tokens() * w.rows` values no one else
+/// touches.
+#[cfg(target_arch = "x86_64")]
+fn run_int8_gemm(isa: Isa, pool: &ThreadPool, w: &WeightMatrix, acts: &QuantizedActs, out: OutPtr) {
+    use quant::int8_gemm::{panel, panel_avx2, PanelOut, PANEL_ROWS, PANEL_ROWS_AVX2};
+    let (kernel, panel_rows) = if isa == Isa::Avx512Vnni {
+        (panel as unsafe fn(_, _, _, _, _, _, _), PANEL_ROWS)
+    } else {
+        (
+            panel_avx2 as unsafe fn(_, _, _, _, _, _, _),
+            PANEL_ROWS_AVX2,
+        )
+    };
+    let row_bytes = w.row_bytes();
+    pool.run(w.rows.div_ceil(panel_rows), &|task| {
+        let r0 = task * panel_rows;
+        let n_rows = panel_rows.min(w.rows - r0);
+        let out = PanelOut {
+            // SAFETY: r0 < rows, inside the output.
+            ptr: unsafe { out.at(r0) },
+            token_stride: w.rows,
+        };
+        // SAFETY: the caller checked the ISA's availability; the sizes were validated and
+        // this task alone writes rows r0..r0 + n_rows.
+        unsafe {
+            kernel(
+                w.dtype,
+                &w.data[r0 * row_bytes..],
+                row_bytes,
+                n_rows,
+                w.cols,
+                acts,
+                out,
+            )
+        };
+    });
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn run_int8_gemm(_: Isa, _: &ThreadPool, _: &WeightMatrix, _: &QuantizedActs, _: OutPtr) {
+    unreachable!("int8_gemm_supports is false off x86-64")
 }
 
 /// Rows per pool task: about four tasks per thread for load balance, at least 16 rows.
@@ -309,10 +411,4 @@ impl OutPtr {
     unsafe fn at(&self, i: usize) -> *mut f32 {
         self.0.add(i)
     }
-}
-
-/// Little-endian f32 activations are already in the F32 vec_dot format.
-fn f32_bytes(x: &[f32]) -> &[u8] {
-    // SAFETY: any f32 bit pattern is valid bytes; the length covers exactly the same memory.
-    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
 }

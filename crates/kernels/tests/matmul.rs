@@ -48,12 +48,24 @@ fn random_matrix(dtype: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Ve
     out
 }
 
-/// y[t][r] = vec_dot(row r, quantize(x[t])) one element at a time.
+/// y[t][r] = vec_dot(row r, quantize(x[t])) one element at a time; for float weights, one
+/// chain of fused multiply-adds over the dequantized row in column order.
 fn naive(w: &WeightMatrix, x: &[f32], n_tokens: usize) -> Vec<f32> {
     let act_type = quant::vec_dot_type(w.dtype);
     let mut y = vec![0.0; n_tokens * w.rows];
     for t in 0..n_tokens {
         let xt = &x[t * w.cols..(t + 1) * w.cols];
+        if act_type == GgmlType::F32 {
+            let mut row = vec![0.0f32; w.cols];
+            for r in 0..w.rows {
+                dequantize_row(w, r, &mut row);
+                y[t * w.rows + r] = row
+                    .iter()
+                    .zip(xt)
+                    .fold(0.0, |acc, (&a, &b)| a.mul_add(b, acc));
+            }
+            continue;
+        }
         let mut act = vec![0u8; act_type.bytes_for(w.cols).unwrap()];
         quant::quantize(act_type, xt, &mut act).unwrap();
         for r in 0..w.rows {
@@ -89,62 +101,80 @@ fn matmul_matches_naive_reference_for_every_type() {
     }
 }
 
-/// Every token's outputs must be the same bits whether the token is multiplied alone or inside a
-/// batch (of any size the quantized path takes), and equal to the scalar reference: the server
-/// relies on this to keep batched decoding reproducible.
+/// One numeric path: on every available ISA and for every weight type the models use, a matmul
+/// of N tokens equals N single-token matmuls bit for bit (prompt processing and decoding agree,
+/// and a batched request computes what it would alone), for N on both sides of the old switch
+/// to the f32 GEMM (20) and off every tile size. Quantized types also equal the ISA's one-row
+/// `vec_dot` of their row and token (the decode kernel).
 #[test]
-fn quantized_matmul_is_independent_of_batch_size_and_equals_scalar() {
-    use gemma_kernels::gemm::MIN_GEMM_TOKENS;
+fn matmul_of_n_tokens_equals_n_single_token_matmuls_on_every_isa() {
+    use gemma_kernels::matmul_with;
     let pool = ThreadPool::new(2);
     let mut rng = Rng(0xbeef);
     let mut scratch = Vec::new();
     for dtype in [
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_0,
         GgmlType::Q4_0,
         GgmlType::Q5_0,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q6_K,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::F32,
     ] {
-        let cols = if dtype.block_size() == 256 { 512 } else { 96 };
+        let cols = match dtype.block_size() {
+            256 => 512,
+            1 => 301,
+            _ => 96,
+        };
         let rows = 45;
         let data = random_matrix(dtype, rows, cols, &mut rng);
         let w = WeightMatrix::new(dtype, rows, cols, &data).unwrap();
-        let max_tokens = MIN_GEMM_TOKENS - 1;
+        let max_tokens = 37;
         let x = rng.floats(max_tokens * cols);
         let act_type = quant::vec_dot_type(dtype);
-        let mut alone = vec![0.0f32; max_tokens * rows];
-        for t in 0..max_tokens {
-            let xt = &x[t * cols..(t + 1) * cols];
-            let mut y = vec![f32::NAN; rows];
-            matmul(&pool, &w, xt, 1, &mut y, &mut scratch);
-            let mut act = vec![0u8; act_type.bytes_for(cols).unwrap()];
-            quant::quantize(act_type, xt, &mut act).unwrap();
-            for (r, got) in y.iter().enumerate() {
-                let reference = quant::scalar::vec_dot(dtype, w.row(r), &act, cols);
-                assert_eq!(
-                    got.to_bits(),
-                    reference.to_bits(),
-                    "{dtype} token {t} row {r}: {got} vs scalar {reference}"
-                );
+        for isa in quant::available_isas() {
+            let mut alone = vec![0.0f32; max_tokens * rows];
+            for t in 0..max_tokens {
+                let xt = &x[t * cols..(t + 1) * cols];
+                let mut y = vec![f32::NAN; rows];
+                matmul_with(&pool, isa, &w, xt, 1, &mut y, &mut scratch);
+                if act_type != GgmlType::F32 {
+                    let mut act = vec![0u8; act_type.bytes_for(cols).unwrap()];
+                    quant::quantize(act_type, xt, &mut act).unwrap();
+                    for (r, got) in y.iter().enumerate() {
+                        let reference = quant::vec_dot_with(isa, dtype, w.row(r), &act, cols);
+                        assert_eq!(
+                            got.to_bits(),
+                            reference.to_bits(),
+                            "{dtype} {isa:?} token {t} row {r}: {got} vs vec_dot {reference}"
+                        );
+                    }
+                }
+                alone[t * rows..(t + 1) * rows].copy_from_slice(&y);
             }
-            alone[t * rows..(t + 1) * rows].copy_from_slice(&y);
-        }
-        for n_tokens in [2, 3, 4, 5, 7, 8, max_tokens] {
-            let mut y = vec![f32::NAN; n_tokens * rows];
-            matmul(
-                &pool,
-                &w,
-                &x[..n_tokens * cols],
-                n_tokens,
-                &mut y,
-                &mut scratch,
-            );
-            for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
-                assert_eq!(
-                    a.to_bits(),
-                    b.to_bits(),
-                    "{dtype} batch of {n_tokens}: element {i} differs from the token alone"
-                );
+            for n_tokens in [2, 3, 4, 5, 7, 8, 13, 19, 20, 25, max_tokens] {
+                let mut y = vec![f32::NAN; n_tokens * rows];
+                let xs = &x[..n_tokens * cols];
+                matmul_with(&pool, isa, &w, xs, n_tokens, &mut y, &mut scratch);
+                for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{dtype} {isa:?} batch of {n_tokens}: element {i} differs from the \
+                         token alone"
+                    );
+                }
+            }
+            // The ISA the process selected gives the same bits through `matmul`.
+            if isa == quant::selected_isa() {
+                let mut y = vec![f32::NAN; max_tokens * rows];
+                matmul(&pool, &w, &x, max_tokens, &mut y, &mut scratch);
+                assert!(y
+                    .iter()
+                    .zip(&alone)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
             }
         }
     }
@@ -269,13 +299,12 @@ fn matmul_rejects_hand_built_malformed_matrix() {
     );
 }
 
-/// Many tokens take the dequantize-once f32 GEMM path: compare with an f64 product of the
-/// dequantized weights and the unquantized activations, on the selected ISA and on scalar.
+/// The dequantize-once f32 GEMM (every token count for float weights; quantized weights only
+/// when called directly): compare with an f64 product of the dequantized weights and the
+/// unquantized activations, on every ISA.
 #[test]
 fn gemm_path_matches_dequantized_f64_reference() {
-    use gemma_kernels::gemm::{
-        gemm_f32_with, MIN_GEMM_TOKENS, PANEL_ROWS_AVX512, TILE_TOKENS_AVX512,
-    };
+    use gemma_kernels::gemm::{gemm_f32_with, PANEL_ROWS_AVX512, TILE_TOKENS_AVX512};
     use gemma_kernels::quant::available_isas;
     let pool = ThreadPool::new(3);
     let mut rng = Rng(0xfeed);
@@ -300,7 +329,7 @@ fn gemm_path_matches_dequantized_f64_reference() {
         // Rows and tokens that are not multiples of any panel (16 or 32 rows) or tile (6 or
         // 12 tokens) size.
         let rows = 2 * PANEL_ROWS_AVX512 + 5;
-        let n_tokens = MIN_GEMM_TOKENS.max(2 * TILE_TOKENS_AVX512 + 1);
+        let n_tokens = 2 * TILE_TOKENS_AVX512 + 1;
         let data = random_matrix(dtype, rows, cols, &mut rng);
         let w = WeightMatrix::new(dtype, rows, cols, &data).unwrap();
         let x = rng.floats(n_tokens * cols);
@@ -324,9 +353,11 @@ fn gemm_path_matches_dequantized_f64_reference() {
                 );
             }
         };
-        let mut y = vec![f32::NAN; n_tokens * rows];
-        matmul(&pool, &w, &x, n_tokens, &mut y, &mut scratch);
-        check(&y, "matmul");
+        if dtype.block_size() == 1 {
+            let mut y = vec![f32::NAN; n_tokens * rows];
+            matmul(&pool, &w, &x, n_tokens, &mut y, &mut scratch);
+            check(&y, "matmul");
+        }
         for isa in available_isas() {
             let mut y = vec![f32::NAN; n_tokens * rows];
             gemm_f32_with(&pool, isa, &w, &x, n_tokens, &mut y);

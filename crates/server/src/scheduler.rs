@@ -31,15 +31,8 @@ use gemma_engine::stop::{Filtered, StopStringFilter};
 /// Prompt tokens fed per slot per iteration: long prompts do not stall other slots' decoding.
 const PREFILL_CHUNK: usize = 64;
 
-/// Decode rows per forward pass: below the kernels' switch to the dequantizing GEMM, where
-/// each row's result does not depend on the other rows.
-const DECODE_GROUP: usize = GEMM_MIN_ROWS - 1;
-
-/// Prompt tokens per forward pass when several slots' prompt chunks share one (GEMM path).
-const PREFILL_PASS: usize = 8 * PREFILL_CHUNK;
-
-/// Rows from which the kernels switch to the dequantizing f32 GEMM.
-const GEMM_MIN_ROWS: usize = gemma_kernels::gemm::MIN_GEMM_TOKENS;
+/// Rows (prompt tokens and decode rows of all slots) per forward pass.
+const PASS_ROWS: usize = 8 * PREFILL_CHUNK;
 
 /// Why a sequence ended, in OpenAI's words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,8 +180,10 @@ struct Cached {
     /// The tokens whose keys and values are in the cache.
     ids: Vec<u32>,
     /// Per position: the (start, length) of the prompt chunk it was computed in, or
-    /// (position, 1) for a token fed alone. Kernels round slightly differently for different
-    /// row counts, so only positions computed exactly as a fresh run would are reused.
+    /// (position, 1) for a token fed alone. A query's attention sums its keys in an order that
+    /// depends on its chunk (where it starts, how long it is), so only positions computed
+    /// exactly as a fresh run would are reused. (The matmuls give a row the same bits
+    /// whatever rows share its pass.)
     chunks: Vec<(usize, usize)>,
     /// Per position: what soft token replaced its embedding, if any.
     soft_keys: Vec<SoftKey>,
@@ -465,28 +460,29 @@ impl Worker {
     /// One iteration: every active slot feeds its next chunk; slots whose prompt is done
     /// sample a token.
     fn step(&mut self) {
-        let mut decoding = Vec::new();
-        let mut prefills = Vec::new();
+        let mut feeds = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let Some(active) = &mut slot.active else {
                 continue;
             };
-            // The last pending token always runs on its own (as a decode row): a prompt's
-            // final token then takes the same numeric path whether or not its prefix came
-            // from the cache, so a cache hit never changes the output. A chunk never ends
-            // inside an image block (the plan `reusable_prefix` follows).
-            match active.to_feed.len() {
-                0 => {}
-                1 => decoding.push((i, std::mem::take(&mut active.to_feed))),
+            // The last pending token always runs on its own: a prompt's final token then
+            // takes the same path whether or not its prefix came from the cache, so a cache
+            // hit never changes the output and may reuse everything but that token. The
+            // matmuls give a row the same bits in any batch, but a query's attention sums its
+            // keys in an order that depends on its chunk. A chunk never ends inside an image
+            // block (the plan `reusable_prefix` follows).
+            let n = match active.to_feed.len() {
+                0 => continue,
+                1 => 1,
                 pending => {
                     let start = slot.cached.len();
                     let end = start + prefill_chunk(pending - 1);
-                    let n = chunk_end(&active.job.soft, self.hidden, start, end) - start;
-                    prefills.push((i, active.to_feed.drain(..n).collect::<Vec<u32>>()));
+                    chunk_end(&active.job.soft, self.hidden, start, end) - start
                 }
-            }
+            };
+            feeds.push((i, active.to_feed.drain(..n).collect::<Vec<u32>>()));
         }
-        for group in plan_passes(decoding, prefills) {
+        for group in plan_passes(feeds) {
             self.run_group(group);
         }
     }
@@ -705,25 +701,12 @@ fn rewind(cache: &mut KvCache, len: usize) -> bool {
     cache.truncate(len).is_ok()
 }
 
-/// Forward passes for one step: `(slot, tokens)` feeds grouped so that every row computes
-/// exactly what it would compute if its sequence were the only one, so batching never changes
-/// an output. Feeds on the per-row kernel path (decode rows, prompt chunks shorter than the
-/// kernels' switch to the GEMM) share passes of fewer than `GEMM_MIN_ROWS` rows, where each
-/// row's result is one dot product per weight row whatever the batch; prompt chunks on the GEMM
-/// path share passes of up to `PREFILL_PASS` tokens, where every output sums over k in the same
-/// order whatever tile its token lands in. A pass mixing the two would move the short feeds onto
-/// the GEMM, so they never mix.
-fn plan_passes(
-    decoding: Vec<(usize, Vec<u32>)>,
-    prefills: Vec<(usize, Vec<u32>)>,
-) -> Vec<Vec<(usize, Vec<u32>)>> {
-    let (long, short): (Vec<_>, Vec<_>) = decoding
-        .into_iter()
-        .chain(prefills)
-        .partition(|(_, tokens)| tokens.len() >= GEMM_MIN_ROWS);
-    let mut passes = pack(short, DECODE_GROUP);
-    passes.extend(pack(long, PREFILL_PASS));
-    // `run_group` lays a pass's sequences out in slot order.
+/// Forward passes for one step: every slot's feed (prompt chunk or decode row) in passes of up
+/// to `PASS_ROWS` rows, each in slot order (as `run_group` lays a pass's batch out). The
+/// matmuls give every row the bits it would get alone (one numeric path for any batch), so
+/// batching never changes an output.
+fn plan_passes(feeds: Vec<(usize, Vec<u32>)>) -> Vec<Vec<(usize, Vec<u32>)>> {
+    let mut passes = pack(feeds, PASS_ROWS);
     for pass in &mut passes {
         pass.sort_by_key(|(slot, _)| *slot);
     }
@@ -745,16 +728,9 @@ fn pack(feeds: Vec<(usize, Vec<u32>)>, max_rows: usize) -> Vec<Vec<(usize, Vec<u
     passes
 }
 
-/// The next piece of `remaining` prompt tokens (last token excluded): at most
-/// `PREFILL_CHUNK`, never leaving a tail too short for the GEMM path.
+/// The next piece of `remaining` prompt tokens (last token excluded): at most `PREFILL_CHUNK`.
 fn prefill_chunk(remaining: usize) -> usize {
-    if remaining <= PREFILL_CHUNK {
-        remaining
-    } else if remaining - PREFILL_CHUNK < GEMM_MIN_ROWS {
-        remaining - GEMM_MIN_ROWS
-    } else {
-        PREFILL_CHUNK
-    }
+    remaining.min(PREFILL_CHUNK)
 }
 
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
@@ -913,41 +889,40 @@ mod tests {
     }
 
     #[test]
-    fn passes_never_mix_the_row_path_and_the_gemm_path() {
-        // Decode rows of slots 0-2, a short last prompt chunk on slot 3, long chunks on 4-6.
-        let decoding = vec![feed(1, 1), feed(2, 1), feed(5, 1)];
-        let prefills = vec![feed(0, 12), feed(3, 64), feed(4, 64), feed(6, 40)];
-        let passes = plan_passes(decoding, prefills);
+    fn prompt_chunks_and_decode_rows_share_passes_in_slot_order() {
+        // Decode rows of slots 1, 2 and 5, a short last prompt chunk on slot 0, long chunks on
+        // 3, 4 and 6: one pass, laid out in slot order.
+        let feeds = vec![
+            feed(1, 1),
+            feed(2, 1),
+            feed(5, 1),
+            feed(0, 12),
+            feed(3, 64),
+            feed(4, 64),
+            feed(6, 40),
+        ];
         assert_eq!(
-            shape(&passes),
-            vec![
-                // 1 + 1 + 1 + 12 = 15 rows: every row on the per-row kernels; in slot order,
-                // as the pass's batch is laid out.
-                vec![(0, 12), (1, 1), (2, 1), (5, 1)],
-                // Every chunk here is on the GEMM path alone too.
-                vec![(3, 64), (4, 64), (6, 40)],
-            ]
+            shape(&plan_passes(feeds)),
+            vec![vec![
+                (0, 12),
+                (1, 1),
+                (2, 1),
+                (3, 64),
+                (4, 64),
+                (5, 1),
+                (6, 40)
+            ]]
         );
-        for pass in &passes {
-            let rows: usize = pass.iter().map(|(_, t)| t.len()).sum();
-            let all_long = pass.iter().all(|(_, t)| t.len() >= GEMM_MIN_ROWS);
-            let all_short = pass.iter().all(|(_, t)| t.len() < GEMM_MIN_ROWS);
-            assert!((all_short && rows < GEMM_MIN_ROWS) || (all_long && rows <= PREFILL_PASS));
-        }
-    }
-
-    #[test]
-    fn short_feeds_that_would_reach_the_gemm_together_run_apart() {
-        let passes = plan_passes(vec![], vec![feed(0, 12), feed(1, 12), feed(2, 7)]);
-        assert_eq!(shape(&passes), vec![vec![(0, 12)], vec![(1, 12), (2, 7)]]);
+        // Twenty decode rows: one pass (the old per-row path took at most 19).
         let many: Vec<_> = (0..20).map(|s| feed(s, 1)).collect();
-        let passes = plan_passes(many, vec![]);
-        assert_eq!(passes.len(), 2);
-        assert_eq!(passes[0].len(), DECODE_GROUP);
-        // More prompt tokens than one pass takes: split between chunks, never inside one.
+        assert_eq!(plan_passes(many).len(), 1);
+        // More rows than one pass takes: split between feeds, never inside one.
         let long: Vec<_> = (0..10).map(|s| feed(s, 64)).collect();
-        let passes = plan_passes(vec![], long);
+        let passes = plan_passes(long);
         assert_eq!(passes.iter().map(Vec::len).collect::<Vec<_>>(), vec![8, 2]);
+        for pass in &passes {
+            assert!(pass.iter().map(|(_, t)| t.len()).sum::<usize>() <= PASS_ROWS);
+        }
     }
 
     #[test]

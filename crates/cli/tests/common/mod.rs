@@ -145,8 +145,14 @@ pub fn gguf_with_synthetic_tokenizer(src: &str, dir: &TempDir) -> String {
 }
 
 /// `gemma logits --top 5 --ids <the reference prompt>` on `model` gives the five best ids of
-/// the reference's last position, in order, each within 1e-3 of its logit. `reference` is a
+/// the reference's last position, in order, each within 1.5e-3 of its logit. `reference` is a
 /// fixture's `reference.json` (`input_ids`, `logits` per position).
+///
+/// The fixtures' weights are f32, whose matmuls sum each output as one chain of fused
+/// multiply-adds over k at every prompt length (batch-independent); 16-token prompts used to
+/// take the 16-lane dot product instead. That moves the Gemma 3 tiny fixture's last logits by
+/// up to 3.3e-4, and its fifth logit to 1.03e-3 from transformers' (8.4e-4 before), so the
+/// bound went from 1e-3 to 1.5e-3.
 pub fn assert_top5_logits_match(model: &str, reference: &serde_json::Value) {
     let ids: Vec<String> = reference["input_ids"]
         .as_array()
@@ -192,7 +198,7 @@ pub fn assert_top5_logits_match(model: &str, reference: &serde_json::Value) {
         let id = pair[0].as_u64().unwrap() as usize;
         let logit = pair[1].as_f64().unwrap();
         assert!(
-            (logit - last_row[id]).abs() < 1e-3,
+            (logit - last_row[id]).abs() < 1.5e-3,
             "{model}: {logit} vs {}",
             last_row[id]
         );

@@ -27,6 +27,8 @@ mod avx2_quantize;
 mod avx2_rows;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod int8_gemm;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -240,12 +242,17 @@ pub(crate) struct Kernels {
 }
 
 impl Kernels {
-    pub(super) fn for_isa(isa: Isa) -> Kernels {
+    pub(crate) fn for_isa(isa: Isa) -> Kernels {
         Kernels {
             isa,
             dots: std::array::from_fn(|i| dot_fn(isa, GgmlType::ALL[i])),
             rows: std::array::from_fn(|i| rows_kernel(isa, GgmlType::ALL[i])),
         }
+    }
+
+    /// Whether the AVX2 (or wider) activation quantizers and dequantizers may run.
+    pub fn simd(&self) -> bool {
+        matches!(self.isa, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni)
     }
 
     #[inline]
