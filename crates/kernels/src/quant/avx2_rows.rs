@@ -221,7 +221,7 @@ unsafe fn f16x8(p: &[*const u8; GROUP_ROWS], off: usize) -> __m256 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load256(p: *const u8) -> __m256i {
+pub(super) unsafe fn load256(p: *const u8) -> __m256i {
     _mm256_loadu_si256(p.cast())
 }
 
@@ -474,7 +474,7 @@ unsafe fn q5_0_chunk<const NT: usize>(
 /// 128-bit half, the high nibbles in the second (one broadcast load, one variable shift).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles(p: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles(p: *const u8) -> __m256i {
     let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
     let shifted = _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
     _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F))
@@ -483,7 +483,7 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
 /// 0x10 in byte `j` when bit `j` of the little-endian u32 at `p` is set: a Q5 block's fifth bits.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn fifth_bits(p: *const u8) -> __m256i {
+pub(super) unsafe fn fifth_bits(p: *const u8) -> __m256i {
     super::avx2::q5_high_bits(p.cast::<u32>().read_unaligned())
 }
 
@@ -727,7 +727,7 @@ unsafe fn rows_q6_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
 /// of the Q6_K block at `b`: low four bits from `ql`, top two from `qh`, three loads for all.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_half_quarters(b: *const u8, half: usize) -> [__m256i; 4] {
+pub(super) unsafe fn q6k_half_quarters(b: *const u8, half: usize) -> [__m256i; 4] {
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(3);
     let l0 = load256(b.add(64 * half));

@@ -18,7 +18,6 @@ use std::cell::RefCell;
 use gemma_formats::GgmlType;
 
 use super::layout::{self, offs, QK};
-use super::scalar::{q4k_nibble, q6k_value};
 use super::{QuantizedActs, Q8_0_INFO_BYTES};
 
 /// Weight rows per panel of the AVX-512 VNNI kernel: one i32 lane of a 512-bit register each.
@@ -252,7 +251,9 @@ fn sweep(
         for i in 0..lanes {
             let r = i.min(n_rows - 1);
             let row = &w_rows[r * row_bytes..(r + 1) * row_bytes];
-            pack_row(dtype, kind, lanes, row, i, packed);
+            // SAFETY: `sweep` runs under `panel` or `panel_avx2`, whose callers promised AVX2
+            // (or more); the row holds whole blocks (checked by the matmul's validation).
+            unsafe { pack_row(dtype, kind, lanes, row, i, packed) };
         }
         let mut t0 = 0;
         while t0 < n_tokens {
@@ -291,80 +292,87 @@ fn widen_avx2<const N: usize>(acc: [__m256; N]) -> [__m256; TILE_TOKENS] {
 
 /// Unpacks row `i` of a panel of `lanes` rows into the packed layout, block by block of 32
 /// values: vector `g` (`4 * lanes` bytes) holds quants `4g..4g + 4` of every row.
-fn pack_row(dtype: GgmlType, kind: Kind, lanes: usize, row: &[u8], i: usize, packed: &mut [u8]) {
+///
+/// # Safety
+/// Needs AVX2 (the quants are unpacked with the row kernels' helpers); `row` must hold whole
+/// blocks of `dtype` for `packed`'s blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack_row(
+    dtype: GgmlType,
+    kind: Kind,
+    lanes: usize,
+    row: &[u8],
+    i: usize,
+    packed: &mut [u8],
+) {
+    use super::avx2_rows::{fifth_bits, load256, nibbles, q6k_half_quarters};
     let block_bytes = kind.block_bytes(lanes);
     let (vb, scale, extra) = (4 * lanes, scale(lanes), extra(lanes));
     let put = |dst: &mut [u8], off: usize, v: [u8; 4]| {
         dst[off + 4 * i..off + 4 * i + 4].copy_from_slice(&v)
     };
-    let mut q = [0u8; QK];
+    let mut k4 = ([0u8; 8], [0u8; 8]);
     for (b, dst) in packed.chunks_exact_mut(block_bytes).enumerate() {
-        match dtype {
+        let q: __m256i = match dtype {
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
                 let block = &row[b * dtype.type_size()..(b + 1) * dtype.type_size()];
+                put(dst, scale, layout::f16_at(block, 0).to_le_bytes());
                 match dtype {
-                    GgmlType::Q4_0 => {
-                        let qs = &block[offs::Q4_0_QS..offs::Q4_0_QS + 16];
-                        for j in 0..16 {
-                            q[j] = qs[j] & 0x0F;
-                            q[j + 16] = qs[j] >> 4;
-                        }
-                    }
-                    GgmlType::Q5_0 => {
-                        let qh = layout::u32_at(block, offs::Q5_0_QH);
-                        let qs = &block[offs::Q5_0_QS..offs::Q5_0_QS + 16];
-                        for j in 0..16 {
-                            q[j] = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4) as u8;
-                            q[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4) as u8;
-                        }
-                    }
+                    GgmlType::Q4_0 => nibbles(block[offs::Q4_0_QS..].as_ptr()),
+                    GgmlType::Q5_0 => _mm256_or_si256(
+                        nibbles(block[offs::Q5_0_QS..].as_ptr()),
+                        fifth_bits(block[offs::Q5_0_QH..].as_ptr()),
+                    ),
                     _ => {
-                        q.copy_from_slice(&block[offs::Q8_0_QS..offs::Q8_0_QS + QK]);
-                        let sum: i32 = q.iter().map(|&v| v as i8 as i32).sum();
+                        let qs = &block[offs::Q8_0_QS..offs::Q8_0_QS + QK];
+                        let sum: i32 = qs.iter().map(|&v| v as i8 as i32).sum();
                         put(dst, extra, sum.to_le_bytes());
+                        load256(qs.as_ptr())
                     }
                 }
-                put(dst, scale, layout::f16_at(block, 0).to_le_bytes());
             }
             GgmlType::Q4_K => {
                 let (k, sub) = (b / 8, b % 8);
                 let block = &row[k * 144..(k + 1) * 144];
-                let qs = &block[offs::Q4_K_QS..];
-                for (j, v) in q.iter_mut().enumerate() {
-                    *v = q4k_nibble(qs, 32 * sub + j);
+                if sub == 0 {
+                    k4 = layout::k4_scales_mins(&block[offs::Q4_K_SCALES..offs::Q4_K_SCALES + 12]);
                 }
-                let (scales, mins) =
-                    layout::k4_scales_mins(&block[offs::Q4_K_SCALES..offs::Q4_K_SCALES + 12]);
                 // The scalar reference's products, rounded as it rounds them.
-                let d_sub = layout::f16_at(block, 0) * scales[sub] as f32;
-                let m_sub = layout::f16_at(block, offs::Q4_K_DMIN) * mins[sub] as f32;
+                let d_sub = layout::f16_at(block, 0) * k4.0[sub] as f32;
+                let m_sub = layout::f16_at(block, offs::Q4_K_DMIN) * k4.1[sub] as f32;
                 put(dst, scale, d_sub.to_le_bytes());
                 put(dst, extra, m_sub.to_le_bytes());
+                // Sub-blocks 2j and 2j + 1: the low and high nibbles of the same 32 bytes.
+                let raw = load256(block[offs::Q4_K_QS + 32 * (sub / 2)..].as_ptr());
+                let shifted = _mm256_srl_epi16(raw, _mm_cvtsi32_si128(4 * (sub % 2) as i32));
+                _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F))
             }
             GgmlType::Q6_K => {
                 let (k, sub) = (b / 8, b % 8);
                 let block = &row[k * 210..(k + 1) * 210];
-                let mut sums = [0i32; 2];
-                for (j, v) in q.iter_mut().enumerate() {
-                    let w = q6k_value(block, 32 * sub + j);
-                    sums[j / 16] += w as i32;
-                    *v = w as u8;
-                }
                 put(
                     dst,
                     scale,
                     layout::f16_at(block, offs::Q6_K_D).to_le_bytes(),
                 );
+                let quarter = q6k_half_quarters(block.as_ptr(), sub / 4)[sub % 4];
+                let q = _mm256_sub_epi8(quarter, _mm256_set1_epi8(32));
+                let mut values = [0i8; QK];
+                _mm256_storeu_si256(values.as_mut_ptr().cast(), q);
                 for h in 0..2 {
+                    let sum: i32 = values[16 * h..16 * h + 16].iter().map(|&v| v as i32).sum();
                     let group_scale = block[offs::Q6_K_SCALES + 2 * sub + h] as i8 as i32;
-                    put(dst, extra + vb * h, sums[h].to_le_bytes());
+                    put(dst, extra + vb * h, sum.to_le_bytes());
                     put(dst, extra + 2 * vb + vb * h, group_scale.to_le_bytes());
                 }
+                q
             }
             _ => unreachable!("callers check `supports`"),
-        }
-        for g in 0..8 {
-            dst[g * vb + i * 4..g * vb + i * 4 + 4].copy_from_slice(&q[4 * g..4 * g + 4]);
+        };
+        let mut groups = [0u32; 8];
+        _mm256_storeu_si256(groups.as_mut_ptr().cast(), q);
+        for (g, v) in groups.iter().enumerate() {
+            put(dst, g * vb, v.to_le_bytes());
         }
     }
 }

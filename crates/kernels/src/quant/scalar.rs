@@ -180,7 +180,7 @@ fn dequantize_q3_k(b: &[u8], y: &mut [f32]) {
 /// Q4_K/Q5_K low 4 bits of value `v`: chunk `v / 64` uses `qs[32 * chunk..][..32]`, low nibbles
 /// for the first 32 values and high nibbles for the next 32.
 #[inline(always)]
-pub(super) fn q4k_nibble(qs: &[u8], v: usize) -> u8 {
+fn q4k_nibble(qs: &[u8], v: usize) -> u8 {
     (qs[(v / 64) * 32 + v % 32] >> (4 * ((v / 32) % 2))) & 0x0F
 }
 
@@ -220,7 +220,7 @@ fn dequantize_q5_k(b: &[u8], y: &mut [f32]) {
 /// `qh[32 * half..][..32]`; quarter `k` of the half takes low nibbles of `ql[32 * (k % 2) + l]`
 /// for k < 2 and high nibbles for k >= 2, plus bits `2k..2k+2` of `qh[l]`.
 #[inline(always)]
-pub(super) fn q6k_value(b: &[u8], v: usize) -> i8 {
+fn q6k_value(b: &[u8], v: usize) -> i8 {
     let half = v / 128;
     let k = (v % 128) / 32;
     let l = v % 32;
