@@ -2,15 +2,15 @@
 //! against Q8_0 activations (AVX-512 VNNI, or AVX2): the same results, bit for bit, as the
 //! multi-row kernels and the scalar reference, with far fewer instructions per product.
 //!
-//! A task takes a panel of [`PANEL_ROWS`] (AVX2: [`PANEL_ROWS_AVX2`]) weight rows and repacks it once into a buffer it then
-//! sweeps for every token: per 32-value block, eight 64-byte vectors where vector `g` holds
-//! quants `4g..4g + 4` of each of the 16 rows (one `vpdpbusd` lane per row), then per-row
-//! scales and sums (see [`Kind`]). Tokens go through the panel in tiles of up to
-//! [`TILE_TOKENS`]: per block, eight `vpdpbusd` with the token's four-quant groups broadcast give
-//! all 16 rows' exact integer block sums in one register, without a horizontal reduction. Every
-//! integer step is exact in i32 and the float steps are the scalar reference's, lane by lane, in
-//! block order, so a token's result does not depend on the number of tokens in the matmul, nor on
-//! whether this kernel or a row kernel computed it.
+//! A task takes a panel of [`PANEL_ROWS`] weight rows (AVX2: [`PANEL_ROWS_AVX2`]) and repacks
+//! it once into a buffer it then sweeps for every token: per 32-value block, eight vectors where
+//! vector `g` holds quants `4g..4g + 4` of each row (one i32 lane per row), then per-row scales
+//! and sums (see [`Kind`]). Tokens go through the panel in tiles of up to [`TILE_TOKENS`]: per
+//! block, eight `vpdpbusd` (AVX2: `vpmaddubsw` + `vpmaddwd`) with the token's four-quant groups
+//! broadcast give all the panel's exact integer block sums in one register, without a
+//! horizontal reduction. Every integer step is exact in i32 and the float steps are the scalar
+//! reference's, lane by lane, in block order, so a token's result does not depend on the number
+//! of tokens in the matmul, nor on whether this kernel or a row kernel computed it.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -32,7 +32,10 @@ thread_local! {
 }
 
 /// How a type's 32-value blocks are packed and combined with the activations. After the quants,
-/// each block holds vectors of 16 per-row values (4 bytes each): `SCALE`, then the extras below.
+/// each block holds vectors of per-row values (4 bytes each): the scale (at [`scale`]), then the
+/// extras below (from [`extra`]). Signed weights meet the activations as VNNI needs them
+/// (unsigned `a + 128`, then a correction); the AVX2 tile takes `|w|` against `a·sign(w)` instead
+/// and needs no correction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     /// Q4_0, Q5_0: unsigned quants; `d`; `isum = Σ q·a − offset·Σa`.
