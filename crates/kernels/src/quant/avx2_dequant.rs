@@ -168,27 +168,11 @@ unsafe fn byte_quarters(q: __m256i) -> [__m128i; 4] {
 unsafe fn q6_k(b: &[u8], y: &mut [f32]) {
     let y = &mut y[..QK_K];
     let d = f16_at(b, offs::Q6_K_D);
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m2 = _mm256_set1_epi8(3);
-    let load = |off: usize| _mm256_loadu_si256(b[off..off + 32].as_ptr().cast());
+    // The unpacker reads raw pointers: the whole block must be there (it reads below `d`).
+    assert!(b.len() > offs::Q6_K_D);
     for half in 0..2 {
-        let l0 = load(64 * half);
-        let l1 = load(64 * half + 32);
-        let hb = load(offs::Q6_K_QH + 32 * half);
-        let high = |bits: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(bits, m2));
         // Quarter k of the half: values 128 * half + 32 * k .., stored unsigned with offset 32.
-        let quarters = [
-            _mm256_or_si256(_mm256_and_si256(l0, m4), high(hb)),
-            _mm256_or_si256(_mm256_and_si256(l1, m4), high(_mm256_srli_epi16::<2>(hb))),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
-                high(_mm256_srli_epi16::<4>(hb)),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
-                high(_mm256_srli_epi16::<6>(hb)),
-            ),
-        ];
+        let quarters = super::avx2_rows::q6k_half_quarters(b.as_ptr(), half);
         for (k, q) in quarters.into_iter().enumerate() {
             let q = _mm256_sub_epi8(q, _mm256_set1_epi8(32));
             let first = 128 * half + 32 * k;
