@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use gemma_formats::{open_model_source, ModelFile};
-use gemma_models::{load_model, CacheType, Model};
+use gemma_models::{interleave_decoder_weights, load_model, CacheType, Model};
 use gemma_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 
 use crate::audio::Hearing;
@@ -241,6 +241,8 @@ fn load_from(
         if weights.resident_for(gguf.architecture().unwrap_or_default()) {
             gguf.make_resident_with_progress(progress)?;
         }
+        // The decode kernels' layout, in place (resident) or moved out of the mapping.
+        interleave_decoder_weights(gguf)?;
     }
     let model = load_model(&file)?;
     let tokenizer = load_tokenizer(&file)?;

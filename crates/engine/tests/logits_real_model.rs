@@ -234,3 +234,68 @@ fn default_settings_as_close_to_f64_reference_as_llama_cpp() {
         llama_sum / n
     );
 }
+
+/// The decode layout (`interleave_decoder_weights`, which `gemma run` and `gemma serve` apply
+/// at load) changes no number: the default model's Q8_0 embedding (its LM head, 170 MB)
+/// interleaved, in the resident copy and moved out of the mapping, gives the same logits bit
+/// for bit as the file as stored, for a prompt and for the decode steps after it.
+#[test]
+fn interleaved_weights_give_the_same_logits_bit_for_bit() {
+    let path = ensure_default_model().expect("default model");
+    let load = |resident: bool, interleave: bool| {
+        let mut file = open_model_source(&path).unwrap();
+        let ModelFile::Gguf(gguf) = &mut file else {
+            panic!("default model is GGUF")
+        };
+        if resident {
+            gguf.make_resident().unwrap();
+        }
+        let done = if interleave {
+            gemma_models::interleave_decoder_weights(gguf).unwrap()
+        } else {
+            0
+        };
+        (load_model(&file).unwrap(), done)
+    };
+    let (mut stored, _) = load(true, false);
+    let ids: Vec<u32> = vec![
+        2, 818, 5279, 529, 7001, 563, 496, 1821, 236743, 236770, 236771,
+    ];
+    let run = |model: &mut Model| -> Vec<f32> {
+        let mut cache = model.new_cache(256).unwrap();
+        let mut all = model
+            .forward(&ids, &mut cache, Logits::All)
+            .unwrap()
+            .to_vec();
+        let mut next = argmax(&all[all.len() - model.vocab_size()..]);
+        for _ in 0..4 {
+            let step = model.forward(&[next], &mut cache, Logits::Last).unwrap();
+            next = argmax(step);
+            all.extend_from_slice(step);
+        }
+        all
+    };
+    let want = run(&mut stored);
+    for resident in [true, false] {
+        let (mut model, done) = load(resident, true);
+        // Only where the CPU has the kernels (AVX2 and above; never with GEMMA_ISA=scalar).
+        if gemma_models::gemma_kernels::interleaving_pays(
+            gemma_models::gemma_kernels::GgmlType::Q8_0,
+            262_144,
+            640,
+        ) {
+            assert!(
+                done >= 160 << 20,
+                "the embedding was interleaved: {done} bytes"
+            );
+        }
+        let got = run(&mut model);
+        assert_eq!(got.len(), want.len());
+        let differ = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differ, 0, "resident {resident}: {differ} logits differ");
+    }
+}

@@ -235,6 +235,7 @@ impl TensorSource for HfFolder {
     fn tensor(&self, name: &str) -> Option<TensorData> {
         let t = &self.tensors[*self.by_name.get(name)?];
         Some(TensorData {
+            interleaved: false,
             dtype: t.dtype,
             shape: t.shape.clone(),
             data: t.data.clone(),

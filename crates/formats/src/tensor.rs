@@ -60,6 +60,10 @@ pub struct TensorData {
     pub dtype: GgmlType,
     pub shape: Vec<usize>,
     pub data: Blob,
+    /// The rows are stored in groups of eight, block by block, for the decode kernels
+    /// (`gemma_kernels::quant::interleave`), not row after row: see
+    /// [`crate::GgufFile::interleave_tensors`]. Never set by a file as stored.
+    pub interleaved: bool,
 }
 
 impl TensorData {

@@ -310,3 +310,50 @@ fn a_file_truncated_after_opening_fails_to_become_resident_with_an_error() {
     assert!(msg.contains("multi.gguf"), "{msg}");
     assert!(!file.is_resident());
 }
+
+/// `interleave_tensors` rewrites exactly the chosen tensors, in place in a resident copy and
+/// into memory of its own for a mapped file, marks them, and leaves the others (and the file
+/// on disk) as they were.
+#[test]
+fn chosen_tensors_are_rewritten_in_both_memory_modes_and_others_are_not() {
+    let dir = common::TempDir::new("interleave");
+    let path = dir.path().join("multi.gguf");
+    let tensors = write_multi_tensor_file(&path);
+    let on_disk = std::fs::read(&path).unwrap();
+    let choose = |info: &gemma_formats::GgufTensorInfo| info.name == "t1" || info.name == "t3";
+    let mut reverse = |_: &gemma_formats::GgufTensorInfo, bytes: &mut [u8]| bytes.reverse();
+    for resident in [false, true] {
+        let mut file = gemma_formats::GgufFile::open(&path).unwrap();
+        if resident {
+            assert!(file.make_resident().unwrap());
+        }
+        let done = file.interleave_tensors(&choose, &mut reverse).unwrap();
+        assert_eq!(done, tensors[1].1.len() + tensors[3].1.len());
+        // A second call finds nothing left to do.
+        assert_eq!(file.interleave_tensors(&choose, &mut reverse).unwrap(), 0);
+        for (i, (name, bytes)) in tensors.iter().enumerate() {
+            let t = file.tensor(name).unwrap();
+            let rewritten = i == 1 || i == 3;
+            let mut want = bytes.clone();
+            if rewritten {
+                want.reverse();
+            }
+            assert_eq!(t.data.bytes(), &want[..], "{name} (resident: {resident})");
+            assert_eq!(t.interleaved, rewritten, "{name}");
+        }
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        on_disk,
+        "the file is never written"
+    );
+
+    // Once a tensor of the resident copy is out, it cannot be rewritten under its reader.
+    let mut file = gemma_formats::GgufFile::open(&path).unwrap();
+    file.make_resident().unwrap();
+    let held = file.tensor("t3").unwrap();
+    let err = file.interleave_tensors(&choose, &mut reverse).unwrap_err();
+    assert!(err.to_string().contains("handed out"), "{err}");
+    assert_eq!(held.data.bytes(), &tensors[3].1[..]);
+    assert!(!file.tensor("t1").unwrap().interleaved);
+}

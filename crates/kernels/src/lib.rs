@@ -21,6 +21,9 @@ pub mod quant;
 
 pub use error::KernelError;
 pub use gemma_formats::GgmlType;
-pub use matmul::{dequantize_row, matmul, matmul_shared_input, matmul_with, WeightMatrix};
+pub use matmul::{
+    dequantize_row, interleaving_pays, matmul, matmul_shared_input, matmul_with, RowLayout,
+    WeightMatrix,
+};
 pub use pool::ThreadPool;
 pub use quant::Isa;

@@ -5,16 +5,38 @@ use gemma_formats::GgmlType;
 use crate::error::{bytes_for, KernelError};
 use crate::gemm;
 use crate::pool::ThreadPool;
-use crate::quant::{self, selected_kernels, vec_dot_type, Isa, Kernels, QuantizedActs, ROW_GROUP};
+use crate::quant::{
+    self, interleave, selected_kernels, vec_dot_type, Isa, Kernels, QuantizedActs, RowsKernel,
+    ROW_GROUP,
+};
 
-/// A row-major weight matrix `[rows, cols]` stored in its GGML type: each row is
-/// `dtype.bytes_for(cols)` bytes. Build with [`WeightMatrix::new`], which checks the sizes.
+/// How a matrix's blocks are ordered in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RowLayout {
+    /// Row after row, each row its blocks in order (as GGUF stores them).
+    #[default]
+    RowMajor,
+    /// Groups of eight rows stored block by block ([`quant::interleave`]): what the decode
+    /// kernels read fastest. Same bytes in number; only Q4_0 and Q8_0, whole groups.
+    Interleaved,
+}
+
+/// A weight matrix `[rows, cols]` stored in its GGML type: each row is `dtype.bytes_for(cols)`
+/// bytes, in the order `layout` says. Build with [`WeightMatrix::new`] (row-major), which checks
+/// the sizes.
 #[derive(Clone, Copy, Debug)]
 pub struct WeightMatrix<'a> {
     pub dtype: GgmlType,
     pub rows: usize,
     pub cols: usize,
     pub data: &'a [u8],
+    pub layout: RowLayout,
+}
+
+/// Whether a `[rows, cols]` matrix of `dtype` is worth storing interleaved for the selected
+/// kernels: it fits the layout and the ISA has a kernel for it (so never with `GEMMA_ISA=scalar`).
+pub fn interleaving_pays(dtype: GgmlType, rows: usize, cols: usize) -> bool {
+    interleave::fits(dtype, rows, cols) && selected_kernels().interleaved(dtype).is_some()
 }
 
 impl<'a> WeightMatrix<'a> {
@@ -29,6 +51,7 @@ impl<'a> WeightMatrix<'a> {
             rows,
             cols,
             data,
+            layout: RowLayout::RowMajor,
         };
         w.validate()?;
         Ok(w)
@@ -54,6 +77,11 @@ impl<'a> WeightMatrix<'a> {
                 self.data.len()
             )));
         }
+        if self.layout == RowLayout::Interleaved
+            && !interleave::fits(self.dtype, self.rows, self.cols)
+        {
+            return Err(shape_error("has no interleaved layout".into()));
+        }
         Ok(())
     }
 
@@ -62,10 +90,11 @@ impl<'a> WeightMatrix<'a> {
         self.data.len().checked_div(self.rows).unwrap_or(0)
     }
 
-    /// The bytes of row `r`.
+    /// The bytes of row `r` of a row-major matrix.
     #[track_caller]
     pub fn row(&self, r: usize) -> &'a [u8] {
         assert!(r < self.rows, "row {r} out of range for {} rows", self.rows);
+        assert_eq!(self.layout, RowLayout::RowMajor, "row: interleaved matrix");
         let rb = self.row_bytes();
         &self.data[r * rb..(r + 1) * rb]
     }
@@ -87,8 +116,35 @@ pub fn dequantize_row(w: &WeightMatrix, r: usize, dst: &mut [f32]) {
         dst.len(),
         w.cols
     );
-    if let Err(e) = quant::dequantize(w.dtype, w.row(r), dst) {
+    assert!(
+        r < w.rows,
+        "dequantize_row: row {r} out of range for {} rows",
+        w.rows
+    );
+    let mut buf = Vec::new();
+    if let Err(e) = quant::dequantize(w.dtype, row_major(w, r, &mut buf), dst) {
         panic!("dequantize_row: {e}");
+    }
+}
+
+/// Row `r` of `w` in row-major block order: in place, or copied into `buf` when `w` is
+/// interleaved.
+fn row_major<'a>(w: &WeightMatrix<'a>, r: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
+    match w.layout {
+        RowLayout::RowMajor => w.row(r),
+        RowLayout::Interleaved => {
+            buf.resize(w.row_bytes(), 0);
+            interleave::row_of(w.dtype, w.data, w.cols, r, buf);
+            buf
+        }
+    }
+}
+
+/// The multi-row kernel for `w`'s type and layout, if `kernels` has one.
+fn rows_kernel(kernels: &Kernels, w: &WeightMatrix) -> Option<RowsKernel> {
+    match w.layout {
+        RowLayout::RowMajor => kernels.rows(w.dtype),
+        RowLayout::Interleaved => kernels.interleaved(w.dtype),
     }
 }
 
@@ -187,7 +243,7 @@ fn matmul_on(
         run_int8_gemm(kernels.isa, pool, w, &acts, out);
         return;
     }
-    if kernels.rows(w.dtype).is_some() {
+    if rows_kernel(kernels, w).is_some() {
         run_row_kernels(kernels, pool, &[(*w, out)], &acts);
         return;
     }
@@ -196,8 +252,10 @@ fn matmul_on(
     let chunk = rows_per_task(rows, pool.n_threads());
     pool.run(rows.div_ceil(chunk), &|task| {
         let first = task * chunk;
+        let mut buf = Vec::new();
         for r in first..(first + chunk).min(rows) {
-            let w_row = &w.data[r * row_bytes..(r + 1) * row_bytes];
+            let w_row = row_major(w, r, &mut buf);
+            debug_assert_eq!(w_row.len(), row_bytes);
             for t in 0..n_tokens {
                 let act = &acts.rows[t * act_row..(t + 1) * act_row];
                 // SAFETY: the kernel's CPU features were detected when the table was built, and
@@ -245,7 +303,7 @@ pub fn matmul_shared_input(
         && ws.iter().all(|w| {
             vec_dot_type(w.dtype) == act_type
                 && w.cols == first.cols
-                && selected_kernels().rows(w.dtype).is_some()
+                && rows_kernel(selected_kernels(), w).is_some()
         });
     if !shared {
         for (w, y) in ws.iter().zip(ys.iter_mut()) {
@@ -309,9 +367,7 @@ fn run_row_kernels(
             m += 1;
         }
         let (w, out) = &jobs[m];
-        let kernel = kernels
-            .rows(w.dtype)
-            .expect("callers check for a rows kernel");
+        let kernel = rows_kernel(kernels, w).expect("callers check for a rows kernel");
         let first = task * plan[m].0;
         let n_rows = plan[m].0.min(w.rows - first);
         // SAFETY: the output holds n_tokens x rows values, and this task alone writes its rows.
@@ -352,18 +408,29 @@ fn int8_gemm_supports(isa: Isa, dtype: GgmlType) -> bool {
 #[cfg(target_arch = "x86_64")]
 fn run_int8_gemm(isa: Isa, pool: &ThreadPool, w: &WeightMatrix, acts: &QuantizedActs, out: OutPtr) {
     use quant::int8_gemm::{panel, panel_avx2, PanelOut, PANEL_ROWS, PANEL_ROWS_AVX2};
+    type PanelFn = unsafe fn(GgmlType, &[u8], usize, usize, usize, &QuantizedActs, PanelOut);
     let (kernel, panel_rows) = if isa == Isa::Avx512Vnni {
-        (panel as unsafe fn(_, _, _, _, _, _, _), PANEL_ROWS)
+        (panel as PanelFn, PANEL_ROWS)
     } else {
-        (
-            panel_avx2 as unsafe fn(_, _, _, _, _, _, _),
-            PANEL_ROWS_AVX2,
-        )
+        (panel_avx2 as PanelFn, PANEL_ROWS_AVX2)
     };
     let row_bytes = w.row_bytes();
     pool.run(w.rows.div_ceil(panel_rows), &|task| {
         let r0 = task * panel_rows;
         let n_rows = panel_rows.min(w.rows - r0);
+        // Interleaved weights: the panel's rows back in row-major order first (panels are
+        // whole groups; the copy is small next to the panel's arithmetic).
+        let mut copy = Vec::new();
+        let rows_data = match w.layout {
+            RowLayout::RowMajor => &w.data[r0 * row_bytes..],
+            RowLayout::Interleaved => {
+                copy.resize(n_rows * row_bytes, 0);
+                for (i, dst) in copy.chunks_exact_mut(row_bytes).enumerate() {
+                    interleave::row_of(w.dtype, w.data, w.cols, r0 + i, dst);
+                }
+                &copy[..]
+            }
+        };
         let out = PanelOut {
             // SAFETY: r0 < rows, inside the output.
             ptr: unsafe { out.at(r0) },
@@ -371,17 +438,7 @@ fn run_int8_gemm(isa: Isa, pool: &ThreadPool, w: &WeightMatrix, acts: &Quantized
         };
         // SAFETY: the caller checked the ISA's availability; the sizes were validated and
         // this task alone writes rows r0..r0 + n_rows.
-        unsafe {
-            kernel(
-                w.dtype,
-                &w.data[r0 * row_bytes..],
-                row_bytes,
-                n_rows,
-                w.cols,
-                acts,
-                out,
-            )
-        };
+        unsafe { kernel(w.dtype, rows_data, row_bytes, n_rows, w.cols, acts, out) };
     });
 }
 

@@ -287,6 +287,7 @@ fn matmul_rejects_hand_built_malformed_matrix() {
         rows: 1,
         cols: 32,
         data: &data,
+        layout: Default::default(),
     };
     let mut y = vec![0.0; 1];
     matmul(
@@ -426,4 +427,103 @@ fn shared_input_matmul_equals_separate_matmuls_bit_for_bit() {
             }
         }
     }
+}
+
+/// The interleaved layout changes how weights are read, never the numbers: on every ISA (the
+/// interleaved kernels, the int8 GEMM over de-interleaved panels, and the one-row fallback
+/// without SIMD), alone or batched with shared inputs, every output equals the row-major
+/// matrix's bit for bit; rows read back unchanged for embedding lookups.
+#[test]
+fn interleaved_matrices_compute_the_same_bits_as_row_major_ones() {
+    use gemma_kernels::quant::interleave;
+    use gemma_kernels::{matmul_shared_input, matmul_with, RowLayout};
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng(0x1a7e_12ea);
+    let mut scratch = Vec::new();
+    for dtype in [GgmlType::Q4_0, GgmlType::Q8_0] {
+        let (rows, cols) = (56, 160);
+        let mut data = random_matrix(dtype, rows, cols, &mut rng);
+        if dtype == GgmlType::Q8_0 {
+            // -128 weights (not produced by the quantizer) and +127 next to each other.
+            let row_bytes = dtype.bytes_for(cols).unwrap();
+            for r in 0..rows {
+                data[r * row_bytes + 2 + r % 32] = 0x80;
+                data[r * row_bytes + 3 + r % 30] = 0x7f;
+            }
+        }
+        let w = WeightMatrix::new(dtype, rows, cols, &data).unwrap();
+        let mut packed = data.clone();
+        interleave::interleave_in_place(dtype, &mut packed, cols, &mut Vec::new());
+        let wi = WeightMatrix {
+            data: &packed,
+            layout: RowLayout::Interleaved,
+            ..w
+        };
+        wi.validate().unwrap();
+        let max_tokens = 19;
+        let mut x = rng.floats(max_tokens * cols);
+        // Activation blocks at the extremes of the Q8_0 range.
+        for v in x[..32].iter_mut() {
+            *v = if v.is_sign_negative() { -1.0 } else { 1.0 };
+        }
+        for isa in quant::available_isas() {
+            for n_tokens in [1, 2, 3, 4, 5, 7, 8, 9, max_tokens] {
+                let xs = &x[..n_tokens * cols];
+                let mut want = vec![f32::NAN; n_tokens * rows];
+                let mut got = vec![f32::NAN; n_tokens * rows];
+                matmul_with(&pool, isa, &w, xs, n_tokens, &mut want, &mut scratch);
+                matmul_with(&pool, isa, &wi, xs, n_tokens, &mut got, &mut scratch);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{dtype} {isa:?} {n_tokens} tokens: element {i}: interleaved {a}, \
+                         row-major {b}"
+                    );
+                }
+            }
+        }
+        // With a row-major matrix of another type in the same shared-input job.
+        let other = random_matrix(GgmlType::Q5_0, 24, cols, &mut rng);
+        let wo = WeightMatrix::new(GgmlType::Q5_0, 24, cols, &other).unwrap();
+        for n_tokens in [1, 3] {
+            let xs = &x[..n_tokens * cols];
+            let mut want = vec![0.0; n_tokens * rows];
+            matmul(&pool, &w, xs, n_tokens, &mut want, &mut scratch);
+            let mut got = vec![f32::NAN; n_tokens * rows];
+            let mut got_other = vec![f32::NAN; n_tokens * 24];
+            matmul_shared_input(
+                &pool,
+                &[wi, wo],
+                xs,
+                n_tokens,
+                &mut [&mut got, &mut got_other],
+                &mut scratch,
+            );
+            assert!(got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
+        for r in [0, 7, 8, rows - 1] {
+            dequantize_row(&w, r, &mut a);
+            dequantize_row(&wi, r, &mut b);
+            assert_eq!(a, b, "{dtype} row {r}");
+        }
+    }
+}
+
+#[test]
+fn an_interleaved_layout_needs_whole_groups_of_a_supported_type() {
+    use gemma_kernels::RowLayout;
+    let data = vec![0u8; 12 * 18];
+    let w = WeightMatrix {
+        dtype: GgmlType::Q4_0,
+        rows: 12,
+        cols: 32,
+        data: &data,
+        layout: RowLayout::Interleaved,
+    };
+    assert!(w.validate().is_err(), "12 rows are not whole groups of 8");
 }

@@ -70,6 +70,7 @@ fn matvec_bandwidth() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     for (dtype, rows, cols) in [
+        (GgmlType::Q4_0, 65_536, 2048),
         (GgmlType::Q8_0, 262_144, 640),
         (GgmlType::Q5_0, 131_072, 640),
         (GgmlType::Q4_K, 65_536, 1024),
@@ -94,8 +95,17 @@ fn matvec_bandwidth() {
                 block[off..off + 2].copy_from_slice(&scale);
             }
         }
+        // BENCH_INTERLEAVED=1: the decode layout where the type has one.
+        let interleaved = std::env::var("BENCH_INTERLEAVED").is_ok_and(|v| v == "1")
+            && gemma_kernels::interleaving_pays(dtype, rows, cols);
+        if interleaved {
+            quant::interleave::interleave_in_place(dtype, data, cols, &mut Vec::new());
+        }
         let data = &*data;
-        let w = WeightMatrix::new(dtype, rows, cols, data).unwrap();
+        let mut w = WeightMatrix::new(dtype, rows, cols, data).unwrap();
+        if interleaved {
+            w.layout = gemma_kernels::RowLayout::Interleaved;
+        }
         let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
         let mut y = vec![0.0; rows];
         let mut scratch = Vec::new();
@@ -115,8 +125,9 @@ fn matvec_bandwidth() {
             best_read = best_read.min(start.elapsed().as_secs_f64() / div as f64);
         }
         eprintln!(
-            "{:>5} {rows}x{cols}: {:.2} ms, {:.2} GB/s; plain read {:.2} GB/s; ratio {:.2}",
+            "{:>5}{} {rows}x{cols}: {:.2} ms, {:.2} GB/s; plain read {:.2} GB/s; ratio {:.2}",
             dtype.name(),
+            if interleaved { " (interleaved)" } else { "" },
             best * 1e3,
             bytes as f64 / best / 1e9,
             bytes as f64 / best_read / 1e9,

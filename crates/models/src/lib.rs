@@ -31,7 +31,7 @@ pub use vision::{
     Gemma3Vision, Gemma3VisionConfig, Gemma3nVision, Gemma3nVisionConfig, SiglipVisionConfig,
     SiglipVisionTower,
 };
-pub use weights::{Loader, WeightLayout};
+pub use weights::{interleave_decoder_weights, Loader, WeightLayout};
 
 use gemma_formats::{GgufFile, HfFolder, ModelFile, TensorSource};
 

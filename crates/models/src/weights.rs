@@ -2,19 +2,22 @@
 //! pass can trust what it holds.
 
 use gemma_formats::{Blob, GgmlType, TensorData, TensorSource};
-use gemma_kernels::matmul::{self, WeightMatrix};
+use gemma_kernels::matmul::{self, RowLayout, WeightMatrix};
 use gemma_kernels::pool::ThreadPool;
-use gemma_kernels::quant;
+use gemma_kernels::quant::{self, interleave};
 
 use crate::ModelError;
 
-/// A `[rows, cols]` weight kept in its stored type, read in place from the file mapping.
+/// A `[rows, cols]` weight kept in its stored type, read in place from the file mapping (or
+/// the file's resident copy), row-major or interleaved for decoding as the file hands it out
+/// (see `GgufFile::interleave_tensors`).
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub dtype: GgmlType,
     pub rows: usize,
     pub cols: usize,
     data: Blob,
+    layout: RowLayout,
 }
 
 impl Linear {
@@ -24,7 +27,33 @@ impl Linear {
             rows: self.rows,
             cols: self.cols,
             data: self.data.bytes(),
+            layout: self.layout,
         }
+    }
+
+    /// A row-major matrix over `data`.
+    fn row_major(dtype: GgmlType, rows: usize, cols: usize, data: Blob) -> Linear {
+        Linear {
+            dtype,
+            rows,
+            cols,
+            data,
+            layout: RowLayout::RowMajor,
+        }
+    }
+
+    /// This matrix with its rows in row-major order: itself, or a copy of an interleaved one.
+    fn to_row_major(&self) -> Linear {
+        if self.layout == RowLayout::RowMajor {
+            return self.clone();
+        }
+        let m = self.matrix();
+        let row_bytes = m.row_bytes();
+        let mut bytes = vec![0u8; self.data.len()];
+        for (r, dst) in bytes.chunks_exact_mut(row_bytes.max(1)).enumerate() {
+            gemma_kernels::quant::interleave::row_of(self.dtype, m.data, self.cols, r, dst);
+        }
+        Linear::row_major(self.dtype, self.rows, self.cols, Blob::from_vec(bytes))
     }
 
     pub fn bytes(&self) -> usize {
@@ -81,8 +110,22 @@ impl Loader<'_> {
                 })
             }
         };
+        let layout = if t.interleaved {
+            RowLayout::Interleaved
+        } else {
+            RowLayout::RowMajor
+        };
+        let w = WeightMatrix {
+            dtype: t.dtype,
+            rows,
+            cols,
+            data: &t.data,
+            layout,
+        };
+        // Interleaved tensors are 2-D matrices of whole row groups, viewed as themselves.
         if !cols.is_multiple_of(t.dtype.block_size())
             || t.dtype.bytes_for(rows * cols) != Some(t.data.len())
+            || (t.interleaved && (shape.len() != 2 || w.validate().is_err()))
         {
             return Err(ModelError::TensorType {
                 name: name.into(),
@@ -94,6 +137,7 @@ impl Loader<'_> {
             rows,
             cols,
             data: t.data,
+            layout,
         })
     }
 
@@ -121,7 +165,7 @@ impl Loader<'_> {
             dtype: t.dtype,
         };
         let n = rows.checked_mul(cols).ok_or_else(type_error)?;
-        if t.dtype.bytes_for(n) != Some(t.data.len()) {
+        if t.dtype.bytes_for(n) != Some(t.data.len()) || t.interleaved {
             return Err(type_error());
         }
         let (dtype, bytes) = if t.dtype.block_size() == 1 {
@@ -150,12 +194,7 @@ impl Loader<'_> {
             }
             (GgmlType::F32, out)
         };
-        Ok(Linear {
-            dtype,
-            rows,
-            cols,
-            data: Blob::from_vec(bytes),
-        })
+        Ok(Linear::row_major(dtype, rows, cols, Blob::from_vec(bytes)))
     }
 
     /// A vector of `len` values, converted to f32.
@@ -228,7 +267,13 @@ impl Loader<'_> {
             });
         }
         let each = match t.dtype.bytes_for(rows * cols) {
-            Some(b) if cols.is_multiple_of(t.dtype.block_size()) && b * count == t.data.len() => b,
+            Some(b)
+                if cols.is_multiple_of(t.dtype.block_size())
+                    && b * count == t.data.len()
+                    && !t.interleaved =>
+            {
+                b
+            }
             _ => {
                 return Err(ModelError::TensorType {
                     name: name.into(),
@@ -237,20 +282,19 @@ impl Loader<'_> {
             }
         };
         Ok((0..count)
-            .map(|i| Linear {
-                dtype: t.dtype,
-                rows,
-                cols,
-                data: sub_blob(&t.data, i * each, each),
-            })
+            .map(|i| Linear::row_major(t.dtype, rows, cols, sub_blob(&t.data, i * each, each)))
             .collect())
     }
 }
 
 impl Linear {
-    /// The first `rows` rows (MatFormer slicing of gate/up projections): rows are contiguous,
-    /// so this is a view of the same mapped bytes.
+    /// The first `rows` rows (MatFormer slicing of gate/up projections): rows (or interleaved
+    /// groups of eight rows) are contiguous, so this is a view of the same bytes; an
+    /// interleaved matrix cut inside a group is copied back to row-major order first.
     pub fn first_rows(&self, name: &str, rows: usize) -> Result<Linear, ModelError> {
+        if self.layout == RowLayout::Interleaved && !rows.is_multiple_of(interleave::GROUP_ROWS) {
+            return self.to_row_major().first_rows(name, rows);
+        }
         if rows > self.rows {
             return Err(ModelError::TensorShape {
                 name: name.into(),
@@ -264,6 +308,11 @@ impl Linear {
             rows,
             cols: self.cols,
             data: sub_blob(&self.data, 0, len),
+            layout: if rows == 0 {
+                RowLayout::RowMajor
+            } else {
+                self.layout
+            },
         })
     }
 
@@ -287,12 +336,18 @@ impl Linear {
                 })
             }
         };
-        let row_bytes = self.data.len() / self.rows.max(1);
+        // A row's first blocks, or in an interleaved matrix each group's first blocks (a group
+        // stores block after block, eight rows each): the same cut either way.
+        let (unit, kept) = match self.layout {
+            RowLayout::RowMajor => (1, prefix),
+            RowLayout::Interleaved => (interleave::GROUP_ROWS, interleave::GROUP_ROWS * prefix),
+        };
+        let unit_bytes = self.data.len() / self.rows.max(1) * unit;
         let bytes: Vec<u8> = self
             .data
             .bytes()
-            .chunks_exact(row_bytes.max(1))
-            .flat_map(|row| &row[..prefix])
+            .chunks_exact(unit_bytes.max(1))
+            .flat_map(|row| &row[..kept])
             .copied()
             .collect();
         Ok(Linear {
@@ -300,6 +355,7 @@ impl Linear {
             rows: self.rows,
             cols,
             data: Blob::from_vec(bytes),
+            layout: self.layout,
         })
     }
 }
@@ -325,12 +381,7 @@ impl Linear {
                 return self.clone();
             }
         }
-        Linear {
-            dtype,
-            rows: self.rows,
-            cols: self.cols,
-            data: Blob::from_vec(out),
-        }
+        Linear::row_major(dtype, self.rows, self.cols, Blob::from_vec(out))
     }
 }
 
@@ -358,4 +409,79 @@ pub(crate) fn linear_shared_input<const N: usize>(
 ) {
     let ms: [WeightMatrix<'_>; N] = ws.map(Linear::matrix);
     matmul::matmul_shared_input(pool, &ms, x, n_tokens, &mut ys, scratch);
+}
+
+/// Stores the decoder's weight matrices of `gguf` interleaved for the decode kernels (see
+/// [`gemma_kernels::quant::interleave`]; only where they gain: Q4_0 and Q8_0 matrices of whole
+/// row groups, on CPUs with the kernels), before a model is loaded from it. Returns the bytes
+/// rewritten. Layer tensors (`blk.*`) and the output matrix are chosen, and the token
+/// embedding when it is also the output matrix (read whole every token); never a table read by
+/// rows only (Gemma 3n's per-layer embeddings), nor a tower's tensors. `GEMMA_INTERLEAVE=0`
+/// keeps every tensor as stored (for comparisons).
+pub fn interleave_decoder_weights(gguf: &mut gemma_formats::GgufFile) -> Result<usize, ModelError> {
+    if std::env::var("GEMMA_INTERLEAVE").is_ok_and(|v| v == "0") {
+        return Ok(0);
+    }
+    let tied = gguf.tensor_info("output.weight").is_none();
+    let choose = |info: &gemma_formats::GgufTensorInfo| {
+        let decoder = info.name.starts_with("blk.")
+            || info.name == "output.weight"
+            || (tied && info.name == "token_embd.weight");
+        match info.shape[..] {
+            [rows, cols] => decoder && matmul::interleaving_pays(info.dtype, rows, cols),
+            _ => false,
+        }
+    };
+    let mut scratch = Vec::new();
+    let mut rewrite = |info: &gemma_formats::GgufTensorInfo, bytes: &mut [u8]| {
+        interleave::interleave_in_place(info.dtype, bytes, info.shape[1], &mut scratch);
+    };
+    Ok(gguf.interleave_tensors(&choose, &mut rewrite)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// MatFormer's cuts of an interleaved matrix (whole groups, inside a group, and columns)
+    /// hold the same rows as the cuts of the row-major matrix.
+    #[test]
+    fn cuts_of_an_interleaved_matrix_hold_the_row_major_cuts_rows() {
+        let (rows, cols) = (32, 128);
+        let dtype = GgmlType::Q8_0;
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37) % 101) as f32 - 50.0)
+            .collect();
+        let mut bytes = vec![0u8; dtype.bytes_for(rows * cols).unwrap()];
+        quant::quantize(dtype, &x, &mut bytes).unwrap();
+        let plain = Linear::row_major(dtype, rows, cols, Blob::from_vec(bytes.clone()));
+        interleave::interleave_in_place(dtype, &mut bytes, cols, &mut Vec::new());
+        let packed = Linear {
+            layout: RowLayout::Interleaved,
+            ..Linear::row_major(dtype, rows, cols, Blob::from_vec(bytes))
+        };
+        let dense = |w: &Linear| {
+            let m = w.matrix();
+            m.validate().unwrap();
+            let mut out = vec![0.0; w.rows * w.cols];
+            for (r, row) in out.chunks_exact_mut(w.cols).enumerate() {
+                matmul::dequantize_row(&m, r, row);
+            }
+            out
+        };
+        assert_eq!(dense(&packed), dense(&plain));
+        for n in [16, 13] {
+            let cut = packed.first_rows("w", n).unwrap();
+            assert_eq!(cut.layout == RowLayout::Interleaved, n % 8 == 0);
+            assert_eq!(
+                dense(&cut),
+                dense(&plain.first_rows("w", n).unwrap()),
+                "{n} rows"
+            );
+        }
+        let cut = packed.first_cols("w", 64).unwrap();
+        assert_eq!(cut.layout, RowLayout::Interleaved);
+        assert_eq!(dense(&cut), dense(&plain.first_cols("w", 64).unwrap()));
+        assert_eq!(dense(&packed.to_row_major()), dense(&plain));
+    }
 }

@@ -249,6 +249,7 @@ fn hf_source(w: &Weights, layout: (&str, &str), skip: Option<&str>) -> MapSource
             .filter(|t| Some(t.hf.as_str()) != skip)
             .map(|t| {
                 let data = TensorData {
+                    interleaved: false,
                     dtype: GgmlType::F32,
                     shape: t.shape,
                     data: Blob::from_vec(f32_bytes(&t.values)),
@@ -397,6 +398,7 @@ fn bf16_source(w: &Weights) -> MapSource {
                     .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
                     .collect();
                 let data = TensorData {
+                    interleaved: false,
                     dtype: GgmlType::BF16,
                     shape: t.shape,
                     data: Blob::from_vec(bytes),

@@ -323,6 +323,7 @@ impl TensorSource for Recording<'_> {
         if self.towers.iter().any(|t| t == name) {
             // Bytes that fit no shape: reading them as weights would fail.
             return Some(TensorData {
+                interleaved: false,
                 dtype: GgmlType::Q4_K,
                 shape: vec![3, 7],
                 data: Blob::from_vec(vec![0xff; 5]),

@@ -174,6 +174,7 @@ fn quantized_column_slice_keeps_the_first_blocks_of_every_row() {
     let mut bytes = vec![0u8; GgmlType::Q8_0.bytes_for(rows * cols).unwrap()];
     gemma_kernels::quant::quantize(GgmlType::Q8_0, &values, &mut bytes).unwrap();
     let source = OneTensor(TensorData {
+        interleaved: false,
         dtype: GgmlType::Q8_0,
         shape: vec![rows, cols],
         data: Blob::from_vec(bytes),

@@ -181,6 +181,7 @@ fn load_patched(name: &str, replacement: Option<TensorData>) -> Result<Gemma3nVi
 fn f32_tensor(shape: &[usize]) -> TensorData {
     let n: usize = shape.iter().product();
     TensorData {
+        interleaved: false,
         dtype: GgmlType::F32,
         shape: shape.to_vec(),
         data: Blob::from_vec(vec![0u8; 4 * n]),
@@ -240,6 +241,7 @@ fn missing_and_misshapen_tensors_are_errors() {
     }
     // Bytes that do not fit the stated type.
     let bad = TensorData {
+        interleaved: false,
         dtype: GgmlType::BF16,
         shape: vec![64],
         data: Blob::from_vec(vec![0u8; 7]),

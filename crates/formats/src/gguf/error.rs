@@ -16,6 +16,8 @@ pub enum GgufError {
     },
     #[error("not a GGUF file: magic is {found:02x?}, expected \"GGUF\"")]
     BadMagic { found: [u8; 4] },
+    #[error("GGUF tensors cannot be rewritten once some were handed out (a caller bug)")]
+    TensorsInUse,
     #[error("GGUF version {version} is not supported (only versions 2 and 3 are)")]
     UnsupportedVersion { version: u32 },
     #[error("{field}: needs {needed} bytes at offset {offset} but only {available} remain (file truncated?)")]

@@ -85,6 +85,15 @@ pub struct GgufFile {
     tensors: Vec<GgufTensorInfo>,
     tensor_index: HashMap<String, usize>,
     data_offset: usize,
+    /// The resident copy behind `data` (after [`GgufFile::make_resident`]), kept typed so that
+    /// [`GgufFile::interleave_tensors`] can rewrite it in place.
+    resident: Option<Arc<HugePageBytes>>,
+    /// The mapping behind `data` (after [`GgufFile::open`]), to release pages copied out of it.
+    mapping: Option<Arc<memmap2::Mmap>>,
+    /// Per tensor: its bytes when they were moved out of the mapping, and whether they are
+    /// interleaved (see [`GgufFile::interleave_tensors`]).
+    rewritten: Vec<Option<Blob>>,
+    interleaved: Vec<bool>,
 }
 
 impl GgufFile {
@@ -97,9 +106,10 @@ impl GgufFile {
         let file = File::open(path).map_err(io_error)?;
         // SAFETY: the mapping is read-only. Like every mmap-based reader, we rely on the
         // model file not being truncated or rewritten while it is open.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_error)?;
-        let mut gguf = GgufFile::from_bytes(Arc::new(map))?;
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io_error)?);
+        let mut gguf = GgufFile::from_bytes(map.clone())?;
         gguf.file = Some((file, path.to_path_buf()));
+        gguf.mapping = Some(map);
         Ok(gguf)
     }
 
@@ -115,9 +125,13 @@ impl GgufFile {
             alignment: header.alignment,
             metadata: header.metadata,
             key_index: header.key_index,
-            tensors: header.tensors,
+            rewritten: vec![None; header.tensors.len()],
+            interleaved: vec![false; header.tensors.len()],
             tensor_index: header.tensor_index,
+            tensors: header.tensors,
             data_offset: header.data_offset,
+            resident: None,
+            mapping: None,
         })
     }
 
@@ -164,9 +178,89 @@ impl GgufFile {
                 path: path.clone(),
                 source,
             })?;
-        self.data = Arc::new(copy);
+        let copy = Arc::new(copy);
+        self.data = copy.clone();
+        self.resident = Some(copy);
+        self.mapping = None;
         self.data_base = self.data_offset;
         Ok(true)
+    }
+
+    /// Rewrites the bytes of every tensor that `choose` picks with `rewrite` (which keeps
+    /// their length) and hands them out marked [`TensorData::interleaved`] from then on: the
+    /// decode layout of the weight matrices, which this crate does not know itself. Returns
+    /// the bytes rewritten. Call it before any tensor is handed out.
+    ///
+    /// A resident file is rewritten in place (no extra memory). A mapped file cannot be, so the
+    /// chosen tensors are copied into memory of their own (huge pages) and their pages of the
+    /// mapping released: what stays resident is the same bytes as before, in the new order, so
+    /// choose only tensors that are read whole anyway (a matrix, not a table read by rows).
+    /// A file built in memory is not rewritten (returns 0).
+    pub fn interleave_tensors(
+        &mut self,
+        choose: &dyn Fn(&GgufTensorInfo) -> bool,
+        rewrite: &mut dyn FnMut(&GgufTensorInfo, &mut [u8]),
+    ) -> Result<usize, GgufError> {
+        let chosen: Vec<usize> = (0..self.tensors.len())
+            .filter(|&i| !self.interleaved[i] && choose(&self.tensors[i]))
+            .collect();
+        if chosen.is_empty() {
+            return Ok(0);
+        }
+        if let Some(mut resident) = self.resident.take() {
+            // Only `data` may share the copy: no tensor was handed out yet.
+            self.data = Arc::new(Vec::<u8>::new());
+            let Some(bytes) = Arc::get_mut(&mut resident) else {
+                self.data = resident.clone();
+                self.resident = Some(resident);
+                return Err(GgufError::TensorsInUse);
+            };
+            let mut done = 0;
+            for &i in &chosen {
+                let info = &self.tensors[i];
+                let start = info.offset - self.data_base;
+                rewrite(info, &mut bytes.as_mut()[start..start + info.n_bytes]);
+                self.interleaved[i] = true;
+                done += info.n_bytes;
+            }
+            self.data = resident.clone();
+            self.resident = Some(resident);
+            return Ok(done);
+        }
+        let Some(mapping) = self.mapping.clone() else {
+            return Ok(0);
+        };
+        let total: usize = chosen.iter().map(|&i| self.tensors[i].n_bytes).sum();
+        let mut copy = HugePageBytes::zeroed(total).map_err(|source| GgufError::Io {
+            path: self.file.as_ref().map(|f| f.1.clone()).unwrap_or_default(),
+            source,
+        })?;
+        let mut at = 0;
+        let mut placed = Vec::with_capacity(chosen.len());
+        for &i in &chosen {
+            let info = &self.tensors[i];
+            let dst = &mut copy.as_mut()[at..at + info.n_bytes];
+            dst.copy_from_slice(&mapping[info.offset..info.offset + info.n_bytes]);
+            rewrite(info, dst);
+            // SAFETY: the mapping is read-only and file-backed: dropped pages are read again
+            // from the file if anything touches them (nothing should: the copy replaces them).
+            #[cfg(unix)]
+            unsafe {
+                let _ = mapping.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    info.offset,
+                    info.n_bytes,
+                );
+            }
+            placed.push((i, at));
+            at += info.n_bytes;
+        }
+        let copy: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(copy);
+        for (i, start) in placed {
+            self.rewritten[i] = Some(Blob::new(copy.clone(), start, self.tensors[i].n_bytes));
+            self.interleaved[i] = true;
+        }
+        Ok(total)
     }
 
     /// Whether tensors are read from a resident copy rather than the file mapping.
@@ -266,6 +360,13 @@ impl GgufFile {
     /// If `info` does not come from this file and its range lies outside it.
     #[track_caller]
     pub fn tensor_data(&self, info: &GgufTensorInfo) -> Blob {
+        if let Some(Some(blob)) = self
+            .tensor_index
+            .get(&info.name)
+            .map(|&i| &self.rewritten[i])
+        {
+            return blob.clone();
+        }
         Blob::new(
             self.data.clone(),
             info.offset.wrapping_sub(self.data_base),
@@ -297,6 +398,10 @@ impl TensorSource for GgufFile {
             dtype: info.dtype,
             shape: info.shape.clone(),
             data: self.tensor_data(info),
+            interleaved: self
+                .tensor_index
+                .get(name)
+                .is_some_and(|&i| self.interleaved[i]),
         })
     }
 

@@ -25,7 +25,7 @@ use super::{DotFn, Q8_0_INFO_BYTES};
 const GROUP_ROWS: usize = super::ROW_GROUP;
 /// Tokens computed together; more take several passes over a row group (whose weights are then
 /// in L1).
-const MAX_TOKENS: usize = 4;
+pub(super) const MAX_TOKENS: usize = 4;
 
 /// Consecutive weight rows: row `i` is `data[i * row_bytes..(i + 1) * row_bytes]`, `i < n_rows`.
 pub(crate) struct RowRange<'a> {
@@ -133,15 +133,15 @@ fn row_ptrs(range: &RowRange, first: usize) -> [*const u8; GROUP_ROWS] {
 
 /// Token `t0 + t`'s quantized row and block info.
 #[derive(Clone, Copy)]
-struct Act {
-    row: *const u8,
-    info: *const u8,
+pub(super) struct Act {
+    pub(super) row: *const u8,
+    pub(super) info: *const u8,
 }
 
 impl Act {
     /// Block `k`'s scale (Q8_0 activations).
     #[inline(always)]
-    unsafe fn scale(self, k: usize) -> f32 {
+    pub(super) unsafe fn scale(self, k: usize) -> f32 {
         self.info
             .add(k * Q8_0_INFO_BYTES)
             .cast::<f32>()
@@ -150,7 +150,7 @@ impl Act {
 
     /// Block `k`'s quant sum (Q8_0 activations).
     #[inline(always)]
-    unsafe fn quant_sum(self, k: usize) -> i32 {
+    pub(super) unsafe fn quant_sum(self, k: usize) -> i32 {
         self.info
             .add(k * Q8_0_INFO_BYTES + 4)
             .cast::<i32>()
@@ -159,7 +159,7 @@ impl Act {
 }
 
 #[inline(always)]
-fn act_ptrs<const NT: usize>(a: &ActRows, t0: usize) -> [Act; NT] {
+pub(super) fn act_ptrs<const NT: usize>(a: &ActRows, t0: usize) -> [Act; NT] {
     std::array::from_fn(|t| Act {
         row: a.data.as_ptr().wrapping_add((t0 + t) * a.row_bytes),
         info: a.info.as_ptr().wrapping_add((t0 + t) * a.info_bytes),
@@ -265,7 +265,7 @@ unsafe fn prefetch_row_share(next_group: *const u8, off: usize, r: usize, block_
 /// `acc + (dw * da) * isum` lane by lane: the scalar reference's per-block step.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scaled_add(acc: __m256, dw: __m256, da: f32, isum: __m256i) -> __m256 {
+pub(super) unsafe fn scaled_add(acc: __m256, dw: __m256, da: f32, isum: __m256i) -> __m256 {
     let d = _mm256_mul_ps(dw, _mm256_set1_ps(da));
     _mm256_add_ps(acc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(isum)))
 }
@@ -309,7 +309,7 @@ macro_rules! for_each_group {
 /// Writes the first `n_rows` lanes of each token's accumulator.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn store(acc: &[__m256], out: Out, first: usize, n_rows: usize, t0: usize) {
+pub(super) unsafe fn store(acc: &[__m256], out: Out, first: usize, n_rows: usize, t0: usize) {
     for (t, &v) in acc.iter().enumerate() {
         let dst = out.ptr.add((t0 + t) * out.token_stride + first);
         if n_rows == GROUP_ROWS {

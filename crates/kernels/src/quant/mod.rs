@@ -13,6 +13,7 @@
 //! as well, also bit-exact, and
 //! so is the per-matmul quantization of activations to Q8_0 and Q8_K.
 
+pub mod interleave;
 mod layout;
 pub mod scalar;
 mod selfcheck;
@@ -21,6 +22,8 @@ mod selfcheck;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx2_dequant;
+#[cfg(target_arch = "x86_64")]
+mod avx2_interleaved;
 #[cfg(target_arch = "x86_64")]
 mod avx2_quantize;
 #[cfg(target_arch = "x86_64")]
@@ -239,6 +242,8 @@ pub(crate) struct Kernels {
     pub isa: Isa,
     pub(super) dots: [DotFn; GgmlType::ALL.len()],
     pub(super) rows: [Option<RowsKernel>; GgmlType::ALL.len()],
+    /// The multi-row kernels over the interleaved layout (see [`interleave`]).
+    pub(super) interleaved: [Option<RowsKernel>; GgmlType::ALL.len()],
 }
 
 impl Kernels {
@@ -247,6 +252,7 @@ impl Kernels {
             isa,
             dots: std::array::from_fn(|i| dot_fn(isa, GgmlType::ALL[i])),
             rows: std::array::from_fn(|i| rows_kernel(isa, GgmlType::ALL[i])),
+            interleaved: std::array::from_fn(|i| interleaved_kernel(isa, GgmlType::ALL[i])),
         }
     }
 
@@ -264,6 +270,13 @@ impl Kernels {
     #[inline]
     pub fn rows(&self, dtype: GgmlType) -> Option<RowsKernel> {
         self.rows[dtype as usize]
+    }
+
+    /// The kernel computing [`ROW_GROUP`] interleaved weight rows at once for `dtype` (same
+    /// results as [`Kernels::rows`] on the row-major matrix), if this ISA has one.
+    #[inline]
+    pub fn interleaved(&self, dtype: GgmlType) -> Option<RowsKernel> {
+        self.interleaved[dtype as usize]
     }
 }
 
@@ -455,6 +468,19 @@ fn rows_kernel(isa: Isa, dtype: GgmlType) -> Option<RowsKernel> {
     {
         if let Some(build) = rows_build(isa) {
             return avx2_rows::rows_fn(dtype, build).map(|f| RowsKernel { dtype, f });
+        }
+    }
+    let _ = (isa, dtype);
+    None
+}
+
+/// The multi-row kernel of `dtype` over the interleaved layout on `isa` (x86-64 with AVX2 and
+/// above only).
+fn interleaved_kernel(isa: Isa, dtype: GgmlType) -> Option<RowsKernel> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(build) = rows_build(isa) {
+            return avx2_interleaved::rows_fn(dtype, build).map(|f| RowsKernel { dtype, f });
         }
     }
     let _ = (isa, dtype);

@@ -1,0 +1,313 @@
+//! Matrix-vector kernels over interleaved weights (see [`super::interleave`]): each group of
+//! eight rows against one to [`MAX_TOKENS`] activation rows.
+//!
+//! A 32-byte load holds four quants of each of the eight rows in that row's i32 lane, so the
+//! integer products against four activation bytes broadcast to every lane accumulate per row
+//! with no reduction across lanes; the eight scales are one load. The block sums are the same
+//! exact integers as in the row-major kernels, then scaled and accumulated with the same float
+//! operations in the same order (`scaled_add`), so every result is bit-identical to
+//! `scalar::vec_dot` of its row: interleaving changes the speed, never the numbers.
+
+use std::arch::x86_64::*;
+
+use gemma_formats::GgmlType;
+
+use super::avx2_rows::{
+    act_ptrs, load256, scaled_add, store, Act, ActRows, Build, Out, RowRange, RowsFn, MAX_TOKENS,
+};
+use super::interleave::GROUP_ROWS;
+use super::layout::{offs, QK};
+
+/// The kernel over interleaved `dtype` weights for `build` (`range.data` starts at a group and
+/// `range.n_rows` is a multiple of [`GROUP_ROWS`]).
+pub(super) fn rows_fn(dtype: GgmlType, build: Build) -> Option<RowsFn> {
+    Some(match (build, dtype) {
+        (Build::Avx2, GgmlType::Q4_0) => rows_q4_0,
+        (Build::Avx2, GgmlType::Q8_0) => rows_q8_0,
+        (Build::Avx512, GgmlType::Q4_0) => wide::rows_q4_0,
+        (Build::Avx512, GgmlType::Q8_0) => wide::rows_q8_0,
+        (Build::Avx512Vnni, GgmlType::Q4_0) => vnni::rows_q4_0,
+        (Build::Avx512Vnni, GgmlType::Q8_0) => vnni::rows_q8_0,
+        _ => return None,
+    })
+}
+
+/// Bytes ahead of the current block that are prefetched: the stream is sequential, so this
+/// only has to stay ahead of the hardware prefetcher's ramp-up at each new task.
+const PREFETCH_AHEAD: usize = 2048;
+
+/// Runs `chunk::<NT>` over every group and, inside a group, over token chunks of at most
+/// [`MAX_TOKENS`] (the group's weights stay in L1 between chunks), storing the results.
+macro_rules! for_each_interleaved_group {
+    ($chunk:ident, $range:expr, $a:expr, $cols:expr, $out:expr) => {{
+        let (range, a, out): (&RowRange, &ActRows, Out) = ($range, $a, $out);
+        let group_bytes = GROUP_ROWS * range.row_bytes;
+        for first in (0..range.n_rows).step_by(GROUP_ROWS) {
+            let group = range.data.as_ptr().add((first / GROUP_ROWS) * group_bytes);
+            let mut t0 = 0;
+            while t0 < a.n_tokens {
+                let nt = (a.n_tokens - t0).min(MAX_TOKENS);
+                match nt {
+                    1 => store(
+                        &$chunk::<1>(group, act_ptrs::<1>(a, t0), $cols),
+                        out,
+                        first,
+                        GROUP_ROWS,
+                        t0,
+                    ),
+                    2 => store(
+                        &$chunk::<2>(group, act_ptrs::<2>(a, t0), $cols),
+                        out,
+                        first,
+                        GROUP_ROWS,
+                        t0,
+                    ),
+                    3 => store(
+                        &$chunk::<3>(group, act_ptrs::<3>(a, t0), $cols),
+                        out,
+                        first,
+                        GROUP_ROWS,
+                        t0,
+                    ),
+                    _ => store(
+                        &$chunk::<4>(group, act_ptrs::<4>(a, t0), $cols),
+                        out,
+                        first,
+                        GROUP_ROWS,
+                        t0,
+                    ),
+                }
+                t0 += nt;
+            }
+        }
+    }};
+}
+
+/// Four activation bytes at `p` in every i32 lane.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn broadcast4(p: *const u8) -> __m256i {
+    _mm256_set1_epi32(p.cast::<i32>().read_unaligned())
+}
+
+/// The group's eight f16 scales of the block at `block`, as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scales(block: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(block.cast()))
+}
+
+/// Byte offset of block `k`'s quants in an activation row.
+#[inline(always)]
+fn act_quants(k: usize) -> usize {
+    k * 34 + offs::Q8_0_QS
+}
+
+// ----------------------------------------------------------------------------------------------
+// Q4_0: unsigned nibbles, `8 * sum(activations)` subtracted after the sum (exact in i32)
+// ----------------------------------------------------------------------------------------------
+
+const Q4_0_BLOCK: usize = GROUP_ROWS * 18;
+
+/// Piece `p`'s low and high nibbles: values `4p..4p + 4` and `16 + 4p..` of each row.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_piece(block: *const u8, p: usize) -> (__m256i, __m256i) {
+    let mask = _mm256_set1_epi8(0x0F);
+    let v = load256(block.add(16 + 32 * p));
+    (
+        _mm256_and_si256(v, mask),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask),
+    )
+}
+
+/// AVX2: `vpmaddubsw` pair sums (at most 2 · 15 · 127 = 3810) added in i16 over the block's
+/// eight products per lane (at most 30480: exact), then widened once with `vpmaddwd`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_chunk<const NT: usize>(
+    group: *const u8,
+    acts: [Act; NT],
+    cols: usize,
+) -> [__m256; NT] {
+    let ones16 = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK {
+        let block = group.add(k * Q4_0_BLOCK);
+        _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_AHEAD).cast());
+        _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_AHEAD + 64).cast());
+        let mut pairs = [_mm256_setzero_si256(); NT];
+        for p in 0..4 {
+            let (lo, hi) = q4_0_piece(block, p);
+            for t in 0..NT {
+                let a = acts[t].row.add(act_quants(k));
+                let l = _mm256_maddubs_epi16(lo, broadcast4(a.add(4 * p)));
+                let h = _mm256_maddubs_epi16(hi, broadcast4(a.add(16 + 4 * p)));
+                pairs[t] = _mm256_add_epi16(pairs[t], _mm256_add_epi16(l, h));
+            }
+        }
+        let dw = scales(block);
+        for t in 0..NT {
+            let offset = _mm256_set1_epi32(acts[t].quant_sum(k) << 3);
+            let isum = _mm256_sub_epi32(_mm256_madd_epi16(pairs[t], ones16), offset);
+            acc[t] = scaled_add(acc[t], dw, acts[t].scale(k), isum);
+        }
+    }
+    acc
+}
+
+/// AVX-512 VNNI: `vpdpbusd` straight to i32, low and high nibbles in two chains.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_0_chunk_vnni<const NT: usize>(
+    group: *const u8,
+    acts: [Act; NT],
+    cols: usize,
+) -> [__m256; NT] {
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK {
+        let block = group.add(k * Q4_0_BLOCK);
+        _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_AHEAD).cast());
+        _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_AHEAD + 64).cast());
+        let mut low = [_mm256_setzero_si256(); NT];
+        let mut high = [_mm256_setzero_si256(); NT];
+        for p in 0..4 {
+            let (lo, hi) = q4_0_piece(block, p);
+            for t in 0..NT {
+                let a = acts[t].row.add(act_quants(k));
+                low[t] = _mm256_dpbusd_epi32(low[t], lo, broadcast4(a.add(4 * p)));
+                high[t] = _mm256_dpbusd_epi32(high[t], hi, broadcast4(a.add(16 + 4 * p)));
+            }
+        }
+        let dw = scales(block);
+        for t in 0..NT {
+            let offset = _mm256_set1_epi32(acts[t].quant_sum(k) << 3);
+            let isum = _mm256_sub_epi32(_mm256_add_epi32(low[t], high[t]), offset);
+            acc[t] = scaled_add(acc[t], dw, acts[t].scale(k), isum);
+        }
+    }
+    acc
+}
+
+// ----------------------------------------------------------------------------------------------
+// Q8_0: signed quants
+// ----------------------------------------------------------------------------------------------
+
+const Q8_0_BLOCK: usize = GROUP_ROWS * 34;
+
+/// AVX2: |w| against a·sign(w) (exact for w = -128: activations are within ±127), widened per
+/// piece (two pair sums of up to 2 · 128 · 127 would overflow i16).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_chunk<const NT: usize>(
+    group: *const u8,
+    acts: [Act; NT],
+    cols: usize,
+) -> [__m256; NT] {
+    let ones16 = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK {
+        let block = group.add(k * Q8_0_BLOCK);
+        for line in 0..4 {
+            _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_AHEAD + 64 * line).cast());
+        }
+        let mut sums = [_mm256_setzero_si256(); NT];
+        for p in 0..8 {
+            let w = load256(block.add(16 + 32 * p));
+            let w_abs = _mm256_sign_epi8(w, w);
+            for t in 0..NT {
+                let a = broadcast4(acts[t].row.add(act_quants(k) + 4 * p));
+                let pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(a, w));
+                sums[t] = _mm256_add_epi32(sums[t], _mm256_madd_epi16(pairs, ones16));
+            }
+        }
+        let dw = scales(block);
+        for t in 0..NT {
+            acc[t] = scaled_add(acc[t], dw, acts[t].scale(k), sums[t]);
+        }
+    }
+    acc
+}
+
+/// AVX-512 VNNI: the weights made unsigned (w + 128, a flipped sign bit) for `vpdpbusd`, and
+/// `128 * sum(activations)` subtracted after the sum (exact in i32); two chains.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_0_chunk_vnni<const NT: usize>(
+    group: *const u8,
+    acts: [Act; NT],
+    cols: usize,
+) -> [__m256; NT] {
+    let flip = _mm256_set1_epi8(-128);
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK {
+        let block = group.add(k * Q8_0_BLOCK);
+        for line in 0..4 {
+            _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_AHEAD + 64 * line).cast());
+        }
+        let mut even = [_mm256_setzero_si256(); NT];
+        let mut odd = [_mm256_setzero_si256(); NT];
+        for p in (0..8).step_by(2) {
+            let w0 = _mm256_xor_si256(load256(block.add(16 + 32 * p)), flip);
+            let w1 = _mm256_xor_si256(load256(block.add(48 + 32 * p)), flip);
+            for t in 0..NT {
+                let a = acts[t].row.add(act_quants(k) + 4 * p);
+                even[t] = _mm256_dpbusd_epi32(even[t], w0, broadcast4(a));
+                odd[t] = _mm256_dpbusd_epi32(odd[t], w1, broadcast4(a.add(4)));
+            }
+        }
+        let dw = scales(block);
+        for t in 0..NT {
+            let offset = _mm256_set1_epi32(acts[t].quant_sum(k) << 7);
+            let isum = _mm256_sub_epi32(_mm256_add_epi32(even[t], odd[t]), offset);
+            acc[t] = scaled_add(acc[t], dw, acts[t].scale(k), isum);
+        }
+    }
+    acc
+}
+
+// ----------------------------------------------------------------------------------------------
+// Entry points per build
+// ----------------------------------------------------------------------------------------------
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_q4_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+    for_each_interleaved_group!(q4_0_chunk, range, a, cols, out)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_q8_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+    for_each_interleaved_group!(q8_0_chunk, range, a, cols, out)
+}
+
+/// The same kernels compiled with AVX-512 (F, BW, VL) and with VNNI (see `avx2_rows::Build`).
+macro_rules! build_of_interleaved_kernels {
+    ($module:ident, $features:literal, $q4_0:ident, $q8_0:ident) => {
+        mod $module {
+            use super::*;
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows_q4_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+                for_each_interleaved_group!($q4_0, range, a, cols, out)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows_q8_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+                for_each_interleaved_group!($q8_0, range, a, cols, out)
+            }
+        }
+    };
+}
+
+build_of_interleaved_kernels!(
+    wide,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl",
+    q4_0_chunk,
+    q8_0_chunk
+);
+build_of_interleaved_kernels!(
+    vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    q4_0_chunk_vnni,
+    q8_0_chunk_vnni
+);

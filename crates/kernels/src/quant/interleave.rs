@@ -1,0 +1,134 @@
+//! The interleaved weight layout for decoding: eight rows per group, stored block by block.
+//!
+//! Row-major blocks make a matrix-vector product sum each row's block on its own and then
+//! reduce eight rows' partial sums across vector lanes, and gather eight scattered f16 scales,
+//! once per 32 weights: about half of the decode kernel's instructions (see `avx2_rows`).
+//! Stored interleaved, block `k` of a group of eight rows is one contiguous piece:
+//!
+//! ```text
+//! [d of rows 0..8: 8 × f16] [quants: 4-byte piece p of row r at 16 + (p * 8 + r) * 4]
+//! ```
+//!
+//! so one 32-byte load holds four quants of each of the eight rows in the row's own i32 lane:
+//! `vpdpbusd` (or `vpmaddubsw` + `vpmaddwd`) against four activation bytes broadcast to every
+//! lane leaves each row's sum in its lane with no reduction, and the eight scales are one
+//! 16-byte load. This is the layout llama.cpp repacks Q4_0 into at load time on x86
+//! (`block_q4_0x8`); the bytes are the same in number, so a matrix is rewritten in place.
+//!
+//! Q4_0 blocks have four pieces (16 bytes of nibbles per row: piece `p` holds values
+//! `4p..4p + 4` in its low nibbles and `16 + 4p..` in its high ones), Q8_0 blocks eight.
+//! Only whole groups are interleaved: a matrix whose row count is not a multiple of eight
+//! keeps the row-major layout.
+
+use gemma_formats::GgmlType;
+
+use super::layout::QK;
+
+/// Rows per interleaved group (one i32 lane each in a 256-bit register).
+pub const GROUP_ROWS: usize = 8;
+/// Bytes of the group's eight f16 scales at the start of each block.
+const SCALES: usize = 2 * GROUP_ROWS;
+/// Bytes of one piece of one row.
+const PIECE: usize = 4;
+
+/// The types with an interleaved layout and kernels for it.
+pub fn supports(dtype: GgmlType) -> bool {
+    matches!(dtype, GgmlType::Q4_0 | GgmlType::Q8_0)
+}
+
+/// Whether a `[rows, cols]` matrix of `dtype` can be stored interleaved.
+pub fn fits(dtype: GgmlType, rows: usize, cols: usize) -> bool {
+    supports(dtype) && rows > 0 && rows.is_multiple_of(GROUP_ROWS) && cols.is_multiple_of(QK)
+}
+
+/// Quant bytes per row in one block.
+fn quant_bytes(dtype: GgmlType) -> usize {
+    dtype.type_size() - 2
+}
+
+/// Rewrites whole groups of row-major blocks (`data`, rows of `cols` weights of `dtype`, a
+/// multiple of [`GROUP_ROWS`] rows) into the interleaved layout, in place; `scratch` is reused.
+///
+/// # Panics
+/// If [`fits`] is false for the shape `data` holds.
+pub fn interleave_in_place(dtype: GgmlType, data: &mut [u8], cols: usize, scratch: &mut Vec<u8>) {
+    let row_bytes = dtype.bytes_for(cols).expect("whole blocks");
+    let group_bytes = GROUP_ROWS * row_bytes;
+    assert!(
+        fits(dtype, data.len() / row_bytes.max(1), cols) && data.len().is_multiple_of(group_bytes),
+        "interleave: {} bytes are not whole groups of {dtype:?} rows of {cols}",
+        data.len()
+    );
+    scratch.clear();
+    scratch.resize(group_bytes, 0);
+    for group in data.chunks_exact_mut(group_bytes) {
+        scratch.copy_from_slice(group);
+        for r in 0..GROUP_ROWS {
+            let row = &scratch[r * row_bytes..(r + 1) * row_bytes];
+            for (k, block) in row.chunks_exact(dtype.type_size()).enumerate() {
+                write_block_row(dtype, group, k, r, block);
+            }
+        }
+    }
+}
+
+/// The row-major bytes of row `r` of an interleaved matrix (`data` from its first group,
+/// rows of `cols` weights) into `dst` (one row).
+pub fn row_of(dtype: GgmlType, data: &[u8], cols: usize, r: usize, dst: &mut [u8]) {
+    let row_bytes = dtype.bytes_for(cols).expect("whole blocks");
+    let group = &data[(r / GROUP_ROWS) * GROUP_ROWS * row_bytes..][..GROUP_ROWS * row_bytes];
+    let (size, qb) = (dtype.type_size(), quant_bytes(dtype));
+    let block_bytes = GROUP_ROWS * size;
+    let r = r % GROUP_ROWS;
+    for (k, out) in dst[..row_bytes].chunks_exact_mut(size).enumerate() {
+        let src = &group[k * block_bytes..(k + 1) * block_bytes];
+        out[..2].copy_from_slice(&src[2 * r..2 * r + 2]);
+        for p in 0..qb / PIECE {
+            let at = SCALES + (p * GROUP_ROWS + r) * PIECE;
+            out[2 + p * PIECE..2 + (p + 1) * PIECE].copy_from_slice(&src[at..at + PIECE]);
+        }
+    }
+}
+
+/// Writes row `r`'s row-major block `k` into its interleaved group.
+fn write_block_row(dtype: GgmlType, group: &mut [u8], k: usize, r: usize, block: &[u8]) {
+    let block_bytes = GROUP_ROWS * dtype.type_size();
+    let dst = &mut group[k * block_bytes..(k + 1) * block_bytes];
+    dst[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
+    for (p, piece) in block[2..].chunks_exact(PIECE).enumerate() {
+        let at = SCALES + (p * GROUP_ROWS + r) * PIECE;
+        dst[at..at + PIECE].copy_from_slice(piece);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_read_back_after_interleaving() {
+        for dtype in [GgmlType::Q4_0, GgmlType::Q8_0] {
+            let (rows, cols) = (24, 96);
+            let row_bytes = dtype.bytes_for(cols).unwrap();
+            let original: Vec<u8> = (0..rows * row_bytes)
+                .map(|i| (i * 37 % 251) as u8)
+                .collect();
+            let mut data = original.clone();
+            interleave_in_place(dtype, &mut data, cols, &mut Vec::new());
+            assert_ne!(data, original);
+            let mut row = vec![0u8; row_bytes];
+            for r in 0..rows {
+                row_of(dtype, &data, cols, r, &mut row);
+                assert_eq!(row, original[r * row_bytes..(r + 1) * row_bytes], "row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_whole_groups_of_supported_types_fit() {
+        assert!(fits(GgmlType::Q4_0, 16, 64));
+        assert!(!fits(GgmlType::Q4_0, 12, 64));
+        assert!(!fits(GgmlType::Q4_K, 16, 256));
+        assert!(!fits(GgmlType::Q8_0, 0, 64));
+    }
+}
