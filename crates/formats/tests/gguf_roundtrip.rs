@@ -321,16 +321,16 @@ fn chosen_tensors_are_rewritten_in_both_memory_modes_and_others_are_not() {
     let tensors = write_multi_tensor_file(&path);
     let on_disk = std::fs::read(&path).unwrap();
     let choose = |info: &gemma_formats::GgufTensorInfo| info.name == "t1" || info.name == "t3";
-    let mut reverse = |_: &gemma_formats::GgufTensorInfo, bytes: &mut [u8]| bytes.reverse();
+    let reverse = |_: &gemma_formats::GgufTensorInfo, bytes: &mut [u8]| bytes.reverse();
     for resident in [false, true] {
         let mut file = gemma_formats::GgufFile::open(&path).unwrap();
         if resident {
             assert!(file.make_resident().unwrap());
         }
-        let done = file.interleave_tensors(&choose, &mut reverse).unwrap();
+        let done = file.interleave_tensors(&choose, &reverse).unwrap();
         assert_eq!(done, tensors[1].1.len() + tensors[3].1.len());
         // A second call finds nothing left to do.
-        assert_eq!(file.interleave_tensors(&choose, &mut reverse).unwrap(), 0);
+        assert_eq!(file.interleave_tensors(&choose, &reverse).unwrap(), 0);
         for (i, (name, bytes)) in tensors.iter().enumerate() {
             let t = file.tensor(name).unwrap();
             let rewritten = i == 1 || i == 3;
@@ -352,7 +352,7 @@ fn chosen_tensors_are_rewritten_in_both_memory_modes_and_others_are_not() {
     let mut file = gemma_formats::GgufFile::open(&path).unwrap();
     file.make_resident().unwrap();
     let held = file.tensor("t3").unwrap();
-    let err = file.interleave_tensors(&choose, &mut reverse).unwrap_err();
+    let err = file.interleave_tensors(&choose, &reverse).unwrap_err();
     assert!(err.to_string().contains("handed out"), "{err}");
     assert_eq!(held.data.bytes(), &tensors[3].1[..]);
     assert!(!file.tensor("t1").unwrap().interleaved);

@@ -414,7 +414,8 @@ pub(crate) fn linear_shared_input<const N: usize>(
 /// Stores the decoder's weight matrices of `gguf` interleaved for the decode kernels (see
 /// [`gemma_kernels::quant::interleave`]; only where they gain: Q4_0 and Q8_0 matrices of whole
 /// row groups, on CPUs with the kernels), before a model is loaded from it. Returns the bytes
-/// rewritten. Layer tensors (`blk.*`) and the output matrix are chosen, and the token
+/// rewritten. Layer tensors (`blk.*`), the output matrix and Gemma 3n's projection into the
+/// per-layer inputs are chosen, and the token
 /// embedding when it is also the output matrix (read whole every token); never a table read by
 /// rows only (Gemma 3n's per-layer embeddings), nor a tower's tensors. `GEMMA_INTERLEAVE=0`
 /// keeps every tensor as stored (for comparisons).
@@ -426,17 +427,17 @@ pub fn interleave_decoder_weights(gguf: &mut gemma_formats::GgufFile) -> Result<
     let choose = |info: &gemma_formats::GgufTensorInfo| {
         let decoder = info.name.starts_with("blk.")
             || info.name == "output.weight"
+            || info.name == "per_layer_model_proj.weight"
             || (tied && info.name == "token_embd.weight");
         match info.shape[..] {
             [rows, cols] => decoder && matmul::interleaving_pays(info.dtype, rows, cols),
             _ => false,
         }
     };
-    let mut scratch = Vec::new();
-    let mut rewrite = |info: &gemma_formats::GgufTensorInfo, bytes: &mut [u8]| {
-        interleave::interleave_in_place(info.dtype, bytes, info.shape[1], &mut scratch);
+    let rewrite = |info: &gemma_formats::GgufTensorInfo, bytes: &mut [u8]| {
+        interleave::interleave_in_place(info.dtype, bytes, info.shape[1], &mut Vec::new());
     };
-    Ok(gguf.interleave_tensors(&choose, &mut rewrite)?)
+    Ok(gguf.interleave_tensors(&choose, &rewrite)?)
 }
 
 #[cfg(test)]

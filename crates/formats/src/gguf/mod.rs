@@ -199,7 +199,7 @@ impl GgufFile {
     pub fn interleave_tensors(
         &mut self,
         choose: &dyn Fn(&GgufTensorInfo) -> bool,
-        rewrite: &mut dyn FnMut(&GgufTensorInfo, &mut [u8]),
+        rewrite: &(dyn Fn(&GgufTensorInfo, &mut [u8]) + Sync),
     ) -> Result<usize, GgufError> {
         let chosen: Vec<usize> = (0..self.tensors.len())
             .filter(|&i| !self.interleaved[i] && choose(&self.tensors[i]))
@@ -235,26 +235,51 @@ impl GgufFile {
             path: self.file.as_ref().map(|f| f.1.clone()).unwrap_or_default(),
             source,
         })?;
-        let mut at = 0;
+        // Each tensor's place in the copy; then the tensors are copied and rewritten on every
+        // core (page faults on the new memory and the file cost more than the rewrite).
         let mut placed = Vec::with_capacity(chosen.len());
+        let mut parts = Vec::with_capacity(chosen.len());
+        let mut rest = copy.as_mut();
         for &i in &chosen {
-            let info = &self.tensors[i];
-            let dst = &mut copy.as_mut()[at..at + info.n_bytes];
-            dst.copy_from_slice(&mapping[info.offset..info.offset + info.n_bytes]);
-            rewrite(info, dst);
-            // SAFETY: the mapping is read-only and file-backed: dropped pages are read again
-            // from the file if anything touches them (nothing should: the copy replaces them).
-            #[cfg(unix)]
-            unsafe {
-                let _ = mapping.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    info.offset,
-                    info.n_bytes,
-                );
-            }
-            placed.push((i, at));
-            at += info.n_bytes;
+            let (part, tail) = rest.split_at_mut(self.tensors[i].n_bytes);
+            placed.push((i, total - tail.len() - part.len()));
+            parts.push((&self.tensors[i], part));
+            rest = tail;
         }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_thread = total.div_ceil(threads).max(1);
+        let mut shares: Vec<Vec<(&GgufTensorInfo, &mut [u8])>> = vec![];
+        let mut share_bytes = per_thread;
+        for part in parts {
+            if share_bytes >= per_thread {
+                shares.push(vec![]);
+                share_bytes = 0;
+            }
+            share_bytes += part.1.len();
+            shares.last_mut().expect("pushed above").push(part);
+        }
+        let mapping = &mapping;
+        std::thread::scope(|scope| {
+            for share in shares {
+                scope.spawn(move || {
+                    for (info, dst) in share {
+                        dst.copy_from_slice(&mapping[info.offset..info.offset + info.n_bytes]);
+                        rewrite(info, dst);
+                        // SAFETY: the mapping is read-only and file-backed: dropped pages are
+                        // read again from the file if anything touches them (nothing should:
+                        // the copy replaces them).
+                        #[cfg(unix)]
+                        unsafe {
+                            let _ = mapping.unchecked_advise_range(
+                                memmap2::UncheckedAdvice::DontNeed,
+                                info.offset,
+                                info.n_bytes,
+                            );
+                        }
+                    }
+                });
+            }
+        });
         let copy: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(copy);
         for (i, start) in placed {
             self.rewritten[i] = Some(Blob::new(copy.clone(), start, self.tensors[i].n_bytes));

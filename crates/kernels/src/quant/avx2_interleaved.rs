@@ -23,10 +23,13 @@ use super::layout::{offs, QK};
 pub(super) fn rows_fn(dtype: GgmlType, build: Build) -> Option<RowsFn> {
     Some(match (build, dtype) {
         (Build::Avx2, GgmlType::Q4_0) => rows_q4_0,
+        (Build::Avx2, GgmlType::Q5_0) => rows_q5_0,
         (Build::Avx2, GgmlType::Q8_0) => rows_q8_0,
         (Build::Avx512, GgmlType::Q4_0) => wide::rows_q4_0,
+        (Build::Avx512, GgmlType::Q5_0) => wide::rows_q5_0,
         (Build::Avx512, GgmlType::Q8_0) => wide::rows_q8_0,
         (Build::Avx512Vnni, GgmlType::Q4_0) => vnni::rows_q4_0,
+        (Build::Avx512Vnni, GgmlType::Q5_0) => vnni::rows_q5_0,
         (Build::Avx512Vnni, GgmlType::Q8_0) => vnni::rows_q8_0,
         _ => return None,
     })
@@ -190,6 +193,119 @@ unsafe fn q4_0_chunk_vnni<const NT: usize>(
 }
 
 // ----------------------------------------------------------------------------------------------
+// Q5_0: nibbles plus fifth bits from the group's masks, `16 * sum(activations)` subtracted
+// ----------------------------------------------------------------------------------------------
+
+const Q5_0_BLOCK: usize = GROUP_ROWS * 22;
+/// Offsets in a Q5_0 group block: the fifth-bit masks (two u32 per piece), then the pieces.
+const Q5_0_MASKS: usize = 16;
+const Q5_0_PIECES: usize = 48;
+
+/// 0x10 in byte `k` where bit `k` of the u32 mask at `p` is set (AVX2: spread each mask byte
+/// over eight bytes, then test one bit in each).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fifth_bits(p: *const u8) -> __m256i {
+    let mask = _mm256_set1_epi32(p.cast::<i32>().read_unaligned());
+    let spread = _mm256_shuffle_epi8(
+        mask,
+        _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        ),
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// AVX2: quants up to 31, so `vpmaddubsw` pair sums reach 2 · 31 · 127 = 7874 and only two
+/// (a piece's low and high values) are added in i16 before widening.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0_chunk<const NT: usize>(
+    group: *const u8,
+    acts: [Act; NT],
+    cols: usize,
+) -> [__m256; NT] {
+    let ones16 = _mm256_set1_epi16(1);
+    let nibble = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK {
+        let block = group.add(k * Q5_0_BLOCK);
+        for line in 0..3 {
+            _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_AHEAD + 64 * line).cast());
+        }
+        let mut sums = [_mm256_setzero_si256(); NT];
+        for p in 0..4 {
+            let v = load256(block.add(Q5_0_PIECES + 32 * p));
+            let masks = block.add(Q5_0_MASKS + 8 * p);
+            let lo = _mm256_or_si256(_mm256_and_si256(v, nibble), fifth_bits(masks));
+            let hi = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble),
+                fifth_bits(masks.add(4)),
+            );
+            for t in 0..NT {
+                let a = acts[t].row.add(act_quants(k));
+                let l = _mm256_maddubs_epi16(lo, broadcast4(a.add(4 * p)));
+                let h = _mm256_maddubs_epi16(hi, broadcast4(a.add(16 + 4 * p)));
+                let pair = _mm256_madd_epi16(_mm256_add_epi16(l, h), ones16);
+                sums[t] = _mm256_add_epi32(sums[t], pair);
+            }
+        }
+        let dw = scales(block);
+        for t in 0..NT {
+            let offset = _mm256_set1_epi32(acts[t].quant_sum(k) << 4);
+            let isum = _mm256_sub_epi32(sums[t], offset);
+            acc[t] = scaled_add(acc[t], dw, acts[t].scale(k), isum);
+        }
+    }
+    acc
+}
+
+/// AVX-512 VNNI: the masks applied as byte masks (`vpaddb` of 0x10 under the mask), then
+/// `vpdpbusd` in two chains as for Q4_0.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q5_0_chunk_vnni<const NT: usize>(
+    group: *const u8,
+    acts: [Act; NT],
+    cols: usize,
+) -> [__m256; NT] {
+    let nibble = _mm256_set1_epi8(0x0F);
+    let fifth = _mm256_set1_epi8(0x10);
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK {
+        let block = group.add(k * Q5_0_BLOCK);
+        for line in 0..3 {
+            _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_AHEAD + 64 * line).cast());
+        }
+        let mut low = [_mm256_setzero_si256(); NT];
+        let mut high = [_mm256_setzero_si256(); NT];
+        for p in 0..4 {
+            let v = load256(block.add(Q5_0_PIECES + 32 * p));
+            let masks = block.add(Q5_0_MASKS + 8 * p).cast::<u32>();
+            let lo = _mm256_and_si256(v, nibble);
+            let lo = _mm256_mask_add_epi8(lo, masks.read_unaligned(), lo, fifth);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+            let hi = _mm256_mask_add_epi8(hi, masks.add(1).read_unaligned(), hi, fifth);
+            for t in 0..NT {
+                let a = acts[t].row.add(act_quants(k));
+                low[t] = _mm256_dpbusd_epi32(low[t], lo, broadcast4(a.add(4 * p)));
+                high[t] = _mm256_dpbusd_epi32(high[t], hi, broadcast4(a.add(16 + 4 * p)));
+            }
+        }
+        let dw = scales(block);
+        for t in 0..NT {
+            let offset = _mm256_set1_epi32(acts[t].quant_sum(k) << 4);
+            let isum = _mm256_sub_epi32(_mm256_add_epi32(low[t], high[t]), offset);
+            acc[t] = scaled_add(acc[t], dw, acts[t].scale(k), isum);
+        }
+    }
+    acc
+}
+
+// ----------------------------------------------------------------------------------------------
 // Q8_0: signed quants
 // ----------------------------------------------------------------------------------------------
 
@@ -276,19 +392,29 @@ unsafe fn rows_q4_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_q5_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+    for_each_interleaved_group!(q5_0_chunk, range, a, cols, out)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_q8_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
     for_each_interleaved_group!(q8_0_chunk, range, a, cols, out)
 }
 
 /// The same kernels compiled with AVX-512 (F, BW, VL) and with VNNI (see `avx2_rows::Build`).
 macro_rules! build_of_interleaved_kernels {
-    ($module:ident, $features:literal, $q4_0:ident, $q8_0:ident) => {
+    ($module:ident, $features:literal, $q4_0:ident, $q5_0:ident, $q8_0:ident) => {
         mod $module {
             use super::*;
 
             #[target_feature(enable = $features)]
             pub(super) unsafe fn rows_q4_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
                 for_each_interleaved_group!($q4_0, range, a, cols, out)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows_q5_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+                for_each_interleaved_group!($q5_0, range, a, cols, out)
             }
 
             #[target_feature(enable = $features)]
@@ -303,11 +429,13 @@ build_of_interleaved_kernels!(
     wide,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl",
     q4_0_chunk,
+    q5_0_chunk,
     q8_0_chunk
 );
 build_of_interleaved_kernels!(
     vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     q4_0_chunk_vnni,
+    q5_0_chunk_vnni,
     q8_0_chunk_vnni
 );

@@ -17,6 +17,10 @@
 //!
 //! Q4_0 blocks have four pieces (16 bytes of nibbles per row: piece `p` holds values
 //! `4p..4p + 4` in its low nibbles and `16 + 4p..` in its high ones), Q8_0 blocks eight.
+//! Q5_0 blocks store their fifth bits between the scales and the four nibble pieces, as the
+//! masks the kernels add them with: for each piece `p`, one u32 whose bit `4r + j` is the fifth
+//! bit of row `r`'s value `4p + j`, then one for the values `16 + 4p + j` (32 bytes, as the
+//! eight rows' `qh` fields were).
 //! Only whole groups are interleaved: a matrix whose row count is not a multiple of eight
 //! keeps the row-major layout.
 
@@ -33,7 +37,7 @@ const PIECE: usize = 4;
 
 /// The types with an interleaved layout and kernels for it.
 pub fn supports(dtype: GgmlType) -> bool {
-    matches!(dtype, GgmlType::Q4_0 | GgmlType::Q8_0)
+    matches!(dtype, GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0)
 }
 
 /// Whether a `[rows, cols]` matrix of `dtype` can be stored interleaved.
@@ -41,9 +45,53 @@ pub fn fits(dtype: GgmlType, rows: usize, cols: usize) -> bool {
     supports(dtype) && rows > 0 && rows.is_multiple_of(GROUP_ROWS) && cols.is_multiple_of(QK)
 }
 
+/// Bytes per row in one block after the scale: the Q5_0 fifth bits (`qh`), then the quants.
+fn extra_bytes(dtype: GgmlType) -> usize {
+    if dtype == GgmlType::Q5_0 {
+        4
+    } else {
+        0
+    }
+}
+
 /// Quant bytes per row in one block.
 fn quant_bytes(dtype: GgmlType) -> usize {
-    dtype.type_size() - 2
+    dtype.type_size() - 2 - extra_bytes(dtype)
+}
+
+/// Where block `k`'s pieces start in an interleaved group block: after the scales and extras.
+fn pieces_at(dtype: GgmlType) -> usize {
+    SCALES + GROUP_ROWS * extra_bytes(dtype)
+}
+
+/// Q5_0: bit `4r + j` of mask `2p + half` is bit `16 * half + 4p + j` of row `r`'s `qh`.
+fn set_fifth_bits(masks: &mut [u8], r: usize, qh: u32) {
+    for p in 0..4 {
+        for half in 0..2 {
+            let at = 4 * (2 * p + half);
+            let mut mask = u32::from_le_bytes(masks[at..at + 4].try_into().unwrap());
+            for j in 0..4 {
+                let bit = (qh >> (16 * half + 4 * p + j)) & 1;
+                mask = (mask & !(1 << (4 * r + j))) | (bit << (4 * r + j));
+            }
+            masks[at..at + 4].copy_from_slice(&mask.to_le_bytes());
+        }
+    }
+}
+
+/// Row `r`'s `qh` from the group's Q5_0 masks (the inverse of [`set_fifth_bits`]).
+fn fifth_bits_of(masks: &[u8], r: usize) -> u32 {
+    let mut qh = 0u32;
+    for p in 0..4 {
+        for half in 0..2 {
+            let at = 4 * (2 * p + half);
+            let mask = u32::from_le_bytes(masks[at..at + 4].try_into().unwrap());
+            for j in 0..4 {
+                qh |= ((mask >> (4 * r + j)) & 1) << (16 * half + 4 * p + j);
+            }
+        }
+    }
+    qh
 }
 
 /// Rewrites whole groups of row-major blocks (`data`, rows of `cols` weights of `dtype`, a
@@ -77,15 +125,20 @@ pub fn interleave_in_place(dtype: GgmlType, data: &mut [u8], cols: usize, scratc
 pub fn row_of(dtype: GgmlType, data: &[u8], cols: usize, r: usize, dst: &mut [u8]) {
     let row_bytes = dtype.bytes_for(cols).expect("whole blocks");
     let group = &data[(r / GROUP_ROWS) * GROUP_ROWS * row_bytes..][..GROUP_ROWS * row_bytes];
-    let (size, qb) = (dtype.type_size(), quant_bytes(dtype));
+    let (size, qb, extra) = (dtype.type_size(), quant_bytes(dtype), extra_bytes(dtype));
     let block_bytes = GROUP_ROWS * size;
     let r = r % GROUP_ROWS;
     for (k, out) in dst[..row_bytes].chunks_exact_mut(size).enumerate() {
         let src = &group[k * block_bytes..(k + 1) * block_bytes];
         out[..2].copy_from_slice(&src[2 * r..2 * r + 2]);
+        if extra > 0 {
+            let qh = fifth_bits_of(&src[SCALES..pieces_at(dtype)], r);
+            out[2..2 + extra].copy_from_slice(&qh.to_le_bytes());
+        }
+        let quants = 2 + extra;
         for p in 0..qb / PIECE {
-            let at = SCALES + (p * GROUP_ROWS + r) * PIECE;
-            out[2 + p * PIECE..2 + (p + 1) * PIECE].copy_from_slice(&src[at..at + PIECE]);
+            let at = pieces_at(dtype) + (p * GROUP_ROWS + r) * PIECE;
+            out[quants + p * PIECE..quants + (p + 1) * PIECE].copy_from_slice(&src[at..at + PIECE]);
         }
     }
 }
@@ -95,8 +148,13 @@ fn write_block_row(dtype: GgmlType, group: &mut [u8], k: usize, r: usize, block:
     let block_bytes = GROUP_ROWS * dtype.type_size();
     let dst = &mut group[k * block_bytes..(k + 1) * block_bytes];
     dst[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
-    for (p, piece) in block[2..].chunks_exact(PIECE).enumerate() {
-        let at = SCALES + (p * GROUP_ROWS + r) * PIECE;
+    let extra = extra_bytes(dtype);
+    if extra > 0 {
+        let qh = u32::from_le_bytes(block[2..6].try_into().unwrap());
+        set_fifth_bits(&mut dst[SCALES..pieces_at(dtype)], r, qh);
+    }
+    for (p, piece) in block[2 + extra..].chunks_exact(PIECE).enumerate() {
+        let at = pieces_at(dtype) + (p * GROUP_ROWS + r) * PIECE;
         dst[at..at + PIECE].copy_from_slice(piece);
     }
 }
@@ -107,7 +165,7 @@ mod tests {
 
     #[test]
     fn rows_read_back_after_interleaving() {
-        for dtype in [GgmlType::Q4_0, GgmlType::Q8_0] {
+        for dtype in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
             let (rows, cols) = (24, 96);
             let row_bytes = dtype.bytes_for(cols).unwrap();
             let original: Vec<u8> = (0..rows * row_bytes)
