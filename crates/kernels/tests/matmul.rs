@@ -440,8 +440,13 @@ fn interleaved_matrices_compute_the_same_bits_as_row_major_ones() {
     let pool = ThreadPool::new(2);
     let mut rng = Rng(0x1a7e_12ea);
     let mut scratch = Vec::new();
-    for dtype in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
-        let (rows, cols) = (56, 160);
+    for dtype in [
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+    ] {
+        let (rows, cols) = (56, if dtype == GgmlType::Q4_K { 512 } else { 160 });
         let mut data = random_matrix(dtype, rows, cols, &mut rng);
         if dtype == GgmlType::Q8_0 {
             // -128 weights (not produced by the quantizer) and +127 next to each other.

@@ -16,7 +16,7 @@ use super::avx2_rows::{
     act_ptrs, load256, scaled_add, store, Act, ActRows, Build, Out, RowRange, RowsFn, MAX_TOKENS,
 };
 use super::interleave::GROUP_ROWS;
-use super::layout::{offs, QK};
+use super::layout::{offs, QK, QK_K};
 
 /// The kernel over interleaved `dtype` weights for `build` (`range.data` starts at a group and
 /// `range.n_rows` is a multiple of [`GROUP_ROWS`]).
@@ -31,6 +31,9 @@ pub(super) fn rows_fn(dtype: GgmlType, build: Build) -> Option<RowsFn> {
         (Build::Avx512Vnni, GgmlType::Q4_0) => vnni::rows_q4_0,
         (Build::Avx512Vnni, GgmlType::Q5_0) => vnni::rows_q5_0,
         (Build::Avx512Vnni, GgmlType::Q8_0) => vnni::rows_q8_0,
+        (Build::Avx2, GgmlType::Q4_K) => rows_q4_k,
+        (Build::Avx512, GgmlType::Q4_K) => wide::rows_q4_k,
+        (Build::Avx512Vnni, GgmlType::Q4_K) => vnni::rows_q4_k,
         _ => return None,
     })
 }
@@ -383,6 +386,165 @@ unsafe fn q8_0_chunk_vnni<const NT: usize>(
 }
 
 // ----------------------------------------------------------------------------------------------
+// Q4_K: 256-value super-blocks of eight 32-value sub-blocks with 6-bit scales and mins, against
+// Q8_0 activations (one scale per 32 values, see `scalar::dot_q4_k`)
+// ----------------------------------------------------------------------------------------------
+
+const Q4_K_BLOCK: usize = GROUP_ROWS * 144;
+/// Offsets in a Q4_K group super-block: the `dmin` run, the scale pieces, the quant pieces.
+const Q4_K_DMIN: usize = 16;
+const Q4_K_SCALES: usize = 32;
+const Q4_K_QS: usize = 128;
+
+/// The eight rows' 6-bit scales and mins, four sub-blocks per register: byte `j` of lane `r`
+/// of `scales[h]` is row `r`'s scale of sub-block `4h + j` (ggml's `get_scale_min_k4`, done for
+/// all rows at once on bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_scales_mins(block: *const u8) -> ([__m256i; 2], [__m256i; 2]) {
+    let v0 = load256(block.add(Q4_K_SCALES));
+    let v1 = load256(block.add(Q4_K_SCALES + 32));
+    let v2 = load256(block.add(Q4_K_SCALES + 64));
+    let low6 = _mm256_set1_epi8(63);
+    let nibble = _mm256_set1_epi8(0x0F);
+    // Bits 6 and 7 of a byte moved to bits 4 and 5.
+    let top2 = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16::<2>(v), _mm256_set1_epi8(0x30));
+    let scales = [
+        _mm256_and_si256(v0, low6),
+        _mm256_or_si256(_mm256_and_si256(v2, nibble), top2(v0)),
+    ];
+    let mins = [
+        _mm256_and_si256(v1, low6),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v2), nibble),
+            top2(v1),
+        ),
+    ];
+    (scales, mins)
+}
+
+/// Sub-block `s`'s byte of each lane (from [`q4_k_scales_mins`]) as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sub_block_byte(v: &[__m256i; 2], s: usize) -> __m256 {
+    let lanes = _mm256_srlv_epi32(v[s / 4], _mm256_set1_epi32(8 * (s % 4) as i32));
+    _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32(0xFF)))
+}
+
+/// `acc + (d_sub·d_a)·isum − (m_sub·d_a)·asum`, lane by lane: `scalar::dot_q4_k`'s step.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_step(
+    acc: __m256,
+    d_sub: __m256,
+    m_sub: __m256,
+    act: Act,
+    b: usize,
+    isum: __m256i,
+) -> __m256 {
+    let da = _mm256_set1_ps(act.scale(b));
+    let plus = _mm256_mul_ps(_mm256_mul_ps(d_sub, da), _mm256_cvtepi32_ps(isum));
+    let minus = _mm256_mul_ps(
+        _mm256_mul_ps(m_sub, da),
+        _mm256_set1_ps(act.quant_sum(b) as f32),
+    );
+    _mm256_add_ps(acc, _mm256_sub_ps(plus, minus))
+}
+
+/// Runs `sums(chunk, block)` for each 64-value chunk of each super-block (the two sub-blocks'
+/// exact integer sums per token) and applies the float steps in sub-block order.
+macro_rules! q4_k_chunk_body {
+    ($group:expr, $acts:expr, $cols:expr, $nt:ident, $sums:expr) => {{
+        let (group, acts, cols): (*const u8, [Act; $nt], usize) = ($group, $acts, $cols);
+        let mut acc = [_mm256_setzero_ps(); $nt];
+        for k in 0..cols / QK_K {
+            let block = group.add(k * Q4_K_BLOCK);
+            let d = scales(block);
+            let dmin = scales(block.add(Q4_K_DMIN));
+            let (sc, mn) = q4_k_scales_mins(block);
+            for c in 0..4 {
+                let quants = block.add(Q4_K_QS + 256 * c);
+                for line in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(quants.add(PREFETCH_AHEAD + 64 * line).cast());
+                }
+                let (low, high): ([__m256i; $nt], [__m256i; $nt]) = $sums(quants, 8 * k + 2 * c);
+                for (h, isums) in [low, high].iter().enumerate() {
+                    let s = 2 * c + h;
+                    let d_sub = _mm256_mul_ps(d, sub_block_byte(&sc, s));
+                    let m_sub = _mm256_mul_ps(dmin, sub_block_byte(&mn, s));
+                    for t in 0..$nt {
+                        acc[t] = q4_k_step(acc[t], d_sub, m_sub, acts[t], 8 * k + s, isums[t]);
+                    }
+                }
+            }
+        }
+        acc
+    }};
+}
+
+/// AVX2: a chunk's eight pieces, `vpmaddubsw` pair sums (at most 3810) added in i16 (at most
+/// 30480: exact) per sub-block, then widened.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_chunk<const NT: usize>(
+    group: *const u8,
+    acts: [Act; NT],
+    cols: usize,
+) -> [__m256; NT] {
+    let ones16 = _mm256_set1_epi16(1);
+    let nibble = _mm256_set1_epi8(0x0F);
+    let sums = |quants: *const u8, b: usize| {
+        let mut low = [_mm256_setzero_si256(); NT];
+        let mut high = [_mm256_setzero_si256(); NT];
+        for p in 0..8 {
+            let v = load256(quants.add(32 * p));
+            let lo = _mm256_and_si256(v, nibble);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+            for t in 0..NT {
+                let a_lo = broadcast4(acts[t].row.add(act_quants(b) + 4 * p));
+                let a_hi = broadcast4(acts[t].row.add(act_quants(b + 1) + 4 * p));
+                low[t] = _mm256_add_epi16(low[t], _mm256_maddubs_epi16(lo, a_lo));
+                high[t] = _mm256_add_epi16(high[t], _mm256_maddubs_epi16(hi, a_hi));
+            }
+        }
+        for t in 0..NT {
+            low[t] = _mm256_madd_epi16(low[t], ones16);
+            high[t] = _mm256_madd_epi16(high[t], ones16);
+        }
+        (low, high)
+    };
+    q4_k_chunk_body!(group, acts, cols, NT, sums)
+}
+
+/// AVX-512 VNNI: `vpdpbusd` per sub-block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_k_chunk_vnni<const NT: usize>(
+    group: *const u8,
+    acts: [Act; NT],
+    cols: usize,
+) -> [__m256; NT] {
+    let nibble = _mm256_set1_epi8(0x0F);
+    let sums = |quants: *const u8, b: usize| {
+        let mut low = [_mm256_setzero_si256(); NT];
+        let mut high = [_mm256_setzero_si256(); NT];
+        for p in 0..8 {
+            let v = load256(quants.add(32 * p));
+            let lo = _mm256_and_si256(v, nibble);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+            for t in 0..NT {
+                let a_lo = broadcast4(acts[t].row.add(act_quants(b) + 4 * p));
+                let a_hi = broadcast4(acts[t].row.add(act_quants(b + 1) + 4 * p));
+                low[t] = _mm256_dpbusd_epi32(low[t], lo, a_lo);
+                high[t] = _mm256_dpbusd_epi32(high[t], hi, a_hi);
+            }
+        }
+        (low, high)
+    };
+    q4_k_chunk_body!(group, acts, cols, NT, sums)
+}
+
+// ----------------------------------------------------------------------------------------------
 // Entry points per build
 // ----------------------------------------------------------------------------------------------
 
@@ -401,15 +563,25 @@ unsafe fn rows_q8_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
     for_each_interleaved_group!(q8_0_chunk, range, a, cols, out)
 }
 
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_q4_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+    for_each_interleaved_group!(q4_k_chunk, range, a, cols, out)
+}
+
 /// The same kernels compiled with AVX-512 (F, BW, VL) and with VNNI (see `avx2_rows::Build`).
 macro_rules! build_of_interleaved_kernels {
-    ($module:ident, $features:literal, $q4_0:ident, $q5_0:ident, $q8_0:ident) => {
+    ($module:ident, $features:literal, $q4_0:ident, $q5_0:ident, $q8_0:ident, $q4_k:ident) => {
         mod $module {
             use super::*;
 
             #[target_feature(enable = $features)]
             pub(super) unsafe fn rows_q4_0(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
                 for_each_interleaved_group!($q4_0, range, a, cols, out)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows_q4_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+                for_each_interleaved_group!($q4_k, range, a, cols, out)
             }
 
             #[target_feature(enable = $features)]
@@ -430,12 +602,14 @@ build_of_interleaved_kernels!(
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl",
     q4_0_chunk,
     q5_0_chunk,
-    q8_0_chunk
+    q8_0_chunk,
+    q4_k_chunk
 );
 build_of_interleaved_kernels!(
     vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     q4_0_chunk_vnni,
     q5_0_chunk_vnni,
-    q8_0_chunk_vnni
+    q8_0_chunk_vnni,
+    q4_k_chunk_vnni
 );

@@ -21,47 +21,56 @@
 //! masks the kernels add them with: for each piece `p`, one u32 whose bit `4r + j` is the fifth
 //! bit of row `r`'s value `4p + j`, then one for the values `16 + 4p + j` (32 bytes, as the
 //! eight rows' `qh` fields were).
+//! Q4_K super-blocks store `d` and `dmin` as two 16-byte runs, then their 12 scale bytes and
+//! 128 quant bytes as 35 pieces (so the 6-bit scales of eight rows unpack in three registers).
 //! Only whole groups are interleaved: a matrix whose row count is not a multiple of eight
 //! keeps the row-major layout.
 
 use gemma_formats::GgmlType;
 
-use super::layout::QK;
-
 /// Rows per interleaved group (one i32 lane each in a 256-bit register).
 pub const GROUP_ROWS: usize = 8;
-/// Bytes of the group's eight f16 scales at the start of each block.
-const SCALES: usize = 2 * GROUP_ROWS;
 /// Bytes of one piece of one row.
 const PIECE: usize = 4;
 
 /// The types with an interleaved layout and kernels for it.
 pub fn supports(dtype: GgmlType) -> bool {
-    matches!(dtype, GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0)
+    matches!(
+        dtype,
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_K
+    )
 }
 
 /// Whether a `[rows, cols]` matrix of `dtype` can be stored interleaved.
 pub fn fits(dtype: GgmlType, rows: usize, cols: usize) -> bool {
-    supports(dtype) && rows > 0 && rows.is_multiple_of(GROUP_ROWS) && cols.is_multiple_of(QK)
+    supports(dtype)
+        && rows > 0
+        && rows.is_multiple_of(GROUP_ROWS)
+        && cols.is_multiple_of(dtype.block_size())
 }
 
-/// Bytes per row in one block after the scale: the Q5_0 fifth bits (`qh`), then the quants.
-fn extra_bytes(dtype: GgmlType) -> usize {
+/// The f16 fields at the start of each row's block, stored as eight-row runs of 16 bytes:
+/// `d` (and Q4_K's `dmin`).
+fn half_fields(dtype: GgmlType) -> usize {
+    if dtype == GgmlType::Q4_K {
+        2
+    } else {
+        1
+    }
+}
+
+/// Bytes of the Q5_0 fifth-bit masks after the f16 runs (32), or 0.
+fn mask_bytes(dtype: GgmlType) -> usize {
     if dtype == GgmlType::Q5_0 {
-        4
+        8 * PIECE
     } else {
         0
     }
 }
 
-/// Quant bytes per row in one block.
-fn quant_bytes(dtype: GgmlType) -> usize {
-    dtype.type_size() - 2 - extra_bytes(dtype)
-}
-
-/// Where block `k`'s pieces start in an interleaved group block: after the scales and extras.
+/// Where the 4-byte pieces start in an interleaved group block.
 fn pieces_at(dtype: GgmlType) -> usize {
-    SCALES + GROUP_ROWS * extra_bytes(dtype)
+    16 * half_fields(dtype) + mask_bytes(dtype)
 }
 
 /// Q5_0: bit `4r + j` of mask `2p + half` is bit `16 * half + 4p + j` of row `r`'s `qh`.
@@ -125,20 +134,24 @@ pub fn interleave_in_place(dtype: GgmlType, data: &mut [u8], cols: usize, scratc
 pub fn row_of(dtype: GgmlType, data: &[u8], cols: usize, r: usize, dst: &mut [u8]) {
     let row_bytes = dtype.bytes_for(cols).expect("whole blocks");
     let group = &data[(r / GROUP_ROWS) * GROUP_ROWS * row_bytes..][..GROUP_ROWS * row_bytes];
-    let (size, qb, extra) = (dtype.type_size(), quant_bytes(dtype), extra_bytes(dtype));
+    let size = dtype.type_size();
     let block_bytes = GROUP_ROWS * size;
     let r = r % GROUP_ROWS;
     for (k, out) in dst[..row_bytes].chunks_exact_mut(size).enumerate() {
         let src = &group[k * block_bytes..(k + 1) * block_bytes];
-        out[..2].copy_from_slice(&src[2 * r..2 * r + 2]);
-        if extra > 0 {
-            let qh = fifth_bits_of(&src[SCALES..pieces_at(dtype)], r);
-            out[2..2 + extra].copy_from_slice(&qh.to_le_bytes());
+        let halves = 2 * half_fields(dtype);
+        for h in 0..half_fields(dtype) {
+            out[2 * h..2 * h + 2].copy_from_slice(&src[16 * h + 2 * r..][..2]);
         }
-        let quants = 2 + extra;
-        for p in 0..qb / PIECE {
+        let mut next = halves;
+        if mask_bytes(dtype) > 0 {
+            let qh = fifth_bits_of(&src[16..pieces_at(dtype)], r);
+            out[next..next + 4].copy_from_slice(&qh.to_le_bytes());
+            next += 4;
+        }
+        for (p, piece) in out[next..].chunks_exact_mut(PIECE).enumerate() {
             let at = pieces_at(dtype) + (p * GROUP_ROWS + r) * PIECE;
-            out[quants + p * PIECE..quants + (p + 1) * PIECE].copy_from_slice(&src[at..at + PIECE]);
+            piece.copy_from_slice(&src[at..at + PIECE]);
         }
     }
 }
@@ -147,13 +160,16 @@ pub fn row_of(dtype: GgmlType, data: &[u8], cols: usize, r: usize, dst: &mut [u8
 fn write_block_row(dtype: GgmlType, group: &mut [u8], k: usize, r: usize, block: &[u8]) {
     let block_bytes = GROUP_ROWS * dtype.type_size();
     let dst = &mut group[k * block_bytes..(k + 1) * block_bytes];
-    dst[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
-    let extra = extra_bytes(dtype);
-    if extra > 0 {
-        let qh = u32::from_le_bytes(block[2..6].try_into().unwrap());
-        set_fifth_bits(&mut dst[SCALES..pieces_at(dtype)], r, qh);
+    for h in 0..half_fields(dtype) {
+        dst[16 * h + 2 * r..][..2].copy_from_slice(&block[2 * h..2 * h + 2]);
     }
-    for (p, piece) in block[2 + extra..].chunks_exact(PIECE).enumerate() {
+    let mut rest = &block[2 * half_fields(dtype)..];
+    if mask_bytes(dtype) > 0 {
+        let qh = u32::from_le_bytes(rest[..4].try_into().unwrap());
+        set_fifth_bits(&mut dst[16..pieces_at(dtype)], r, qh);
+        rest = &rest[4..];
+    }
+    for (p, piece) in rest.chunks_exact(PIECE).enumerate() {
         let at = pieces_at(dtype) + (p * GROUP_ROWS + r) * PIECE;
         dst[at..at + PIECE].copy_from_slice(piece);
     }
@@ -165,8 +181,13 @@ mod tests {
 
     #[test]
     fn rows_read_back_after_interleaving() {
-        for dtype in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
-            let (rows, cols) = (24, 96);
+        for dtype in [
+            GgmlType::Q4_0,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+        ] {
+            let (rows, cols) = (24, 512);
             let row_bytes = dtype.bytes_for(cols).unwrap();
             let original: Vec<u8> = (0..rows * row_bytes)
                 .map(|i| (i * 37 % 251) as u8)
@@ -186,7 +207,9 @@ mod tests {
     fn only_whole_groups_of_supported_types_fit() {
         assert!(fits(GgmlType::Q4_0, 16, 64));
         assert!(!fits(GgmlType::Q4_0, 12, 64));
-        assert!(!fits(GgmlType::Q4_K, 16, 256));
+        assert!(fits(GgmlType::Q4_K, 16, 256));
+        assert!(!fits(GgmlType::Q4_K, 16, 128));
+        assert!(!fits(GgmlType::Q6_K, 16, 256));
         assert!(!fits(GgmlType::Q8_0, 0, 64));
     }
 }
