@@ -155,8 +155,9 @@ fn rows_kernel(kernels: &Kernels, w: &WeightMatrix) -> Option<RowsKernel> {
 /// - quantized weights: each activation row is quantized once to the weight type's vec_dot
 ///   type into `scratch` (reused across calls) and rows are split into chunks across `pool`.
 ///   Types with a multi-row kernel (see [`quant`]) compute tiles of 8 rows × up to 4 tokens
-///   with integer block dot products (AVX2 `maddubs`, or AVX-512 VNNI `vpdpbusd`); from
-///   [`INT8_GEMM_MIN_TOKENS`] tokens, Q4_0, Q5_0, Q8_0, Q4_K and Q6_K take an int8 GEMM over
+///   with integer block dot products (AVX2 `maddubs`, or AVX-512 VNNI `vpdpbusd`), reading
+///   either layout ([`RowLayout`]); from [`INT8_GEMM_MIN_TOKENS`] tokens (interleaved matrices:
+///   [`INT8_GEMM_MIN_TOKENS_INTERLEAVED`]), Q4_0, Q5_0, Q8_0, Q4_K and Q6_K take an int8 GEMM over
 ///   repacked panels instead (16 rows' block sums in one register with `vpdpbusd`, or 8 rows'
 ///   with AVX2), all against Q8_0 activations.
 ///   The others apply each weight row to all tokens while it is in cache. Every result is
@@ -239,7 +240,7 @@ fn matmul_on(
     let act_row = acts.row_bytes;
     let row_bytes = w.row_bytes();
     let out = OutPtr(y.as_mut_ptr());
-    if n_tokens >= INT8_GEMM_MIN_TOKENS && int8_gemm_supports(kernels.isa, w.dtype) {
+    if n_tokens >= int8_gemm_min_tokens(w) && int8_gemm_supports(kernels.isa, w.dtype) {
         run_int8_gemm(kernels.isa, pool, w, &acts, out);
         return;
     }
@@ -292,10 +293,9 @@ pub fn matmul_shared_input(
     let Some(first) = ws.first() else { return };
     let act_type = vec_dot_type(first.dtype);
     // Prompts take the int8 GEMM matrix by matrix (same bits either way).
-    let int8_gemm = n_tokens >= INT8_GEMM_MIN_TOKENS
-        && ws
-            .iter()
-            .any(|w| int8_gemm_supports(selected_kernels().isa, w.dtype));
+    let int8_gemm = ws.iter().any(|w| {
+        n_tokens >= int8_gemm_min_tokens(w) && int8_gemm_supports(selected_kernels().isa, w.dtype)
+    });
     let shared = n_tokens > 0
         && !int8_gemm
         && ws.len() <= MAX_SHARED_INPUT
@@ -388,6 +388,22 @@ fn run_row_kernels(
 /// as the row kernels, so this is a speed choice only (repacking a panel costs about one pass of
 /// the row kernel over it).
 pub const INT8_GEMM_MIN_TOKENS: usize = 8;
+
+/// [`INT8_GEMM_MIN_TOKENS`] for interleaved matrices. Their row kernels need no reduction per
+/// block, and the int8 GEMM must first copy each panel back to row-major order, so the row
+/// kernels stay faster up to a few hundred tokens: measured on the Zen 4 EPYC of BENCHMARKS.md
+/// (1 thread, default model, t/s row kernels / int8 GEMM) pp32 637 / 217, pp64 725 / 441,
+/// pp128 725 / 531, pp256 690 / 652, pp384 516 / 648, pp512 552 / 641; the E2B shape at 2
+/// threads pp128 80 / 62, pp512 74 / 81.
+pub const INT8_GEMM_MIN_TOKENS_INTERLEAVED: usize = 320;
+
+/// Tokens from which `w` takes the int8 GEMM (where it has one).
+fn int8_gemm_min_tokens(w: &WeightMatrix) -> usize {
+    match w.layout {
+        RowLayout::RowMajor => INT8_GEMM_MIN_TOKENS,
+        RowLayout::Interleaved => INT8_GEMM_MIN_TOKENS_INTERLEAVED,
+    }
+}
 
 /// Whether the int8 GEMM of `isa` handles weights of `dtype` (x86-64 with AVX2 and above).
 fn int8_gemm_supports(isa: Isa, dtype: GgmlType) -> bool {

@@ -445,8 +445,12 @@ fn interleaved_matrices_compute_the_same_bits_as_row_major_ones() {
         GgmlType::Q5_0,
         GgmlType::Q8_0,
         GgmlType::Q4_K,
+        GgmlType::Q6_K,
     ] {
-        let (rows, cols) = (56, if dtype == GgmlType::Q4_K { 512 } else { 160 });
+        let (rows, cols) = (
+            56,
+            dtype.block_size() * if dtype.block_size() == 256 { 2 } else { 5 },
+        );
         let mut data = random_matrix(dtype, rows, cols, &mut rng);
         if dtype == GgmlType::Q8_0 {
             // -128 weights (not produced by the quantizer) and +127 next to each other.
@@ -465,14 +469,15 @@ fn interleaved_matrices_compute_the_same_bits_as_row_major_ones() {
             ..w
         };
         wi.validate().unwrap();
-        let max_tokens = 19;
+        // Past the int8 GEMM's switch for interleaved matrices (which copies panels back).
+        let max_tokens = gemma_kernels::matmul::INT8_GEMM_MIN_TOKENS_INTERLEAVED + 1;
         let mut x = rng.floats(max_tokens * cols);
         // Activation blocks at the extremes of the Q8_0 range.
         for v in x[..32].iter_mut() {
             *v = if v.is_sign_negative() { -1.0 } else { 1.0 };
         }
         for isa in quant::available_isas() {
-            for n_tokens in [1, 2, 3, 4, 5, 7, 8, 9, max_tokens] {
+            for n_tokens in [1, 2, 3, 4, 5, 7, 8, 9, 19, max_tokens - 1, max_tokens] {
                 let xs = &x[..n_tokens * cols];
                 let mut want = vec![f32::NAN; n_tokens * rows];
                 let mut got = vec![f32::NAN; n_tokens * rows];

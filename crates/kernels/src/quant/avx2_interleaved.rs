@@ -34,6 +34,9 @@ pub(super) fn rows_fn(dtype: GgmlType, build: Build) -> Option<RowsFn> {
         (Build::Avx2, GgmlType::Q4_K) => rows_q4_k,
         (Build::Avx512, GgmlType::Q4_K) => wide::rows_q4_k,
         (Build::Avx512Vnni, GgmlType::Q4_K) => vnni::rows_q4_k,
+        (Build::Avx2, GgmlType::Q6_K) => rows_q6_k,
+        (Build::Avx512, GgmlType::Q6_K) => wide::rows_q6_k,
+        (Build::Avx512Vnni, GgmlType::Q6_K) => vnni::rows_q6_k,
         _ => return None,
     })
 }
@@ -545,6 +548,142 @@ unsafe fn q4_k_chunk_vnni<const NT: usize>(
 }
 
 // ----------------------------------------------------------------------------------------------
+// Q6_K: 256-value super-blocks, 6-bit quants (4 low bits in `ql`, 2 high in `qh`) minus 32,
+// one signed 8-bit scale per 16 values, against Q8_0 activations (see `scalar::dot_q6_k`)
+// ----------------------------------------------------------------------------------------------
+
+const Q6_K_BLOCK: usize = GROUP_ROWS * 210;
+/// Piece offsets in a Q6_K group super-block (after the 16-byte run of `d`): `ql`'s 32 pieces,
+/// `qh`'s 16, the scales' 4.
+const Q6_K_PIECES: usize = 16;
+const Q6_K_QH_PIECE: usize = 32;
+const Q6_K_SCALES_PIECE: usize = 48;
+
+/// Sub-block `s`'s quants minus 32, as signed bytes: values `32s..32s + 32` are, in ggml's
+/// order, the low or high nibbles (`m / 2`) of the first or second 32 `ql` bytes (`m % 2`) of
+/// half `s / 4`, with bits `2m..2m + 2` of that half's `qh` bytes on top (`m = s % 4`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_piece(block: *const u8, s: usize, p: usize) -> __m256i {
+    let (n, m) = (s / 4, s % 4);
+    let piece = |i: usize| load256(block.add(Q6_K_PIECES + 32 * i));
+    let ql = piece(16 * n + 8 * (m % 2) + p);
+    let qh = piece(Q6_K_QH_PIECE + 8 * n + p);
+    let low = _mm256_and_si256(
+        _mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (m / 2) as i32)),
+        _mm256_set1_epi8(0x0F),
+    );
+    // Bits 2m and 2m + 1 of each qh byte moved to bits 4 and 5.
+    let high = if m < 2 {
+        _mm256_sll_epi16(qh, _mm_cvtsi32_si128((4 - 2 * m) as i32))
+    } else {
+        _mm256_srl_epi16(qh, _mm_cvtsi32_si128((2 * m - 4) as i32))
+    };
+    let q = _mm256_or_si256(low, _mm256_and_si256(high, _mm256_set1_epi8(0x30)));
+    _mm256_sub_epi8(q, _mm256_set1_epi8(32))
+}
+
+/// Sub-block `s`'s two scales (values `32s..32s + 16` and `32s + 16..`) of each row, as i32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_scales(block: *const u8, s: usize) -> (__m256i, __m256i) {
+    let v = load256(block.add(Q6_K_PIECES + 32 * (Q6_K_SCALES_PIECE + s / 2)));
+    let byte = |b: usize| {
+        let top = _mm256_sllv_epi32(v, _mm256_set1_epi32(24 - 8 * b as i32));
+        _mm256_srai_epi32::<24>(top)
+    };
+    let b = 2 * s % 4;
+    (byte(b), byte(b + 1))
+}
+
+/// `sc0 · sums[0] + sc1 · sums[1]`: the exact integer sum of the sub-block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_isum(scales: (__m256i, __m256i), halves: [__m256i; 2]) -> __m256i {
+    _mm256_add_epi32(
+        _mm256_mullo_epi32(scales.0, halves[0]),
+        _mm256_mullo_epi32(scales.1, halves[1]),
+    )
+}
+
+/// AVX2: signed quants as |q| against a·sign(q); a half's four pair sums (each at most
+/// 2 · 32 · 127 = 8128) added in i16 (at most 32512: exact), then widened.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_chunk<const NT: usize>(
+    group: *const u8,
+    acts: [Act; NT],
+    cols: usize,
+) -> [__m256; NT] {
+    let ones16 = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK_K {
+        let block = group.add(k * Q6_K_BLOCK);
+        let d = scales(block);
+        for s in 0..8 {
+            for line in 0..4 {
+                let ahead = block.add(PREFETCH_AHEAD + 210 * s + 64 * line);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            }
+            let b = 8 * k + s;
+            let mut halves = [[_mm256_setzero_si256(); 2]; NT];
+            for p in 0..8 {
+                let w = q6_k_piece(block, s, p);
+                let w_abs = _mm256_sign_epi8(w, w);
+                for t in 0..NT {
+                    let a = broadcast4(acts[t].row.add(act_quants(b) + 4 * p));
+                    let pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(a, w));
+                    halves[t][p / 4] = _mm256_add_epi16(halves[t][p / 4], pairs);
+                }
+            }
+            let sc = q6_k_scales(block, s);
+            for t in 0..NT {
+                let wide = halves[t].map(|h| _mm256_madd_epi16(h, ones16));
+                acc[t] = scaled_add(acc[t], d, acts[t].scale(b), q6_k_isum(sc, wide));
+            }
+        }
+    }
+    acc
+}
+
+/// AVX-512 VNNI: the same products with `vpdpbusd`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q6_k_chunk_vnni<const NT: usize>(
+    group: *const u8,
+    acts: [Act; NT],
+    cols: usize,
+) -> [__m256; NT] {
+    let mut acc = [_mm256_setzero_ps(); NT];
+    for k in 0..cols / QK_K {
+        let block = group.add(k * Q6_K_BLOCK);
+        let d = scales(block);
+        for s in 0..8 {
+            for line in 0..4 {
+                let ahead = block.add(PREFETCH_AHEAD + 210 * s + 64 * line);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            }
+            let b = 8 * k + s;
+            let mut halves = [[_mm256_setzero_si256(); 2]; NT];
+            for p in 0..8 {
+                let w = q6_k_piece(block, s, p);
+                let w_abs = _mm256_sign_epi8(w, w);
+                for t in 0..NT {
+                    let a = broadcast4(acts[t].row.add(act_quants(b) + 4 * p));
+                    let h = &mut halves[t][p / 4];
+                    *h = _mm256_dpbusd_epi32(*h, w_abs, _mm256_sign_epi8(a, w));
+                }
+            }
+            let sc = q6_k_scales(block, s);
+            for t in 0..NT {
+                acc[t] = scaled_add(acc[t], d, acts[t].scale(b), q6_k_isum(sc, halves[t]));
+            }
+        }
+    }
+    acc
+}
+
+// ----------------------------------------------------------------------------------------------
 // Entry points per build
 // ----------------------------------------------------------------------------------------------
 
@@ -568,9 +707,14 @@ unsafe fn rows_q4_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
     for_each_interleaved_group!(q4_k_chunk, range, a, cols, out)
 }
 
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_q6_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+    for_each_interleaved_group!(q6_k_chunk, range, a, cols, out)
+}
+
 /// The same kernels compiled with AVX-512 (F, BW, VL) and with VNNI (see `avx2_rows::Build`).
 macro_rules! build_of_interleaved_kernels {
-    ($module:ident, $features:literal, $q4_0:ident, $q5_0:ident, $q8_0:ident, $q4_k:ident) => {
+    ($module:ident, $features:literal, $q4_0:ident, $q5_0:ident, $q8_0:ident, $q4_k:ident, $q6_k:ident) => {
         mod $module {
             use super::*;
 
@@ -582,6 +726,11 @@ macro_rules! build_of_interleaved_kernels {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn rows_q4_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
                 for_each_interleaved_group!($q4_k, range, a, cols, out)
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rows_q6_k(range: &RowRange, a: &ActRows, cols: usize, out: Out) {
+                for_each_interleaved_group!($q6_k, range, a, cols, out)
             }
 
             #[target_feature(enable = $features)]
@@ -603,7 +752,8 @@ build_of_interleaved_kernels!(
     q4_0_chunk,
     q5_0_chunk,
     q8_0_chunk,
-    q4_k_chunk
+    q4_k_chunk,
+    q6_k_chunk
 );
 build_of_interleaved_kernels!(
     vnni,
@@ -611,5 +761,6 @@ build_of_interleaved_kernels!(
     q4_0_chunk_vnni,
     q5_0_chunk_vnni,
     q8_0_chunk_vnni,
-    q4_k_chunk_vnni
+    q4_k_chunk_vnni,
+    q6_k_chunk_vnni
 );

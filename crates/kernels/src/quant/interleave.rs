@@ -23,6 +23,8 @@
 //! eight rows' `qh` fields were).
 //! Q4_K super-blocks store `d` and `dmin` as two 16-byte runs, then their 12 scale bytes and
 //! 128 quant bytes as 35 pieces (so the 6-bit scales of eight rows unpack in three registers).
+//! Q6_K super-blocks store `d` (last in the row-major block) as a 16-byte run, then `ql`,
+//! `qh` and the 16 scales as 52 pieces.
 //! Only whole groups are interleaved: a matrix whose row count is not a multiple of eight
 //! keeps the row-major layout.
 
@@ -37,7 +39,7 @@ const PIECE: usize = 4;
 pub fn supports(dtype: GgmlType) -> bool {
     matches!(
         dtype,
-        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_K
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K
     )
 }
 
@@ -49,13 +51,21 @@ pub fn fits(dtype: GgmlType, rows: usize, cols: usize) -> bool {
         && cols.is_multiple_of(dtype.block_size())
 }
 
-/// The f16 fields at the start of each row's block, stored as eight-row runs of 16 bytes:
-/// `d` (and Q4_K's `dmin`).
-fn half_fields(dtype: GgmlType) -> usize {
-    if dtype == GgmlType::Q4_K {
-        2
-    } else {
-        1
+/// Byte offsets of the f16 fields in a row's block, stored as eight-row runs of 16 bytes at
+/// the start of a group block: `d` (and Q4_K's `dmin`; Q6_K keeps `d` last).
+fn half_fields(dtype: GgmlType) -> &'static [usize] {
+    match dtype {
+        GgmlType::Q4_K => &[0, 2],
+        GgmlType::Q6_K => &[208],
+        _ => &[0],
+    }
+}
+
+/// The bytes of a row's block other than its f16 fields: the Q5_0 `qh`, then the pieces.
+fn rest(dtype: GgmlType) -> std::ops::Range<usize> {
+    match dtype {
+        GgmlType::Q6_K => 0..208,
+        _ => 2 * half_fields(dtype).len()..dtype.type_size(),
     }
 }
 
@@ -70,7 +80,7 @@ fn mask_bytes(dtype: GgmlType) -> usize {
 
 /// Where the 4-byte pieces start in an interleaved group block.
 fn pieces_at(dtype: GgmlType) -> usize {
-    16 * half_fields(dtype) + mask_bytes(dtype)
+    16 * half_fields(dtype).len() + mask_bytes(dtype)
 }
 
 /// Q5_0: bit `4r + j` of mask `2p + half` is bit `16 * half + 4p + j` of row `r`'s `qh`.
@@ -139,17 +149,16 @@ pub fn row_of(dtype: GgmlType, data: &[u8], cols: usize, r: usize, dst: &mut [u8
     let r = r % GROUP_ROWS;
     for (k, out) in dst[..row_bytes].chunks_exact_mut(size).enumerate() {
         let src = &group[k * block_bytes..(k + 1) * block_bytes];
-        let halves = 2 * half_fields(dtype);
-        for h in 0..half_fields(dtype) {
-            out[2 * h..2 * h + 2].copy_from_slice(&src[16 * h + 2 * r..][..2]);
+        for (h, &at) in half_fields(dtype).iter().enumerate() {
+            out[at..at + 2].copy_from_slice(&src[16 * h + 2 * r..][..2]);
         }
-        let mut next = halves;
+        let mut next = rest(dtype);
         if mask_bytes(dtype) > 0 {
             let qh = fifth_bits_of(&src[16..pieces_at(dtype)], r);
-            out[next..next + 4].copy_from_slice(&qh.to_le_bytes());
-            next += 4;
+            out[next.start..next.start + 4].copy_from_slice(&qh.to_le_bytes());
+            next.start += 4;
         }
-        for (p, piece) in out[next..].chunks_exact_mut(PIECE).enumerate() {
+        for (p, piece) in out[next].chunks_exact_mut(PIECE).enumerate() {
             let at = pieces_at(dtype) + (p * GROUP_ROWS + r) * PIECE;
             piece.copy_from_slice(&src[at..at + PIECE]);
         }
@@ -160,10 +169,10 @@ pub fn row_of(dtype: GgmlType, data: &[u8], cols: usize, r: usize, dst: &mut [u8
 fn write_block_row(dtype: GgmlType, group: &mut [u8], k: usize, r: usize, block: &[u8]) {
     let block_bytes = GROUP_ROWS * dtype.type_size();
     let dst = &mut group[k * block_bytes..(k + 1) * block_bytes];
-    for h in 0..half_fields(dtype) {
-        dst[16 * h + 2 * r..][..2].copy_from_slice(&block[2 * h..2 * h + 2]);
+    for (h, &at) in half_fields(dtype).iter().enumerate() {
+        dst[16 * h + 2 * r..][..2].copy_from_slice(&block[at..at + 2]);
     }
-    let mut rest = &block[2 * half_fields(dtype)..];
+    let mut rest = &block[rest(dtype)];
     if mask_bytes(dtype) > 0 {
         let qh = u32::from_le_bytes(rest[..4].try_into().unwrap());
         set_fifth_bits(&mut dst[16..pieces_at(dtype)], r, qh);
@@ -186,6 +195,7 @@ mod tests {
             GgmlType::Q5_0,
             GgmlType::Q8_0,
             GgmlType::Q4_K,
+            GgmlType::Q6_K,
         ] {
             let (rows, cols) = (24, 512);
             let row_bytes = dtype.bytes_for(cols).unwrap();
@@ -209,7 +219,8 @@ mod tests {
         assert!(!fits(GgmlType::Q4_0, 12, 64));
         assert!(fits(GgmlType::Q4_K, 16, 256));
         assert!(!fits(GgmlType::Q4_K, 16, 128));
-        assert!(!fits(GgmlType::Q6_K, 16, 256));
+        assert!(fits(GgmlType::Q6_K, 16, 256));
+        assert!(!fits(GgmlType::Q5_K, 16, 256));
         assert!(!fits(GgmlType::Q8_0, 0, 64));
     }
 }
