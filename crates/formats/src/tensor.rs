@@ -11,6 +11,8 @@ pub struct Blob {
     owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
     start: usize,
     len: usize,
+    /// The file mapping `owner` is, when it is one: its pages can be released after reading.
+    mapping: Option<Arc<memmap2::Mmap>>,
 }
 
 impl Blob {
@@ -22,7 +24,46 @@ impl Blob {
             start.checked_add(len).is_some_and(|end| end <= total),
             "blob range {start}+{len} outside {total} bytes"
         );
-        Blob { owner, start, len }
+        Blob {
+            owner,
+            start,
+            len,
+            mapping: None,
+        }
+    }
+
+    /// A sub-range of a read-only file mapping, whose pages [`Blob::release`] can drop.
+    #[track_caller]
+    pub fn mapped(map: Arc<memmap2::Mmap>, start: usize, len: usize) -> Blob {
+        Blob {
+            mapping: Some(map.clone()),
+            ..Blob::new(map, start, len)
+        }
+    }
+
+    /// Tells the OS that bytes `start..start + len` of this blob are not needed for now: the
+    /// pages of a file mapping that hold them leave the process's resident set (they stay in
+    /// the page cache, and reading them again maps them back in, from the file). For a table
+    /// read a few rows at a time (Gemma 3n's per-layer embeddings), so that rows read once do
+    /// not stay resident. Does nothing for bytes that are not a file mapping's, or off Unix.
+    pub fn release(&self, start: usize, len: usize) {
+        let Some(map) = &self.mapping else { return };
+        if start >= self.len {
+            return;
+        }
+        let len = len.min(self.len - start);
+        // SAFETY: the mapping is read-only and file-backed, so dropped pages are read again
+        // from the file when touched: no content changes (unlike anonymous memory).
+        #[cfg(unix)]
+        unsafe {
+            let _ = map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.start + start,
+                len,
+            );
+        }
+        #[cfg(not(unix))]
+        let _ = (map, len);
     }
 
     /// A blob that owns its bytes (for converted or generated weights).
@@ -32,6 +73,7 @@ impl Blob {
             owner: Arc::new(bytes),
             start: 0,
             len,
+            mapping: None,
         }
     }
 

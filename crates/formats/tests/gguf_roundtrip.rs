@@ -357,3 +357,45 @@ fn chosen_tensors_are_rewritten_in_both_memory_modes_and_others_are_not() {
     assert_eq!(held.data.bytes(), &tensors[3].1[..]);
     assert!(!file.tensor("t1").unwrap().interleaved);
 }
+
+/// `Blob::release` drops a mapped tensor's pages from the resident set (what keeps Gemma 3n's
+/// per-layer table from piling up in memory as tokens are read) and changes no byte.
+#[cfg(target_os = "linux")]
+#[test]
+fn released_pages_of_a_mapped_tensor_leave_the_resident_set_and_read_back_the_same() {
+    fn rss_file_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("RssFile:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+    let dir = common::TempDir::new("release");
+    let path = dir.path().join("big.gguf");
+    let n = 16 << 20; // 64 MiB of f32
+    let bytes: Vec<u8> = (0..4 * n).map(|i| (i % 251) as u8).collect();
+    let mut writer = GgufWriter::new();
+    writer
+        .add_metadata("general.architecture", MetaValue::String("gemma3".into()))
+        .unwrap();
+    writer
+        .add_tensor("big", GgmlType::F32, &[n], bytes.clone())
+        .unwrap();
+    writer.write_file(&path).unwrap();
+    drop(writer);
+    let file = gemma_formats::GgufFile::open(&path).unwrap();
+    let blob = file.tensor("big").unwrap().data;
+    let touch = |b: &[u8]| b.iter().step_by(4096).map(|&x| x as u64).sum::<u64>();
+    let sum = touch(blob.bytes());
+    let resident = rss_file_kib();
+    blob.release(0, blob.len());
+    let released = rss_file_kib();
+    assert!(
+        resident >= released + 48 * 1024,
+        "RssFile {resident} KiB before, {released} KiB after releasing 64 MiB"
+    );
+    assert_eq!(touch(blob.bytes()), sum);
+    assert_eq!(blob.bytes(), &bytes[..]);
+    // A blob held in memory: nothing to release, nothing changes.
+    let owned = gemma_formats::Blob::from_vec(vec![7u8; 100]);
+    owned.release(0, 100);
+    assert_eq!(owned.bytes(), &[7u8; 100][..]);
+}

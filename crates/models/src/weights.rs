@@ -59,6 +59,15 @@ impl Linear {
     pub fn bytes(&self) -> usize {
         self.data.len()
     }
+
+    /// Drops row `r`'s pages of a memory-mapped matrix from the resident set once read (see
+    /// `Blob::release`); nothing for a matrix held in memory.
+    pub fn release_row(&self, r: usize) {
+        if self.layout == RowLayout::RowMajor && r < self.rows {
+            let row_bytes = self.data.len() / self.rows;
+            self.data.release(r * row_bytes, row_bytes);
+        }
+    }
 }
 
 /// How tensors are named and stored in a checkpoint.

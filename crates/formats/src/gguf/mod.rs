@@ -392,6 +392,9 @@ impl GgufFile {
         {
             return blob.clone();
         }
+        if let (Some(map), false) = (&self.mapping, self.is_resident()) {
+            return Blob::mapped(map.clone(), info.offset, info.n_bytes);
+        }
         Blob::new(
             self.data.clone(),
             info.offset.wrapping_sub(self.data_base),

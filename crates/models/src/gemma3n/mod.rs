@@ -477,6 +477,8 @@ impl Gemma3n {
                 0
             };
             matmul::dequantize_row(&table, id, &mut row);
+            // The table (2 GB at E2B) is read a row per token: keep none of it resident.
+            self.embed_tokens_per_layer.release_row(id);
             for (d, t) in dst.iter_mut().zip(&row) {
                 *d = (*d + t * self.per_layer_embed_scale) * out_scale;
             }
