@@ -399,3 +399,49 @@ fn released_pages_of_a_mapped_tensor_leave_the_resident_set_and_read_back_the_sa
     owned.release(0, 100);
     assert_eq!(owned.bytes(), &[7u8; 100][..]);
 }
+
+/// `elide_long_arrays` frees exactly the arrays longer than the limit, keeps their keys (empty)
+/// and remembers their lengths; every other value is untouched.
+#[test]
+fn long_metadata_arrays_are_freed_and_their_lengths_kept() {
+    let dir = common::TempDir::new("elide");
+    let path = dir.path().join("arrays.gguf");
+    let long: Vec<MetaValue> = (0..1000)
+        .map(|i| MetaValue::String(format!("t{i}")))
+        .collect();
+    let short = vec![MetaValue::F32(1.0); 3];
+    let mut writer = GgufWriter::new();
+    writer
+        .add_metadata("general.architecture", MetaValue::String("gemma3".into()))
+        .unwrap();
+    writer
+        .add_metadata("tokenizer.ggml.tokens", MetaValue::Array(long))
+        .unwrap();
+    writer
+        .add_metadata("short", MetaValue::Array(short.clone()))
+        .unwrap();
+    writer
+        .add_tensor("t", GgmlType::F32, &[4], vec![0u8; 16])
+        .unwrap();
+    writer.write_file(&path).unwrap();
+    let mut file = gemma_formats::GgufFile::open(&path).unwrap();
+    let entries = file.metadata().len();
+    assert_eq!(file.elide_long_arrays(64), 1);
+    assert_eq!(file.metadata().len(), entries, "keys stay");
+    assert_eq!(file.elided_len("tokenizer.ggml.tokens"), Some(1000));
+    assert_eq!(
+        file.get("tokenizer.ggml.tokens")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(file.get("short").unwrap().as_array().unwrap().len(), 3);
+    assert_eq!(file.elided_len("short"), None);
+    assert_eq!(
+        file.get_str("general.architecture").unwrap(),
+        Some("gemma3")
+    );
+    assert_eq!(file.elide_long_arrays(64), 0, "nothing left to free");
+}

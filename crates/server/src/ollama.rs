@@ -1012,8 +1012,10 @@ fn model_card(loaded: &LoadedModel) -> ModelCard {
     if let ModelFile::Gguf(gguf) = &loaded.file {
         for (key, value) in gguf.metadata() {
             // Like Ollama without `verbose`: the tokenizer's long arrays are left out.
+            // (The engine freed them after loading: `elided_len`.)
             let value = match value {
                 MetaValue::Array(items) if items.len() > 64 => Value::Null,
+                _ if gguf.elided_len(key).is_some() => Value::Null,
                 v => meta_json(v),
             };
             info.insert(key.clone(), value);

@@ -94,6 +94,8 @@ pub struct GgufFile {
     /// interleaved (see [`GgufFile::interleave_tensors`]).
     rewritten: Vec<Option<Blob>>,
     interleaved: Vec<bool>,
+    /// Original lengths of the arrays [`GgufFile::elide_long_arrays`] freed.
+    elided: HashMap<String, usize>,
 }
 
 impl GgufFile {
@@ -132,6 +134,7 @@ impl GgufFile {
             data_offset: header.data_offset,
             resident: None,
             mapping: None,
+            elided: HashMap::new(),
         })
     }
 
@@ -286,6 +289,30 @@ impl GgufFile {
             self.interleaved[i] = true;
         }
         Ok(total)
+    }
+
+    /// Frees the metadata arrays longer than `max_len` elements (the tokenizer's vocabulary,
+    /// scores and token types: about 30 MB for Gemma's 262,144 tokens, held as one
+    /// [`MetaValue`] per element) once what reads them, the tokenizer, has been built. Their
+    /// keys stay, holding empty arrays, and [`GgufFile::elided_len`] gives their original
+    /// length. Returns the number of arrays freed.
+    pub fn elide_long_arrays(&mut self, max_len: usize) -> usize {
+        let mut freed = 0;
+        for (key, value) in self.metadata.iter_mut() {
+            if let MetaValue::Array(items) = value {
+                if items.len() > max_len {
+                    self.elided.insert(key.clone(), items.len());
+                    *items = Vec::new();
+                    freed += 1;
+                }
+            }
+        }
+        freed
+    }
+
+    /// The length `key`'s array had before [`GgufFile::elide_long_arrays`] freed it.
+    pub fn elided_len(&self, key: &str) -> Option<usize> {
+        self.elided.get(key).copied()
     }
 
     /// Whether tensors are read from a resident copy rather than the file mapping.
