@@ -12,8 +12,11 @@ use std::arch::x86_64::*;
 
 use gemma_formats::GgmlType;
 
+// `fifth_bits`: 0x10 in byte `k` where bit `k` of the u32 at a pointer is set: what a Q5_0 mask
+// of the interleaved layout needs (the same spread as a row-major block's `qh`).
 use super::avx2_rows::{
-    act_ptrs, load256, scaled_add, store, Act, ActRows, Build, Out, RowRange, RowsFn, MAX_TOKENS,
+    act_ptrs, fifth_bits, load256, scaled_add, store, Act, ActRows, Build, Out, RowRange, RowsFn,
+    MAX_TOKENS,
 };
 use super::interleave::GROUP_ROWS;
 use super::layout::{offs, QK, QK_K};
@@ -206,24 +209,6 @@ const Q5_0_BLOCK: usize = GROUP_ROWS * 22;
 /// Offsets in a Q5_0 group block: the fifth-bit masks (two u32 per piece), then the pieces.
 const Q5_0_MASKS: usize = 16;
 const Q5_0_PIECES: usize = 48;
-
-/// 0x10 in byte `k` where bit `k` of the u32 mask at `p` is set (AVX2: spread each mask byte
-/// over eight bytes, then test one bit in each).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn fifth_bits(p: *const u8) -> __m256i {
-    let mask = _mm256_set1_epi32(p.cast::<i32>().read_unaligned());
-    let spread = _mm256_shuffle_epi8(
-        mask,
-        _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
-            3, 3, 3,
-        ),
-    );
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-}
 
 /// AVX2: quants up to 31, so `vpmaddubsw` pair sums reach 2 · 31 · 127 = 7874 and only two
 /// (a piece's low and high values) are added in i16 before widening.
