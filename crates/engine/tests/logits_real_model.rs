@@ -299,3 +299,37 @@ fn interleaved_weights_give_the_same_logits_bit_for_bit() {
         assert_eq!(differ, 0, "resident {resident}: {differ} logits differ");
     }
 }
+
+/// What `load` (the path of `gemma run`, `serve` and `bench`) does to a GGUF once read: the
+/// decoder's matrices take the decode layout where the CPU has its kernels, and the vocabulary
+/// arrays, once the tokenizer is built from them, are freed from the file's metadata.
+#[test]
+fn loading_interleaves_the_decoder_and_frees_the_vocabulary_arrays() {
+    use gemma_formats::TensorSource;
+    use gemma_models::gemma_kernels::{interleaving_pays, GgmlType};
+    let loaded = gemma_engine::load(None, &gemma_engine::LoadOptions::default()).unwrap();
+    let ModelFile::Gguf(gguf) = &loaded.file else {
+        panic!("default model is GGUF")
+    };
+    assert_eq!(gguf.elided_len("tokenizer.ggml.tokens"), Some(262_144));
+    assert_eq!(gguf.elided_len("tokenizer.ggml.scores"), Some(262_144));
+    let embedding = gguf.tensor("token_embd.weight").unwrap();
+    let pays = interleaving_pays(GgmlType::Q8_0, 262_144, 640)
+        && std::env::var("GEMMA_INTERLEAVE").map_or(true, |v| v != "0");
+    assert_eq!(embedding.interleaved, pays);
+    // The tokenizer built before the arrays went still gives the reference's ids.
+    let tokenizer = loaded.tokenizer.as_ref().expect("the GGUF's tokenizer");
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma3_270m/reference.json");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let case = &reference["cases"][0];
+    let ids: Vec<u32> = case["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let text = case["text"].as_str().unwrap();
+    assert_eq!(tokenizer.encode(text, true, true).unwrap(), ids);
+}
