@@ -135,3 +135,66 @@ fn matvec_bandwidth() {
         );
     }
 }
+
+/// The prompt GEMM over the row-major and the interleaved (decode) layout of the same matrix:
+/// `cargo test --release -p gemma-kernels --test quant_bench -- --ignored --nocapture gemm_layouts`
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn gemm_layouts() {
+    use gemma_kernels::{matmul, RowLayout, ThreadPool, WeightMatrix};
+    let threads: usize = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let pool = ThreadPool::new(threads);
+    let tokens = 512;
+    for (dtype, rows, cols) in [
+        (GgmlType::Q4_0, 2048, 640),
+        (GgmlType::Q8_0, 2048, 640),
+        (GgmlType::Q5_0, 640, 2048),
+        (GgmlType::Q4_K, 2048, 1024),
+        (GgmlType::Q6_K, 1024, 2048),
+    ] {
+        let bytes = dtype.bytes_for(rows * cols).unwrap();
+        let mut data: Vec<u8> = (0..bytes).map(|i| (i * 131 % 251) as u8).collect();
+        let scale = half::f16::from_f32(0.01).to_bits().to_le_bytes();
+        let offsets: &[usize] = match dtype {
+            GgmlType::Q6_K => &[208],
+            GgmlType::Q4_K => &[0, 2],
+            _ => &[0],
+        };
+        for block in data.chunks_exact_mut(dtype.type_size()) {
+            for &off in offsets {
+                block[off..off + 2].copy_from_slice(&scale);
+            }
+        }
+        let mut interleaved = data.clone();
+        quant::interleave::interleave_in_place(dtype, &mut interleaved, cols, &mut Vec::new());
+        let x: Vec<f32> = (0..tokens * cols)
+            .map(|i| (i % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        let mut outs = [vec![0.0; tokens * rows], vec![0.0; tokens * rows]];
+        let mut row_major = WeightMatrix::new(dtype, rows, cols, &data).unwrap();
+        row_major.layout = RowLayout::RowMajor;
+        let mut decode_layout = WeightMatrix::new(dtype, rows, cols, &interleaved).unwrap();
+        decode_layout.layout = RowLayout::Interleaved;
+        let mut scratch = Vec::new();
+        // Alternating, best of many: the machine is shared.
+        let mut ms = [f64::MAX; 2];
+        for _ in 0..20 {
+            for (slot, w) in [&row_major, &decode_layout].into_iter().enumerate() {
+                let start = Instant::now();
+                matmul(&pool, w, &x, tokens, &mut outs[slot], &mut scratch);
+                ms[slot] = ms[slot].min(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        assert_eq!(outs[0], outs[1], "{dtype}: the layouts agree");
+        eprintln!(
+            "{:>5} {rows}x{cols}, {tokens} tokens: row-major {:.2} ms, interleaved {:.2} ms ({:.2}x)",
+            dtype.name(),
+            ms[0],
+            ms[1],
+            ms[1] / ms[0]
+        );
+    }
+}
