@@ -26,7 +26,7 @@ where the model does, and the report counts the tokens each generated.
 Usage: server_vs_llama_cpp.py [--model GGUF] [--slots 8] [--ctx 4096] [--clients 1,4,8]
                               [--duration 40] [--max-tokens 128] [--threads N]
                               [--gemma target/release/gemma] [--llama-server PATH]
-                              [--only gemma|llama]
+                              [--only gemma|llama] [--llama-args '--swa-full']
 """
 
 import argparse
@@ -199,6 +199,33 @@ def peak_rss_mib(pid):
     return float("nan")
 
 
+def save_metrics(port, path):
+    """gemma serve's /metrics after the run, and the prefix cache's share of the prompt tokens
+    (how much of the prompt side the cache saved)."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    except (OSError, http.client.HTTPException) as e:
+        print(f"  gemma-rs /metrics: {e}", file=sys.stderr)
+        return
+    with open(path, "w") as f:
+        f.write(text)
+    values = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#"):
+            try:
+                values[parts[0]] = float(parts[1])
+            except ValueError:
+                pass
+    prompt = values.get("gemma_prompt_tokens_total", 0)
+    hit = values.get("gemma_prefix_cache_hit_tokens_total", 0)
+    if prompt:
+        print(f"  gemma-rs prefix cache: {hit:.0f} of {prompt:.0f} prompt tokens reused "
+              f"({100 * hit / prompt:.0f} %); metrics in {path}", file=sys.stderr)
+
+
 def run_engine(name, argv, port, args):
     log = open(os.path.join(args.log_dir, f"{name}.log"), "w")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -217,6 +244,8 @@ def run_engine(name, argv, port, args):
                   f"{level['completed']} done, {level['failed']} failed", file=sys.stderr)
             levels.append(level)
         peak = peak_rss_mib(proc.pid)
+        if name == "gemma-rs":
+            save_metrics(port, os.path.join(args.log_dir, "gemma-rs-metrics.txt"))
     finally:
         proc.terminate()
         try:
@@ -244,6 +273,9 @@ def main():
     p.add_argument("--llama-server", default=os.path.join(
         ROOT, "target", "llama-cpp-0.3.36", "build", "bin", "llama-server"))
     p.add_argument("--only", choices=["gemma", "llama"])
+    p.add_argument("--llama-args", default="",
+                   help="extra llama-server arguments, e.g. '--swa-full' (its prompt cache can "
+                        "then restore prompts longer than the sliding window)")
     p.add_argument("--log-dir", default="/tmp")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
@@ -262,7 +294,7 @@ def main():
         engines["llama.cpp"] = ([args.llama_server, "-m", args.model, "-t", str(args.threads),
                                  "-tb", str(args.threads), "-np", str(args.slots),
                                  "-c", str(args.slots * args.ctx), "-cb", "--host", "127.0.0.1",
-                                 "--port", str(port)], port)
+                                 "--port", str(port)] + args.llama_args.split(), port)
     version = ""
     if "llama.cpp" in engines:
         out = subprocess.run([args.llama_server, "--version"], capture_output=True, text=True)

@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// Generated tokens held back per check of a streamed reply
     #[arg(long, default_value_t = gemma_server::shield::DEFAULT_WINDOW, value_name = "TOKENS")]
     pub shield_window: usize,
+    /// MiB of prompt prefixes (keys and values) kept beyond the slots, so a long prompt seen
+    /// before — a document, a system prompt — is not computed again (0: keep none)
+    #[arg(long, default_value_t = gemma_server::DEFAULT_PROMPT_CACHE_MIB, value_name = "MIB")]
+    pub cache_ram: usize,
     /// Longest classifier prompt in tokens [default: each classifier's trained context]; a
     /// policy whose prompt does not fit is refused at start-up
     #[arg(long, value_name = "TOKENS", requires = "shield")]
@@ -140,6 +144,10 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         max_connections: args.max_connections,
         header_timeout: Duration::from_secs(args.header_timeout),
         shield,
+        prompt_cache_bytes: args
+            .cache_ram
+            .checked_mul(1 << 20)
+            .context("--cache-ram is too large")?,
     };
     gemma_server::run(loaded, config)
 }

@@ -355,9 +355,20 @@ impl KvCache {
             ));
         }
         src.check_truncate(len)?;
+        let ctx_size = self.ctx_size;
+        // The positions a later token may still read: all of them for a layer as long as the
+        // context (a global layer, even one `len` fills), the last `capacity - 1` for a ring
+        // (as in `truncate`).
+        let first_kept = |dst: &LayerKv| {
+            if dst.capacity >= ctx_size {
+                0
+            } else {
+                len.saturating_sub(dst.capacity - 1).min(len)
+            }
+        };
         for (dst, from) in self.layers.iter().zip(&src.layers) {
             // A larger destination ring reads further back than the source's ring may hold.
-            let first = len.saturating_sub(dst.capacity - 1);
+            let first = first_kept(dst);
             if first < src.len.saturating_sub(from.capacity) {
                 return Err(ModelError::Config(format!(
                     "cannot copy {len} positions: a sliding-window layer no longer holds position {first}"
@@ -365,10 +376,7 @@ impl KvCache {
             }
         }
         for (dst, from) in self.layers.iter_mut().zip(&src.layers) {
-            // The positions a later token may still read: all of them for a global layer, the
-            // last `capacity - 1` for a ring (as in `truncate`).
-            let first = len.saturating_sub(dst.capacity - 1).min(len);
-            let mut pos = first;
+            let mut pos = first_kept(dst);
             while pos < len {
                 let slot = pos % from.capacity;
                 let run = (len - pos).min(from.capacity - slot);
@@ -537,6 +545,27 @@ mod tests {
         // The source's ring (4 slots) wrapped: the larger ring would need what it dropped.
         let wrapped = filled(CacheType::F32, 9, 0.0);
         assert!(big.copy_prefix_from(&wrapped, 8).is_err());
+    }
+
+    /// A destination exactly as long as the prefix (a snapshot of it) still gets every
+    /// position of its global layer, the first one included.
+    #[test]
+    fn a_cache_as_long_as_the_prefix_holds_all_of_it() {
+        let src = filled(CacheType::F32, 9, 1.0);
+        let mut exact = KvCache::new(8, &[8, 4], 32, CacheType::F32).unwrap();
+        exact.copy_prefix_from(&src, 8).unwrap();
+        let (pos_a, keys_a) = stored_keys(&exact.layers[0], 8);
+        let (pos_b, keys_b) = stored_keys(&src.layers[0], 8);
+        assert_eq!((pos_a, keys_a), (pos_b, keys_b[..8 * 32].to_vec()));
+        // And back into a full-size cache: the same positions as the source's.
+        let mut back = KvCache::new(16, &[16, 4], 32, CacheType::F32).unwrap();
+        back.copy_prefix_from(&exact, 8).unwrap();
+        let mut clone = src.clone();
+        clone.truncate(8).unwrap();
+        assert_eq!(
+            stored_keys(&back.layers[0], 8),
+            stored_keys(&clone.layers[0], 8)
+        );
     }
 
     #[test]

@@ -53,6 +53,10 @@ use routes::AppState;
 use scheduler::Scheduler;
 pub use shield::{ShieldFilter, ShieldOptions};
 
+/// Default `--cache-ram` in MiB: about 17 prompts of 2,400 tokens of the default model (f16
+/// cache), two of a 4B model.
+pub const DEFAULT_PROMPT_CACHE_MIB: usize = 256;
+
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub host: String,
@@ -79,6 +83,8 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// `--shield`: the safety filter on requests and replies.
     pub shield: Option<Arc<ShieldFilter>>,
+    /// `--cache-ram`: bytes of prompt prefixes kept beyond the slots (0: none).
+    pub prompt_cache_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -97,6 +103,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             header_timeout: Duration::from_secs(10),
             shield: None,
+            prompt_cache_bytes: DEFAULT_PROMPT_CACHE_MIB << 20,
         }
     }
 }
@@ -262,6 +269,7 @@ fn serve_on(
         config.parallel,
         config.ctx_size,
         config.queue_capacity,
+        config.prompt_cache_bytes,
         metrics.clone(),
     )?;
     let state = Arc::new(AppState {

@@ -18,6 +18,12 @@ pub struct Metrics {
     /// Hits served by copying another slot's cache.
     pub prefix_cache_copies: AtomicU64,
     pub prefix_cache_copied_tokens: AtomicU64,
+    /// Prompt prefixes stored beyond the slots (`--cache-ram`), and hits served from them.
+    pub prompt_store_inserts: AtomicU64,
+    pub prompt_store_restores: AtomicU64,
+    pub prompt_store_restored_tokens: AtomicU64,
+    pub prompt_store_bytes: AtomicU64,
+    pub prompt_store_entries: AtomicU64,
     /// Microseconds the scheduler spent running forward passes.
     pub busy_micros: AtomicU64,
     pub ttft_micros_sum: AtomicU64,
@@ -35,6 +41,10 @@ impl Metrics {
 
     pub fn sub(counter: &AtomicU64, n: u64) {
         counter.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Ordering::Relaxed);
     }
 
     pub fn render(&self) -> String {
@@ -104,6 +114,21 @@ impl Metrics {
                 &self.prefix_cache_copied_tokens,
             ),
             (
+                "gemma_prompt_store_inserts_total",
+                "Prompt prefixes copied into the prompt store (--cache-ram)",
+                &self.prompt_store_inserts,
+            ),
+            (
+                "gemma_prompt_store_restores_total",
+                "Prefix cache hits served from the prompt store",
+                &self.prompt_store_restores,
+            ),
+            (
+                "gemma_prompt_store_restored_tokens_total",
+                "Prompt tokens whose KV came from the prompt store",
+                &self.prompt_store_restored_tokens,
+            ),
+            (
                 "gemma_forward_steps_total",
                 "Scheduler iterations that ran the model",
                 &self.forward_steps,
@@ -123,6 +148,18 @@ impl Metrics {
             "gauge",
             "Sequences being processed",
             get(&self.active_slots).to_string(),
+        );
+        line(
+            "gemma_prompt_store_bytes",
+            "gauge",
+            "Bytes of keys and values held by the prompt store",
+            get(&self.prompt_store_bytes).to_string(),
+        );
+        line(
+            "gemma_prompt_store_entries",
+            "gauge",
+            "Prompt prefixes held by the prompt store",
+            get(&self.prompt_store_entries).to_string(),
         );
         line(
             "gemma_tokens_per_second",

@@ -28,6 +28,9 @@ use crate::constrain::apply_mask;
 use crate::metrics::Metrics;
 use gemma_engine::stop::{Filtered, StopStringFilter};
 
+mod prompt_store;
+use prompt_store::{PromptStore, MIN_STORED_TOKENS};
+
 /// Prompt tokens fed per slot per iteration: long prompts do not stall other slots' decoding.
 const PREFILL_CHUNK: usize = 64;
 
@@ -120,6 +123,7 @@ impl Scheduler {
         parallel: usize,
         ctx_size: usize,
         queue_capacity: usize,
+        prompt_cache_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> Result<(Scheduler, JoinHandle<()>)> {
         let slots = (0..parallel.max(1))
@@ -131,6 +135,7 @@ impl Scheduler {
             hidden: loaded.model.hidden_size(),
             loaded,
             slots,
+            store: PromptStore::new(prompt_cache_bytes),
             metrics: metrics.clone(),
             logits: Vec::new(),
         };
@@ -300,6 +305,8 @@ struct Worker {
     stop_ids: Vec<u32>,
     hidden: usize,
     slots: Vec<Slot>,
+    /// Prompt prefixes kept beyond the slots.
+    store: PromptStore,
     metrics: Arc<Metrics>,
     logits: Vec<f32>,
 }
@@ -371,6 +378,12 @@ impl Worker {
             Metrics::add(&self.metrics.prefix_cache_copied_tokens, copied as u64);
         }
         let slot = &mut self.slots[index];
+        if let Some((restored, cached)) = self.store.restore(&prompt, reuse, &mut slot.cache) {
+            reuse = restored;
+            slot.cached = cached;
+            Metrics::add(&self.metrics.prompt_store_restores, 1);
+            Metrics::add(&self.metrics.prompt_store_restored_tokens, restored as u64);
+        }
         if reuse > 0 {
             Metrics::add(&self.metrics.prefix_cache_hits, 1);
             Metrics::add(&self.metrics.prefix_cache_hit_tokens, reuse as u64);
@@ -461,7 +474,9 @@ impl Worker {
     /// sample a token.
     fn step(&mut self) {
         let mut feeds = Vec::new();
-        for (i, slot) in self.slots.iter_mut().enumerate() {
+        for i in 0..self.slots.len() {
+            self.store_prompt_prefix(i);
+            let slot = &mut self.slots[i];
             let Some(active) = &mut slot.active else {
                 continue;
             };
@@ -485,6 +500,44 @@ impl Worker {
         for group in plan_passes(feeds) {
             self.run_group(group);
         }
+    }
+
+    /// Before slot `i` feeds the last chunk of a long prompt, copies what its cache holds so
+    /// far into the prompt store (unless a snapshot already holds it): the slot's
+    /// sliding-window rings move past that prefix once the reply is generated.
+    fn store_prompt_prefix(&mut self, i: usize) {
+        let slot = &self.slots[i];
+        let Some(active) = &slot.active else {
+            return;
+        };
+        let len = slot.cached.len();
+        let pending = active.to_feed.len();
+        let last_chunk = pending > 1
+            && chunk_end(
+                &active.job.soft,
+                self.hidden,
+                len,
+                len + prefill_chunk(pending - 1),
+            ) == len + pending - 1;
+        if !self.store.enabled() || !last_chunk || len < MIN_STORED_TOKENS {
+            return;
+        }
+        let keys = soft_keys(&active.job.soft, self.hidden, 0..active.job.prompt.len());
+        let prompt = PromptView {
+            ids: &active.job.prompt,
+            soft: &active.job.soft,
+            keys: &keys,
+            hidden: self.hidden,
+        };
+        if !self.store.holds(&prompt, len)
+            && self
+                .store
+                .insert(&self.loaded, &slot.cached, &slot.cache, len)
+        {
+            Metrics::add(&self.metrics.prompt_store_inserts, 1);
+        }
+        Metrics::set(&self.metrics.prompt_store_bytes, self.store.bytes() as u64);
+        Metrics::set(&self.metrics.prompt_store_entries, self.store.len() as u64);
     }
 
     /// One forward pass over `group` (slot index, tokens to feed), then sampling for every

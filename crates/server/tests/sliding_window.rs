@@ -42,3 +42,68 @@ fn rewinding_past_the_sliding_window_falls_back_to_a_full_run() {
     assert!(reused > 500.0, "reused {reused}");
     assert_eq!(warm, cold);
 }
+
+/// The prompt store (`--cache-ram`) keeps a long prompt's prefix from before its reply moved
+/// the window's ring: the same prompt later reuses all but its last chunk, with the same output
+/// as the uncached run; a store too small for two such prompts keeps the latest one.
+#[test]
+fn the_prompt_store_serves_a_long_prompt_after_its_slot_moved_on() {
+    let story: String = (0..90)
+        .map(|i| format!("Line {i} of the long ledger. "))
+        .collect();
+    let prompt = format!("{story}The ledger ends with");
+    let other = format!("{}The ledger ends with", story.replace("ledger", "logbook"));
+
+    let uncached = start_server_with_context(1, 4, 2048);
+    let cold = complete(uncached.addr, &prompt, 4);
+    let cold_other = complete(uncached.addr, &other, 4);
+    drop(uncached);
+
+    let stored = |budget: usize| {
+        start_server_with(gemma_server::ServerConfig {
+            port: 0,
+            parallel: 1,
+            ctx_size: 2048,
+            queue_capacity: 4,
+            prompt_cache_bytes: budget,
+            ..gemma_server::ServerConfig::default()
+        })
+    };
+    let server = stored(64 << 20);
+    let addr = server.addr;
+    assert_eq!(complete(addr, &prompt, 4), cold);
+    assert_eq!(metric(addr, "gemma_prompt_store_inserts_total"), 1.0);
+    let bytes = metric(addr, "gemma_prompt_store_bytes");
+    assert!(bytes > 0.0);
+    // The slot's rings moved past the prompt while answering; the snapshot did not.
+    let restored = metric(addr, "gemma_prompt_store_restored_tokens_total");
+    let hits = metric(addr, "gemma_prefix_cache_hit_tokens_total");
+    assert_eq!(complete(addr, &prompt, 4), cold);
+    let from_store = metric(addr, "gemma_prompt_store_restored_tokens_total") - restored;
+    assert!(from_store > 500.0, "restored {from_store}");
+    assert_eq!(
+        metric(addr, "gemma_prefix_cache_hit_tokens_total") - hits,
+        from_store
+    );
+    // Already stored: not copied again.
+    assert_eq!(metric(addr, "gemma_prompt_store_inserts_total"), 1.0);
+    // Another long prompt (its first tokens shared) is computed and stored beside it.
+    assert_eq!(complete(addr, &other, 4), cold_other);
+    assert_eq!(metric(addr, "gemma_prompt_store_entries"), 2.0);
+    drop(server);
+
+    // Room for one snapshot only: the second evicts the first.
+    let server = stored(bytes as usize + (bytes as usize) / 2);
+    let addr = server.addr;
+    complete(addr, &prompt, 4);
+    complete(addr, &other, 4);
+    assert_eq!(metric(addr, "gemma_prompt_store_entries"), 1.0);
+    let restored = metric(addr, "gemma_prompt_store_restored_tokens_total");
+    assert_eq!(complete(addr, &prompt, 4), cold);
+    assert_eq!(
+        metric(addr, "gemma_prompt_store_restored_tokens_total"),
+        restored,
+        "evicted"
+    );
+    assert_eq!(complete(addr, &other, 4), cold_other, "after the eviction");
+}

@@ -30,6 +30,9 @@ pub fn start_server_with_context(
         ctx_size,
         queue_capacity,
         body_limit: 64 * 1024,
+        // No prompt store: these servers' tests compare runs on slots that have or have not
+        // seen a prompt (the store has tests of its own).
+        prompt_cache_bytes: 0,
         ..ServerConfig::default()
     })
 }
