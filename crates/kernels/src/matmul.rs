@@ -236,7 +236,7 @@ fn matmul_on(
         gemm::gemm_f32_with(pool, kernels.isa, w, x, n_tokens, y);
         return;
     }
-    let acts = quant::quantize_acts_with(kernels.simd(), act_type, x, cols, n_tokens, scratch);
+    let acts = quant::quantize_acts_with(kernels.isa, act_type, x, cols, n_tokens, scratch);
     let act_row = acts.row_bytes;
     let row_bytes = w.row_bytes();
     let out = OutPtr(y.as_mut_ptr());

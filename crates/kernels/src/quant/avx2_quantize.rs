@@ -278,8 +278,10 @@ unsafe fn pack_i32_to_i8(q: [__m256i; 4], low_bytes: bool) -> __m256i {
     _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
+/// The tests of both SIMD quantizers: each compares the scalar path with every SIMD level this
+/// CPU has ([`simd_levels`]) through `quantize_acts_with`.
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Instant;
 
     use super::super::{quantize_acts_with, Isa};
@@ -304,42 +306,53 @@ mod tests {
         }
     }
 
-    fn avx2() -> bool {
-        let ok = Isa::Avx2.is_available();
-        if !ok {
+    /// The SIMD levels with quantizers of their own that this CPU runs (AVX2, AVX-512; VNNI
+    /// uses AVX-512's). Empty, with a note, when there is nothing to compare.
+    fn simd_levels() -> Vec<Isa> {
+        let levels: Vec<Isa> = [Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|isa| isa.is_available())
+            .collect();
+        if levels.is_empty() {
             eprintln!("AVX2 + FMA + F16C not available: nothing to compare");
         }
-        ok
+        levels
     }
 
-    /// Quantizes `x` as `n_tokens` rows with the scalar and the AVX2 path; panics with the first
-    /// differing byte (block bytes and Q8_0 info are compared as one buffer).
+    fn any_simd() -> bool {
+        !simd_levels().is_empty()
+    }
+
+    /// Quantizes `x` as `n_tokens` rows with the scalar path and each of [`simd_levels`]; panics
+    /// with the first differing byte (block bytes and Q8_0 info are compared as one buffer).
     fn assert_same(act_type: GgmlType, x: &[f32], n_tokens: usize, what: &str) {
         let cols = x.len() / n_tokens;
         let mut scalar = Vec::new();
         let mut simd = Vec::new();
-        let a = quantize_acts_with(false, act_type, x, cols, n_tokens, &mut scalar);
+        let a = quantize_acts_with(Isa::Scalar, act_type, x, cols, n_tokens, &mut scalar);
         let (a_rows, a_info) = (a.rows.to_vec(), a.q8_0_info.to_vec());
-        let b = quantize_acts_with(true, act_type, x, cols, n_tokens, &mut simd);
-        assert_eq!(b.rows.len(), a_rows.len());
-        assert_eq!(b.q8_0_info.len(), a_info.len());
-        let block_bytes = act_type.type_size();
-        if let Some(i) = (0..a_rows.len()).find(|&i| a_rows[i] != b.rows[i]) {
-            let block = i / block_bytes;
-            let values = &x[block * act_type.block_size()..][..act_type.block_size()];
-            panic!(
-                "{act_type} {what}: block byte {i} (block {block}, offset {}) scalar {} simd {}; \
-                 block values {values:?}",
-                i % block_bytes,
-                a_rows[i],
-                b.rows[i]
-            );
-        }
-        if let Some(i) = (0..a_info.len()).find(|&i| a_info[i] != b.q8_0_info[i]) {
-            panic!(
-                "{act_type} {what}: info byte {i} scalar {} simd {}",
-                a_info[i], b.q8_0_info[i]
-            );
+        for isa in simd_levels() {
+            let b = quantize_acts_with(isa, act_type, x, cols, n_tokens, &mut simd);
+            assert_eq!(b.rows.len(), a_rows.len());
+            assert_eq!(b.q8_0_info.len(), a_info.len());
+            let block_bytes = act_type.type_size();
+            if let Some(i) = (0..a_rows.len()).find(|&i| a_rows[i] != b.rows[i]) {
+                let block = i / block_bytes;
+                let values = &x[block * act_type.block_size()..][..act_type.block_size()];
+                panic!(
+                    "{act_type} {what}: block byte {i} (block {block}, offset {}) scalar {} \
+                     {isa:?} {}; block values {values:?}",
+                    i % block_bytes,
+                    a_rows[i],
+                    b.rows[i]
+                );
+            }
+            if let Some(i) = (0..a_info.len()).find(|&i| a_info[i] != b.q8_0_info[i]) {
+                panic!(
+                    "{act_type} {what}: info byte {i} scalar {} {isa:?} {}",
+                    a_info[i], b.q8_0_info[i]
+                );
+            }
         }
     }
 
@@ -380,15 +393,20 @@ mod tests {
         f32::from_bits(BITS[rng.below(BITS.len())])
     }
 
-    /// `round_as_i8` lane by lane against `f32::round() as i8` on every float of the ranges that
-    /// matter most (|x| in [0.25, 256), where all the ties are) and a stride through all others.
-    #[test]
-    fn rounding_matches_f32_round_as_i8() {
-        if !avx2() {
-            return;
-        }
+    /// Every float of the ranges that matter most to the rounding (|x| in [0.25, 256), where
+    /// all the ties are) and a stride through all others.
+    pub(in super::super) fn rounding_cases() -> impl Iterator<Item = f32> {
         let dense = (0x3e80_0000u32..0x4380_0000).flat_map(|b| [b, b | 0x8000_0000]);
         let sparse = (0..=u32::MAX).step_by(251);
+        dense.chain(sparse).map(f32::from_bits)
+    }
+
+    /// `round_as_i8` lane by lane against `f32::round() as i8` on the [`rounding_cases`].
+    #[test]
+    fn rounding_matches_f32_round_as_i8() {
+        if !Isa::Avx2.is_available() {
+            return;
+        }
         let mut lanes = [0.0f32; 8];
         let mut filled = 0;
         let check = |lanes: &[f32; 8]| {
@@ -409,8 +427,8 @@ mod tests {
                 );
             }
         };
-        for bits in dense.chain(sparse) {
-            lanes[filled] = f32::from_bits(bits);
+        for x in rounding_cases() {
+            lanes[filled] = x;
             filled += 1;
             if filled == 8 {
                 check(&lanes);
@@ -422,7 +440,7 @@ mod tests {
 
     #[test]
     fn random_values_of_many_magnitudes() {
-        if !avx2() {
+        if !any_simd() {
             return;
         }
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -444,7 +462,7 @@ mod tests {
 
     #[test]
     fn every_row_length() {
-        if !avx2() {
+        if !any_simd() {
             return;
         }
         let mut rng = Rng(7);
@@ -462,7 +480,7 @@ mod tests {
 
     #[test]
     fn exact_half_ties_round_like_the_scalar_code() {
-        if !avx2() {
+        if !any_simd() {
             return;
         }
         for act_type in [GgmlType::Q8_0, GgmlType::Q8_K] {
@@ -490,7 +508,7 @@ mod tests {
 
     #[test]
     fn zeros_single_values_and_equal_extremes() {
-        if !avx2() {
+        if !any_simd() {
             return;
         }
         for act_type in [GgmlType::Q8_0, GgmlType::Q8_K] {
@@ -525,7 +543,7 @@ mod tests {
 
     #[test]
     fn special_and_mixed_values() {
-        if !avx2() {
+        if !any_simd() {
             return;
         }
         let mut rng = Rng(0xdead_beef);
@@ -564,7 +582,7 @@ mod tests {
 
     #[test]
     fn nan_and_infinite_inputs_match_too() {
-        if !avx2() {
+        if !any_simd() {
             return;
         }
         let mut rng = Rng(42);
@@ -593,7 +611,7 @@ mod tests {
 
     #[test]
     fn other_types_and_short_inputs_keep_the_scalar_path() {
-        if !avx2() {
+        if !any_simd() {
             return;
         }
         let mut rng = Rng(3);
@@ -602,20 +620,23 @@ mod tests {
         // Fewer values than n_tokens rows: only whole rows are quantized, the rest stays zero.
         let mut scalar = Vec::new();
         let mut simd = Vec::new();
-        let a = quantize_acts_with(false, GgmlType::Q8_0, &x[..320], 64, 6, &mut scalar);
+        let a = quantize_acts_with(Isa::Scalar, GgmlType::Q8_0, &x[..320], 64, 6, &mut scalar);
         let a = (a.rows.to_vec(), a.q8_0_info.to_vec());
-        let b = quantize_acts_with(true, GgmlType::Q8_0, &x[..320], 64, 6, &mut simd);
-        assert_eq!((a.0.as_slice(), a.1.as_slice()), (b.rows, b.q8_0_info));
+        for isa in simd_levels() {
+            let b = quantize_acts_with(isa, GgmlType::Q8_0, &x[..320], 64, 6, &mut simd);
+            assert_eq!(
+                (a.0.as_slice(), a.1.as_slice()),
+                (b.rows, b.q8_0_info),
+                "{isa:?}"
+            );
+        }
     }
 
-    /// Timing of one activation row, scalar vs AVX2 (not asserted):
-    /// `cargo test --release -p gemma-kernels --lib avx2_quantize -- --ignored --nocapture`
+    /// Timing of one activation row, scalar vs each of [`simd_levels`] (not asserted):
+    /// `cargo test --release -p gemma-kernels --lib time_quantize_acts -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn time_quantize_acts() {
-        if !avx2() {
-            return;
-        }
         let mut rng = Rng(11);
         for (act_type, cols) in [
             (GgmlType::Q8_0, 640),
@@ -625,15 +646,16 @@ mod tests {
         ] {
             let x: Vec<f32> = (0..cols).map(|_| rng.unit() * 4.0).collect();
             let mut scratch = Vec::new();
-            let mut ns = [0.0f64; 2];
-            for (slot, simd) in [false, true].into_iter().enumerate() {
+            let mut line = format!("{act_type} cols {cols}:");
+            let mut scalar_ns = 0.0;
+            for isa in std::iter::once(Isa::Scalar).chain(simd_levels()) {
                 let iters = 20_000;
                 let mut best = f64::INFINITY;
                 for _ in 0..5 {
                     let start = Instant::now();
                     for _ in 0..iters {
                         let acts = quantize_acts_with(
-                            simd,
+                            isa,
                             act_type,
                             std::hint::black_box(&x),
                             cols,
@@ -644,14 +666,15 @@ mod tests {
                     }
                     best = best.min(start.elapsed().as_nanos() as f64 / iters as f64);
                 }
-                ns[slot] = best;
+                if isa == Isa::Scalar {
+                    scalar_ns = best;
+                    line += &format!(" scalar {best:.0} ns");
+                } else {
+                    let speedup = scalar_ns / best;
+                    line += &format!(", {} {best:.0} ns ({speedup:.1}x)", isa.name());
+                }
             }
-            println!(
-                "{act_type} cols {cols}: scalar {:.0} ns, avx2 {:.0} ns ({:.1}x)",
-                ns[0],
-                ns[1],
-                ns[0] / ns[1]
-            );
+            println!("{line}");
         }
     }
 }

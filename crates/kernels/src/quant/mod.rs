@@ -11,7 +11,8 @@
 //! a matmul or in any batch. With AVX-512 they run in a build for AVX-512 VL (32 registers),
 //! with VNNI also with `vpdpbusd`: the same bits again. Dequantization of those types is SIMD
 //! as well, also bit-exact, and
-//! so is the per-matmul quantization of activations to Q8_0 and Q8_K.
+//! so is the per-matmul quantization of activations to Q8_0 and Q8_K (in AVX2, or AVX-512 where
+//! that is selected).
 
 pub mod interleave;
 mod layout;
@@ -30,6 +31,8 @@ mod avx2_quantize;
 mod avx2_rows;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_quantize;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod int8_gemm;
 #[cfg(target_arch = "aarch64")]
@@ -256,11 +259,6 @@ impl Kernels {
         }
     }
 
-    /// Whether the AVX2 (or wider) activation quantizers and dequantizers may run.
-    pub fn simd(&self) -> bool {
-        matches!(self.isa, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni)
-    }
-
     #[inline]
     pub fn dot(&self, dtype: GgmlType) -> DotFn {
         self.dots[dtype as usize]
@@ -311,23 +309,21 @@ pub(crate) fn quantize_acts<'a>(
     n_tokens: usize,
     scratch: &'a mut Vec<u8>,
 ) -> QuantizedActs<'a> {
-    let simd = matches!(
-        selected_kernels().isa,
-        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni
-    );
-    quantize_acts_with(simd, act_type, x, cols, n_tokens, scratch)
+    quantize_acts_with(selected_kernels().isa, act_type, x, cols, n_tokens, scratch)
 }
 
-/// [`quantize_acts`] with the AVX2 quantizers (same bytes) when `simd` says AVX2 (or above) is
-/// available and selected.
+/// [`quantize_acts`] on `isa`, which must be available on this CPU: Q8_0 and Q8_K go through
+/// the AVX-512 quantizers under [`Isa::Avx512`] and [`Isa::Avx512Vnni`], the AVX2 ones under
+/// [`Isa::Avx2`] (all the same bytes as the scalar path, which everything else takes).
 pub(crate) fn quantize_acts_with<'a>(
-    simd: bool,
+    isa: Isa,
     act_type: GgmlType,
     x: &[f32],
     cols: usize,
     n_tokens: usize,
     scratch: &'a mut Vec<u8>,
 ) -> QuantizedActs<'a> {
+    debug_assert!(isa.is_available(), "ISA {isa:?} is not available");
     let row_bytes = act_type.bytes_for(cols).expect("whole blocks");
     let rows_len = n_tokens * row_bytes;
     let info_len = if act_type == GgmlType::Q8_0 {
@@ -339,18 +335,21 @@ pub(crate) fn quantize_acts_with<'a>(
     scratch.resize(rows_len + info_len, 0);
     let (rows, info) = scratch.split_at_mut(rows_len);
     #[cfg(target_arch = "x86_64")]
-    if simd {
+    if matches!(isa, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni) {
         // Whole rows only, as the scalar loop below; blocks never straddle rows.
         let used = (x.len() / cols.max(1)).min(n_tokens);
         let per_token_info = info_len / n_tokens.max(1);
-        // SAFETY: the caller promises AVX2; the slices hold `used` whole rows of each kind.
+        let x = &x[..used * cols];
+        let blocks = &mut rows[..used * row_bytes];
+        let block_info = &mut info[..used * per_token_info];
+        // SAFETY: the caller promises `isa` is available (AVX-512 F + BW + VL, or AVX2 + FMA +
+        // F16C); the slices hold `used` whole rows of each kind.
         let done = unsafe {
-            avx2_quantize::quantize_blocks(
-                act_type,
-                &x[..used * cols],
-                &mut rows[..used * row_bytes],
-                &mut info[..used * per_token_info],
-            )
+            if isa == Isa::Avx2 {
+                avx2_quantize::quantize_blocks(act_type, x, blocks, block_info)
+            } else {
+                avx512_quantize::quantize_blocks(act_type, x, blocks, block_info)
+            }
         };
         if done {
             return QuantizedActs {
@@ -360,7 +359,6 @@ pub(crate) fn quantize_acts_with<'a>(
             };
         }
     }
-    let _ = simd;
     for (xt, at) in x
         .chunks_exact(cols.max(1))
         .zip(rows.chunks_exact_mut(row_bytes.max(1)))
