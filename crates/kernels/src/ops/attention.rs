@@ -64,15 +64,16 @@ pub struct AttentionParams {
     ///
     /// Only the SigLIP vision tower sets this (f32 keys and values, bidirectional within an
     /// image). The text decoders stay on the per-query kernel, with its 32-query tasks and
-    /// AVX2 build, unchanged: used for Gemma 3 270M's prefill, the tiled kernel moved the
-    /// real model's logits with f16 and q8_0 caches beyond the engine's real-model tolerances
-    /// (`logits_real_model`, `batch_size` perplexity, the CLI's f16-cache fixture). Not a
-    /// kernel error: on those inputs its output differs from the per-query kernel's by float
-    /// rounding (at most ~7e-6 of a layer's largest output, ring caches included), and the
-    /// per-query kernel fails the same tests when its output is only re-rounded (its scalar
-    /// build) or scaled by random factors within 1 ± 5e-7: those tests sit at the edge of
-    /// their tolerances, where the quantized activations turn any rounding change into logit
-    /// moves of tenths. Switching text needs those tolerances (or references) revisited.
+    /// its AVX2 results (its AVX-512 build gives the same bits): used for Gemma 3 270M's
+    /// prefill, the tiled kernel moved the real model's logits with f16 and q8_0 caches beyond
+    /// the engine's real-model tolerances (`logits_real_model`, `batch_size` perplexity, the
+    /// CLI's f16-cache fixture). Not a kernel error: on those inputs its output differs from
+    /// the per-query kernel's by float rounding (at most ~7e-6 of a layer's largest output,
+    /// ring caches included), and the per-query kernel fails the same tests when its output is
+    /// only re-rounded (its scalar build) or scaled by random factors within 1 ± 5e-7: those
+    /// tests sit at the edge of their tolerances, where the quantized activations turn any
+    /// rounding change into logit moves of tenths. Switching text needs those tolerances (or
+    /// references) revisited.
     pub tiled: bool,
 }
 
@@ -239,12 +240,7 @@ pub fn attention_with(
         );
     }
     assert!(isa.is_available(), "ISA {isa:?} is not available");
-    // The per-query kernel has an AVX2 build only; the tiled one an AVX-512 build too.
-    let simd = match isa {
-        Isa::Avx512 | Isa::Avx512Vnni if p.tiled => Simd::Avx512,
-        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => Simd::Avx2,
-        _ => Simd::Scalar,
-    };
+    let simd = Simd::for_isa(isa);
     let n_tokens = q.len() / q_row;
     if n_tokens == 0 {
         return;
@@ -363,16 +359,31 @@ struct Job<'a, 'b> {
     simd: Simd,
 }
 
-/// The instruction sets a task's loops are compiled for.
-#[derive(Clone, Copy)]
+/// The instruction sets a task's loops are compiled for. Both kernels have a build for each;
+/// the per-query kernel's AVX-512 build gives its AVX2 build's results to the bit (see
+/// [`Avx512Math`]), so which of the two runs never changes a model's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 // Only x86-64 builds the SIMD levels.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Simd {
     Scalar,
-    /// AVX2 + FMA + F16C.
+    /// AVX2 + FMA + F16C: [`Avx2Math`], and the tiled kernel's `tiled::Avx2`.
     Avx2,
-    /// AVX-512F/BW for the tiled kernel (only chosen when [`AttentionParams::tiled`]).
+    /// AVX-512F/BW/VL (plus AVX2 + FMA + F16C): `Avx512Math` for the per-query kernel (the
+    /// text decoders), `tiled::Avx512` for the tiled one (only with [`AttentionParams::tiled`]).
     Avx512,
+}
+
+impl Simd {
+    /// The build for `isa` (an ISA the caller checked available, so a forced lower
+    /// `GEMMA_ISA` gives the lower build).
+    fn for_isa(isa: Isa) -> Simd {
+        match isa {
+            Isa::Avx512 | Isa::Avx512Vnni => Simd::Avx512,
+            Isa::Avx2 => Simd::Avx2,
+            _ => Simd::Scalar,
+        }
+    }
 }
 
 /// Receives `(token, head, unnormalised accumulator, max score, denominator)` per query.
@@ -397,7 +408,7 @@ impl Job<'_, '_> {
             #[cfg(target_arch = "x86_64")]
             match self.simd {
                 Simd::Avx512 => {
-                    // SAFETY: AVX-512F/BW, AVX2, FMA and F16C were detected (the ISA was
+                    // SAFETY: AVX-512F/BW/VL, AVX2, FMA and F16C were detected (the ISA was
                     // checked by the caller).
                     unsafe { self.run_task_avx512(base_task, split, state, emit) };
                     return;
@@ -425,9 +436,10 @@ impl Job<'_, '_> {
         self.run_task_generic::<Avx2Math, tiled::Avx2>(base_task, split, state, emit);
     }
 
-    /// Only with [`AttentionParams::tiled`].
+    /// The per-query kernel with [`Avx512Math`] (the same bits as [`Job::run_task_avx2`]), and
+    /// with [`AttentionParams::tiled`] the tiled kernel's AVX-512 build.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     unsafe fn run_task_avx512(
         &self,
         base_task: usize,
@@ -435,7 +447,7 @@ impl Job<'_, '_> {
         state: &mut Vec<f32>,
         emit: &mut Emit<'_>,
     ) {
-        self.run_task_generic::<Avx2Math, tiled::Avx512>(base_task, split, state, emit);
+        self.run_task_generic::<Avx512Math, tiled::Avx512>(base_task, split, state, emit);
     }
 
     /// Compiled once per [`Simd`] level, inside the `run_task_*` function enabling its features.
@@ -815,7 +827,8 @@ fn axpy8(acc: &mut [f32], w: f32, v: &[f32]) {
     }
 }
 
-/// Inner products of the attention loops: plain Rust, or AVX2 with fused multiply-adds.
+/// Inner products of the attention loops: plain Rust, or AVX2 with fused multiply-adds, or
+/// AVX-512 with the AVX2 results to the bit.
 trait VecMath {
     fn dot(a: &[f32], b: &[f32]) -> f32;
     /// Four queries against one key (the key is read once for all four).
@@ -888,7 +901,23 @@ impl VecMath for ScalarMath {
     }
 }
 
-/// Only used inside `Job::run_task_avx2`, which is reached only when AVX2 + FMA were detected.
+/// The sum of a vector's eight lanes, in the fixed order every x86 build's dot products end
+/// with: the two 128-bit halves, then lanes 0+2 and 1+3, then those two.
+///
+/// # Safety
+/// AVX must be available (callers run inside a `run_task_*` enabling it).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hsum8(s: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    _mm_cvtss_f32(h)
+}
+
+/// Only used inside `Job::run_task_avx2` and `Job::run_task_avx512`, which are reached only
+/// when AVX2 + FMA + F16C were detected.
 #[cfg(target_arch = "x86_64")]
 struct Avx2Math;
 
@@ -914,11 +943,7 @@ impl VecMath for Avx2Math {
                 s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb), s0);
                 done += 8;
             }
-            let s = _mm256_add_ps(s0, s1);
-            let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-            let mut total = _mm_cvtss_f32(h);
+            let mut total = hsum8(_mm256_add_ps(s0, s1));
             for i in done..n {
                 total += a[i] * b[i];
             }
@@ -959,11 +984,7 @@ impl VecMath for Avx2Math {
             }
             let mut out = [0.0f32; 4];
             for r in 0..4 {
-                let s = _mm256_add_ps(lo[r], hi[r]);
-                let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                out[r] = _mm_cvtss_f32(h);
+                out[r] = hsum8(_mm256_add_ps(lo[r], hi[r]));
                 for i in done..n {
                     out[r] += queries[r][i] * key[i];
                 }
@@ -1112,6 +1133,279 @@ impl VecMath for Avx2Math {
                 unsafe { _mm_prefetch::<_MM_HINT_T1>(row.as_ptr().add(i).cast()) };
             }
         }
+    }
+}
+
+/// [`Avx2Math`] on 512-bit registers, giving its results to the bit; only used inside
+/// `Job::run_task_avx512`, which is reached only when AVX-512F/BW/VL, AVX2, FMA and F16C were
+/// detected.
+///
+/// Where [`Avx2Math`] keeps two eight-lane accumulators per query, `lo` over values
+/// `16c..16c + 8` and `hi` over `16c + 8..16c + 16`, one 512-bit register holds `lo` in its low
+/// half and `hi` in its high half: every lane sees the same products in the same order. A half
+/// chunk left (head_dim 72) is a fused multiply-add on the low half only (masked), and the
+/// reduction adds the halves (`lo + hi`) before the same eight-lane sum ([`hsum8`]; `dot4`
+/// reduces its four queries side by side, [`hsum16x4`]). The multiply-adds of `axpy`/`axpy4`
+/// are element-wise, so wider vectors (and `axpy4`'s tiles of 32 dimensions) change nothing as
+/// long as the same elements are fused (those of whole 8-lane vectors) and the rest left to
+/// the same scalar loop. Exponentials are 16 lanes of the same steps
+/// ([`exp::exp_shifted_sum_avx512`]), f16 rows convert 16 values at a time (exactly);
+/// `scale_max` stays AVX2's (its cost is negligible).
+#[cfg(target_arch = "x86_64")]
+struct Avx512Math;
+
+/// `lo + hi` of a 512-bit accumulator, then [`hsum8`]: [`Avx2Math`]'s reduction of `lo` and
+/// `hi`.
+///
+/// # Safety
+/// AVX-512F must be available (callers run inside `Job::run_task_avx512`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hsum16(s: std::arch::x86_64::__m512) -> f32 {
+    use std::arch::x86_64::*;
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s)));
+    hsum8(_mm256_add_ps(_mm512_castps512_ps256(s), hi))
+}
+
+/// [`hsum16`] of four accumulators at once, the same additions lane for lane (same operands,
+/// same order) with the four queries side by side: `lo + hi` of two queries per addition,
+/// then the 128-bit halves of all four in one, then lanes 0+2 and 1+3, then those two.
+///
+/// # Safety
+/// AVX-512F must be available (callers run inside `Job::run_task_avx512`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hsum16x4(acc: [std::arch::x86_64::__m512; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    // 128-bit quarters: `lo` is quarters 0 and 1 of a register, `hi` quarters 2 and 3.
+    // [lo_a, lo_b] + [hi_a, hi_b] = [s_a, s_b], each `s` eight lanes as in `hsum16`.
+    let pair = |a: __m512, b: __m512| {
+        let lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
+        let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
+        _mm512_add_ps(lo, hi)
+    };
+    let (s01, s23) = (pair(acc[0], acc[1]), pair(acc[2], acc[3]));
+    // Low 128 bits of each `s` + its high 128 bits: quarter `r` is query `r`'s four lanes.
+    let low = _mm512_shuffle_f32x4::<0b10_00_10_00>(s01, s23);
+    let high = _mm512_shuffle_f32x4::<0b11_01_11_01>(s01, s23);
+    let h = _mm512_add_ps(low, high);
+    // Per quarter: [h0 + h2, h1 + h3, ..] (`_mm_movehl_ps(h, h)`), then lane 0 plus lane 1.
+    let h = _mm512_add_ps(h, _mm512_permute_ps::<0b11_10_11_10>(h));
+    let h = _mm512_add_ps(h, _mm512_movehdup_ps(h));
+    let mut lanes = [0.0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), h);
+    [lanes[0], lanes[4], lanes[8], lanes[12]]
+}
+
+/// The low eight lanes of a 512-bit register (a half chunk of 16 values).
+#[cfg(target_arch = "x86_64")]
+const LOW_HALF: std::arch::x86_64::__mmask16 = 0x00ff;
+
+#[cfg(target_arch = "x86_64")]
+impl VecMath for Avx512Math {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        use std::arch::x86_64::*;
+        let n = a.len().min(b.len());
+        let chunks = n / 16;
+        // SAFETY: AVX-512F + FMA detected (see the struct); full loads stay inside `n` values,
+        // the masked ones read only their eight low lanes, inside `n` too.
+        unsafe {
+            let mut s = _mm512_setzero_ps();
+            for c in 0..chunks {
+                let (pa, pb) = (a.as_ptr().add(16 * c), b.as_ptr().add(16 * c));
+                s = _mm512_fmadd_ps(_mm512_loadu_ps(pa), _mm512_loadu_ps(pb), s);
+            }
+            let mut done = chunks * 16;
+            if n - done >= 8 {
+                let qa = _mm512_maskz_loadu_ps(LOW_HALF, a.as_ptr().add(done));
+                let qb = _mm512_maskz_loadu_ps(LOW_HALF, b.as_ptr().add(done));
+                s = _mm512_mask3_fmadd_ps(qa, qb, s, LOW_HALF);
+                done += 8;
+            }
+            let mut total = hsum16(s);
+            for i in done..n {
+                total += a[i] * b[i];
+            }
+            total
+        }
+    }
+
+    #[inline(always)]
+    fn dot4(queries: &[&[f32]; 4], key: &[f32]) -> [f32; 4] {
+        use std::arch::x86_64::*;
+        let n = key.len();
+        assert!(queries.iter().all(|q| q.len() == n));
+        let chunks = n / 16;
+        // SAFETY: AVX-512F + FMA detected (see the struct); loads stay inside `n` values of
+        // each slice (lengths checked above), the masked ones read only their low eight lanes.
+        unsafe {
+            // One accumulator per query: Avx2Math's `lo` and `hi` side by side.
+            let mut acc = [_mm512_setzero_ps(); 4];
+            for c in 0..chunks {
+                let k = _mm512_loadu_ps(key.as_ptr().add(16 * c));
+                for r in 0..4 {
+                    let q = _mm512_loadu_ps(queries[r].as_ptr().add(16 * c));
+                    acc[r] = _mm512_fmadd_ps(q, k, acc[r]);
+                }
+            }
+            // A half chunk left (head_dim 72): into the low halves (`lo`) only.
+            let mut done = chunks * 16;
+            if n - done >= 8 {
+                let k = _mm512_maskz_loadu_ps(LOW_HALF, key.as_ptr().add(done));
+                for r in 0..4 {
+                    let q = _mm512_maskz_loadu_ps(LOW_HALF, queries[r].as_ptr().add(done));
+                    acc[r] = _mm512_mask3_fmadd_ps(q, k, acc[r], LOW_HALF);
+                }
+                done += 8;
+            }
+            let mut out = hsum16x4(acc);
+            for r in 0..4 {
+                for i in done..n {
+                    out[r] += queries[r][i] * key[i];
+                }
+            }
+            out
+        }
+    }
+
+    #[inline(always)]
+    fn axpy(acc: &mut [f32], w: f32, v: &[f32]) {
+        use std::arch::x86_64::*;
+        let n = acc.len().min(v.len());
+        let chunks = n / 16;
+        let mut done = chunks * 16;
+        // SAFETY: AVX-512F + FMA detected (see the struct); loads and stores stay inside `n`
+        // values of both slices.
+        unsafe {
+            let wv = _mm512_set1_ps(w);
+            for c in 0..chunks {
+                let pa = acc.as_mut_ptr().add(16 * c);
+                let x = _mm512_loadu_ps(v.as_ptr().add(16 * c));
+                _mm512_storeu_ps(pa, _mm512_fmadd_ps(wv, x, _mm512_loadu_ps(pa)));
+            }
+            // Fused like Avx2Math's last whole vector.
+            if n - done >= 8 {
+                let pa = acc.as_mut_ptr().add(done);
+                let x = _mm256_loadu_ps(v.as_ptr().add(done));
+                let y = _mm256_fmadd_ps(_mm256_set1_ps(w), x, _mm256_loadu_ps(pa));
+                _mm256_storeu_ps(pa, y);
+                done += 8;
+            }
+        }
+        for i in done..n {
+            acc[i] += w * v[i];
+        }
+    }
+
+    #[inline(always)]
+    fn axpy4(acc: &mut [f32], weights: &[&[f32]; 4], rows: &[f32], stride: usize) {
+        use std::arch::x86_64::*;
+        let hd = acc.len() / 4;
+        let n = weights[0].len();
+        assert!(weights.iter().all(|w| w.len() == n));
+        assert!(n == 0 || rows.len() >= (n - 1) * stride + hd);
+        let chunks = hd / 32;
+        // SAFETY: AVX-512F + FMA detected (see the struct). Accumulator loads and stores stay
+        // inside `acc` (4·hd values), value loads inside row `j < n` (length checked above),
+        // weight reads inside each `n`-long slice.
+        unsafe {
+            // Thirty-two dimensions of four queries (eight registers) stay in registers while
+            // every value row of the block is added in.
+            for c in 0..chunks {
+                let mut a = [_mm512_setzero_ps(); 8];
+                for r in 0..4 {
+                    let pa = acc.as_ptr().add(r * hd + 32 * c);
+                    a[2 * r] = _mm512_loadu_ps(pa);
+                    a[2 * r + 1] = _mm512_loadu_ps(pa.add(16));
+                }
+                for j in 0..n {
+                    let pv = rows.as_ptr().add(j * stride + 32 * c);
+                    let (v0, v1) = (_mm512_loadu_ps(pv), _mm512_loadu_ps(pv.add(16)));
+                    for r in 0..4 {
+                        let w = _mm512_set1_ps(*weights[r].get_unchecked(j));
+                        a[2 * r] = _mm512_fmadd_ps(w, v0, a[2 * r]);
+                        a[2 * r + 1] = _mm512_fmadd_ps(w, v1, a[2 * r + 1]);
+                    }
+                }
+                for r in 0..4 {
+                    let pa = acc.as_mut_ptr().add(r * hd + 32 * c);
+                    _mm512_storeu_ps(pa, a[2 * r]);
+                    _mm512_storeu_ps(pa.add(16), a[2 * r + 1]);
+                }
+            }
+        }
+        let mut done = chunks * 32;
+        // Sixteen dimensions left (head_dim 16 or 48): one register per query.
+        if hd - done >= 16 {
+            // SAFETY: as above, for dimensions `done..done + 16 <= hd`.
+            unsafe {
+                let mut a: [__m512; 4] =
+                    std::array::from_fn(|r| _mm512_loadu_ps(acc.as_ptr().add(r * hd + done)));
+                for j in 0..n {
+                    let v0 = _mm512_loadu_ps(rows.as_ptr().add(j * stride + done));
+                    for (r, a_r) in a.iter_mut().enumerate() {
+                        let w = _mm512_set1_ps(*weights[r].get_unchecked(j));
+                        *a_r = _mm512_fmadd_ps(w, v0, *a_r);
+                    }
+                }
+                for (r, a_r) in a.iter().enumerate() {
+                    _mm512_storeu_ps(acc.as_mut_ptr().add(r * hd + done), *a_r);
+                }
+            }
+            done += 16;
+        }
+        // Eight (head_dim 72 = 2·32 + 8) and the scalar rest exactly as Avx2Math does them.
+        if hd - done >= 8 {
+            // SAFETY: as above, for dimensions `done..done + 8 <= hd`.
+            unsafe {
+                let mut a: [__m256; 4] =
+                    std::array::from_fn(|r| _mm256_loadu_ps(acc.as_ptr().add(r * hd + done)));
+                for j in 0..n {
+                    let v0 = _mm256_loadu_ps(rows.as_ptr().add(j * stride + done));
+                    for (r, a_r) in a.iter_mut().enumerate() {
+                        let w = _mm256_set1_ps(*weights[r].get_unchecked(j));
+                        *a_r = _mm256_fmadd_ps(w, v0, *a_r);
+                    }
+                }
+                for (r, a_r) in a.iter().enumerate() {
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(r * hd + done), *a_r);
+                }
+            }
+            done += 8;
+        }
+        for r in 0..4 {
+            for d in done..hd {
+                let mut sum = acc[r * hd + d];
+                for (j, &w) in weights[r].iter().enumerate() {
+                    sum += w * rows[j * stride + d];
+                }
+                acc[r * hd + d] = sum;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn scale_max(x: &mut [f32], scale: f32) -> f32 {
+        Avx2Math::scale_max(x, scale)
+    }
+
+    #[inline(always)]
+    fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+        // SAFETY: AVX-512F, AVX2 and FMA detected (see the struct).
+        unsafe { exp::exp_shifted_sum_avx512(x, shift) }
+    }
+
+    #[inline(always)]
+    fn read(rows: &KvRows<'_>, offset: usize, dst: &mut [f32]) {
+        // `Isa::Avx512` (AVX-512F/BW/VL, AVX2, FMA, F16C) was checked available by
+        // `attention_with`; f16 rows convert sixteen values at a time (exactly, like AVX2).
+        rows.read_into(Isa::Avx512, offset, dst)
+    }
+
+    #[inline(always)]
+    fn prefetch_rows(rows: &[f32], stride: usize, n: usize, len: usize) {
+        Avx2Math::prefetch_rows(rows, stride, n, len)
     }
 }
 
@@ -1784,6 +2078,148 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A forced lower ISA (`GEMMA_ISA=avx2`) gives the lower build; AVX-512 (with or without
+    /// VNNI) the AVX-512 one, for both kernels.
+    #[test]
+    fn simd_builds_follow_the_isa() {
+        assert_eq!(Simd::for_isa(Isa::Scalar), Simd::Scalar);
+        assert_eq!(Simd::for_isa(Isa::Neon), Simd::Scalar);
+        assert_eq!(Simd::for_isa(Isa::Avx2), Simd::Avx2);
+        assert_eq!(Simd::for_isa(Isa::Avx512), Simd::Avx512);
+        assert_eq!(Simd::for_isa(Isa::Avx512Vnni), Simd::Avx512);
+    }
+
+    /// The per-query kernel's AVX-512 build gives its AVX2 build's output to the bit, on the
+    /// shapes the tests above cover and the text models': head_dim 256, 128, 72, 64 and odd
+    /// ones (half-vector and scalar remainders), grouped and ungrouped heads, causal and
+    /// sliding masks, bidirectional spans, a soft cap, f32, f16 and Q8_0 caches in two
+    /// segments followed by the chunk's own f32 keys, decoding (one token, keys split across
+    /// tasks) and prefill chunks (several query blocks, a partial group of four queries).
+    /// Skipped on CPUs without AVX-512.
+    #[test]
+    fn avx512_per_query_kernel_equals_avx2_bit_for_bit() {
+        let levels: Vec<Isa> = [Isa::Avx512, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|isa| isa.is_available())
+            .collect();
+        if levels.is_empty() {
+            return;
+        }
+        let pool = ThreadPool::new(3);
+        let shapes = [
+            // (n_heads, n_kv_heads, head_dim)
+            (4, 1, 256),
+            (8, 2, 256),
+            (4, 2, 128),
+            (2, 2, 72),
+            (6, 2, 72),
+            (8, 2, 64),
+            (3, 1, 48),
+            (4, 1, 16),
+            (2, 2, 40),
+            (2, 2, 24),
+            (2, 2, 12),
+            (5, 5, 9),
+            (2, 1, 3),
+        ];
+        let n_keys = 300;
+        let mut checked = 0;
+        for (case, (nh, nkv, hd)) in shapes.into_iter().enumerate() {
+            let row = nkv * hd;
+            let k: Vec<f32> = pseudo_random(n_keys * row, 41 + case as u32)
+                .iter()
+                .map(|x| 4.0 * x)
+                .collect();
+            let v = pseudo_random(n_keys * row, 61 + case as u32);
+            let mut cache_types = vec![CacheType::F32, CacheType::F16];
+            if hd.is_multiple_of(32) {
+                cache_types.push(CacheType::Q8_0);
+            }
+            for mask in [AttentionMask::Causal, AttentionMask::SlidingWindow(70)] {
+                for n_queries in [1usize, 3, 45] {
+                    let q_pos0 = n_keys - n_queries;
+                    let q = pseudo_random(n_queries * nh * hd, 81 + n_queries as u32);
+                    let spans = if n_queries > 1 {
+                        vec![q_pos0 - 10..q_pos0 + 2, q_pos0 + 20..n_keys - 5]
+                    } else {
+                        vec![]
+                    };
+                    for &cache_type in &cache_types {
+                        let cached = q_pos0;
+                        let mut keys = KvBuffer::new(cache_type, cached * row);
+                        let mut values = KvBuffer::new(cache_type, cached * row);
+                        keys.store(Isa::Scalar, 0, &k[..cached * row]);
+                        values.store(Isa::Scalar, 0, &v[..cached * row]);
+                        // The cache in two segments (the first ending inside a key block),
+                        // then the chunk's own keys.
+                        let split = 101;
+                        let segs = [
+                            KvSegment {
+                                keys: keys.slice(0, split * row),
+                                values: values.slice(0, split * row),
+                                first_pos: 0,
+                                len: split,
+                            },
+                            KvSegment {
+                                keys: keys.slice(split * row, cached * row),
+                                values: values.slice(split * row, cached * row),
+                                first_pos: split,
+                                len: cached - split,
+                            },
+                            KvSegment {
+                                keys: k[cached * row..].into(),
+                                values: v[cached * row..].into(),
+                                first_pos: cached,
+                                len: n_queries,
+                            },
+                        ];
+                        for (softcap, spans) in [(None, &spans[..]), (Some(5.0), &[][..])] {
+                            let p = AttentionParams {
+                                n_heads: nh,
+                                n_kv_heads: nkv,
+                                head_dim: hd,
+                                scale: (hd as f32).powf(-0.5),
+                                softcap,
+                                mask,
+                                tiled: false,
+                            };
+                            let mut want = vec![0.0; q.len()];
+                            attention_with(
+                                &pool,
+                                Isa::Avx2,
+                                &p,
+                                &q,
+                                q_pos0,
+                                &segs,
+                                spans,
+                                &mut want,
+                            );
+                            assert!(
+                                want.iter().all(|x| x.is_finite())
+                                    && want.iter().any(|&x| x != 0.0)
+                            );
+                            for &isa in &levels {
+                                let mut out = vec![f32::NAN; q.len()];
+                                attention_with(&pool, isa, &p, &q, q_pos0, &segs, spans, &mut out);
+                                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                                    assert_eq!(
+                                        a.to_bits(),
+                                        b.to_bits(),
+                                        "{nh}/{nkv} heads of {hd}, {mask:?}, {n_queries} queries, \
+                                         {cache_type}, softcap {softcap:?}, spans {spans:?}, \
+                                         {isa:?}: value {i}: {a} vs {b}"
+                                    );
+                                }
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked >= 2 * 13 * 2 * 3 * 2);
     }
 
     #[test]

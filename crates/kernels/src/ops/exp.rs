@@ -1,4 +1,5 @@
-//! `exp` for softmax weights: a polynomial with range reduction, eight lanes at a time on AVX2.
+//! `exp` for softmax weights: a polynomial with range reduction, eight lanes at a time on AVX2
+//! and sixteen on AVX-512 (the same bits as AVX2).
 //!
 //! `exp(x) = 2^n · exp(r)` with `n = round(x / ln 2)` and `|r| ≤ ln 2 / 2`; `exp(r)` is
 //! `1 + r + r² · P(r)` with a degree-5 minimax `P` (the classic single-precision coefficients).
@@ -106,6 +107,50 @@ pub unsafe fn exp_shifted_sum_avx2(x: &mut [f32], shift: f32) -> f32 {
     let h = _mm_add_ss(h, _mm_movehdup_ps(h));
     let mut sum = _mm_cvtss_f32(h);
     for v in &mut x[chunks * 8..] {
+        *v = exp(*v - shift);
+        sum += *v;
+    }
+    sum
+}
+
+/// [`exp_shifted_sum_avx2`] with the exponentials sixteen lanes at a time ([`exp16`], the same
+/// bits as [`exp8`]): each vector's two halves are added into the same eight-lane sum, low half
+/// then high, in the order the AVX2 loop adds its vectors, so the same weights and the same sum
+/// to the bit.
+///
+/// # Safety
+/// AVX-512F, AVX2 and FMA must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+pub unsafe fn exp_shifted_sum_avx512(x: &mut [f32], shift: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let chunks = n / 16;
+    let s16 = _mm512_set1_ps(shift);
+    let mut acc = _mm256_setzero_ps();
+    for c in 0..chunks {
+        let p = x.as_mut_ptr().add(16 * c);
+        let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p), s16));
+        _mm512_storeu_ps(p, e);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+        acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+        acc = _mm256_add_ps(acc, hi);
+    }
+    // Eight values left: one AVX2 vector, as the AVX2 loop's last.
+    let mut done = chunks * 16;
+    if n - done >= 8 {
+        let p = x.as_mut_ptr().add(done);
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), _mm256_set1_ps(shift)));
+        _mm256_storeu_ps(p, e);
+        acc = _mm256_add_ps(acc, e);
+        done += 8;
+    }
+    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    let mut sum = _mm_cvtss_f32(h);
+    for v in &mut x[done..] {
         *v = exp(*v - shift);
         sum += *v;
     }
@@ -269,6 +314,40 @@ mod tests {
             }
             for i in 0..16 {
                 assert_eq!(a[i].to_bits(), b[i].to_bits(), "exp({})", chunk[i]);
+            }
+        }
+    }
+
+    /// The AVX-512 softmax pass gives the AVX2 one's weights and sum to the bit, on every
+    /// length (whole 16-lane vectors, a half vector and a scalar tail), with values far below
+    /// the shift (zero weights) among them.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_exp_shifted_sum_equals_avx2_bit_for_bit() {
+        if !crate::quant::Isa::Avx512.is_available() {
+            return;
+        }
+        let xs: Vec<f32> = (0..200)
+            .map(|i| ((i as f32) * 0.37).sin() * 40.0 - if i % 11 == 0 { 100.0 } else { 0.0 })
+            .collect();
+        for n in 0..xs.len() {
+            for shift in [0.0f32, 3.5, -20.0] {
+                let (mut a, mut b) = (xs[..n].to_vec(), xs[..n].to_vec());
+                // SAFETY: AVX-512F (and so AVX2 + FMA) checked above.
+                let (sum_a, sum_b) = unsafe {
+                    (
+                        exp_shifted_sum_avx512(&mut a, shift),
+                        exp_shifted_sum_avx2(&mut b, shift),
+                    )
+                };
+                assert_eq!(
+                    sum_a.to_bits(),
+                    sum_b.to_bits(),
+                    "{n} values, shift {shift}"
+                );
+                for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{n} values, shift {shift}: {i}");
+                }
             }
         }
     }
