@@ -5,7 +5,7 @@ Both servers get the same model file, slot count, per-slot context and thread co
 same workload, one engine after the other on loopback:
 
   * every request is a streamed chat completion (`stream: true`, usage in the last chunk);
-  * prompts rotate between short questions and a long one (a ~1,500-token document followed by
+  * prompts rotate between short questions and a long one (a 2,100-token document followed by
     a question), and two of every three requests start with the same long system prompt
     (prefix-cache traffic);
   * at each concurrency level (default 1, 4 and 8 clients) every client sends requests back to
@@ -58,7 +58,7 @@ SYSTEM = (
     "its ordering service (two to five working days; rare books take longer). Answer plainly "
     "and warmly. "
 ) * 3
-# A long document (about 1,500 tokens) for the long prompts.
+# A long document (2,101 tokens of the default model) for the long prompts.
 DOCUMENT = " ".join(
     f"Section {i}: the harbour's log records that on day {i} the tide rose {i % 7 + 1} metres, "
     f"{i % 5 + 2} fishing boats went out before dawn and {i % 3 + 1} came back with a full "

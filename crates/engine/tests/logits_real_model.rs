@@ -101,34 +101,47 @@ fn load_default() -> (Model, Tokenizer) {
     (load_model(&file).unwrap(), tokenizer)
 }
 
-fn check_against_reference(cache_type: CacheType, tolerance: f32) {
-    let (mut model, tokenizer) = load_default();
-    model.set_cache_type(cache_type).unwrap();
-
+/// The committed reference cases (`fixtures/gemma3_270m/reference.json`, written by
+/// `scripts/make_real_model_reference.py`): each case's text, its token ids and the whole case.
+fn reference_cases() -> Vec<(String, Vec<u32>, Value)> {
     let fixture =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma3_270m/reference.json");
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
     let cases = reference["cases"].as_array().unwrap();
+    cases
+        .iter()
+        .map(|case| {
+            let text = case["text"].as_str().unwrap().to_owned();
+            let ids = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            (text, ids, case.clone())
+        })
+        .collect()
+}
+
+fn check_against_reference(cache_type: CacheType, tolerance: f32) {
+    let (mut model, tokenizer) = load_default();
+    model.set_cache_type(cache_type).unwrap();
+
+    let cases = reference_cases();
     assert!(cases.len() >= 6);
     let mut longest = 0;
-    for case in cases {
-        let text = case["text"].as_str().unwrap();
-        let ids: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+    for (text, ids, case) in &cases {
+        let text = text.as_str();
         longest = longest.max(ids.len());
         assert_eq!(
-            tokenizer.encode(text, true, true).unwrap(),
+            &tokenizer.encode(text, true, true).unwrap(),
             ids,
             "tokenization of {text:?}"
         );
 
         let mut cache = model.new_cache(2048).unwrap();
-        let logits = model.forward(&ids, &mut cache, Logits::Last).unwrap();
+        let logits = model.forward(ids, &mut cache, Logits::Last).unwrap();
         let ours = (0..logits.len())
             .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
             .unwrap();
@@ -319,17 +332,6 @@ fn loading_interleaves_the_decoder_and_frees_the_vocabulary_arrays() {
     assert_eq!(embedding.interleaved, pays);
     // The tokenizer built before the arrays went still gives the reference's ids.
     let tokenizer = loaded.tokenizer.as_ref().expect("the GGUF's tokenizer");
-    let fixture =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma3_270m/reference.json");
-    let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
-    let case = &reference["cases"][0];
-    let ids: Vec<u32> = case["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    let text = case["text"].as_str().unwrap();
-    assert_eq!(tokenizer.encode(text, true, true).unwrap(), ids);
+    let (text, ids, _) = &reference_cases()[0];
+    assert_eq!(&tokenizer.encode(text, true, true).unwrap(), ids);
 }
