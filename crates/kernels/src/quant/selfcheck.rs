@@ -1,14 +1,18 @@
 //! A once-per-process check that a SIMD kernel table agrees with the scalar reference, run
 //! before the table is selected. It guards against kernels that could not be exercised on the
 //! development machines (AVX-512 and NEON were written without such hardware at hand); a
-//! disagreement is reported on stderr and the next lower ISA is used instead.
+//! disagreement is reported on stderr and the next lower ISA is used instead. The activation
+//! quantizers of the table's ISA are checked too (they must give the scalar bytes).
 
 use gemma_formats::GgmlType;
 
-use super::{layout, scalar, vec_dot_type, Kernels};
+use super::{layout, quantize_acts_with, scalar, vec_dot_type, Isa, Kernels};
 
 pub(super) fn agrees_with_scalar(kernels: &Kernels) -> bool {
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    if !quantizers_agree(kernels.isa, &mut rng) {
+        return false;
+    }
     for dtype in GgmlType::ALL {
         // Odd block counts and a float tail exercise the paired/remainder code paths.
         let n = match dtype.block_size() {
@@ -31,6 +35,28 @@ pub(super) fn agrees_with_scalar(kernels: &Kernels) -> bool {
                 "gemma-kernels: {:?} {dtype} dot kernel disagrees with the scalar reference \
                  ({got} vs {reference}); using a lower instruction set",
                 kernels.isa
+            );
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether `isa`'s activation quantizers write the scalar path's bytes (Q8_0 with its block
+/// info, Q8_K) for a few rows of values of mixed magnitudes.
+fn quantizers_agree(isa: Isa, rng: &mut XorShift) -> bool {
+    let (cols, tokens) = (512, 3);
+    let x: Vec<f32> = (0..cols * tokens)
+        .map(|i| rng.unit() * [0.01, 1.0, 300.0][i / 96 % 3])
+        .collect();
+    for act_type in [GgmlType::Q8_0, GgmlType::Q8_K] {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let got = quantize_acts_with(isa, act_type, &x, cols, tokens, &mut a);
+        let want = quantize_acts_with(Isa::Scalar, act_type, &x, cols, tokens, &mut b);
+        if (got.rows, got.q8_0_info) != (want.rows, want.q8_0_info) {
+            eprintln!(
+                "gemma-kernels: {isa:?} {act_type} activation quantization disagrees with the \
+                 scalar reference; using a lower instruction set"
             );
             return false;
         }
