@@ -81,20 +81,7 @@ fn matvec_bandwidth() {
         // In huge pages, as the engine holds GGUF weights (`GgufFile::make_resident`).
         let mut data = gemma_formats::HugePageBytes::zeroed(bytes).unwrap();
         let data = data.as_mut();
-        data.iter_mut()
-            .enumerate()
-            .for_each(|(i, b)| *b = (i * 131 % 251) as u8);
-        let scale = half::f16::from_f32(0.01).to_bits().to_le_bytes();
-        let offsets: &[usize] = match dtype {
-            GgmlType::Q6_K => &[208],
-            GgmlType::Q4_K => &[0, 2],
-            _ => &[0],
-        };
-        for block in data.chunks_exact_mut(dtype.type_size()) {
-            for &off in offsets {
-                block[off..off + 2].copy_from_slice(&scale);
-            }
-        }
+        fill_weights(dtype, data);
         // BENCH_INTERLEAVED=1: the decode layout where the type has one.
         let interleaved = std::env::var("BENCH_INTERLEAVED").is_ok_and(|v| v == "1")
             && gemma_kernels::interleaving_pays(dtype, rows, cols);
@@ -156,18 +143,8 @@ fn gemm_layouts() {
         (GgmlType::Q6_K, 1024, 2048),
     ] {
         let bytes = dtype.bytes_for(rows * cols).unwrap();
-        let mut data: Vec<u8> = (0..bytes).map(|i| (i * 131 % 251) as u8).collect();
-        let scale = half::f16::from_f32(0.01).to_bits().to_le_bytes();
-        let offsets: &[usize] = match dtype {
-            GgmlType::Q6_K => &[208],
-            GgmlType::Q4_K => &[0, 2],
-            _ => &[0],
-        };
-        for block in data.chunks_exact_mut(dtype.type_size()) {
-            for &off in offsets {
-                block[off..off + 2].copy_from_slice(&scale);
-            }
-        }
+        let mut data = vec![0u8; bytes];
+        fill_weights(dtype, &mut data);
         let mut interleaved = data.clone();
         quant::interleave::interleave_in_place(dtype, &mut interleaved, cols, &mut Vec::new());
         let x: Vec<f32> = (0..tokens * cols)
@@ -196,5 +173,24 @@ fn gemm_layouts() {
             ms[1],
             ms[1] / ms[0]
         );
+    }
+}
+
+/// Arbitrary quants with every block's f16 scales (`d`, Q4_K's `dmin`) set to 0.01, so sums stay
+/// finite.
+fn fill_weights(dtype: GgmlType, data: &mut [u8]) {
+    data.iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i * 131 % 251) as u8);
+    let scale = half::f16::from_f32(0.01).to_bits().to_le_bytes();
+    let offsets: &[usize] = match dtype {
+        GgmlType::Q6_K => &[208],
+        GgmlType::Q4_K => &[0, 2],
+        _ => &[0],
+    };
+    for block in data.chunks_exact_mut(dtype.type_size()) {
+        for &off in offsets {
+            block[off..off + 2].copy_from_slice(&scale);
+        }
     }
 }

@@ -54,7 +54,7 @@ use scheduler::Scheduler;
 pub use shield::{ShieldFilter, ShieldOptions};
 
 /// Default `--cache-ram` in MiB: about 17 prompts of 2,400 tokens of the default model (f16
-/// cache), two of a 4B model.
+/// cache, 15 MB each), one of Gemma 3 4B (about 170 MB: 29 rings of its 1,024-token window).
 pub const DEFAULT_PROMPT_CACHE_MIB: usize = 256;
 
 #[derive(Clone, Debug)]
