@@ -18,12 +18,13 @@ pub mod membench;
 pub mod ops;
 pub mod pool;
 pub mod quant;
+pub mod sparse;
 
 pub use error::KernelError;
 pub use gemma_formats::GgmlType;
 pub use matmul::{
-    dequantize_row, interleaving_pays, matmul, matmul_shared_input, matmul_with, RowLayout,
-    WeightMatrix,
+    dequantize_row, interleaving_pays, matmul, matmul_rows, matmul_shared_input, matmul_with,
+    RowLayout, WeightMatrix,
 };
 pub use pool::ThreadPool;
 pub use quant::Isa;

@@ -269,6 +269,193 @@ fn matmul_on(
     });
 }
 
+/// [`matmul`] of the rows of `w` listed in `rows` only (ascending, each below `w.rows`): an up
+/// projection whose outputs are multiplied by a mostly-zero gate needs only the gate's kept
+/// rows, and reading only those is the point. Every listed row gets, for every token, exactly
+/// its [`matmul`] output (bit for bit: the same quantized activations and dot kernels); every
+/// other output is 0, or its [`matmul`] value where a row shares an eight-row group with a listed
+/// row of an interleaved matrix (whole groups run). Float weights (their GEMM has no per-row
+/// path) compute every row.
+///
+/// # Panics
+/// As [`matmul`], and when `rows` is not ascending or lists a row past `w.rows`.
+#[track_caller]
+pub fn matmul_rows(
+    pool: &ThreadPool,
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    rows: &[u32],
+    y: &mut [f32],
+    scratch: &mut Vec<u8>,
+) {
+    matmul_rows_on(selected_kernels(), pool, w, x, n_tokens, rows, y, scratch);
+}
+
+/// [`matmul_rows`] on an explicit ISA (tests compare it with [`matmul_with`]).
+///
+/// # Panics
+/// As [`matmul_rows`], and when `isa` is not available on this CPU.
+#[track_caller]
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_rows_with(
+    pool: &ThreadPool,
+    isa: Isa,
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    rows: &[u32],
+    y: &mut [f32],
+    scratch: &mut Vec<u8>,
+) {
+    assert!(
+        isa.is_available(),
+        "ISA {isa:?} is not available on this CPU"
+    );
+    let kernels = Kernels::for_isa(isa);
+    matmul_rows_on(&kernels, pool, w, x, n_tokens, rows, y, scratch);
+}
+
+#[track_caller]
+#[allow(clippy::too_many_arguments)]
+fn matmul_rows_on(
+    kernels: &Kernels,
+    pool: &ThreadPool,
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    rows: &[u32],
+    y: &mut [f32],
+    scratch: &mut Vec<u8>,
+) {
+    assert!(
+        rows.windows(2).all(|p| p[0] < p[1]) && rows.last().is_none_or(|&r| (r as usize) < w.rows),
+        "matmul_rows: rows must be ascending and below {}",
+        w.rows
+    );
+    let act_type = vec_dot_type(w.dtype);
+    if act_type == GgmlType::F32 {
+        matmul_on(kernels, pool, w, x, n_tokens, y, scratch);
+        return;
+    }
+    if let Err(e) = w.validate() {
+        panic!("matmul_rows: {e}");
+    }
+    let cols = w.cols;
+    assert_eq!(
+        x.len(),
+        n_tokens * cols,
+        "matmul_rows: x must hold {n_tokens} x {cols} values"
+    );
+    assert_eq!(
+        y.len(),
+        n_tokens * w.rows,
+        "matmul_rows: y must hold {n_tokens} x {} values",
+        w.rows
+    );
+    y.fill(0.0);
+    if rows.is_empty() || n_tokens == 0 {
+        return;
+    }
+    let acts = quant::quantize_acts_with(kernels.isa, act_type, x, cols, n_tokens, scratch);
+    let act_row = acts.row_bytes;
+    let out = OutPtr(y.as_mut_ptr());
+    // About four tasks per thread; a task takes listed rows (row-major) or the groups of its
+    // listed rows (interleaved: a group split between two tasks runs in the first only).
+    let chunk = rows.len().div_ceil(4 * pool.n_threads()).max(8);
+    match (w.layout, kernels.interleaved(w.dtype)) {
+        (RowLayout::Interleaved, Some(kernel)) => {
+            let group_bytes = ROW_GROUP * w.row_bytes();
+            pool.run(rows.len().div_ceil(chunk), &|task| {
+                let first = task * chunk;
+                let mine = &rows[first..(first + chunk).min(rows.len())];
+                // The group of the row before this chunk already ran in the previous task.
+                let mut done = first.checked_sub(1).map(|i| rows[i] as usize / ROW_GROUP);
+                for &r in mine {
+                    let g = r as usize / ROW_GROUP;
+                    if done == Some(g) {
+                        continue;
+                    }
+                    done = Some(g);
+                    // SAFETY: whole groups (`validate` checked the layout fits); this task
+                    // alone writes the rows of group `g`.
+                    unsafe {
+                        kernel.run(
+                            &w.data[g * group_bytes..(g + 1) * group_bytes],
+                            ROW_GROUP,
+                            cols,
+                            &acts,
+                            out.at(g * ROW_GROUP),
+                            w.rows,
+                        );
+                    }
+                }
+            });
+        }
+        (RowLayout::RowMajor, _) if kernels.rows(w.dtype).is_some() => {
+            // Eight listed rows at a time are copied next to each other (from memory they
+            // must come from anyway) and run through the eight-row kernel: one row alone
+            // would cost the kernel as much as eight.
+            let kernel = kernels.rows(w.dtype).expect("checked");
+            let row_bytes = w.row_bytes();
+            let chunk = chunk.next_multiple_of(ROW_GROUP);
+            pool.run(rows.len().div_ceil(chunk), &|task| {
+                let first = task * chunk;
+                let mine = &rows[first..(first + chunk).min(rows.len())];
+                let mut packed = vec![0u8; ROW_GROUP * row_bytes];
+                let mut tile = vec![0.0f32; n_tokens * ROW_GROUP];
+                let mut groups = mine.chunks(ROW_GROUP).peekable();
+                while let Some(group) = groups.next() {
+                    // The listed rows are scattered: ask for the next group's early.
+                    if let Some(next) = groups.peek() {
+                        next.iter()
+                            .for_each(|&r| crate::sparse::prefetch(w.row(r as usize)));
+                    }
+                    for (dst, &r) in packed.chunks_exact_mut(row_bytes).zip(group) {
+                        dst.copy_from_slice(w.row(r as usize));
+                    }
+                    // SAFETY: `packed` holds group.len() whole rows; `tile` holds n_tokens
+                    // rows of ROW_GROUP results.
+                    unsafe {
+                        kernel.run(
+                            &packed,
+                            group.len(),
+                            cols,
+                            &acts,
+                            tile.as_mut_ptr(),
+                            ROW_GROUP,
+                        )
+                    };
+                    for t in 0..n_tokens {
+                        for (i, &r) in group.iter().enumerate() {
+                            // SAFETY: t * rows + r < y.len(); each listed row is in one task.
+                            unsafe { out.write(t * w.rows + r as usize, tile[t * ROW_GROUP + i]) };
+                        }
+                    }
+                }
+            });
+        }
+        _ => {
+            let dot = kernels.dot(w.dtype);
+            pool.run(rows.len().div_ceil(chunk), &|task| {
+                let first = task * chunk;
+                let mut buf = Vec::new();
+                for &r in &rows[first..(first + chunk).min(rows.len())] {
+                    let r = r as usize;
+                    let w_row = row_major(w, r, &mut buf);
+                    for t in 0..n_tokens {
+                        let act = &acts.rows[t * act_row..(t + 1) * act_row];
+                        // SAFETY: as in `matmul_on`: features detected, sizes validated.
+                        let v = unsafe { dot(w_row, act, cols) };
+                        // SAFETY: t * rows + r < y.len(); each listed row is in one task.
+                        unsafe { out.write(t * w.rows + r, v) };
+                    }
+                }
+            });
+        }
+    }
+}
+
 /// [`matmul`] of several weight matrices with the same input (a layer's q/k/v or gate/up
 /// projections): `ys[i]` receives `x · ws[i]ᵀ`, bit-identical to `matmul(ws[i], x)`. When every
 /// matrix has a multi-row kernel and the same activation type, the input is quantized once and

@@ -194,3 +194,88 @@ fn fill_weights(dtype: GgmlType, data: &mut [u8]) {
         }
     }
 }
+
+/// A sparse MLP's up and down projections at Gemma 3n E2B's shape (hidden 2048, MLP 8192, Q4_0)
+/// for one token keeping 5 % of its activations, over ten layers' worth of weights (more than
+/// the last-level cache, as in decoding): dense products of the decode layout against
+/// `matmul_rows` plus the transposed down projection.
+/// `BENCH_THREADS=2 cargo test --release -p gemma-kernels --test quant_bench -- --ignored
+/// --nocapture sparse_mlp`
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn sparse_mlp() {
+    use gemma_kernels::sparse::{SparseInputMatrix, SparseScratch};
+    use gemma_kernels::{matmul, matmul_rows, RowLayout, ThreadPool, WeightMatrix};
+    let threads: usize = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let pool = ThreadPool::new(threads);
+    let (h, ffn, layers) = (2048, 8192, 10);
+    let dtype = GgmlType::Q4_0;
+    let bytes = dtype.bytes_for(h * ffn).unwrap();
+    let mut up = Vec::new();
+    let mut up_interleaved = Vec::new();
+    let mut down_interleaved = Vec::new();
+    let mut down_sparse = Vec::new();
+    for layer in 0..layers {
+        let mut data = vec![0u8; bytes];
+        fill_weights(dtype, &mut data);
+        data[layer] ^= 1; // distinct copies
+        let mut packed = data.clone();
+        quant::interleave::interleave_in_place(dtype, &mut packed, h, &mut Vec::new());
+        up.push(data.clone());
+        up_interleaved.push(packed);
+        let mut packed = data.clone();
+        quant::interleave::interleave_in_place(dtype, &mut packed, ffn, &mut Vec::new());
+        down_sparse.push(SparseInputMatrix::from_weights(
+            &WeightMatrix::new(dtype, h, ffn, &data).unwrap(),
+        ));
+        down_interleaved.push(packed);
+    }
+    let x: Vec<f32> = (0..h).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
+    // Every 20th activation kept, at scattered places.
+    let kept: Vec<u32> = (0..ffn as u32)
+        .filter(|j| j.wrapping_mul(2654435761).is_multiple_of(20))
+        .collect();
+    let mut act = vec![0.0f32; ffn];
+    kept.iter().for_each(|&j| act[j as usize] = 0.5);
+    let (mut y_up, mut y_down) = (vec![0.0; ffn], vec![0.0; h]);
+    let mut scratch = Vec::new();
+    let mut sparse_scratch = SparseScratch::default();
+    // Best of many, alternating: the machine is shared. Dense, sparse up, sparse down.
+    let mut ms = [f64::MAX; 3];
+    for _ in 0..30 {
+        let start = Instant::now();
+        for l in 0..layers {
+            let mut w = WeightMatrix::new(dtype, ffn, h, &up_interleaved[l]).unwrap();
+            w.layout = RowLayout::Interleaved;
+            matmul(&pool, &w, &x, 1, &mut y_up, &mut scratch);
+            let mut w = WeightMatrix::new(dtype, h, ffn, &down_interleaved[l]).unwrap();
+            w.layout = RowLayout::Interleaved;
+            matmul(&pool, &w, &act, 1, &mut y_down, &mut scratch);
+        }
+        ms[0] = ms[0].min(start.elapsed().as_secs_f64() * 1e3);
+        let start = Instant::now();
+        for data in &up {
+            let w = WeightMatrix::new(dtype, ffn, h, data).unwrap();
+            matmul_rows(&pool, &w, &x, 1, &kept, &mut y_up, &mut scratch);
+        }
+        let mid = Instant::now();
+        ms[1] = ms[1].min((mid - start).as_secs_f64() * 1e3);
+        for down in &down_sparse {
+            down.matmul(&pool, &act, ffn, 1, &mut y_down, &mut sparse_scratch);
+        }
+        ms[2] = ms[2].min(mid.elapsed().as_secs_f64() * 1e3);
+    }
+    eprintln!(
+        "{layers} layers, {} of {ffn} kept, {threads} threads: dense up + down {:.3} ms, sparse \
+         {:.3} ms (up {:.3}, down {:.3}): {:.1}x",
+        kept.len(),
+        ms[0],
+        ms[1] + ms[2],
+        ms[1],
+        ms[2],
+        ms[0] / (ms[1] + ms[2])
+    );
+}

@@ -152,6 +152,9 @@ pub(crate) struct Work {
     pub gate: Vec<f32>,
     pub up: Vec<f32>,
     pub quantized: Vec<u8>,
+    /// A sparse MLP's kept rows (Gemma 3n) and its non-zero activations.
+    pub kept_rows: Vec<u32>,
+    pub sparse: gemma_kernels::sparse::SparseScratch,
 }
 
 /// One sequence's share of a batched forward pass: its new tokens, the soft tokens that

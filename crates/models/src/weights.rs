@@ -60,6 +60,12 @@ impl Linear {
         self.data.len()
     }
 
+    /// Drops the pages of a memory-mapped matrix from the resident set (they are read again
+    /// from the file if touched); nothing for a matrix held in memory.
+    pub fn release(&self) {
+        self.data.release(0, self.data.len());
+    }
+
     /// Drops row `r`'s pages of a memory-mapped matrix from the resident set once read (see
     /// `Blob::release`); nothing for a matrix held in memory.
     pub fn release_row(&self, r: usize) {
@@ -433,7 +439,21 @@ pub fn interleave_decoder_weights(gguf: &mut gemma_formats::GgufFile) -> Result<
         return Ok(0);
     }
     let tied = gguf.tensor_info("output.weight").is_none();
+    // Gemma 3n's sparse MLPs read their up projection by rows and keep a transposed copy of
+    // their down projection (see `crate::gemma3n`): both stay row-major and untouched.
+    let sparse_mlps: Vec<String> = crate::gemma3n::sparse_mlp_layers(gguf)
+        .into_iter()
+        .flat_map(|i| {
+            [
+                format!("blk.{i}.ffn_up.weight"),
+                format!("blk.{i}.ffn_down.weight"),
+            ]
+        })
+        .collect();
     let choose = |info: &gemma_formats::GgufTensorInfo| {
+        if sparse_mlps.contains(&info.name) {
+            return false;
+        }
         let decoder = info.name.starts_with("blk.")
             || info.name == "output.weight"
             || info.name == "per_layer_model_proj.weight"

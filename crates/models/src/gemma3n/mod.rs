@@ -24,6 +24,7 @@ use gemma_kernels::ops::attention::{attention, AttentionMask, AttentionParams, K
 use gemma_kernels::ops::kv::CacheType;
 use gemma_kernels::ops::{self, Rope};
 use gemma_kernels::pool::ThreadPool;
+use gemma_kernels::sparse::SparseInputMatrix;
 
 use crate::decoder::{
     embed_tokens, embedding_scale, rotations, CachePlan, LayerType, Names, OutputHead,
@@ -57,12 +58,59 @@ struct Mlp {
     /// The active width's rows of `gate_stored` / `up_stored`.
     gate_proj: Linear,
     up_proj: Linear,
-    /// May be wider than the active width: the activation is then zero-padded, which adds
-    /// exactly nothing for the unused columns.
-    down_proj: Linear,
+    /// May be wider than the active width: the unused columns then meet zeros (or are left
+    /// out), which adds exactly nothing.
+    down: Down,
     /// `Φ⁻¹(p)` for activation sparsity `p > 0`: gate values below `mean + std · Φ⁻¹(p)` are
     /// cut, the rest shifted down by that cutoff.
     sparsity_std_multiplier: Option<f32>,
+}
+
+/// An MLP's down projection.
+enum Down {
+    /// As stored.
+    Dense(Linear),
+    /// Transposed for an activation that is mostly zero (a sparse MLP keeps about 5 % of its
+    /// activations): one stored row per kept activation is read, a tenth of the bytes.
+    SparseInput(SparseInputMatrix),
+}
+
+impl Down {
+    fn bytes(&self) -> usize {
+        match self {
+            Down::Dense(w) => w.bytes(),
+            Down::SparseInput(w) => w.bytes(),
+        }
+    }
+}
+
+/// Whether sparse MLPs read only their kept rows and columns (the default);
+/// `GEMMA_SPARSE_MLP=0` runs them dense, for comparisons.
+fn sparse_mlps_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| !std::env::var("GEMMA_SPARSE_MLP").is_ok_and(|v| v == "0"))
+}
+
+/// Tokens up to which a sparse MLP computes only the up rows some token keeps: each token
+/// keeps about 5 %, so eight keep about a third between them; longer batches keep most rows.
+const SPARSE_UP_MAX_TOKENS: usize = 8;
+
+/// The layers of a Gemma 3n GGUF whose MLPs have activation sparsity and will run sparse
+/// (none for other architectures, or when sparse MLPs are off): their up and down projections
+/// must stay row-major for it.
+pub(crate) fn sparse_mlp_layers(gguf: &gemma_formats::GgufFile) -> Vec<usize> {
+    if !sparse_mlps_enabled() || !gguf.architecture().is_ok_and(|a| a == "gemma3n") {
+        return Vec::new();
+    }
+    match gguf.get_f32_array("gemma3n.activation_sparsity_scale") {
+        Ok(Some(scales)) => scales
+            .iter()
+            .enumerate()
+            .filter(|(_, &z)| z != f32::NEG_INFINITY)
+            .map(|(i, _)| i)
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// AltUp's per-layer parameters; the small matrices are kept as f32.
@@ -121,6 +169,8 @@ pub struct Gemma3n {
     rope_global: Rope,
     /// How caches made by `new_cache` store keys and values (f32 unless set).
     cache_type: CacheType,
+    /// MLPs with activation sparsity read only their kept rows (see `load_with_sparse_mlps`).
+    sparse_mlps: bool,
 }
 
 /// The `count` AltUp stream projections: one tensor each in transformers checkpoints,
@@ -150,8 +200,50 @@ fn dense(w: &Linear) -> Vec<f32> {
     out
 }
 
+/// Stores the down projection of every MLP with activation sparsity transposed for its sparse
+/// activations ([`Down::SparseInput`]), several layers at once.
+fn transpose_sparse_downs(layers: &mut [DecoderLayer]) {
+    let mut todo: Vec<&mut Mlp> = layers
+        .iter_mut()
+        .map(|l| &mut l.mlp)
+        .filter(|m| m.sparsity_std_multiplier.is_some())
+        .collect();
+    if todo.is_empty() {
+        return;
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = todo.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for mlps in todo.chunks_mut(per_thread) {
+            s.spawn(move || {
+                for m in mlps.iter_mut() {
+                    if let Down::Dense(w) = &m.down {
+                        let t = SparseInputMatrix::from_weights(&w.matrix());
+                        // Never read again: a memory-mapped file's pages can go.
+                        w.release();
+                        m.down = Down::SparseInput(t);
+                    }
+                }
+            });
+        }
+    });
+}
+
 impl Gemma3n {
+    /// Loads the model; MLPs with activation sparsity run sparse unless `GEMMA_SPARSE_MLP=0`.
     pub fn load(config: Gemma3nConfig, loader: &Loader<'_>) -> Result<Gemma3n, ModelError> {
+        Gemma3n::load_with_sparse_mlps(config, loader, sparse_mlps_enabled())
+    }
+
+    /// [`Gemma3n::load`], choosing how MLPs with activation sparsity run: `true` computes only
+    /// the up rows their gate keeps (the same bits) and adds only the kept activations' rows
+    /// of a transposed down projection (8-bit for quantized weights, f32 activations: close
+    /// to, not equal to, the dense product); `false` runs them as dense MLPs.
+    pub fn load_with_sparse_mlps(
+        config: Gemma3nConfig,
+        loader: &Loader<'_>,
+        sparse_mlps: bool,
+    ) -> Result<Gemma3n, ModelError> {
         config.validate()?;
         // Gemma 3n norms hold `w` itself in both layouts (llama.cpp adds no 1 for this model).
         let n = Names {
@@ -165,7 +257,7 @@ impl Gemma3n {
         let kv_dim = c.num_key_value_heads * hd;
         let first_shared = c.first_kv_shared_layer();
 
-        let layers = (0..n_layers)
+        let mut layers = (0..n_layers)
             .map(|i| -> Result<DecoderLayer, ModelError> {
                 let lin = |name: &str, rows, cols| loader.linear(&n.layer(i, name), rows, cols);
                 let norm = |name: &str, len| loader.vector(&n.layer(i, name), len);
@@ -221,7 +313,7 @@ impl Gemma3n {
                         up_stored: up_proj.clone(),
                         gate_proj,
                         up_proj,
-                        down_proj,
+                        down: Down::Dense(down_proj),
                         sparsity_std_multiplier: c.activation_sparsity[i],
                     },
                     altup: AltUp {
@@ -255,6 +347,9 @@ impl Gemma3n {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if sparse_mlps {
+            transpose_sparse_downs(&mut layers);
+        }
 
         let embed_tokens = loader.linear(&n.top("embed_tokens"), c.vocab_size, h)?;
         let embed_tokens_per_layer = loader.linear(
@@ -286,6 +381,7 @@ impl Gemma3n {
             loaded_config: config.clone(),
             config,
             cache_type: CacheType::F32,
+            sparse_mlps,
         })
     }
 
@@ -369,7 +465,9 @@ impl Gemma3n {
     }
 
     /// Bytes of the weights the forward pass reads for every token (the PLE table is read one
-    /// row per token and counted separately by `per_layer_embedding_bytes`).
+    /// row per token and counted separately by `per_layer_embedding_bytes`; a sparse MLP's
+    /// up and transposed down projections are counted whole, though a token reads only the
+    /// rows it keeps, about a twentieth).
     pub fn weight_bytes(&self) -> usize {
         let layer_bytes = |l: &DecoderLayer| {
             let a = &l.self_attn;
@@ -382,7 +480,6 @@ impl Gemma3n {
                 &a.o_proj,
                 &m.gate_proj,
                 &m.up_proj,
-                &m.down_proj,
                 &l.laurel.linear_left,
                 &l.laurel.linear_right,
                 &l.per_layer_input_gate,
@@ -391,6 +488,7 @@ impl Gemma3n {
             .iter()
             .map(|w| w.bytes())
             .sum::<usize>()
+                + m.down.bytes()
                 + kv
         };
         self.embed_tokens.bytes()
@@ -716,41 +814,86 @@ impl Gemma3n {
             ops::rms_norm_inplace(normed, &layer.pre_feedforward_layernorm, c.rms_norm_eps);
             let gate = sized(&mut scratch.work.gate, n_tokens * ffn);
             let up = sized(&mut scratch.work.up, n_tokens * ffn);
-            linear_shared_input(
-                pool,
-                [&m.gate_proj, &m.up_proj],
-                normed,
-                n_tokens,
-                [&mut *gate, &mut *up],
-                &mut scratch.work.quantized,
-            );
-            if let Some(z) = m.sparsity_std_multiplier {
-                gate.chunks_exact_mut(ffn)
-                    .for_each(|row| gaussian_top_k(row, z));
+            match m.sparsity_std_multiplier {
+                Some(z) => {
+                    // The gate first: only the rows it keeps (about 5 %) of up are computed,
+                    // the same bits as the full product on those rows.
+                    linear(
+                        pool,
+                        &m.gate_proj,
+                        normed,
+                        n_tokens,
+                        gate,
+                        &mut scratch.work.quantized,
+                    );
+                    gate.chunks_exact_mut(ffn)
+                        .for_each(|row| gaussian_top_k(row, z));
+                    let kept = &mut scratch.work.kept_rows;
+                    kept.clear();
+                    let sparse_up = self.sparse_mlps && n_tokens <= SPARSE_UP_MAX_TOKENS;
+                    if sparse_up {
+                        kept.extend(
+                            (0..ffn)
+                                .filter(|&j| (0..n_tokens).any(|t| gate[t * ffn + j] != 0.0))
+                                .map(|j| j as u32),
+                        );
+                    }
+                    if sparse_up && kept.len() <= ffn / 2 {
+                        matmul::matmul_rows(
+                            pool,
+                            &m.up_proj.matrix(),
+                            normed,
+                            n_tokens,
+                            kept,
+                            up,
+                            &mut scratch.work.quantized,
+                        );
+                    } else {
+                        linear(
+                            pool,
+                            &m.up_proj,
+                            normed,
+                            n_tokens,
+                            up,
+                            &mut scratch.work.quantized,
+                        );
+                    }
+                }
+                None => linear_shared_input(
+                    pool,
+                    [&m.gate_proj, &m.up_proj],
+                    normed,
+                    n_tokens,
+                    [&mut *gate, &mut *up],
+                    &mut scratch.work.quantized,
+                ),
             }
             ops::gelu_tanh_mul_inplace(gate, up);
             let proj = sized(&mut scratch.work.proj, plane);
-            let stored = m.down_proj.cols;
-            let padded: Vec<f32>;
-            let activation: &[f32] = if stored > ffn {
-                // A switched sub-model over a wider down projection: zero columns add nothing.
-                let mut p = vec![0.0; n_tokens * stored];
-                for (dst, src) in p.chunks_exact_mut(stored).zip(gate.chunks_exact(ffn)) {
-                    dst[..ffn].copy_from_slice(src);
+            match &m.down {
+                Down::SparseInput(w) => {
+                    w.matmul(pool, gate, ffn, n_tokens, proj, &mut scratch.work.sparse);
                 }
-                padded = p;
-                &padded
-            } else {
-                gate
-            };
-            linear(
-                pool,
-                &m.down_proj,
-                activation,
-                n_tokens,
-                proj,
-                &mut scratch.work.quantized,
-            );
+                Down::Dense(w) if w.cols > ffn => {
+                    // A switched sub-model over a wider down projection: zero columns add
+                    // nothing.
+                    let mut padded = vec![0.0; n_tokens * w.cols];
+                    for (dst, src) in padded.chunks_exact_mut(w.cols).zip(gate.chunks_exact(ffn)) {
+                        dst[..ffn].copy_from_slice(src);
+                    }
+                    linear(
+                        pool,
+                        w,
+                        &padded,
+                        n_tokens,
+                        proj,
+                        &mut scratch.work.quantized,
+                    );
+                }
+                Down::Dense(w) => {
+                    linear(pool, w, gate, n_tokens, proj, &mut scratch.work.quantized);
+                }
+            }
             ops::rms_norm_inplace(proj, &layer.post_feedforward_layernorm, c.rms_norm_eps);
             ops::add_inplace(x, proj);
 
