@@ -5,6 +5,41 @@
 //! allocate.
 
 use crate::pool::ThreadPool;
+use crate::quant::Isa;
+
+/// Runs an element-wise loop (`$f($args)`, an `#[inline(always)]` function) compiled for the
+/// widest vectors `$isa` allows: AVX-512, AVX2, or the baseline. The loops hold no fused
+/// multiply-adds (Rust never forms them), so every build computes the same bits; only the
+/// vector width changes.
+macro_rules! element_wise {
+    ($isa:expr, $f:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2")]
+            unsafe fn wide(f: impl FnOnce()) {
+                f()
+            }
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2(f: impl FnOnce()) {
+                f()
+            }
+            match $isa {
+                // SAFETY: callers check that `$isa` is available on this CPU.
+                Isa::Avx512 | Isa::Avx512Vnni => unsafe {
+                    wide(#[inline(always)] || $f($($arg),*))
+                },
+                // SAFETY: as above.
+                Isa::Avx2 => unsafe { avx2(#[inline(always)] || $f($($arg),*)) },
+                _ => $f($($arg),*),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = $isa;
+            $f($($arg),*)
+        }
+    }};
+}
 
 /// RMSNorm of each `dim`-sized row of `x`, multiplied by `weight` (the *effective* multiplier:
 /// Gemma 3's `1 + w` is folded in at load time, Gemma 3n uses `w` as is), in place.
@@ -104,10 +139,24 @@ pub fn gelu_tanh(x: f32) -> f32 {
 /// `gate = gelu_tanh(gate) * up`, the gated MLP's activation, in place into `gate`.
 #[track_caller]
 pub fn gelu_tanh_mul_inplace(gate: &mut [f32], up: &[f32]) {
+    gelu_tanh_mul_with(crate::quant::selected_isa(), gate, up);
+}
+
+/// [`gelu_tanh_mul_inplace`] compiled for `isa` (the same bits on every ISA; tests check).
+#[track_caller]
+pub fn gelu_tanh_mul_with(isa: Isa, gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "gelu_mul: gate and up lengths differ");
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = gelu_tanh(*g) * u;
+    assert!(
+        isa.is_available(),
+        "ISA {isa:?} is not available on this CPU"
+    );
+    #[inline(always)]
+    fn body(gate: &mut [f32], up: &[f32]) {
+        for (g, u) in gate.iter_mut().zip(up) {
+            *g = gelu_tanh(*g) * u;
+        }
     }
+    element_wise!(isa, body(gate, up));
 }
 
 /// [`gelu_tanh_mul_inplace`] split across `pool` in chunks (prefill has millions of values).
@@ -219,11 +268,25 @@ pub fn scale_inplace(x: &mut [f32], s: f32) {
 /// decode). Absolute error under 2.5e-7 of `tanh` (tested), so under 1e-5 of a logit capped at
 /// 30; ±∞ give ±cap and NaN stays NaN, as with `tanh`.
 pub fn softcap_inplace(x: &mut [f32], cap: f32) {
-    x.iter_mut().for_each(|v| {
-        let y = *v / cap;
-        let t = exp::exp_clamped(-2.0 * y.abs());
-        *v = cap * ((1.0 - t) / (1.0 + t)).copysign(y);
-    });
+    softcap_with(crate::quant::selected_isa(), x, cap);
+}
+
+/// [`softcap_inplace`] compiled for `isa` (the same bits on every ISA; tests check).
+#[track_caller]
+pub fn softcap_with(isa: Isa, x: &mut [f32], cap: f32) {
+    assert!(
+        isa.is_available(),
+        "ISA {isa:?} is not available on this CPU"
+    );
+    #[inline(always)]
+    fn body(x: &mut [f32], cap: f32) {
+        x.iter_mut().for_each(|v| {
+            let y = *v / cap;
+            let t = exp::exp_clamped(-2.0 * y.abs());
+            *v = cap * ((1.0 - t) / (1.0 + t)).copysign(y);
+        });
+    }
+    element_wise!(isa, body(x, cap));
 }
 
 /// Rotary position embedding with the "rotate half" (NeoX) layout used by Gemma.
@@ -373,6 +436,36 @@ mod gelu_tests {
         let mut parallel = gate;
         gelu_tanh_mul_parallel(&pool, &mut parallel, &up);
         assert_eq!(serial, parallel);
+    }
+
+    /// The AVX2 and AVX-512 builds of the element-wise loops give the baseline's bits.
+    #[test]
+    fn element_wise_loops_give_the_same_bits_on_every_isa() {
+        let n = 10_007;
+        let mut gate: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 12.0).collect();
+        gate.extend([0.0, -0.0, 1e-30, -1e4, 1e4, f32::NAN, f32::INFINITY]);
+        let up: Vec<f32> = (0..gate.len()).map(|i| (i as f32 * 0.11).cos()).collect();
+        let logits: Vec<f32> = gate.iter().map(|g| g * 7.0).collect();
+        let (mut want_g, mut want_s) = (gate.clone(), logits.clone());
+        gelu_tanh_mul_with(Isa::Scalar, &mut want_g, &up);
+        softcap_with(Isa::Scalar, &mut want_s, 30.0);
+        for isa in crate::quant::available_isas() {
+            let (mut g, mut s) = (gate.clone(), logits.clone());
+            gelu_tanh_mul_with(isa, &mut g, &up);
+            softcap_with(isa, &mut s, 30.0);
+            assert!(
+                g.iter()
+                    .zip(&want_g)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{isa:?}"
+            );
+            assert!(
+                s.iter()
+                    .zip(&want_s)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{isa:?}"
+            );
+        }
     }
 
     /// Soft-capping against `cap · tanh(x / cap)` in f64: near 0 (where `tanh(y) ≈ y`), across

@@ -1121,13 +1121,22 @@ impl AltUp {
             for (c, w) in coefs.iter_mut().zip(self.prediction_coefs.chunks_exact(k)) {
                 *c = w.iter().zip(&m).map(|(a, b)| a * b).sum();
             }
+            let stream = |s: usize| &streams[s * plane + t * h..][..h];
             for j in 0..k {
+                // mix = Σ_s c[j][s] · S_s term by term in stream order, a whole row at a time
+                // (contiguous, so vectorised), then S_j + mix.
+                let c = &coefs[j * k..(j + 1) * k];
                 let dst = &mut pred[j * plane + t * h..][..h];
-                for (d, idx) in dst.iter_mut().zip(t * h..) {
-                    let mix: f32 = (0..k)
-                        .map(|s| coefs[j * k + s] * streams[s * plane + idx])
-                        .sum();
-                    *d = streams[j * plane + idx] + mix;
+                for (d, &v) in dst.iter_mut().zip(stream(0)) {
+                    *d = c[0] * v;
+                }
+                for (s, &cs) in c.iter().enumerate().skip(1) {
+                    for (d, &v) in dst.iter_mut().zip(stream(s)) {
+                        *d += cs * v;
+                    }
+                }
+                for (d, &v) in dst.iter_mut().zip(stream(j)) {
+                    *d += v;
                 }
             }
         }
