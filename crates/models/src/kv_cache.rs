@@ -138,6 +138,29 @@ pub(crate) struct Scratch {
     /// What the blocks use in passing: a block borrows these while `x` and the rotations are
     /// borrowed elsewhere.
     pub work: Work,
+    /// Gemma 3n's own buffers.
+    pub gemma3n: Gemma3nWork,
+}
+
+/// Buffers of Gemma 3n's forward pass beyond the shared ones: AltUp streams, LAuReL, the
+/// per-layer inputs, the KV-source layers' keys and values of the chunk.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Gemma3nWork {
+    pub embeds: Vec<f32>,
+    pub ple: Vec<f32>,
+    pub ple_row: Vec<f32>,
+    pub streams: Vec<f32>,
+    pub predictions: Vec<f32>,
+    pub active: Vec<f32>,
+    pub laurel: Vec<f32>,
+    pub laurel_low: Vec<f32>,
+    pub gate_ple: Vec<f32>,
+    pub unembedded: Vec<f32>,
+    /// Per layer: the chunk's keys and values, if the layer is a KV source.
+    pub shared_kv: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    /// AltUp's router outputs and mixing coefficients for one token.
+    pub modalities: Vec<f32>,
+    pub coefs: Vec<f32>,
 }
 
 /// Intermediate buffers of the decoder blocks.

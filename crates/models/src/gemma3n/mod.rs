@@ -542,29 +542,32 @@ impl Gemma3n {
 
     /// Per-layer inputs of every token, `[tokens, stored layers · P]`:
     /// `(rms_norm(projection(E) / sqrt(H)) + table[id] · sqrt(P)) / sqrt(2)`.
-    fn per_layer_inputs(
+    #[allow(clippy::too_many_arguments)]
+    fn per_layer_inputs<'a>(
         &self,
         pool: &ThreadPool,
         tokens: &[u32],
         embeds: &[f32],
+        out: &'a mut Vec<f32>,
+        row: &mut Vec<f32>,
         scratch: &mut Vec<u8>,
-    ) -> Vec<f32> {
+    ) -> &'a [f32] {
         let c = &self.config;
         // Every stored layer's columns: a skipped layer's are computed and never read.
         let width = self.layers.len() * c.hidden_size_per_layer_input;
-        let mut ple = vec![0.0; tokens.len() * width];
+        let ple = sized(out, tokens.len() * width);
         linear(
             pool,
             &self.per_layer_model_projection,
             embeds,
             tokens.len(),
-            &mut ple,
+            ple,
             scratch,
         );
-        ops::scale_inplace(&mut ple, (c.hidden_size as f32).powf(-0.5));
-        ops::rms_norm_inplace(&mut ple, &self.per_layer_projection_norm, c.rms_norm_eps);
+        ops::scale_inplace(ple, (c.hidden_size as f32).powf(-0.5));
+        ops::rms_norm_inplace(ple, &self.per_layer_projection_norm, c.rms_norm_eps);
         let table = self.embed_tokens_per_layer.matrix();
-        let mut row = vec![0.0; width];
+        let row = sized(row, width);
         let out_scale = 0.5f32.sqrt();
         for (dst, &id) in ple.chunks_exact_mut(width).zip(tokens) {
             let id = id as usize;
@@ -574,10 +577,10 @@ impl Gemma3n {
             } else {
                 0
             };
-            matmul::dequantize_row(&table, id, &mut row);
+            matmul::dequantize_row(&table, id, row);
             // The table (2 GB at E2B) is read a row per token: keep none of it resident.
             self.embed_tokens_per_layer.release_row(id);
-            for (d, t) in dst.iter_mut().zip(&row) {
+            for (d, t) in dst.iter_mut().zip(row.iter()) {
                 *d = (*d + t * self.per_layer_embed_scale) * out_scale;
             }
         }
@@ -631,42 +634,57 @@ impl Gemma3n {
             ..
         } = cache;
 
+        // This model's buffers, taken out of the cache's scratch for the call (put back before
+        // the logits; an error return only costs their reuse).
+        let mut bufs = std::mem::take(&mut scratch.gemma3n);
+
         // Embeddings scaled by sqrt(H), and the per-layer inputs derived from them.
-        let mut embeds = vec![0.0; plane];
-        embed_tokens(
-            &self.embed_tokens,
-            self.embed_scale,
+        let embeds = sized(&mut bufs.embeds, plane);
+        embed_tokens(&self.embed_tokens, self.embed_scale, tokens, soft, embeds);
+        let embeds = &*embeds;
+        let ple = self.per_layer_inputs(
+            pool,
             tokens,
-            soft,
-            &mut embeds,
+            embeds,
+            &mut bufs.ple,
+            &mut bufs.ple_row,
+            &mut scratch.work.quantized,
         );
-        let ple = self.per_layer_inputs(pool, tokens, &embeds, &mut scratch.work.quantized);
 
         // AltUp streams `[stream, token, hidden]`: the embedding, then projections of it
         // rescaled to its RMS magnitude.
-        let mut streams = vec![0.0; n_streams * plane];
-        streams[..plane].copy_from_slice(&embeds);
+        let streams = sized(&mut bufs.streams, n_streams * plane);
+        streams[..plane].copy_from_slice(embeds);
         for (s, proj) in self.altup_projections.iter().enumerate() {
             let dst = &mut streams[(s + 1) * plane..(s + 2) * plane];
             linear(
                 pool,
                 proj,
-                &embeds,
+                embeds,
                 n_tokens,
                 dst,
                 &mut scratch.work.quantized,
             );
-            rescale_to_magnitude(dst, &embeds, h);
+            rescale_to_magnitude(dst, embeds, h);
         }
 
         // Keys and values of the layers consumers read, for this chunk; written to the cache
         // after the last layer so consumers still see the history the producer saw.
-        let mut shared_kv: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; first_shared];
-        let mut predictions = vec![0.0; n_streams * plane];
-        let mut active = vec![0.0; plane];
-        let mut laurel = vec![0.0; plane];
-        let mut laurel_low = vec![0.0; n_tokens * c.laurel_rank];
-        let mut gate_ple = vec![0.0; n_tokens * p];
+        let shared_kv = &mut bufs.shared_kv;
+        shared_kv.resize(first_shared.max(shared_kv.len()), None);
+        shared_kv.iter_mut().for_each(|kv| {
+            // Keep the buffers of a pair for reuse, marked unset by emptying them.
+            if let Some((k, v)) = kv {
+                k.clear();
+                v.clear();
+            }
+        });
+        let predictions = sized(&mut bufs.predictions, n_streams * plane);
+        let active = sized(&mut bufs.active, plane);
+        let laurel = sized(&mut bufs.laurel, plane);
+        let laurel_low = sized(&mut bufs.laurel_low, n_tokens * c.laurel_rank);
+        let gate_ple = sized(&mut bufs.gate_ple, n_tokens * p);
+        let (modalities, coefs) = (&mut bufs.modalities, &mut bufs.coefs);
 
         // Each token's rotations, shared by all layers of a kind.
         let rot_local = sized(&mut scratch.rope_local, n_tokens * hd);
@@ -707,12 +725,18 @@ impl Gemma3n {
             };
 
             // AltUp predict; the active stream's prediction is this layer's input.
-            layer
-                .altup
-                .predict(&streams, &mut predictions, n_tokens, h, c.rms_norm_eps);
+            layer.altup.predict(
+                streams,
+                predictions,
+                n_tokens,
+                h,
+                c.rms_norm_eps,
+                modalities,
+                coefs,
+            );
             active.copy_from_slice(&predictions[..plane]);
             let normed = sized(&mut scratch.work.normed, plane);
-            normed.copy_from_slice(&active);
+            normed.copy_from_slice(active);
             ops::rms_norm_inplace(normed, &layer.input_layernorm, c.rms_norm_eps);
 
             // LAuReL: normed + norm(right(left(normed))).
@@ -744,13 +768,13 @@ impl Gemma3n {
             linear(
                 pool,
                 &lr.linear_right,
-                &laurel_low,
+                laurel_low,
                 n_tokens,
-                &mut laurel,
+                laurel,
                 &mut scratch.work.quantized,
             );
-            ops::rms_norm_inplace(&mut laurel, &lr.post_laurel_norm, c.rms_norm_eps);
-            ops::add_inplace(&mut laurel, normed);
+            ops::rms_norm_inplace(laurel, &lr.post_laurel_norm, c.rms_norm_eps);
+            ops::add_inplace(laurel, normed);
 
             // Attention, unscaled; q/k normalised with weights, v without.
             ops::rms_norm_inplace(q, &a.q_norm, c.rms_norm_eps);
@@ -773,7 +797,7 @@ impl Gemma3n {
             let attn_out = sized(&mut scratch.work.attn, n_tokens * q_dim);
             {
                 let (keys, values): (&[f32], &[f32]) = match &shared_kv[kv_src] {
-                    Some((sk, sv)) if kv_src != i => (sk, sv),
+                    Some((sk, sv)) if kv_src != i && !sk.is_empty() => (sk, sv),
                     _ => (k, v),
                 };
                 let fresh = KvSegment {
@@ -786,7 +810,11 @@ impl Gemma3n {
                 attention(pool, &attn_params, q, pos0, &segments, attn_out);
             }
             if is_source {
-                shared_kv[i] = Some((k.to_vec(), v.to_vec()));
+                let (sk, sv) = shared_kv[i].get_or_insert_with(Default::default);
+                sk.clear();
+                sk.extend_from_slice(k);
+                sv.clear();
+                sv.extend_from_slice(v);
             } else if i < first_shared {
                 kv_layers[i].write(pos0, k, v);
             }
@@ -802,7 +830,7 @@ impl Gemma3n {
             ops::rms_norm_inplace(x, &layer.post_attention_layernorm, c.rms_norm_eps);
 
             // x = ((active + attn) + laurel) / sqrt(2)
-            for ((xv, av), lv) in x.iter_mut().zip(&active).zip(&laurel) {
+            for ((xv, av), lv) in x.iter_mut().zip(active.iter()).zip(laurel.iter()) {
                 *xv = ((av + *xv) + lv) / std::f32::consts::SQRT_2;
             }
 
@@ -898,9 +926,15 @@ impl Gemma3n {
             ops::add_inplace(x, proj);
 
             // AltUp correct: every stream moves towards the layer output.
-            layer
-                .altup
-                .correct(&predictions, x, &mut streams, n_tokens, h, c.rms_norm_eps);
+            layer.altup.correct(
+                predictions,
+                x,
+                streams,
+                n_tokens,
+                h,
+                c.rms_norm_eps,
+                modalities,
+            );
 
             // Per-layer input: gate the corrected active stream, multiply by this layer's PLE,
             // project back and add to the other streams.
@@ -918,7 +952,7 @@ impl Gemma3n {
                 &layer.per_layer_input_gate,
                 first,
                 n_tokens,
-                &mut gate_ple,
+                gate_ple,
                 &mut scratch.work.quantized,
             );
             let width = self.layers.len() * p;
@@ -932,7 +966,7 @@ impl Gemma3n {
             linear(
                 pool,
                 &layer.per_layer_projection,
-                &gate_ple,
+                gate_ple,
                 n_tokens,
                 proj,
                 &mut scratch.work.quantized,
@@ -942,14 +976,14 @@ impl Gemma3n {
                 ops::add_inplace(&mut streams[s * plane..(s + 1) * plane], proj);
             }
             // Cheap next to the layer's matmuls, and it names where a broken checkpoint breaks.
-            if !ops::all_finite(&streams) {
+            if !ops::all_finite(streams) {
                 return Err(ModelError::NonFinite {
                     where_: format!("layer {stored_layer}"),
                 });
             }
         }
         for (i, kv) in shared_kv.iter().enumerate() {
-            if let Some((k, v)) = kv {
+            if let Some((k, v)) = kv.as_ref().filter(|(k, _)| !k.is_empty()) {
                 kv_layers[i].write(pos0, k, v);
             }
         }
@@ -966,7 +1000,7 @@ impl Gemma3n {
         let span = rows.start * h..rows.end * h;
         let hidden = sized(&mut scratch.x, n_rows * h);
         hidden.copy_from_slice(&streams[span.clone()]);
-        let mut unembedded = vec![0.0; n_rows * h];
+        let unembedded = sized(&mut bufs.unembedded, n_rows * h);
         for (s, proj) in self.altup_unembed_projections.iter().enumerate() {
             let src = &streams[(s + 1) * plane..][span.clone()];
             linear(
@@ -974,13 +1008,14 @@ impl Gemma3n {
                 proj,
                 src,
                 n_rows,
-                &mut unembedded,
+                unembedded,
                 &mut scratch.work.quantized,
             );
-            rescale_to_magnitude(&mut unembedded, &streams[span.clone()], h);
-            ops::add_inplace(hidden, &unembedded);
+            rescale_to_magnitude(unembedded, &streams[span.clone()], h);
+            ops::add_inplace(hidden, unembedded);
         }
         ops::scale_inplace(hidden, 1.0 / n_streams as f32);
+        scratch.gemma3n = bufs;
         let head = OutputHead {
             norm: &self.norm,
             eps: c.rms_norm_eps,
@@ -1111,15 +1146,25 @@ impl AltUp {
     }
 
     /// `pred_j = S_j + Σ_i c[j][i] · S_i`, with `c = prediction_coefs(modalities(S_0))`.
-    fn predict(&self, streams: &[f32], pred: &mut [f32], n_tokens: usize, h: usize, eps: f32) {
+    #[allow(clippy::too_many_arguments)]
+    fn predict(
+        &self,
+        streams: &[f32],
+        pred: &mut [f32],
+        n_tokens: usize,
+        h: usize,
+        eps: f32,
+        m: &mut Vec<f32>,
+        coefs: &mut Vec<f32>,
+    ) {
         let k = self.correction_coefs.len().isqrt();
         let plane = n_tokens * h;
-        let mut m = vec![0.0; k];
-        let mut coefs = vec![0.0; k * k];
+        let m = sized(m, k);
+        let coefs = sized(coefs, k * k);
         for t in 0..n_tokens {
-            self.modalities(&streams[t * h..(t + 1) * h], eps, &mut m);
+            self.modalities(&streams[t * h..(t + 1) * h], eps, m);
             for (c, w) in coefs.iter_mut().zip(self.prediction_coefs.chunks_exact(k)) {
-                *c = w.iter().zip(&m).map(|(a, b)| a * b).sum();
+                *c = w.iter().zip(m.iter()).map(|(a, b)| a * b).sum();
             }
             let stream = |s: usize| &streams[s * plane + t * h..][..h];
             for j in 0..k {
@@ -1143,6 +1188,7 @@ impl AltUp {
     }
 
     /// `C_j = pred_j + (correction_coefs(modalities(x))_j + 1) · (x − pred_0)`.
+    #[allow(clippy::too_many_arguments)]
     fn correct(
         &self,
         pred: &[f32],
@@ -1151,16 +1197,17 @@ impl AltUp {
         n_tokens: usize,
         h: usize,
         eps: f32,
+        m: &mut Vec<f32>,
     ) {
         let k = self.correction_coefs.len().isqrt();
         let plane = n_tokens * h;
-        let mut m = vec![0.0; k];
+        let m = sized(m, k);
         for t in 0..n_tokens {
             let xt = &x[t * h..(t + 1) * h];
-            self.modalities(xt, eps, &mut m);
+            self.modalities(xt, eps, m);
             for j in 0..k {
                 let w = &self.correction_coefs[j * k..(j + 1) * k];
-                let coef: f32 = w.iter().zip(&m).map(|(a, b)| a * b).sum::<f32>() + 1.0;
+                let coef: f32 = w.iter().zip(m.iter()).map(|(a, b)| a * b).sum::<f32>() + 1.0;
                 let base = j * plane + t * h;
                 for d in 0..h {
                     let innovation = xt[d] - pred[t * h + d];
