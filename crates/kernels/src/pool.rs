@@ -129,6 +129,49 @@ impl ThreadPool {
         self.workers.len() + 1
     }
 
+    /// Calls `f(first_row, rows)` on disjoint runs of whole rows of `data` (rows of `row_len`
+    /// values) across the pool: about four runs per thread, each of at least `min_rows` rows,
+    /// so that a few rows (a decoded token) run on the caller alone. For per-token work
+    /// between the matmuls of a long prompt.
+    ///
+    /// # Panics
+    /// If `row_len` is 0 or `data` is not whole rows; a panic in `f` is re-raised here.
+    #[track_caller]
+    pub fn for_rows_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        row_len: usize,
+        min_rows: usize,
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
+        assert!(
+            row_len > 0 && data.len().is_multiple_of(row_len),
+            "for_rows_mut: {} values are not rows of {row_len}",
+            data.len()
+        );
+        let n_rows = data.len() / row_len;
+        let per_task = n_rows.div_ceil(4 * self.n_threads()).max(min_rows.max(1));
+        let n_tasks = n_rows.div_ceil(per_task);
+        if n_tasks <= 1 {
+            f(0, data);
+            return;
+        }
+        struct Rows<T>(*mut T);
+        // SAFETY: tasks touch disjoint row ranges of the exclusively borrowed `data`, whose
+        // elements may move between threads (`T: Send`).
+        unsafe impl<T: Send> Sync for Rows<T> {}
+        let rows = Rows(data.as_mut_ptr());
+        let rows = &rows;
+        self.run(n_tasks, &|task| {
+            let first = task * per_task;
+            let n = per_task.min(n_rows - first);
+            // SAFETY: rows first..first + n lie inside `data`, and no other task has them.
+            let run =
+                unsafe { std::slice::from_raw_parts_mut(rows.0.add(first * row_len), n * row_len) };
+            f(first, run);
+        });
+    }
+
     /// Runs `f(0) .. f(n_tasks - 1)`, each exactly once, across the workers and the calling
     /// thread, and returns when all are done. A panic in a task is re-raised here.
     pub fn run(&self, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
@@ -303,6 +346,31 @@ mod tests {
                     counts.iter().all(|c| c.load(Ordering::Relaxed) == 1),
                     "{threads} threads, {n_tasks} tasks"
                 );
+            }
+        }
+    }
+
+    /// Every row is handed out once, whole, with its index; few rows stay on the caller.
+    #[test]
+    fn for_rows_mut_covers_every_row_once() {
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for (n_rows, min_rows) in [(0, 1), (1, 8), (5, 8), (9, 1), (100, 3), (1000, 16)] {
+                let row_len = 3;
+                let mut data = vec![0u32; n_rows * row_len];
+                let calls = AtomicU32::new(0);
+                pool.for_rows_mut(&mut data, row_len, min_rows, &|first, rows| {
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    assert!(rows.len().is_multiple_of(row_len));
+                    for (i, row) in rows.chunks_exact_mut(row_len).enumerate() {
+                        row.iter_mut().for_each(|v| *v += (first + i) as u32 + 1);
+                    }
+                });
+                let want: Vec<u32> = (0..n_rows).flat_map(|r| [r as u32 + 1; 3]).collect();
+                assert_eq!(data, want, "{threads} threads, {n_rows} rows");
+                if n_rows <= min_rows {
+                    assert!(calls.load(Ordering::Relaxed) <= 1);
+                }
             }
         }
     }

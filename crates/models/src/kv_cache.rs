@@ -158,8 +158,7 @@ pub(crate) struct Gemma3nWork {
     pub unembedded: Vec<f32>,
     /// Per layer: the chunk's keys and values, if the layer is a KV source.
     pub shared_kv: Vec<Option<(Vec<f32>, Vec<f32>)>>,
-    /// AltUp's router outputs and mixing coefficients for one token.
-    pub modalities: Vec<f32>,
+    /// AltUp's mixing coefficients of every token.
     pub coefs: Vec<f32>,
 }
 

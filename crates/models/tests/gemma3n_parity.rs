@@ -243,7 +243,7 @@ type ConfigEdit = fn(&mut Value);
 
 #[test]
 fn inconsistent_per_layer_lists_are_clear_errors() {
-    let cases: [(&str, ConfigEdit, &str); 4] = [
+    let cases: [(&str, ConfigEdit, &str); 5] = [
         (
             "widths",
             |c| c["intermediate_size"] = serde_json::json!([32, 48, 32]),
@@ -277,6 +277,11 @@ fn inconsistent_per_layer_lists_are_clear_errors() {
                 ])
             },
             "no earlier layer of its type",
+        ),
+        (
+            "streams",
+            |c| c["altup_num_inputs"] = serde_json::json!(64),
+            "64 AltUp streams (at most 16 supported)",
         ),
     ];
     for (name, edit, expected) in cases {

@@ -340,6 +340,13 @@ impl Gemma3nConfig {
             return err("sliding window of 0".into());
         }
         // transformers adds the per-layer input to streams `1..`, i.e. assumes stream 0 active.
+        if self.altup_num_inputs > super::MAX_ALTUP_STREAMS {
+            return err(format!(
+                "{} AltUp streams (at most {} supported)",
+                self.altup_num_inputs,
+                super::MAX_ALTUP_STREAMS
+            ));
+        }
         if self.altup_num_inputs < 2 || self.altup_active_idx != 0 {
             return err(format!(
                 "AltUp with active stream {} of {} streams (supported: stream 0 of at least 2)",

@@ -35,6 +35,11 @@ use crate::{Logits, ModelError};
 
 /// The AltUp rescaling clamps the mean square of a projected stream at this (transformers' value).
 const ALTUP_MIN_MEAN_SQUARE: f32 = 1e-5;
+/// Most AltUp streams a model may have (published: 4); checked at load.
+pub(crate) const MAX_ALTUP_STREAMS: usize = 16;
+/// Per-token work between the matmuls runs across the pool in runs of at least this many
+/// tokens (a decoded token stays on the caller).
+const TOKENS_PER_TASK: usize = 8;
 
 struct Attention {
     q_proj: Linear,
@@ -684,7 +689,7 @@ impl Gemma3n {
         let laurel = sized(&mut bufs.laurel, plane);
         let laurel_low = sized(&mut bufs.laurel_low, n_tokens * c.laurel_rank);
         let gate_ple = sized(&mut bufs.gate_ple, n_tokens * p);
-        let (modalities, coefs) = (&mut bufs.modalities, &mut bufs.coefs);
+        let coefs = &mut bufs.coefs;
 
         // Each token's rotations, shared by all layers of a kind.
         let rot_local = sized(&mut scratch.rope_local, n_tokens * hd);
@@ -726,12 +731,12 @@ impl Gemma3n {
 
             // AltUp predict; the active stream's prediction is this layer's input.
             layer.altup.predict(
+                pool,
                 streams,
                 predictions,
                 n_tokens,
                 h,
                 c.rms_norm_eps,
-                modalities,
                 coefs,
             );
             active.copy_from_slice(&predictions[..plane]);
@@ -854,8 +859,10 @@ impl Gemma3n {
                         gate,
                         &mut scratch.work.quantized,
                     );
-                    gate.chunks_exact_mut(ffn)
-                        .for_each(|row| gaussian_top_k(row, z));
+                    pool.for_rows_mut(gate, ffn, TOKENS_PER_TASK, &|_, rows| {
+                        rows.chunks_exact_mut(ffn)
+                            .for_each(|row| gaussian_top_k(row, z))
+                    });
                     let kept = &mut scratch.work.kept_rows;
                     kept.clear();
                     let sparse_up = self.sparse_mlps && n_tokens <= SPARSE_UP_MAX_TOKENS;
@@ -896,7 +903,7 @@ impl Gemma3n {
                     &mut scratch.work.quantized,
                 ),
             }
-            ops::gelu_tanh_mul_inplace(gate, up);
+            ops::gelu_tanh_mul_parallel(pool, gate, up);
             let proj = sized(&mut scratch.work.proj, plane);
             match &m.down {
                 Down::SparseInput(w) => {
@@ -927,13 +934,14 @@ impl Gemma3n {
 
             // AltUp correct: every stream moves towards the layer output.
             layer.altup.correct(
+                pool,
                 predictions,
                 x,
                 streams,
                 n_tokens,
                 h,
                 c.rms_norm_eps,
-                modalities,
+                coefs,
             );
 
             // Per-layer input: gate the corrected active stream, multiply by this layer's PLE,
@@ -1149,41 +1157,49 @@ impl AltUp {
     #[allow(clippy::too_many_arguments)]
     fn predict(
         &self,
+        pool: &ThreadPool,
         streams: &[f32],
         pred: &mut [f32],
         n_tokens: usize,
         h: usize,
         eps: f32,
-        m: &mut Vec<f32>,
         coefs: &mut Vec<f32>,
     ) {
         let k = self.correction_coefs.len().isqrt();
         let plane = n_tokens * h;
-        let m = sized(m, k);
-        let coefs = sized(coefs, k * k);
-        for t in 0..n_tokens {
-            self.modalities(&streams[t * h..(t + 1) * h], eps, m);
-            for (c, w) in coefs.iter_mut().zip(self.prediction_coefs.chunks_exact(k)) {
-                *c = w.iter().zip(m.iter()).map(|(a, b)| a * b).sum();
-            }
-            let stream = |s: usize| &streams[s * plane + t * h..][..h];
-            for j in 0..k {
-                // mix = Σ_s c[j][s] · S_s term by term in stream order, a whole row at a time
-                // (contiguous, so vectorised), then S_j + mix.
-                let c = &coefs[j * k..(j + 1) * k];
-                let dst = &mut pred[j * plane + t * h..][..h];
-                for (d, &v) in dst.iter_mut().zip(stream(0)) {
-                    *d = c[0] * v;
+        // Each token's `k × k` mixing coefficients from its router; then each prediction plane.
+        // Tokens split across the pool (a prompt's); one token runs on the caller.
+        let coefs = sized(coefs, n_tokens * k * k);
+        pool.for_rows_mut(coefs, k * k, TOKENS_PER_TASK, &|t0, rows| {
+            let mut m = [0.0; MAX_ALTUP_STREAMS];
+            for (t, row) in (t0..).zip(rows.chunks_exact_mut(k * k)) {
+                self.modalities(&streams[t * h..(t + 1) * h], eps, &mut m[..k]);
+                for (c, w) in row.iter_mut().zip(self.prediction_coefs.chunks_exact(k)) {
+                    *c = w.iter().zip(&m[..k]).map(|(a, b)| a * b).sum();
                 }
-                for (s, &cs) in c.iter().enumerate().skip(1) {
-                    for (d, &v) in dst.iter_mut().zip(stream(s)) {
-                        *d += cs * v;
+            }
+        });
+        let coefs = &*coefs;
+        for (j, dst_plane) in pred.chunks_exact_mut(plane).enumerate().take(k) {
+            pool.for_rows_mut(dst_plane, h, TOKENS_PER_TASK, &|t0, rows| {
+                for (t, dst) in (t0..).zip(rows.chunks_exact_mut(h)) {
+                    let stream = |s: usize| &streams[s * plane + t * h..][..h];
+                    // mix = Σ_s c[j][s] · S_s term by term in stream order, a whole row at a
+                    // time (contiguous, so vectorised), then S_j + mix.
+                    let c = &coefs[t * k * k + j * k..][..k];
+                    for (d, &v) in dst.iter_mut().zip(stream(0)) {
+                        *d = c[0] * v;
+                    }
+                    for (s, &cs) in c.iter().enumerate().skip(1) {
+                        for (d, &v) in dst.iter_mut().zip(stream(s)) {
+                            *d += cs * v;
+                        }
+                    }
+                    for (d, &v) in dst.iter_mut().zip(stream(j)) {
+                        *d += v;
                     }
                 }
-                for (d, &v) in dst.iter_mut().zip(stream(j)) {
-                    *d += v;
-                }
-            }
+            });
         }
     }
 
@@ -1191,29 +1207,42 @@ impl AltUp {
     #[allow(clippy::too_many_arguments)]
     fn correct(
         &self,
+        pool: &ThreadPool,
         pred: &[f32],
         x: &[f32],
         out: &mut [f32],
         n_tokens: usize,
         h: usize,
         eps: f32,
-        m: &mut Vec<f32>,
+        coefs: &mut Vec<f32>,
     ) {
         let k = self.correction_coefs.len().isqrt();
         let plane = n_tokens * h;
-        let m = sized(m, k);
-        for t in 0..n_tokens {
-            let xt = &x[t * h..(t + 1) * h];
-            self.modalities(xt, eps, m);
-            for j in 0..k {
-                let w = &self.correction_coefs[j * k..(j + 1) * k];
-                let coef: f32 = w.iter().zip(m.iter()).map(|(a, b)| a * b).sum::<f32>() + 1.0;
-                let base = j * plane + t * h;
-                for d in 0..h {
-                    let innovation = xt[d] - pred[t * h + d];
-                    out[base + d] = innovation * coef + pred[base + d];
+        // Each token's `k` coefficients, then each corrected stream, tokens across the pool.
+        let coefs = sized(coefs, n_tokens * k);
+        pool.for_rows_mut(coefs, k, TOKENS_PER_TASK, &|t0, rows| {
+            let mut m = [0.0; MAX_ALTUP_STREAMS];
+            for (t, row) in (t0..).zip(rows.chunks_exact_mut(k)) {
+                self.modalities(&x[t * h..(t + 1) * h], eps, &mut m[..k]);
+                for (coef, w) in row.iter_mut().zip(self.correction_coefs.chunks_exact(k)) {
+                    *coef = w.iter().zip(&m[..k]).map(|(a, b)| a * b).sum::<f32>() + 1.0;
                 }
             }
+        });
+        let coefs = &*coefs;
+        for (j, dst_plane) in out.chunks_exact_mut(plane).enumerate().take(k) {
+            pool.for_rows_mut(dst_plane, h, TOKENS_PER_TASK, &|t0, rows| {
+                for (t, dst) in (t0..).zip(rows.chunks_exact_mut(h)) {
+                    let coef = coefs[t * k + j];
+                    let xt = &x[t * h..(t + 1) * h];
+                    let p0 = &pred[t * h..(t + 1) * h];
+                    let pj = &pred[j * plane + t * h..][..h];
+                    for (((o, &xv), &a), &b) in dst.iter_mut().zip(xt).zip(p0).zip(pj) {
+                        let innovation = xv - a;
+                        *o = innovation * coef + b;
+                    }
+                }
+            });
         }
     }
 }
