@@ -12,7 +12,13 @@ filter's mean check time (/metrics), and the p50 total time. Standard library on
 
     scripts/shield_ttft.py --gemma target/release/gemma --model MAIN \
         --shield SHIELD [--shield SHIELD2] --policies harassment [--image FILE] \
-        [--window 1 --window 64] [--shield-ctx N]
+        [--window 64 --window 64/64] [--shield-ctx N] [--one-server-at-a-time]
+
+`--window N` measures `--shield-window N` with the default first window (1 token, then
+doubling); `--window F/N` adds `--shield-first-window F` (`64/64`: fixed windows of 64).
+`--one-server-at-a-time` runs the configurations one after the other (one server in memory at
+a time: for a main model too large to hold twice, such as the 27B shape of
+scripts/make_real_shape_gemma3.py); the default alternates them request by request.
 
 The realistic classifier is a text ShieldGemma at the real 2B shape with random weights:
 `python scripts/make_real_shape_shield.py --out sg2b.gguf` (dev venv). Record figures only on
@@ -123,6 +129,35 @@ def p(values, q):
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def summary(label, port, s):
+    m = metrics_of(port)
+    n = m.get("gemma_time_to_first_token_seconds_count", 0)
+    sched = m.get("gemma_time_to_first_token_seconds_sum", 0) / n if n else 0
+    checks = m.get("gemma_shield_check_seconds_count", 0)
+    check_ms = m.get("gemma_shield_check_seconds_sum", 0) / checks * 1e3 if checks else 0
+    return {
+        "config": label,
+        "ttft_p50_ms": round(statistics.median(s["ttft"]) * 1e3, 1),
+        "ttft_p90_ms": round(p(s["ttft"], 0.9) * 1e3, 1),
+        "sampled_first_token_mean_ms": round(sched * 1e3, 1),
+        "shield_checks": int(checks),
+        "shield_check_mean_ms": round(check_ms, 1),
+        "total_p50_ms": round(statistics.median(s["total"]) * 1e3, 1),
+        "finish_reasons": sorted(set(s["finish"])),
+    }
+
+
+def record(stats, i, port, args):
+    # The same text for every configuration; a new one per round (the counter), so the
+    # prefix cache does not hide the prefill.
+    first, end, finish = one_request(port, body_for(args, i))
+    if i == 0:
+        return  # warm-up: page faults of the mapped weights
+    stats["ttft"].append(first)
+    stats["total"].append(end)
+    stats["finish"].append(finish)
+
+
 def run_all(args, configs):
     """Starts one server per configuration, all at once, and sends the requests round-robin
     (one at a time: request i goes to every server before request i + 1), so drifting load on
@@ -134,37 +169,30 @@ def run_all(args, configs):
         stats = {label: {"ttft": [], "total": [], "finish": []} for label, _, _ in servers}
         for i in range(args.requests + 1):
             for label, port, _ in servers:
-                # The same text for every configuration; a new one per round (the counter),
-                # so the prefix cache does not hide the prefill.
-                first, end, finish = one_request(port, body_for(args, i))
-                if i == 0:
-                    continue  # warm-up: page faults of the mapped weights
-                stats[label]["ttft"].append(first)
-                stats[label]["total"].append(end)
-                stats[label]["finish"].append(finish)
-        results = []
-        for label, port, _ in servers:
-            m = metrics_of(port)
-            n = m.get("gemma_time_to_first_token_seconds_count", 0)
-            sched = m.get("gemma_time_to_first_token_seconds_sum", 0) / n if n else 0
-            checks = m.get("gemma_shield_check_seconds_count", 0)
-            check_ms = m.get("gemma_shield_check_seconds_sum", 0) / checks * 1e3 if checks else 0
-            s = stats[label]
-            results.append({
-                "config": label,
-                "ttft_p50_ms": round(statistics.median(s["ttft"]) * 1e3, 1),
-                "ttft_p90_ms": round(p(s["ttft"], 0.9) * 1e3, 1),
-                "sampled_first_token_mean_ms": round(sched * 1e3, 1),
-                "shield_checks": int(checks),
-                "shield_check_mean_ms": round(check_ms, 1),
-                "total_p50_ms": round(statistics.median(s["total"]) * 1e3, 1),
-                "finish_reasons": sorted(set(s["finish"])),
-            })
-        return results
+                record(stats[label], i, port, args)
+        return [summary(label, port, stats[label]) for label, port, _ in servers]
     finally:
         for _, _, proc in servers:
             proc.terminate()
             proc.wait()
+
+
+def run_one_at_a_time(args, configs):
+    """One configuration after the other, each with a server of its own (started, warmed up,
+    measured, stopped): the same prompts, for machines that cannot hold two servers."""
+    results = []
+    for shield_args, label in configs:
+        port, proc = start(args, shield_args)
+        try:
+            stats = {"ttft": [], "total": [], "finish": []}
+            for i in range(args.requests + 1):
+                record(stats, i, port, args)
+            results.append(summary(label, port, stats))
+            print(json.dumps(results[-1]), file=sys.stderr)
+        finally:
+            proc.terminate()
+            proc.wait()
+    return results
 
 
 def cpu_flags():
@@ -191,15 +219,22 @@ def main():
     p.add_argument("--policies", default="")
     p.add_argument("--threshold", default="0.99", help="high enough that nothing is blocked")
     p.add_argument("--window", action="append",
-                   help="--shield-window values to measure (repeatable; default 64)")
+                   help="--shield-window values to measure, N or FIRST/N with "
+                        "--shield-first-window (repeatable; default 64)")
+    p.add_argument("--one-server-at-a-time", action="store_true",
+                   help="run the configurations one after the other, not alternating")
     p.add_argument("--image")
     p.add_argument("--prompt", default="Write two sentences about baking bread at home.")
+    p.add_argument("--prompt-file", help="the prompt's text from this file instead")
     p.add_argument("--requests", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--ctx-size", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shield-ctx", type=int, help="--shield-ctx for the filter")
     args = p.parse_args()
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            args.prompt = f.read().strip()
     shield = []
     for s in args.shield:
         shield += ["--shield", s]
@@ -215,9 +250,13 @@ def main():
         print(f"# load average before: {f.read().split()[:3]}", file=sys.stderr)
     configs = [([], "no shield")]
     for window in args.window or ["64"]:
-        extra = shield + ["--shield-window", window]
+        first, _, most = window.rpartition("/")
+        extra = shield + ["--shield-window", most]
+        if first:
+            extra += ["--shield-first-window", first]
         configs.append((extra, "shield " + " ".join(extra)))
-    results = run_all(args, configs)
+    run = run_one_at_a_time if args.one_server_at_a_time else run_all
+    results = run(args, configs)
     base = results[0]["ttft_p50_ms"]
     for r in results:
         r["ttft_p50_vs_off"] = f"{(r['ttft_p50_ms'] / base - 1) * 100:+.0f} %"

@@ -79,9 +79,13 @@ pub struct ServeArgs {
     /// Block when P(Yes) of any policy is at or above this
     #[arg(long, default_value_t = 0.5, value_name = "P")]
     pub shield_threshold: f32,
-    /// Generated tokens held back per check of a streamed reply
+    /// The most generated tokens held back per check of a streamed reply
     #[arg(long, default_value_t = gemma_server::shield::DEFAULT_WINDOW, value_name = "TOKENS")]
     pub shield_window: usize,
+    /// Tokens in a streamed reply's first check: the first text waits for this many tokens and
+    /// one check; later windows double up to --shield-window
+    #[arg(long, default_value_t = gemma_server::shield::DEFAULT_FIRST_WINDOW, value_name = "TOKENS")]
+    pub shield_first_window: usize,
     /// MiB of prompt prefixes (keys and values) kept beyond the slots, so a long prompt seen
     /// before — a document, a system prompt — is not computed again (0: keep none)
     #[arg(long, default_value_t = gemma_server::DEFAULT_PROMPT_CACHE_MIB, value_name = "MIB")]
@@ -170,6 +174,7 @@ fn load_shield(
         policy_texts: args.shield_policy_text.clone(),
         threshold: args.shield_threshold,
         window: args.shield_window,
+        first_window: args.shield_first_window,
         ctx_size: args.shield_ctx.unwrap_or(0),
     };
     if args.shield_ctx == Some(0) {
@@ -178,8 +183,8 @@ fn load_shield(
     if !(0.0..=1.0).contains(&opts.threshold) {
         anyhow::bail!("--shield-threshold must be a probability between 0 and 1");
     }
-    if opts.window == 0 {
-        anyhow::bail!("--shield-window must be at least 1 token");
+    if opts.window == 0 || opts.first_window == 0 {
+        anyhow::bail!("--shield-window and --shield-first-window must be at least 1 token");
     }
     let load_opts = gemma_engine::LoadOptions {
         weights: if common.no_mmap {

@@ -788,11 +788,119 @@ impl<'m> Shield<'m> {
         result
     }
 
+    /// Feeds into `cache` what a check of `input` against `policies` keeps between checks (the
+    /// prompts' stable prefix: for a reply, the prompt up to where the reply starts, less a
+    /// few tokens), computing no answer. A server primes a stream's output cache while the
+    /// main model still prefills, so that the first window's check feeds only the window and
+    /// the policies' suffixes. What a later check finds there is reused only where its ids
+    /// agree, so priming never changes a result.
+    pub fn prime(
+        &self,
+        cache: &mut ShieldCache,
+        input: &ShieldInput<'_>,
+        policies: &[Policy],
+    ) -> Result<()> {
+        let result = self
+            .prompts(input, policies)
+            .and_then(|prompts| self.feed_kept(cache, &prompts).map(drop));
+        if result.is_err() {
+            cache.reset();
+        }
+        result
+    }
+
     fn run_all(&self, cache: &mut ShieldCache, prompts: &[ShieldPrompt]) -> Result<Vec<f32>> {
+        if prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let model = &self.loaded.model;
+        let hidden = model.hidden_size();
+        let (common, keep) = self.feed_kept(cache, prompts)?;
+        let first = &prompts[0];
+        let batch = self.loaded.batch_size.max(1);
+        let kept = cache.prefix.as_ref().expect("allocated above");
+        let prefix = if common > keep {
+            let ctx = kept.ctx_size();
+            let work = match &mut cache.work {
+                Some(w) => w,
+                None => cache.work.insert(model.new_cache(ctx)?),
+            };
+            work.copy_prefix_from(kept, keep)?;
+            feed_prefix(model, work, first, keep..common, batch)?;
+            &*work
+        } else {
+            kept
+        };
+
+        // One copy of the prefix per prompt, then the suffixes batched.
+        let n = prompts.len();
+        if cache.branches.len() < n {
+            for _ in cache.branches.len()..n {
+                cache.branches.push(model.new_cache(prefix.ctx_size())?);
+            }
+        }
+        for branch in &mut cache.branches[..n] {
+            branch.copy_prefix_from(prefix, common)?;
+        }
+        let per_round = (self.loaded.batch_size.max(1) / n).max(1);
+        let vocab = model.vocab_size();
+        let mut fed = vec![common; n];
+        let mut answers: Vec<Option<f32>> = vec![None; n];
+        let mut logits = Vec::new();
+        while answers.iter().any(Option::is_none) {
+            // This round's piece of every unfinished prompt.
+            let pieces: Vec<(usize, std::ops::Range<usize>)> = prompts
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| answers[i].is_none())
+                .map(|(i, p)| {
+                    let end = (fed[i] + per_round).min(p.ids.len());
+                    (i, fed[i]..chunk_end(&p.soft, hidden, fed[i], end))
+                })
+                .collect();
+            let softs: Vec<Vec<SoftTokens<'_>>> = pieces
+                .iter()
+                .map(|(i, r)| SoftSpan::within(&prompts[*i].soft, hidden, r.clone()))
+                .collect();
+            let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(pieces.len());
+            let mut pending = pieces.iter().zip(&softs).peekable();
+            for (i, branch) in cache.branches[..n].iter_mut().enumerate() {
+                if let Some(((_, range), soft)) = pending.next_if(|((j, _), _)| *j == i) {
+                    steps.push(SeqStep {
+                        tokens: &prompts[i].ids[range.clone()],
+                        soft,
+                        cache: branch,
+                    });
+                }
+            }
+            model.forward_batch(&mut steps, &mut logits)?;
+            drop(steps);
+            for (row, (i, range)) in pieces.iter().enumerate() {
+                fed[*i] = range.end;
+                if range.end == prompts[*i].ids.len() {
+                    answers[*i] = Some(self.answer(&logits[row * vocab..(row + 1) * vocab])?);
+                }
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.expect("every prompt answered"))
+            .collect())
+    }
+
+    /// The stage of a check before the policies part: sizes `cache`, reuses what it holds of
+    /// the prompts' stable prefix and feeds the rest of it. Returns the length of the prompts'
+    /// shared prefix (`common`) and of the part kept between checks (`keep`, at most
+    /// `common`).
+    fn feed_kept(
+        &self,
+        cache: &mut ShieldCache,
+        prompts: &[ShieldPrompt],
+    ) -> Result<(usize, usize)> {
         let model = &self.loaded.model;
         let hidden = model.hidden_size();
         let Some(longest) = prompts.iter().map(|p| p.ids.len()).max() else {
-            return Ok(Vec::new());
+            bail!("a check needs at least one prompt");
         };
         let shortest = prompts.iter().map(|p| p.ids.len()).min().unwrap_or(0);
         if shortest == 0 {
@@ -872,74 +980,7 @@ impl<'m> Shield<'m> {
                 .filter(|s| s.range(hidden).end <= keep)
                 .cloned(),
         );
-        let kept = cache.prefix.as_ref().expect("allocated above");
-        let prefix = if common > keep {
-            let ctx = kept.ctx_size();
-            let work = match &mut cache.work {
-                Some(w) => w,
-                None => cache.work.insert(model.new_cache(ctx)?),
-            };
-            work.copy_prefix_from(kept, keep)?;
-            feed_prefix(model, work, first, keep..common, batch)?;
-            &*work
-        } else {
-            kept
-        };
-
-        // One copy of the prefix per prompt, then the suffixes batched.
-        let n = prompts.len();
-        if cache.branches.len() < n {
-            for _ in cache.branches.len()..n {
-                cache.branches.push(model.new_cache(prefix.ctx_size())?);
-            }
-        }
-        for branch in &mut cache.branches[..n] {
-            branch.copy_prefix_from(prefix, common)?;
-        }
-        let per_round = (self.loaded.batch_size.max(1) / n).max(1);
-        let vocab = model.vocab_size();
-        let mut fed = vec![common; n];
-        let mut answers: Vec<Option<f32>> = vec![None; n];
-        let mut logits = Vec::new();
-        while answers.iter().any(Option::is_none) {
-            // This round's piece of every unfinished prompt.
-            let pieces: Vec<(usize, std::ops::Range<usize>)> = prompts
-                .iter()
-                .enumerate()
-                .filter(|&(i, _)| answers[i].is_none())
-                .map(|(i, p)| {
-                    let end = (fed[i] + per_round).min(p.ids.len());
-                    (i, fed[i]..chunk_end(&p.soft, hidden, fed[i], end))
-                })
-                .collect();
-            let softs: Vec<Vec<SoftTokens<'_>>> = pieces
-                .iter()
-                .map(|(i, r)| SoftSpan::within(&prompts[*i].soft, hidden, r.clone()))
-                .collect();
-            let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(pieces.len());
-            let mut pending = pieces.iter().zip(&softs).peekable();
-            for (i, branch) in cache.branches[..n].iter_mut().enumerate() {
-                if let Some(((_, range), soft)) = pending.next_if(|((j, _), _)| *j == i) {
-                    steps.push(SeqStep {
-                        tokens: &prompts[i].ids[range.clone()],
-                        soft,
-                        cache: branch,
-                    });
-                }
-            }
-            model.forward_batch(&mut steps, &mut logits)?;
-            drop(steps);
-            for (row, (i, range)) in pieces.iter().enumerate() {
-                fed[*i] = range.end;
-                if range.end == prompts[*i].ids.len() {
-                    answers[*i] = Some(self.answer(&logits[row * vocab..(row + 1) * vocab])?);
-                }
-            }
-        }
-        Ok(answers
-            .into_iter()
-            .map(|a| a.expect("every prompt answered"))
-            .collect())
+        Ok((common, keep))
     }
 
     /// Classifies every input against every policy of its modality, in order (inputs outer,

@@ -424,3 +424,61 @@ fn a_kept_cache_checks_a_growing_reply_incrementally() {
     );
     eprintln!("kept cache vs fresh prompts: max |ΔP(Yes)| = {worst:.2e}");
 }
+
+#[test]
+fn a_primed_cache_feeds_only_the_first_window() {
+    // As the server primes a stream's cache while the main model prefills: the response
+    // prompt up to the reply. The first window's check then reuses the preamble and the user's
+    // text, feeds the window and the suffixes, and gives the fresh prompt's P(Yes).
+    let reference = reference();
+    let loaded = load_model(&fixture_dir().join("text"));
+    let shield = Shield::new(&loaded, 4096).unwrap();
+    let policies = resolve_policies(Modality::Text, &[]).unwrap();
+    let user = reference["text_cases"][0]["user_prompt"].as_str().unwrap();
+    let user = format!("{user} Explain every step, and say what can go wrong with each.");
+    let mut worst = 0f32;
+    for first_window in ["Mix", " Sure", "1.", "\n\nFirst, mix the flour"] {
+        let mut primed = ShieldCache::new();
+        let head = ShieldInput::Text {
+            label: "response",
+            prompt: &user,
+            response: Some(""),
+        };
+        shield.prime(&mut primed, &head, &policies).unwrap();
+        let input = ShieldInput::Text {
+            label: "response",
+            prompt: &user,
+            response: Some(first_window),
+        };
+        let prompts = shield.prompts(&input, &policies).unwrap();
+        let got = shield.p_yes_all(&mut primed, &prompts).unwrap();
+        let stats = primed.stats();
+        let mut fresh = ShieldCache::new();
+        let want = shield.p_yes_all(&mut fresh, &prompts).unwrap();
+        let common = fresh.stats().prefix_fed;
+        assert_eq!(stats.reused + stats.prefix_fed, common, "{stats:?}");
+        // The user's text is in the primed part; the window, the few tokens before it that
+        // may tokenize with it, the end of turn and the heading are fed.
+        let user_tokens = loaded.encode_prompt(&user).unwrap().len();
+        let window_tokens = loaded.encode_prompt(first_window).unwrap().len();
+        assert!(stats.reused > user_tokens, "{first_window:?}: {stats:?}");
+        assert!(
+            stats.prefix_fed < window_tokens + 25,
+            "{first_window:?}: {stats:?}"
+        );
+        worst = worst.max(assert_close(&got, &want, 1e-5, first_window));
+        let single = one_at_a_time(&loaded, &shield, &prompts);
+        worst = worst.max(assert_close(&got, &single, 1e-5, first_window));
+    }
+    // A prompt that does not fit the classifier is refused and leaves the cache empty.
+    let small = Shield::new(&loaded, 64).unwrap();
+    let mut cache = ShieldCache::new();
+    let long = "bread ".repeat(100);
+    let head = ShieldInput::Text {
+        label: "response",
+        prompt: &long,
+        response: Some(""),
+    };
+    assert!(small.prime(&mut cache, &head, &policies).is_err());
+    eprintln!("primed vs fresh: max |ΔP(Yes)| = {worst:.2e}");
+}

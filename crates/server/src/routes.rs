@@ -255,17 +255,14 @@ pub(crate) fn submit(
     })?;
     Metrics::add(&state.metrics.requests, 1);
     Ok(match shield {
-        Some((filter, request)) => {
-            let window = p.stream.then(|| filter.window());
-            crate::shield::filter_events(
-                filter,
-                state.metrics.clone(),
-                request,
-                prompt_tokens,
-                window,
-                rx,
-            )
-        }
+        Some((filter, request)) => crate::shield::filter_events(
+            filter,
+            state.metrics.clone(),
+            request,
+            prompt_tokens,
+            p.stream,
+            rx,
+        ),
         None => rx,
     })
 }

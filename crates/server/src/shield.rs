@@ -45,8 +45,20 @@ use crate::api::Usage;
 use crate::metrics::Metrics;
 use crate::scheduler::{FinishReason, JobEvent, Timings};
 
-/// Default `--shield-window`: generated tokens held back per output check of a streamed reply.
+/// Default `--shield-window`: the most generated tokens held back per output check of a
+/// streamed reply.
 pub const DEFAULT_WINDOW: usize = 64;
+
+/// Default `--shield-first-window`: the first output check of a stream covers its first token,
+/// so the first text waits for one check, not for a whole window of generation.
+pub const DEFAULT_FIRST_WINDOW: usize = 1;
+
+/// The window after one of `current` tokens: twice as long, up to `max`. A stream's windows
+/// start at the first window and double, so the first text comes early and a long reply
+/// still costs few checks (each check feeds every policy's suffix, about 100 tokens).
+pub fn next_window(current: usize, max: usize) -> usize {
+    current.saturating_mul(2).clamp(1, max.max(1))
+}
 
 /// What `gemma serve --shield` was told besides the models.
 #[derive(Clone, Debug)]
@@ -58,8 +70,10 @@ pub struct ShieldOptions {
     pub policy_texts: Vec<String>,
     /// P(Yes) at or above this blocks.
     pub threshold: f32,
-    /// Tokens per output check of a streamed reply.
+    /// The most tokens per output check of a streamed reply.
     pub window: usize,
+    /// Tokens in a stream's first output check; later windows double up to `window`.
+    pub first_window: usize,
     /// Longest classifier prompt in tokens (at most each model's own context; 0: the model's).
     pub ctx_size: usize,
 }
@@ -71,6 +85,7 @@ impl Default for ShieldOptions {
             policy_texts: Vec::new(),
             threshold: 0.5,
             window: DEFAULT_WINDOW,
+            first_window: DEFAULT_FIRST_WINDOW,
             ctx_size: 0,
         }
     }
@@ -123,6 +138,7 @@ pub struct ShieldFilter {
     image_policies: Vec<Policy>,
     threshold: f32,
     window: usize,
+    first_window: usize,
     /// What the filter will not check (printed at start-up).
     pub warnings: Vec<String>,
 }
@@ -143,6 +159,7 @@ impl std::fmt::Debug for ShieldFilter {
             .field("image_policies", &names(&self.image_policies))
             .field("threshold", &self.threshold)
             .field("window", &self.window)
+            .field("first_window", &self.first_window)
             .finish()
     }
 }
@@ -180,8 +197,8 @@ impl ShieldFilter {
         if !(0.0..=1.0).contains(&opts.threshold) {
             bail!("--shield-threshold must be a probability between 0 and 1");
         }
-        if opts.window == 0 {
-            bail!("--shield-window must be at least 1 token");
+        if opts.window == 0 || opts.first_window == 0 {
+            bail!("--shield-window and --shield-first-window must be at least 1 token");
         }
         if models.is_empty() {
             bail!("the safety filter needs a classifier model (--shield MODEL)");
@@ -321,6 +338,7 @@ impl ShieldFilter {
             image_policies,
             threshold: opts.threshold,
             window: opts.window,
+            first_window: opts.first_window.min(opts.window),
             warnings,
         })
     }
@@ -343,9 +361,14 @@ impl ShieldFilter {
         names
     }
 
-    /// Tokens per output check of a streamed reply.
+    /// The most tokens per output check of a streamed reply.
     pub fn window(&self) -> usize {
         self.window
+    }
+
+    /// Tokens in a stream's first output check (later ones: [`next_window`]).
+    pub fn first_window(&self) -> usize {
+        self.first_window
     }
 
     /// The first policy the user's text or one of the images violates, if any.
@@ -396,6 +419,24 @@ impl ShieldFilter {
             .as_ref()
             .map(Classifier::take_cache)
             .unwrap_or_default()
+    }
+
+    /// Feeds into a stream's `cache` the reply prompt up to where the reply starts (the
+    /// preamble and the user's text), while the main model prefills: the stream's first
+    /// output check then feeds only its window and the policies' suffixes.
+    pub fn prime_output(&self, cache: &mut ShieldCache, prompt: &str) -> Result<()> {
+        let Some(c) = &self.text else {
+            return Ok(());
+        };
+        if self.text_policies.is_empty() {
+            return Ok(());
+        }
+        let input = ShieldInput::Text {
+            label: "response",
+            prompt,
+            response: Some(""),
+        };
+        c.shield.prime(cache, &input, &self.text_policies)
     }
 
     /// Gives a stream's cache back to the pool.
@@ -636,8 +677,10 @@ async fn run_check(
 
 /// Puts the filter between the scheduler's events for a job and the response writer: returns
 /// the events the writer should see. Nothing of the reply comes out before the input check
-/// passed; then text comes out window by window as the output checks pass (`window` tokens,
-/// or the whole reply when `None`). A hit ends the events with the block message as text and
+/// passed; then text comes out window by window as the output checks pass (when `streamed`:
+/// the filter's first window, then each twice the last up to its `window`; otherwise the whole
+/// reply at once). While the main model prefills, the stream's classifier cache is primed with
+/// the reply prompt's head ([`ShieldFilter::prime_output`]). A hit ends the events with the block message as text and
 /// `Done { finish: ContentFilter }`; a failed check with `Failed`. Either drops the job's
 /// receiver, which cancels the generation.
 pub(crate) fn filter_events(
@@ -645,7 +688,7 @@ pub(crate) fn filter_events(
     metrics: Arc<Metrics>,
     request: ShieldRequest,
     prompt_tokens: usize,
-    window: Option<usize>,
+    streamed: bool,
     mut inner: mpsc::UnboundedReceiver<JobEvent>,
 ) -> mpsc::UnboundedReceiver<JobEvent> {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -687,7 +730,12 @@ pub(crate) fn filter_events(
             }
             Ok(None) => {}
         }
-        let window = window.unwrap_or(usize::MAX);
+        // Not streamed: one check of the whole reply.
+        let (mut window, max_window) = if streamed {
+            (filter.first_window(), filter.window())
+        } else {
+            (usize::MAX, usize::MAX)
+        };
         // The stream's classifier cache: the prompt up to the reply so far stays in it between
         // windows. Given back to the pool when the stream ends (a dropped stream drops it).
         let stream_cache = Arc::new(Mutex::new(filter.output_cache()));
@@ -695,6 +743,16 @@ pub(crate) fn filter_events(
             filter: filter.clone(),
             cache: stream_cache.clone(),
         };
+        {
+            // Primed on a blocking thread while the main model prefills; the first output
+            // check waits for the cache's lock. A priming that fails leaves the cache empty
+            // (the check then feeds everything itself and fails closed on its own error).
+            let (filter, request, cache) = (filter.clone(), request.clone(), stream_cache.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = filter.prime_output(&mut cache, &request.text);
+            });
+        }
         let mut held: Vec<JobEvent> = Vec::new();
         let mut held_tokens = 0;
         let mut held_text = String::new();
@@ -723,6 +781,7 @@ pub(crate) fn filter_events(
             if end.is_none() && held_tokens < window {
                 continue;
             }
+            window = next_window(window, max_window);
             if !held_text.trim().is_empty() {
                 passed_text.push_str(&held_text);
                 let (filter, request, reply, cache) = (

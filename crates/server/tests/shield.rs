@@ -15,6 +15,7 @@ use std::sync::Arc;
 use common::*;
 use gemma_engine::shield::Modality;
 use gemma_engine::{resolve_policies, LoadedModel, PolicySpec, Session, Shield, ShieldInput};
+use gemma_server::shield::next_window;
 use gemma_server::{RunningServer, ServerConfig, ShieldFilter, ShieldOptions};
 use serde_json::{json, Value};
 
@@ -32,13 +33,35 @@ fn filter(opts: ShieldOptions) -> Arc<ShieldFilter> {
     Arc::new(ShieldFilter::new(vec![load_shield()], &opts).expect("the filter starts"))
 }
 
+/// Fixed windows of `window` tokens.
 fn options(policies: &[&str], threshold: f32, window: usize) -> ShieldOptions {
+    growing(policies, threshold, window, window)
+}
+
+/// Windows from `first` tokens, doubling up to `max`.
+fn growing(policies: &[&str], threshold: f32, first: usize, max: usize) -> ShieldOptions {
     ShieldOptions {
         policies: policies.iter().map(|p| p.to_string()).collect(),
         threshold,
-        window,
+        window: max,
+        first_window: first,
         ..ShieldOptions::default()
     }
+}
+
+/// Token counts at which a streamed reply of `n` tokens is checked, as the filter's schedule
+/// says (`first`, then [`next_window`] up to `max`): whole windows, then the rest at the end.
+fn window_ends(first: usize, max: usize, n: usize) -> Vec<usize> {
+    let (mut ends, mut end, mut window) = (Vec::new(), 0, first.min(max));
+    while end + window <= n {
+        end += window;
+        ends.push(end);
+        window = next_window(window, max);
+    }
+    if end < n {
+        ends.push(n);
+    }
+    ends
 }
 
 fn server(shield: Option<Arc<ShieldFilter>>) -> RunningServer {
@@ -200,26 +223,77 @@ fn a_passing_request_is_answered_unchanged() {
         0.0
     );
     assert_eq!(metric(addr, "gemma_shield_failures_total"), 0.0);
+
+    // Windows of 1, 2, 4, 4, ... tokens: the same reply, one output check per window that
+    // has text (a window of blanks passes unchecked) and one per non-streamed reply.
+    let doubling = server(Some(filter(growing(&["hate"], 0.99, 1, 4))));
+    let tokens = reply_tokens(plain.addr, 20);
+    let chunks = post_stream(doubling.addr, &body);
+    assert_eq!(streamed_content(&chunks), want_stream);
+    assert_eq!(
+        chat(doubling.addr, &body)["choices"],
+        want["choices"],
+        "not streamed"
+    );
+    let mut start = 0;
+    let mut windows_with_text = 0;
+    for end in window_ends(1, 4, tokens.len()) {
+        if !tokens[start..end].concat().trim().is_empty() {
+            windows_with_text += 1;
+        }
+        start = end;
+    }
+    assert!(windows_with_text >= 5, "{tokens:?}");
+    assert_eq!(
+        metric(doubling.addr, "gemma_shield_checks_total{stage=\"output\"}"),
+        (windows_with_text + 1) as f64
+    );
 }
 
-/// A policy, window and threshold with which the prompt and the first window pass and a later
-/// window is flagged; `None` when no built-in policy does that for this reply.
-fn mid_stream_case(model: &LoadedModel, tokens: &[String]) -> Option<(String, usize, f32, usize)> {
+/// A flagged window mid-stream: the policy, the windows (first, most) and the threshold with
+/// which the prompt and the windows before pass and a later whole window is flagged, and the
+/// tokens sent before it; `None` when no built-in policy and schedule does that for this reply.
+struct MidStream {
+    policy: String,
+    first: usize,
+    max: usize,
+    threshold: f32,
+    passed: usize,
+}
+
+fn mid_stream_case(
+    model: &LoadedModel,
+    tokens: &[String],
+    schedules: &[(usize, usize)],
+) -> Option<MidStream> {
     for policy in ["dangerous", "harassment", "hate", "sexual"] {
         let p_in = p_yes(model, policy, PROMPT, None);
-        for window in [2usize, 3, 4, 6] {
+        for &(first, max) in schedules {
             let mut passed_max = p_in;
-            let mut end = window;
-            let mut k = 0;
-            while end <= tokens.len() {
+            let mut before = 0;
+            let mut window = first;
+            while before + window <= tokens.len() {
+                let end = before + window;
+                if tokens[before..end].concat().trim().is_empty() {
+                    // A window of blanks passes unchecked.
+                    before = end;
+                    window = next_window(window, max);
+                    continue;
+                }
                 let text: String = tokens[..end].concat();
                 let p = p_yes(model, policy, PROMPT, Some(&text));
-                if k > 0 && p > passed_max + 0.02 {
-                    return Some((policy.to_owned(), window, (passed_max + p) / 2.0, k));
+                if before > 0 && p > passed_max + 0.02 {
+                    return Some(MidStream {
+                        policy: policy.to_owned(),
+                        first,
+                        max,
+                        threshold: (passed_max + p) / 2.0,
+                        passed: before,
+                    });
                 }
                 passed_max = passed_max.max(p);
-                k += 1;
-                end += window;
+                before = end;
+                window = next_window(window, max);
             }
         }
     }
@@ -228,21 +302,37 @@ fn mid_stream_case(model: &LoadedModel, tokens: &[String]) -> Option<(String, us
 
 #[test]
 fn a_flagged_reply_stops_mid_stream_without_leaking_the_window() {
+    flagged_mid_stream(&[(2, 2), (3, 3), (4, 4), (6, 6)]);
+}
+
+#[test]
+fn a_flagged_reply_stops_mid_stream_with_doubling_windows() {
+    flagged_mid_stream(&[(1, 4), (1, 8), (1, 2), (2, 8)]);
+}
+
+fn flagged_mid_stream(schedules: &[(usize, usize)]) {
     let _serial = serial();
     let plain = server(None);
     let max_tokens = 24;
     let tokens = reply_tokens(plain.addr, max_tokens);
     assert!(tokens.len() >= 8, "{tokens:?}");
     let model = load_shield();
-    let (policy, window, threshold, k) = mid_stream_case(&model, &tokens)
+    let MidStream {
+        policy,
+        first,
+        max,
+        threshold,
+        passed,
+    } = mid_stream_case(&model, &tokens, schedules)
         .expect("some policy flags a later window of the fixture's reply");
-    eprintln!("{policy}: window {window}, threshold {threshold}, flagged window {k}");
-    let s = server(Some(filter(options(&[&policy], threshold, window))));
+    eprintln!("{policy}: windows {first}..{max}, threshold {threshold}, {passed} tokens pass");
+    let window = max;
+    let s = server(Some(filter(growing(&[&policy], threshold, first, max))));
     let mut body = chat_body(PROMPT, max_tokens);
     body["logprobs"] = json!(true);
     let chunks = post_stream(s.addr, &body);
     let message = format!("This response was blocked by the safety filter (policy: {policy}).");
-    let passed: String = tokens[..k * window].concat();
+    let passed: String = tokens[..passed].concat();
     assert!(!passed.is_empty(), "the block must come mid-stream");
     assert_eq!(streamed_content(&chunks), format!("{passed}{message}"));
     let last = chunks.last().unwrap();
