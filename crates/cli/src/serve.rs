@@ -192,6 +192,8 @@ fn load_shield(
         } else {
             gemma_engine::WeightMemory::Mapped
         },
+        // A classifier runs prompts only: the file's layout, in the mapping.
+        decodes: false,
         ..common.load_options()
     };
     let models = args

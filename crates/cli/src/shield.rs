@@ -142,6 +142,8 @@ pub fn shield(common: &CommonArgs, args: &ShieldArgs) -> Result<bool> {
 
     let loaded = common.load(&LoadOptions {
         batch_size: DEFAULT_BATCH_SIZE,
+        // Prompts only: the file's layout feeds the int8 GEMM (see LoadOptions::decodes).
+        decodes: false,
         ..common.load_options()
     })?;
     let shield = Shield::new(&loaded, context_size(common, &loaded))?;
