@@ -16,7 +16,8 @@ filter's mean check time (/metrics), and the p50 total time. Standard library on
 
 `--window N` measures `--shield-window N` with the default first window (1 token, then
 doubling); `--window F/N` adds `--shield-first-window F` (`64/64`: fixed windows of 64).
-`--one-server-at-a-time` runs the configurations one after the other (one server in memory at
+`--variant "ARGS"` measures the shield options plus ARGS (repeatable, e.g. `--variant
+"--shield-stages input"`). `--one-server-at-a-time` runs the configurations one after the other (one server in memory at
 a time: for a main model too large to hold twice, such as the 27B shape of
 scripts/make_real_shape_gemma3.py); the default alternates them request by request.
 
@@ -34,6 +35,7 @@ import http.client
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -221,6 +223,8 @@ def main():
     p.add_argument("--window", action="append",
                    help="--shield-window values to measure, N or FIRST/N with "
                         "--shield-first-window (repeatable; default 64)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="a configuration: the shield options plus these (shell words; repeatable)")
     p.add_argument("--one-server-at-a-time", action="store_true",
                    help="run the configurations one after the other, not alternating")
     p.add_argument("--image")
@@ -249,7 +253,10 @@ def main():
     with open("/proc/loadavg") as f:
         print(f"# load average before: {f.read().split()[:3]}", file=sys.stderr)
     configs = [([], "no shield")]
-    for window in args.window or ["64"]:
+    for variant in args.variant:
+        extra = shield + shlex.split(variant)
+        configs.append((extra, "shield " + " ".join(extra)))
+    for window in args.window or ([] if args.variant else ["64"]):
         first, _, most = window.rpartition("/")
         extra = shield + ["--shield-window", most]
         if first:

@@ -86,6 +86,15 @@ pub struct ServeArgs {
     /// one check; later windows double up to --shield-window
     #[arg(long, default_value_t = gemma_server::shield::DEFAULT_FIRST_WINDOW, value_name = "TOKENS")]
     pub shield_first_window: usize,
+    /// What the filter checks: the request before generation (input), the reply (output)
+    #[arg(
+        long,
+        value_name = "STAGE,...",
+        value_delimiter = ',',
+        default_value = "input,output",
+        requires = "shield"
+    )]
+    pub shield_stages: Vec<ShieldStage>,
     /// MiB of prompt prefixes (keys and values) kept beyond the slots, so a long prompt seen
     /// before — a document, a system prompt — is not computed again (0: keep none)
     #[arg(long, default_value_t = gemma_server::DEFAULT_PROMPT_CACHE_MIB, value_name = "MIB")]
@@ -175,6 +184,8 @@ fn load_shield(
         threshold: args.shield_threshold,
         window: args.shield_window,
         first_window: args.shield_first_window,
+        input: args.shield_stages.contains(&ShieldStage::Input),
+        output: args.shield_stages.contains(&ShieldStage::Output),
         ctx_size: args.shield_ctx.unwrap_or(0),
     };
     if args.shield_ctx == Some(0) {
@@ -251,4 +262,13 @@ pub fn run_json_schema(
         writeln!(stdout)?;
     }
     result.map(|_| ())
+}
+
+/// A stage of the safety filter (`--shield-stages`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShieldStage {
+    /// The request's text and images, before generation.
+    Input,
+    /// The reply, in windows as it is generated.
+    Output,
 }

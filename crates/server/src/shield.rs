@@ -74,6 +74,10 @@ pub struct ShieldOptions {
     pub window: usize,
     /// Tokens in a stream's first output check; later windows double up to `window`.
     pub first_window: usize,
+    /// Check the request before generation (`--shield-stages input`).
+    pub input: bool,
+    /// Check the reply (`--shield-stages output`).
+    pub output: bool,
     /// Longest classifier prompt in tokens (at most each model's own context; 0: the model's).
     pub ctx_size: usize,
 }
@@ -86,6 +90,8 @@ impl Default for ShieldOptions {
             threshold: 0.5,
             window: DEFAULT_WINDOW,
             first_window: DEFAULT_FIRST_WINDOW,
+            input: true,
+            output: true,
             ctx_size: 0,
         }
     }
@@ -139,6 +145,8 @@ pub struct ShieldFilter {
     threshold: f32,
     window: usize,
     first_window: usize,
+    input: bool,
+    output: bool,
     /// What the filter will not check (printed at start-up).
     pub warnings: Vec<String>,
 }
@@ -160,6 +168,8 @@ impl std::fmt::Debug for ShieldFilter {
             .field("threshold", &self.threshold)
             .field("window", &self.window)
             .field("first_window", &self.first_window)
+            .field("input", &self.input)
+            .field("output", &self.output)
             .finish()
     }
 }
@@ -199,6 +209,9 @@ impl ShieldFilter {
         }
         if opts.window == 0 || opts.first_window == 0 {
             bail!("--shield-window and --shield-first-window must be at least 1 token");
+        }
+        if !opts.input && !opts.output {
+            bail!("--shield-stages names no stage: give input, output or both");
         }
         if models.is_empty() {
             bail!("the safety filter needs a classifier model (--shield MODEL)");
@@ -331,6 +344,12 @@ impl ShieldFilter {
         if image.is_some() && image_policies.is_empty() {
             warnings.push("no image policy was named: images are not checked".into());
         }
+        if !opts.input {
+            warnings.push("--shield-stages output: requests are not checked".into());
+        }
+        if !opts.output {
+            warnings.push("--shield-stages input: replies are not checked".into());
+        }
         Ok(ShieldFilter {
             text,
             image,
@@ -339,6 +358,8 @@ impl ShieldFilter {
             threshold: opts.threshold,
             window: opts.window,
             first_window: opts.first_window.min(opts.window),
+            input: opts.input,
+            output: opts.output,
             warnings,
         })
     }
@@ -695,12 +716,14 @@ pub(crate) fn filter_events(
     tokio::spawn(async move {
         let started = Instant::now();
         let request = Arc::new(request);
-        let verdict = {
+        let verdict = if filter.input {
             let (filter, request) = (filter.clone(), request.clone());
             run_check(&metrics, Stage::Input, move || {
                 filter.check_input(&request.text, &request.images)
             })
             .await
+        } else {
+            Ok(None)
         };
         let block = |stage: Stage, policy: &str, generated: usize| {
             let _ = tx.send(JobEvent::Token {
@@ -729,6 +752,23 @@ pub(crate) fn filter_events(
                 return;
             }
             Ok(None) => {}
+        }
+        if !filter.output {
+            // Input checks only: the reply goes out as generated.
+            loop {
+                let event = tokio::select! {
+                    event = inner.recv() => event,
+                    _ = tx.closed() => return,
+                };
+                match event {
+                    Some(event) => {
+                        if tx.send(event).is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                }
+            }
         }
         // Not streamed: one check of the whole reply.
         let (mut window, max_window) = if streamed {

@@ -250,6 +250,72 @@ fn a_passing_request_is_answered_unchanged() {
     );
 }
 
+#[test]
+fn stages_check_only_what_they_name() {
+    let _serial = serial();
+    let plain = server(None);
+    let body = chat_body(PROMPT, 12);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let want = chat(plain.addr, &body);
+    let want_stream = streamed_content(&post_stream(plain.addr, &streamed));
+    let stages = |policy: &str, threshold: f32, input: bool, output: bool| {
+        let filter = filter(ShieldOptions {
+            input,
+            output,
+            ..options(&[policy], threshold, 4)
+        });
+        let unchecked = if input { "replies" } else { "requests" };
+        assert!(
+            filter.warnings.iter().any(|w| w.contains(unchecked)),
+            "{:?}",
+            filter.warnings
+        );
+        server(Some(filter))
+    };
+    let checks = |s: &RunningServer, stage: &str| {
+        metric(
+            s.addr,
+            &format!("gemma_shield_checks_total{{stage=\"{stage}\"}}"),
+        )
+    };
+
+    // Input only: the prompt is still blocked (harassment 0.649); a passing one is answered
+    // as without the filter, and no reply is checked.
+    let s = stages("harassment", 0.6, true, false);
+    let v = chat(s.addr, &body);
+    assert_eq!(v["choices"][0]["finish_reason"], "content_filter", "{v}");
+    let s = stages("hate", 0.99, true, false);
+    assert_eq!(chat(s.addr, &body)["choices"], want["choices"]);
+    assert_eq!(
+        streamed_content(&post_stream(s.addr, &streamed)),
+        want_stream
+    );
+    assert_eq!((checks(&s, "input"), checks(&s, "output")), (2.0, 0.0));
+
+    // Output only: the same prompt is not checked (not blocked at 0.6), the reply is.
+    let s = stages("harassment", 0.99, false, true);
+    assert_eq!(chat(s.addr, &body)["choices"], want["choices"]);
+    assert_eq!(
+        streamed_content(&post_stream(s.addr, &streamed)),
+        want_stream
+    );
+    assert_eq!(checks(&s, "input"), 0.0);
+    assert!(checks(&s, "output") >= 2.0);
+
+    // No stage at all is refused at start-up.
+    let e = ShieldFilter::new(
+        vec![load_shield()],
+        &ShieldOptions {
+            input: false,
+            output: false,
+            ..ShieldOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("no stage"), "{e}");
+}
+
 /// A flagged window mid-stream: the policy, the windows (first, most) and the threshold with
 /// which the prompt and the windows before pass and a later whole window is flagged, and the
 /// tokens sent before it; `None` when no built-in policy and schedule does that for this reply.
