@@ -18,8 +18,10 @@ filter's mean check time (/metrics), and the p50 total time. Standard library on
 doubling); `--window F/N` adds `--shield-first-window F` (`64/64`: fixed windows of 64).
 `--variant "ARGS"` measures the shield options plus ARGS (repeatable, e.g. `--variant
 "--shield-stages input"`). `--one-server-at-a-time` runs the configurations one after the other (one server in memory at
-a time: for a main model too large to hold twice, such as the 27B shape of
-scripts/make_real_shape_gemma3.py); the default alternates them request by request.
+a time: for a main model too large to hold twice); the default alternates them request by
+request, which is what to use whenever memory allows: this VM's speed drifts by 10-20 % over
+minutes. For the 27B shape of scripts/make_real_shape_gemma3.py, let the servers share one
+copy of the weights in the page cache: `GEMMA_INTERLEAVE=0` and `--server-args "--mmap"`.
 
 The realistic classifier is a text ShieldGemma at the real 2B shape with random weights:
 `python scripts/make_real_shape_shield.py --out sg2b.gguf` (dev venv). Record figures only on
@@ -96,7 +98,7 @@ def start(args, shield_args):
            "--parallel", "1", "--ctx-size", str(args.ctx_size)]
     if args.image:
         cmd += ["--allowed-media-dir", os.path.dirname(os.path.abspath(args.image))]
-    cmd += shield_args
+    cmd += shlex.split(args.server_args) + shield_args
     env = dict(os.environ, GEMMA_THREADS=str(args.threads))
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
     wait_ready(port, proc)
@@ -205,8 +207,9 @@ def cpu_flags():
                     name = line.split(":", 1)[1].strip()
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    simd = [x for x in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni",
-                                        "avx_vnni", "amx_tile") if x in flags]
+                    simd = [x for x in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                                        "avx512dq", "avx512_vnni", "avx512_bf16", "avx_vnni",
+                                        "amx_tile") if x in flags]
                     return name, simd
     except OSError:
         pass
@@ -225,6 +228,8 @@ def main():
                         "--shield-first-window (repeatable; default 64)")
     p.add_argument("--variant", action="append", default=[],
                    help="a configuration: the shield options plus these (shell words; repeatable)")
+    p.add_argument("--server-args", default="",
+                   help="more `gemma serve` options for every configuration (e.g. \"--mmap\")")
     p.add_argument("--one-server-at-a-time", action="store_true",
                    help="run the configurations one after the other, not alternating")
     p.add_argument("--image")
