@@ -9,12 +9,15 @@
 //!   `finish_reason: "content_filter"` and a message naming the policy (the job is dropped,
 //!   which frees its slot).
 //! - **Output**: the reply is held back and checked with the response prompt (user text +
-//!   reply so far) every `window` tokens when streamed, and whole at the end either way; text
+//!   reply so far) in windows when streamed (the first of `first_window` tokens, each next one
+//!   twice as long up to `window`: [`next_window`]), and whole at the end either way; text
 //!   goes out only after the check that covers it passed. A hit ends the reply there, and
 //!   nothing of the flagged window is sent. Each stream keeps a classifier cache
 //!   ([`ShieldCache`]) holding the prompt up to the reply so far, so a window's check feeds its
 //!   new tokens and the policies' suffixes, not the whole reply again (the result is the
-//!   fresh prompt's).
+//!   fresh prompt's); the cache is primed with the prompt up to the reply while the main model
+//!   still prefills, so the first window's check does not feed the user's text either.
+//! - `--shield-stages` turns either stage off (input checks only, or output checks only).
 //! - A check that cannot run (an engine error, a prompt longer than the classifier's context,
 //!   a panic) fails the request closed: an error, never an unchecked answer.
 //! - Audio is not classified (no ShieldGemma takes it): the input check sees a message's text
@@ -701,7 +704,8 @@ async fn run_check(
 /// passed; then text comes out window by window as the output checks pass (when `streamed`:
 /// the filter's first window, then each twice the last up to its `window`; otherwise the whole
 /// reply at once). While the main model prefills, the stream's classifier cache is primed with
-/// the reply prompt's head ([`ShieldFilter::prime_output`]). A hit ends the events with the block message as text and
+/// the reply prompt's head ([`ShieldFilter::prime_output`]). Either stage may be off
+/// (`--shield-stages`). A hit ends the events with the block message as text and
 /// `Done { finish: ContentFilter }`; a failed check with `Failed`. Either drops the job's
 /// receiver, which cancels the generation.
 pub(crate) fn filter_events(
