@@ -19,7 +19,7 @@ doubling); `--window F/N` adds `--shield-first-window F` (`64/64`: fixed windows
 `--variant "ARGS"` measures the shield options plus ARGS (repeatable, e.g. `--variant
 "--shield-stages input"`). `--one-server-at-a-time` runs the configurations one after the other (one server in memory at
 a time: for a main model too large to hold twice); the default alternates them request by
-request, which is what to use whenever memory allows: this VM's speed drifts by 10-20 % over
+request, which is what to use whenever memory allows: this VM's speed drifts by ~15 % over
 minutes. For the 27B shape of scripts/make_real_shape_gemma3.py, let the servers share one
 copy of the weights in the page cache: `GEMMA_INTERLEAVE=0` and `--server-args "--mmap"`.
 
